@@ -1,0 +1,1 @@
+//! Windlass cni library. Not yet written: see the project's issues.

@@ -1,0 +1,1 @@
+//! Windlass control library. Not yet written: see the project's issues.

@@ -1,0 +1,1 @@
+//! Windlass kubelet library. Not yet written: see the project's issues.

@@ -1,0 +1,1 @@
+//! Windlass proxy library. Not yet written: see the project's issues.

@@ -1,0 +1,1 @@
+//! Fixtures shared by Windlass's cross-crate and end-to-end tests.
