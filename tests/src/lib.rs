@@ -1,1 +1,154 @@
 //! Fixtures shared by Windlass's cross-crate and end-to-end tests.
+//!
+//! Every privileged test starts with [`require_privileged`]: on a developer's unprivileged machine it skips with a
+//! message, but under `WINDLASS_REQUIRE_PRIVILEGED=1` (CI) a missing privilege or tool fails the test instead.
+//! Everything a test creates is owned by an RAII guard from this crate, so it is removed on failure too, and every
+//! name comes from [`unique_name`], so tests can run in parallel.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+pub mod bundle;
+pub mod netns;
+
+/// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
+pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
+
+/// Whether a privileged test may run: true when we are root and every `tools` entry is on `PATH`.
+///
+/// Otherwise it panics when `WINDLASS_REQUIRE_PRIVILEGED=1` (so CI fails), or prints why and returns false so a
+/// developer's unprivileged run skips the test.
+pub fn require_privileged(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for tool in tools {
+        if which(tool).is_none() {
+            missing.push(format!("the `{tool}` tool"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("privileged test needs {}", missing.join(", "));
+    if std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
+        panic!("{why} ({REQUIRE_PRIVILEGED_ENV}=1, so this fails instead of skipping)");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// The full path of `tool` if it is an executable on `PATH` (or an existing path itself).
+pub fn which(tool: &str) -> Option<PathBuf> {
+    if tool.contains('/') {
+        let p = PathBuf::from(tool);
+        return p.exists().then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A name unique to this process and call, short enough for interface names (≤ 15 bytes) when `prefix` is ≤ 4.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}{n:x}", std::process::id() % 0x10_0000)
+}
+
+/// Polls `condition` every 20 ms until it returns `Some`, or fails with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = condition() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion and returns its stdout, failing the test with its stderr if it exits non-zero.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (SIGKILL) and reaped when the guard drops, so a failing test leaves no process behind.
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> io::Result<Self> {
+        Ok(Self {
+            child: Some(cmd.spawn()?),
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child taken")
+    }
+
+    /// Takes the child out of the guard, e.g. to wait for it with its output.
+    pub fn into_inner(mut self) -> Child {
+        self.child.take().expect("child taken")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The workspace's root directory (where the top-level `Cargo.toml` is).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of a binary built from this workspace (e.g. `windlass-runtime`), next to the running test executable.
+///
+/// Cargo puts integration test executables in `target/<profile>/deps/`, binaries in `target/<profile>/`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
