@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "windlass-cni", version, about = "Windlass cni (not yet implemented)")]
+#[command(
+    name = "windlass-cni",
+    version,
+    about = "Windlass cni (not yet implemented)"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {
