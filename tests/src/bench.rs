@@ -77,7 +77,7 @@ mod tests {
         assert_eq!(b.median(), 6.0);
         let table = markdown_table(&[&a, &b], &b);
         assert!(
-            table.contains("| a | 5 | 3.0 | 2.0–4.0 | 0.50 |"),
+            table.contains("| a | 5 | 3.0 | 1.0–100.0 | 0.50 |"),
             "{table}"
         );
     }
