@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod bundle;
+pub mod cgroup;
 pub mod netns;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
