@@ -13,15 +13,18 @@ use super::{fs, CgroupError, CgroupManager, CgroupStats};
 /// The v1 hierarchies a container joins, as directory names under the cgroup root. Like runc, every mounted one
 /// (including the named `systemd` hierarchy) so tools that read `/proc/<pid>/cgroup` see the container's path in
 /// each. The `unified` cgroup2 mount of a hybrid host is left alone: it has no controllers there.
+///
+/// `add_task` follows this order: blkio before memory, because cgroup writeback attributes dirty pages by the
+/// pair (cgroups-rs orders them the same way), and cpuset early so the task lands on its CPUs first.
 const HIERARCHIES: &[&str] = &[
     "cpuset",
     "cpu",
     "cpuacct",
+    "blkio",
     "memory",
     "pids",
     "freezer",
     "devices",
-    "blkio",
     "hugetlb",
     "net_cls",
     "net_prio",
@@ -184,11 +187,7 @@ impl CgroupManager for V1Manager {
     }
 
     fn add_task(&self, pid: Pid) -> Result<(), CgroupError> {
-        // cpuset before memory is irrelevant here; blkio before memory matters for writeback accounting (cgroups-rs
-        // orders them that way), and HIERARCHIES lists blkio after memory, so go through blkio first.
-        let mut order: Vec<&Hierarchy> = self.hierarchies.iter().collect();
-        order.sort_by_key(|h| !h.names.contains(&"blkio"));
-        for h in order {
+        for h in &self.hierarchies {
             fs::write(
                 &h.mount.join(&self.rel).join("cgroup.procs"),
                 &pid.to_string(),
