@@ -43,17 +43,16 @@ impl CgroupTreeGuard {
     /// Every directory of the test's subtree that exists, in any hierarchy (v1 controllers, the `unified` mount,
     /// or the v2 root itself). Empty once everything was cleaned up.
     pub fn leftovers(&self) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let direct = self.root.join(&self.top);
-        if direct.exists() {
-            found.push(direct);
-        }
+        let mut candidates = vec![self.root.join(&self.top)];
         if let Ok(entries) = fs::read_dir(&self.root) {
-            for entry in entries.flatten() {
-                let dir = entry.path().join(&self.top);
-                // `cpu` and `cpuacct` may be symlinks to one `cpu,cpuacct` mount: report each real directory once.
-                if entry.file_type().is_ok_and(|t| t.is_dir()) && dir.exists() {
-                    found.push(dir);
+            candidates.extend(entries.flatten().map(|e| e.path().join(&self.top)));
+        }
+        let mut found: Vec<PathBuf> = Vec::new();
+        for dir in candidates {
+            // `cpu` and `cpuacct` may be symlinks to one `cpu,cpuacct` mount: report each real directory once.
+            if let Ok(real) = fs::canonicalize(&dir) {
+                if real.is_dir() && !found.contains(&real) {
+                    found.push(real);
                 }
             }
         }

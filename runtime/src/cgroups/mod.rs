@@ -1,18 +1,21 @@
 //! Container cgroups on cgroup v1 and v2, behind one [`CgroupManager`] trait chosen once by [`create_manager`].
 //!
 //! A manager is a pure function of `(cgroup_root, cgroups_path)`: it keeps no state of its own, so a restarted
-//! runtime or kubelet rebuilds it from the container's OCI `cgroupsPath` and can still read stats, kill-list pids
+//! runtime or kubelet rebuilds it from the container's OCI `cgroupsPath` and can still read stats, list pids
 //! and destroy. Which parent directories `create` made is recorded on the directories themselves (see
 //! `fs.rs`: the sticky bit marks them), and `destroy` removes the container's cgroup and the empty parents so
 //! marked, stopping at the first parent somebody else made or another container still uses.
 //!
-//! Why not `cgroups-rs`: the crate cannot be pointed at a cgroup root other than the host's. In 0.3.4 (and 0.5.1)
-//! `hierarchies::V2::new`, `is_cgroup2_unified_mode`, `cgroup::supported_controllers` and every
-//! `Hierarchy::root_control_group`/`parent_control_group` hard-code `/sys/fs/cgroup` (`UNIFIED_MOUNTPOINT`), and
-//! `V1::new` reads `/proc/self/mountinfo`, so neither version can be unit-tested on a temp-dir fixture nor run
-//! several nodes side by side. Its `Controller::create` also logs and swallows `mkdir` errors and uses
-//! `create_dir_all`, which hides which parents it made — exactly what `destroy` needs. The file-level work is
-//! small (one value per control file), so it lives here with the conversions runc uses, each cited.
+//! Why not `cgroups-rs` (the issue asked for it; 0.3.4 and 0.5.1 were read): its hierarchies cannot be pointed at a
+//! cgroup root other than the host's. `hierarchies::V2::new`, `is_cgroup2_unified_mode`,
+//! `cgroup::supported_controllers` and every `Hierarchy::root_control_group`/`parent_control_group` hard-code
+//! `/sys/fs/cgroup` (`UNIFIED_MOUNTPOINT`), and `V1::new` reads `/proc/self/mountinfo`, so neither version can be
+//! unit-tested on a temp-dir fixture nor run several nodes side by side. Its `Controller::create` logs and swallows
+//! `mkdir` errors and uses `create_dir_all`, which hides which parents it made — exactly what `destroy` needs. Its
+//! single controllers could be aimed at a directory, but their readers swallow errors too (`MemController::
+//! memory_stat` turns every unreadable file into 0, so a destroyed cgroup reads as an idle one), and the hierarchy
+//! work (parents, cpuset propagation, v2 `subtree_control`, removal) would be ours anyway. What remains is one value
+//! per control file, so it lives here, with the conversions runc uses, each cited.
 //!
 //! Layouts: v1 `<root>/<controller>/<path>` for every mounted hierarchy; v2 `<root>/<path>`. A hybrid host (v1
 //! controllers plus an empty cgroup2 mount at `<root>/unified`) is driven as v1.
