@@ -374,3 +374,38 @@ fn destroy_never_kills_and_then_leaves_no_cgroup_in_any_controller() -> TestResu
     pod.destroy()?;
     Ok(())
 }
+
+#[test]
+fn a_cpu_quota_throttles_a_spinning_process() -> TestResult {
+    if !require_privileged(&["busybox"]) {
+        return Ok(());
+    }
+    let cg = TestCgroup::create("pod/ctr")?;
+    // 10 ms of CPU per 100 ms period: a spinning loop gets about a tenth of one CPU.
+    cg.manager
+        .apply(&resources(r#"{"cpu":{"quota":10000,"period":100000}}"#)?)?;
+    let _child = cg.spawn("while :; do :; done")?;
+    let start = wait_for("the loop to run", Duration::from_secs(10), || {
+        let s = cg.manager.stats().ok()?;
+        (s.cpu_usage_ns > 0).then_some(s)
+    });
+    let started = std::time::Instant::now();
+    let end = wait_for(
+        "the kernel to throttle the loop",
+        Duration::from_secs(10),
+        || {
+            let s = cg.manager.stats().ok()?;
+            (s.cpu_throttled_periods >= 5 && started.elapsed() >= Duration::from_millis(500))
+                .then_some(s)
+        },
+    );
+    let wall = started.elapsed().as_nanos() as u64;
+    let used = end.cpu_usage_ns - start.cpu_usage_ns;
+    // Allow for the period boundaries; unthrottled the loop would use the whole wall time.
+    assert!(
+        used < wall / 4,
+        "the loop used {used} ns of CPU in {wall} ns under a 10% quota ({end:?})"
+    );
+    assert!(end.cpu_throttled_ns > 0, "{end:?}");
+    Ok(())
+}

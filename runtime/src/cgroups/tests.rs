@@ -463,6 +463,20 @@ fn v2_apply_converts_oci_values_into_unified_files() -> TestResult {
         "{err:?}"
     );
     assert_eq!(read(leaf.join("memory.max")), "67108864");
+
+    // No swap accounting: "no swap" needs no memory.swap.max, a real swap allowance does.
+    fs::remove_file(leaf.join("memory.swap.max"))?;
+    manager.apply(&resources(
+        r#"{"memory":{"limit":1048576,"swap":1048576}}"#,
+    )?)?;
+    assert_eq!(read(leaf.join("memory.max")), "1048576");
+    let err = manager.apply(&resources(
+        r#"{"memory":{"limit":1048576,"swap":2097152}}"#,
+    )?);
+    assert!(
+        matches!(err, Err(CgroupError::MissingFile { .. })),
+        "{err:?}"
+    );
     Ok(())
 }
 

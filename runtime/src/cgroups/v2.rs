@@ -107,7 +107,14 @@ impl CgroupManager for V2Manager {
     }
 
     fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
-        let writes = plan::plan(resources, Target::V2, &self.dir)?;
+        let mut writes = plan::plan(resources, Target::V2, &self.dir)?;
+        // Without swap accounting there is no memory.swap.max; "no swap" and "unlimited swap" then need no write
+        // (runc `fs2/memory.go` ignores exactly these two values the same way).
+        writes.retain(|w| {
+            !(w.file == "memory.swap.max"
+                && (w.value == "0" || w.value == "max")
+                && !self.dir.join(&w.file).exists())
+        });
         // Check every file before the first write, so a controller that is not enabled changes nothing.
         for FileWrite {
             controller, file, ..
