@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{self, ErrorKind, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -159,10 +159,17 @@ fn try_create_path(
     for (i, component) in rel.components().enumerate() {
         dir.push(component);
         let is_leaf = i + 1 == count;
-        match fs::create_dir(&dir) {
+        // Parents get the marker in the mkdir itself (Linux honours S_ISVTX in mkdir(2)'s mode, cgroupfs
+        // included), so a crash cannot leave an unmarked parent behind; chmod is the fallback.
+        let mode = if is_leaf {
+            0o755
+        } else {
+            0o755 | CREATED_MARKER
+        };
+        match fs::DirBuilder::new().mode(mode).create(&dir) {
             Ok(()) => {
                 created.push(dir.clone());
-                if !is_leaf {
+                if !is_leaf && !is_marked_created(&dir) {
                     mark_created(&dir).map_err(|source| CgroupError::Create {
                         path: dir.clone(),
                         source,
