@@ -62,40 +62,31 @@ pub(crate) fn plan(
         plan_cpu(cpu, target, &mut writes).map_err(invalid)?;
     }
     if let Some(pids) = resources.pids() {
-        // runc: a positive limit is the limit, anything else means unlimited (OCI: "-1 or 0 means no limit" in
-        // practice; Kubernetes sends -1 or a positive number).
-        let value = if pids.limit() > 0 {
-            pids.limit().to_string()
-        } else {
-            "max".to_string()
-        };
-        writes.push(w("pids", "pids.max", value));
+        // runc `fs/pids.go`/`fs2/pids.go`: 0 (the field's zero value) leaves the limit alone, a negative limit
+        // means unlimited. Kubernetes sends -1 or a positive number.
+        match pids.limit() {
+            0 => {}
+            l if l > 0 => writes.push(w("pids", "pids.max", l)),
+            _ => writes.push(w("pids", "pids.max", "max")),
+        }
     }
     for limit in resources.hugepage_limits().iter().flatten() {
         let size = limit.page_size();
         check_hugepage_size(size).map_err(invalid)?;
-        if limit.limit() < 0 && limit.limit() != -1 {
+        let bytes = limit.limit();
+        if bytes < -1 {
             return Err(invalid(format!(
-                "hugepage limit {} for {size} is negative",
-                limit.limit()
+                "hugepage limit {bytes} for {size} is negative"
             )));
         }
-        let value = if limit.limit() == -1 {
-            "max".to_string()
-        } else {
-            limit.limit().to_string()
-        };
+        // v1 spells "unlimited" -1, v2 "max".
         match target {
             Target::V1 { .. } => writes.push(w(
                 "hugetlb",
                 format!("hugetlb.{size}.limit_in_bytes"),
-                if limit.limit() == -1 {
-                    "-1".to_string()
-                } else {
-                    value
-                },
+                bytes,
             )),
-            Target::V2 => writes.push(w("hugetlb", format!("hugetlb.{size}.max"), value)),
+            Target::V2 => writes.push(w("hugetlb", format!("hugetlb.{size}.max"), max_or(bytes))),
         }
     }
     if let Some(unified) = resources.unified() {
@@ -520,7 +511,8 @@ mod tests {
                 ("memory.oom.group", "1"),
             ]
         );
-        let unlimited = resources(r#"{"memory":{"limit":-1},"cpu":{"quota":-1}}"#);
+        let unlimited =
+            resources(r#"{"memory":{"limit":-1},"cpu":{"quota":-1},"pids":{"limit":0}}"#);
         assert_eq!(
             files(&plan(&unlimited, Target::V2, Path::new("/cg"))?),
             vec![
