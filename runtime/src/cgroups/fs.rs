@@ -132,12 +132,17 @@ fn mark_created(dir: &Path) -> io::Result<()> {
 
 /// Makes `hierarchy/rel` one component at a time and returns the directories it made (outermost first). Parents it
 /// makes get the ownership marker. Another container's `destroy` may remove a marked parent between our `mkdir`s
-/// (`ENOENT`), so the walk restarts a few times.
-pub(crate) fn create_path(hierarchy: &Path, rel: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+/// (`ENOENT`), so the walk restarts a few times. `after_mkdir` runs on each new directory before its child is
+/// made (some settings, like v1 `memory.use_hierarchy`, are refused once a cgroup has children).
+pub(crate) fn create_path(
+    hierarchy: &Path,
+    rel: &Path,
+    after_mkdir: &dyn Fn(&Path),
+) -> Result<Vec<PathBuf>, CgroupError> {
     const ATTEMPTS: usize = 3;
     let mut created = Vec::new();
     for attempt in 1..=ATTEMPTS {
-        match try_create_path(hierarchy, rel, &mut created) {
+        match try_create_path(hierarchy, rel, after_mkdir, &mut created) {
             Err(CgroupError::Create { source, .. })
                 if source.kind() == ErrorKind::NotFound && attempt < ATTEMPTS =>
             {
@@ -152,6 +157,7 @@ pub(crate) fn create_path(hierarchy: &Path, rel: &Path) -> Result<Vec<PathBuf>, 
 fn try_create_path(
     hierarchy: &Path,
     rel: &Path,
+    after_mkdir: &dyn Fn(&Path),
     created: &mut Vec<PathBuf>,
 ) -> Result<(), CgroupError> {
     let mut dir = hierarchy.to_path_buf();
@@ -175,6 +181,7 @@ fn try_create_path(
                         source,
                     })?;
                 }
+                after_mkdir(&dir);
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists && dir.is_dir() => {}
             Err(source) => return Err(CgroupError::Create { path: dir, source }),
@@ -349,7 +356,7 @@ mod tests {
         let root = tempfile::tempdir()?;
         fs::create_dir_all(root.path().join("existing"))?;
         let rel = Path::new("existing/new-parent/leaf");
-        let created = create_path(root.path(), rel)?;
+        let created = create_path(root.path(), rel, &|_| {})?;
         assert_eq!(
             created,
             vec![
@@ -364,7 +371,7 @@ mod tests {
         // A second container under the same parent: nothing new above its leaf.
         let sibling = Path::new("existing/new-parent/sibling");
         assert_eq!(
-            create_path(root.path(), sibling)?,
+            create_path(root.path(), sibling, &|_| {})?,
             vec![root.path().join(sibling)]
         );
 
@@ -377,6 +384,29 @@ mod tests {
         assert!(root.path().join("existing").is_dir());
         // Destroy is idempotent.
         assert!(remove_path(root.path(), sibling).is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn each_new_directory_is_set_up_before_its_child_is_made(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        fs::create_dir(root.path().join("a"))?;
+        let seen = std::cell::RefCell::new(Vec::new());
+        create_path(root.path(), Path::new("a/b/c"), &|dir| {
+            // The child must not exist yet when the parent is set up.
+            let child_exists = fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true);
+            seen.borrow_mut().push((dir.to_path_buf(), child_exists));
+        })?;
+        assert_eq!(
+            seen.into_inner(),
+            vec![
+                (root.path().join("a/b"), false),
+                (root.path().join("a/b/c"), false)
+            ]
+        );
         Ok(())
     }
 

@@ -138,23 +138,14 @@ impl V1Manager {
         Ok(())
     }
 
-    /// Hierarchical accounting must be on before a memcg has children; it is always 1 since Linux 5.11 but older
-    /// kernels default to 0. Best effort: log when the kernel refuses.
-    fn enable_memory_hierarchy(&self, created: &[PathBuf]) {
-        let Some(h) = self
-            .hierarchies
-            .iter()
-            .find(|h| h.names.contains(&"memory"))
-        else {
-            return;
-        };
-        for dir in created.iter().filter(|d| d.starts_with(&h.mount)) {
-            let file = dir.join("memory.use_hierarchy");
-            if let Ok(Some(v)) = fs::read_optional(&file) {
-                if v.trim() == "0" {
-                    if let Err(e) = fs::write(&file, "1") {
-                        tracing::warn!(error = %e, "cannot enable memory.use_hierarchy");
-                    }
+    /// Hierarchical accounting must be on before a memcg has children (the kernel refuses the switch after); it
+    /// is always 1 since Linux 5.11, older kernels inherit the parent's value. Best effort: log when refused.
+    fn enable_memory_hierarchy(dir: &Path) {
+        let file = dir.join("memory.use_hierarchy");
+        if let Ok(Some(v)) = fs::read_optional(&file) {
+            if v.trim() == "0" {
+                if let Err(e) = fs::write(&file, "1") {
+                    tracing::warn!(error = %e, "cannot enable memory.use_hierarchy");
                 }
             }
         }
@@ -169,7 +160,12 @@ impl CgroupManager for V1Manager {
     fn create(&self) -> Result<(), CgroupError> {
         let mut created = Vec::new();
         for h in &self.hierarchies {
-            match fs::create_path(&h.mount, &self.rel) {
+            let after_mkdir: &dyn Fn(&Path) = if h.names.contains(&"memory") {
+                &Self::enable_memory_hierarchy
+            } else {
+                &|_| {}
+            };
+            match fs::create_path(&h.mount, &self.rel, after_mkdir) {
                 Ok(dirs) => created.extend(dirs),
                 Err(e) => {
                     fs::remove_created(&created);
@@ -177,7 +173,6 @@ impl CgroupManager for V1Manager {
                 }
             }
         }
-        self.enable_memory_hierarchy(&created);
         if let Err(e) = self.populate_cpusets() {
             fs::remove_created(&created);
             return Err(e);

@@ -79,7 +79,7 @@ impl V2Manager {
 
 impl CgroupManager for V2Manager {
     fn create(&self) -> Result<(), CgroupError> {
-        let created = fs::create_path(&self.root, &self.rel)?;
+        let created = fs::create_path(&self.root, &self.rel, &|_| {})?;
         // Top-down: a level can only offer its children what its own parent enabled for it.
         let mut level = self.root.clone();
         let mut levels = vec![level.clone()];
