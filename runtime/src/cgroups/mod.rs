@@ -6,6 +6,11 @@
 //! `fs.rs`: the sticky bit marks them), and `destroy` removes the container's cgroup and the empty parents so
 //! marked, stopping at the first parent somebody else made or another container still uses.
 //!
+//! Lifecycle as the container code drives it: `create_manager(root, cgroupsPath)` → `create` →
+//! `apply(linux.resources)` → `add_task(init pid)` before the init execs the user's process → `stats`, `freeze`,
+//! `pids` while it runs → after it exits `oom_killed` (to report `OOMKilled`) → SIGKILL whatever `pids` still
+//! lists → `destroy`.
+//!
 //! Why not `cgroups-rs` (the issue asked for it; 0.3.4 and 0.5.1 were read): its hierarchies cannot be pointed at a
 //! cgroup root other than the host's. `hierarchies::V2::new`, `is_cgroup2_unified_mode`,
 //! `cgroup::supported_controllers` and every `Hierarchy::root_control_group`/`parent_control_group` hard-code

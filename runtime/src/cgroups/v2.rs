@@ -50,8 +50,18 @@ impl V2Manager {
         if missing.is_empty() {
             return Ok(());
         }
-        // EBUSY here means the parent has processes of its own: v2's "no internal processes" rule.
-        fs::write(&subtree, &missing.join(" "))
+        if fs::write(&subtree, &missing.join(" ")).is_ok() {
+            return Ok(());
+        }
+        // Like runc (`fs2/create.go` `CreateCgroupPath`): one by one, keeping what works. A controller that stays
+        // off makes a later `apply` that needs it fail with `MissingController`. EBUSY here means the level has
+        // processes of its own (v2's "no internal processes" rule).
+        for controller in &missing {
+            if let Err(e) = fs::write(&subtree, controller) {
+                tracing::warn!(error = %e, "cannot enable a cgroup v2 controller for children");
+            }
+        }
+        Ok(())
     }
 
     fn controller_enabled(&self, controller: &str) -> bool {
