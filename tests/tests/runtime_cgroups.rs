@@ -127,6 +127,14 @@ fn limits_applied_by_the_manager_are_in_the_kernels_control_files() -> TestResul
         matches!(err, Err(CgroupError::InvalidResources { .. })),
         "{err:?}"
     );
+    // A well-formed value the kernel refuses (CPUs this machine does not have) names the file it failed on.
+    let err = cg
+        .manager
+        .apply(&resources(r#"{"cpu":{"cpus":"0-4095"}}"#)?);
+    assert!(
+        matches!(err, Err(CgroupError::Write { ref path, .. }) if path.ends_with("cpuset.cpus")),
+        "{err:?}"
+    );
 
     cg.manager.apply(&resources(
         r#"{"memory":{"limit":67108864,"swap":67108864},
