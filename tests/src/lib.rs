@@ -15,6 +15,7 @@ pub use tempfile::TempDir;
 
 pub mod bench;
 pub mod bundle;
+pub mod cgroup;
 pub mod netns;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
