@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "windlass-proxy", version, about = "Windlass proxy (not yet implemented)")]
+#[command(
+    name = "windlass-proxy",
+    version,
+    about = "Windlass proxy (not yet implemented)"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {

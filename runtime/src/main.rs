@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "windlass-runtime", version, about = "Windlass OCI container runtime")]
+#[command(
+    name = "windlass-runtime",
+    version,
+    about = "Windlass OCI container runtime"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod bench;
 pub mod bundle;
 pub mod cni;
 pub mod lab;
