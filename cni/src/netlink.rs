@@ -496,6 +496,12 @@ impl Netlink {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
                             n.ip = Some(*ip)
                         }
+                        // FDB entries (AF_BRIDGE) carry the VTEP's IPv4 address as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b))
+                            if b.len() == 4 =>
+                        {
+                            n.ip = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                        }
                         NeighbourAttribute::LinkLocalAddress(a) if a.len() == 6 => {
                             let mut mac = [0u8; 6];
                             mac.copy_from_slice(a);

@@ -249,8 +249,10 @@ impl NodeRoutes {
         let desired_neigh: HashMap<Ipv4Addr, [u8; 6]> =
             remotes.iter().map(|n| (n.vtep_ip(), n.mac())).collect();
         for n in nl.neighbours(dev, false).await? {
-            let keep =
-                n.ip.is_some_and(|ip| desired_neigh.get(&ip) == n.mac.as_ref());
+            let keep = match n.ip.and_then(|ip| desired_neigh.get(&ip)) {
+                Some(want) => n.mac == Some(*want),
+                None => false,
+            };
             if !keep {
                 match nl.delete_neighbour(&n).await {
                     Ok(()) => report.neighbours_removed += 1,
@@ -268,9 +270,10 @@ impl NodeRoutes {
         let desired_fdb: HashMap<[u8; 6], Ipv4Addr> =
             remotes.iter().map(|n| (n.mac(), n.node_ip)).collect();
         for f in nl.neighbours(dev, true).await? {
-            let keep = f
-                .mac
-                .is_some_and(|mac| desired_fdb.get(&mac) == f.ip.as_ref());
+            let keep = match f.mac.and_then(|mac| desired_fdb.get(&mac)) {
+                Some(want) => f.ip == Some(*want),
+                None => false,
+            };
             if !keep {
                 match nl.delete_neighbour(&f).await {
                     Ok(()) => report.fdb_removed += 1,
