@@ -312,13 +312,49 @@ fn attach(
         })
     })?;
     if conf.ip_masq {
-        masq::ensure_masquerade(conf.subnet, conf.cluster_cidr)?;
+        ensure_masquerade_once(conf, sys, bridge.index)?;
     }
     Ok(Attached {
         bridge_mac: bridge.mac_string(),
         host_mac: host_link.mac_string(),
         pod_mac,
     })
+}
+
+/// Applies the subnet's masquerade unless this very bridge (same boot, namespace and ifindex) already got it.
+///
+/// One `nft -j -f -` costs ~20 ms, most of an ADD, and the rule is per subnet, not per pod: the stamp file
+/// `<dataDir>/<network>/masquerade` records what was applied. A reboot, another namespace or a re-created bridge
+/// changes the key and the batch is applied again; a failed apply writes no stamp, so the next ADD retries.
+/// GC re-applies unconditionally, repairing a ruleset someone flushed.
+fn ensure_masquerade_once(
+    conf: &NetConf,
+    sys: &PluginEnv,
+    bridge_index: u32,
+) -> Result<(), CniError> {
+    use std::os::unix::fs::MetadataExt;
+    let boot_id = std::fs::read_to_string(sys.proc_root.join("sys/kernel/random/boot_id"))
+        .unwrap_or_default();
+    let netns_ino = std::fs::metadata(sys.proc_root.join("self/ns/net"))
+        .map(|m| m.ino())
+        .unwrap_or_default();
+    let key = format!(
+        "{}/{netns_ino}/{bridge_index}/{}/{}",
+        boot_id.trim(),
+        conf.subnet,
+        conf.cluster_cidr
+    );
+    let stamp = conf.data_dir.join(&conf.name).join("masquerade");
+    if boot_id.is_empty()
+        || netns_ino == 0
+        || std::fs::read_to_string(&stamp).ok().as_deref() != Some(key.as_str())
+    {
+        masq::ensure_masquerade(conf.subnet, conf.cluster_cidr)?;
+        if let Err(e) = std::fs::write(&stamp, &key) {
+            warn!(path = %stamp.display(), error = %e, "cannot record the applied masquerade");
+        }
+    }
+    Ok(())
 }
 
 fn build_result(
@@ -511,6 +547,9 @@ pub fn garbage_collect(conf: &NetConf, valid: &[Attachment]) -> Result<GcReport,
         .map(|a| host_veth_name(&a.container_id, &a.ifname))
         .collect();
     let released = ipam_for(conf).retain(|a| keep.contains(a))?;
+    if conf.ip_masq {
+        masq::ensure_masquerade(conf.subnet, conf.cluster_cidr)?;
+    }
     let bridge_name = conf.bridge.clone();
     let deleted_links = block_on(async {
         let nl = Netlink::connect()?;

@@ -519,3 +519,31 @@ fn gc_releases_the_addresses_and_veths_of_attachments_the_runtime_no_longer_has(
     assert!(link_names(&pods[1]).contains(&"eth0".to_string()));
     assert!(!link_names(&pods[0]).contains(&"eth0".to_string()));
 }
+
+#[test]
+fn gc_restores_a_masquerade_rule_someone_deleted() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.lab.pod_netns().expect("pod");
+    node.add("keep", &pod).ok();
+    let chain = windlass_cni::masquerade_chain_name("10.244.1.0/24".parse().expect("net"));
+    node.ns()
+        .exec(&["nft", "delete", "table", "ip", "windlass-cni"])
+        .expect("delete table");
+    let mut conf: Value = serde_json::from_str(&node.conf).expect("json");
+    conf["cniVersion"] = json!("1.1.0");
+    conf["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    node.call("GC", "").run(&conf.to_string()).ok();
+    let listed = node
+        .ns()
+        .exec(&["nft", "list", "chain", "ip", "windlass-cni", &chain])
+        .expect("chain restored");
+    assert!(listed.contains("masquerade"), "{listed}");
+    assert_eq!(
+        node.ipam_files(),
+        vec!["10.244.1.2"],
+        "GC kept the valid attachment"
+    );
+}
