@@ -104,7 +104,7 @@ fn latency(runs: usize) -> String {
             json!({"bridge": bridge_name, "ipMasq": masq}),
         )
     };
-    let variants = vec![
+    let variants = [
         Variant {
             name: "windlass-cni (ipMasq)".into(),
             steps: vec![(windlass.clone(), ours(true, "wl0", "10.244.1.0/24"), "eth0")],
