@@ -16,6 +16,8 @@ pub use tempfile::TempDir;
 pub mod bench;
 pub mod bundle;
 pub mod cgroup;
+pub mod cni;
+pub mod lab;
 pub mod netns;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
