@@ -11,7 +11,7 @@
 //!   NodePort `proto . port` on a node address. `service-ips` / `service-nodeports` map a frontend to a verdict
 //!   `goto svc-<flavor>-<N>` / `goto np-<flavor>-<N>`, where `N` is the frontend's number of usable endpoints.
 //! * **Endpoint choice is exactly uniform.** Chain `svc-<flavor>-<N>` DNATs with
-//!   `ip daddr . meta l4proto . th dport . numgen random mod N` looked up in `service-endpoints`, which holds the
+//!   `ip daddr . meta l4proto . th dport . numgen random mod N` looked up in `service-endpoints-<proto>`, holding the
 //!   slots `0..N` of that frontend, one per endpoint. So each of 3 endpoints gets exactly 1/3 of new connections
 //!   (the notes' 16-fixed-slots design is up to 33% uneven for 5 endpoints). There is one chain per (flavor, N)
 //!   actually in use, not per Service: a cluster whose Services have 1–50 endpoints has at most a few hundred
@@ -83,8 +83,26 @@ pub const CHAIN_AFFINITY_RECORD: &str = "affinity-record";
 // Map and set names.
 pub const MAP_SERVICE_IPS: &str = "service-ips";
 pub const MAP_SERVICE_NODEPORTS: &str = "service-nodeports";
-pub const MAP_SERVICE_ENDPOINTS: &str = "service-endpoints";
-pub const MAP_NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+/// Endpoint slots of address frontends, one map per protocol (see [`ELEMENT_MAPS`] for why).
+pub const MAP_SERVICE_ENDPOINTS: [&str; 3] = [
+    "service-endpoints-tcp",
+    "service-endpoints-udp",
+    "service-endpoints-sctp",
+];
+/// Endpoint slots of NodePorts, one map per protocol.
+pub const MAP_NODEPORT_ENDPOINTS: [&str; 3] = [
+    "nodeport-endpoints-tcp",
+    "nodeport-endpoints-udp",
+    "nodeport-endpoints-sctp",
+];
+
+fn proto_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Tcp => 0,
+        Protocol::Udp => 1,
+        Protocol::Sctp => 2,
+    }
+}
 pub const MAP_NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub const MAP_NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const MAP_AFFINITY_SERVICES: &str = "affinity-services";
@@ -96,8 +114,9 @@ pub const SET_NODEPORT_ADDRESSES: &str = "nodeport-addresses";
 /// The maps whose elements the proxy computes, with their declarations (`typeof` keeps nft's type checks).
 ///
 /// nft 1.0.6 cannot read back a `typeof` *value* of `ip daddr . th dport` from the kernel (it reports "conflicting
-/// protocols ip vs. th" and then rejects every later rule using the map), so the endpoint values are declared as
-/// `ip daddr . tcp dport`: the same 2-byte port type, and DNAT applies it to UDP and SCTP as well.
+/// protocols ip vs. th" and then rejects every later rule using the map). A value typed `ip daddr . tcp dport` reads
+/// back fine but makes nft add a `meta l4proto tcp` dependency to the DNAT rule, so there is one endpoint map per
+/// protocol, each DNAT rule guarded by its protocol.
 const ELEMENT_MAPS: &[(&str, &str, &str)] = &[
     (
         "map",
@@ -111,13 +130,33 @@ const ELEMENT_MAPS: &[(&str, &str, &str)] = &[
     ),
     (
         "map",
-        MAP_SERVICE_ENDPOINTS,
+        MAP_SERVICE_ENDPOINTS[0],
         "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
     ),
     (
         "map",
-        MAP_NODEPORT_ENDPOINTS,
+        MAP_SERVICE_ENDPOINTS[1],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_SERVICE_ENDPOINTS[2],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
+    ),
+    (
+        "map",
+        MAP_NODEPORT_ENDPOINTS[0],
         "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
+    ),
+    (
+        "map",
+        MAP_NODEPORT_ENDPOINTS[1],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_NODEPORT_ENDPOINTS[2],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
     ),
     (
         "map",
@@ -334,9 +373,15 @@ impl Ruleset {
             self.chains.insert(chain.clone(), rules);
         }
         let (vmap, endpoints) = if node_port {
-            (MAP_SERVICE_NODEPORTS, MAP_NODEPORT_ENDPOINTS)
+            (
+                MAP_SERVICE_NODEPORTS,
+                MAP_NODEPORT_ENDPOINTS[proto_index(fe.protocol)],
+            )
         } else {
-            (MAP_SERVICE_IPS, MAP_SERVICE_ENDPOINTS)
+            (
+                MAP_SERVICE_IPS,
+                MAP_SERVICE_ENDPOINTS[proto_index(fe.protocol)],
+            )
         };
         self.map(vmap).insert(key.clone(), format!("goto {chain}"));
         for (slot, b) in backends.iter().enumerate() {
@@ -718,14 +763,19 @@ fn select_chain_rules(
     rules.push(format!(
         "dnat ip to ip saddr . ip daddr . meta l4proto . th dport map @{MAP_AFFINITY}"
     ));
-    if node_port {
-        rules.push(format!(
-            "dnat ip to meta l4proto . th dport . numgen random mod {n} map @{MAP_NODEPORT_ENDPOINTS}"
-        ));
-    } else {
-        rules.push(format!(
-            "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{MAP_SERVICE_ENDPOINTS}"
-        ));
+    for p in PROTOCOLS {
+        let proto = p.nft_name();
+        if node_port {
+            rules.push(format!(
+                "meta l4proto {proto} dnat ip to meta l4proto . th dport . numgen random mod {n} map @{}",
+                MAP_NODEPORT_ENDPOINTS[proto_index(p)]
+            ));
+        } else {
+            rules.push(format!(
+                "meta l4proto {proto} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{}",
+                MAP_SERVICE_ENDPOINTS[proto_index(p)]
+            ));
+        }
     }
     rules
 }
@@ -822,7 +872,7 @@ mod tests {
             ),
             &config(),
         );
-        let eps = &rs.maps[MAP_SERVICE_ENDPOINTS];
+        let eps = &rs.maps[MAP_SERVICE_ENDPOINTS[0]];
         assert_eq!(eps.len(), 3);
         assert_eq!(eps["10.96.0.20 . tcp . 80 . 0"], "10.244.1.2 . 8080");
         assert_eq!(eps["10.96.0.20 . tcp . 80 . 2"], "10.244.1.4 . 8080");
@@ -836,7 +886,7 @@ mod tests {
         );
         assert!(rs.chains["svc-cip-3"]
             .iter()
-            .any(|r| r.contains("numgen random mod 3 map @service-endpoints")));
+            .any(|r| r.contains("numgen random mod 3 map @service-endpoints-tcp")));
         assert!(rs.chains["svc-cip-3"][0].starts_with("ip saddr != 10.244.0.0/16 meta mark set"));
     }
 

@@ -4,12 +4,14 @@
 //!  client ns (192.168.200.2) ── up0 ── node ns (192.168.200.1, br0 10.244.1.1/24) ── v0..vN ── pod ns (10.244.1.1x)
 //! ```
 //! Each pod runs busybox `httpd` on port 80 serving `/` (its name) and `/cgi-bin/ip` (the client address it sees),
-//! and `nc -lu` on UDP port 9000 appending datagrams to a log. Pod ports are in hairpin mode, as the CNI bridge
+//! and a UDP socket on port 9000 the test reads. Pod ports are in hairpin mode, as the CNI bridge
 //! plugin's `hairpinMode` sets them: with br_netfilter (loaded here, as on real nodes) a pod reaching itself through
 //! a Service is bridged back out of the port it came in on. The node's default route points at the client, so it
 //! covers the service CIDR (otherwise node-local connects to a ClusterIP fail before the OUTPUT hook). The proxy
 //! binary runs inside the node namespace (`ip netns exec`), following a services file the test rewrites.
 
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,8 +33,25 @@ pub struct Pod {
     pub name: String,
     pub ip: String,
     pub ns: NetnsGuard,
-    pub udp_log: PathBuf,
+    /// Bound to 0.0.0.0:[`UDP_PORT`] inside the pod (busybox nc has no UDP in this build).
+    pub udp: UdpSocket,
     _servers: Vec<ChildGuard>,
+}
+
+/// A UDP socket bound to `addr` inside `ns`: created on a helper thread that entered the namespace (a socket keeps
+/// the namespace it was made in), so the test's own threads never leave theirs.
+pub fn udp_socket_in(ns: &NetnsGuard, addr: &str) -> UdpSocket {
+    let path = ns.path();
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on a valid namespace fd affects only this short-lived helper thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        UdpSocket::bind(&addr).expect("bind UDP socket")
+    })
+    .join()
+    .expect("netns helper thread")
 }
 
 pub struct ProxyLab {
@@ -121,7 +140,6 @@ impl ProxyLab {
         .expect("cgi");
         std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
-        let udp_log = self.dir.path().join(format!("{name}.udp"));
         let httpd = ChildGuard::spawn(
             ns.command("busybox")
                 .args(["httpd", "-f", "-p", "80", "-h"])
@@ -130,22 +148,14 @@ impl ProxyLab {
                 .stderr(Stdio::null()),
         )
         .expect("httpd");
-        let log = std::fs::File::create(&udp_log).expect("udp log");
-        let udp = ChildGuard::spawn(
-            ns.command("busybox")
-                .args(["nc", "-lu", "-p", &UDP_PORT.to_string()])
-                // nc ends when its stdin does: keep a pipe open for as long as the guard lives.
-                .stdin(Stdio::piped())
-                .stdout(log)
-                .stderr(Stdio::null()),
-        )
-        .expect("nc -lu");
+        let udp = udp_socket_in(&ns, &format!("0.0.0.0:{UDP_PORT}"));
+        udp.set_nonblocking(true).expect("nonblocking");
         let pod = Pod {
             name,
             ip,
             ns,
-            udp_log,
-            _servers: vec![httpd, udp],
+            udp,
+            _servers: vec![httpd],
         };
         wait_for("pod httpd to answer", Duration::from_secs(5), || {
             pod.ns
@@ -254,7 +264,13 @@ impl ProxyLab {
                 if present { "contain" } else { "lose" }
             ),
             Duration::from_secs(10),
-            || (self.list("map", "service-endpoints").contains(needle) == present).then_some(()),
+            || {
+                (["tcp", "udp"].iter().any(|p| {
+                    self.list("map", &format!("service-endpoints-{p}"))
+                        .contains(needle)
+                }) == present)
+                    .then_some(())
+            },
         );
     }
 

@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use windlass_tests::proxy_lab::{service, slice, ProxyLab, BRIDGE_IP, CLIENT_IP, NODE, NODE_IP};
+use windlass_tests::proxy_lab::{
+    service, slice, udp_socket_in, ProxyLab, BRIDGE_IP, CLIENT_IP, NODE, NODE_IP,
+};
 use windlass_tests::{require_privileged, wait_for, ChildGuard};
 
 const TOOLS: &[&str] = &["ip", "nft", "busybox", "conntrack", "timeout"];
@@ -272,33 +274,70 @@ fn a_pod_reaches_itself_through_its_service_hairpin() {
     );
 }
 
+/// Which pod received `msg` on its UDP socket (answering it with its name), if any yet.
+fn udp_receiver(lab: &ProxyLab, msg: &str) -> Option<usize> {
+    let mut buf = [0u8; 512];
+    for (i, pod) in lab.pods.iter().enumerate() {
+        while let Ok((n, from)) = pod.udp.recv_from(&mut buf) {
+            if &buf[..n] == msg.as_bytes() {
+                let _ = pod.udp.send_to(pod.name.as_bytes(), from);
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
 #[test]
-fn a_udp_service_delivers_datagrams_to_an_endpoint() {
+fn a_udp_service_answers_and_a_removed_endpoint_loses_its_stale_flow() {
     if !require_privileged(TOOLS) {
         return;
     }
-    let lab = lab_with(|l| web(l, [true; 3], json!({})));
-    let msg = "hello-through-the-clusterip";
-    let mut nc = lab.node.command("timeout");
-    nc.args(["3", "busybox", "nc", "-u", "10.96.0.20", "9000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::spawn(&mut nc).expect("nc -u");
-    child
-        .child_mut()
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{msg}\n").as_bytes())
-        .expect("send");
-    wait_for("a pod to log the datagram", Duration::from_secs(5), || {
-        lab.pods.iter().find(|p| {
-            std::fs::read_to_string(&p.udp_log)
-                .unwrap_or_default()
-                .contains(msg)
-        })
-    });
+    let mut lab = lab_with(|l| web(l, [true; 3], json!({})));
+    // One client socket: every datagram has the same 5-tuple, so it rides one conntrack entry.
+    let client = udp_socket_in(&lab.node, "0.0.0.0:0");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let first = wait_for(
+        "a pod to receive the datagram",
+        Duration::from_secs(5),
+        || {
+            client.send_to(b"first", "10.96.0.20:9000").expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+            udp_receiver(&lab, "first")
+        },
+    );
+    let mut buf = [0u8; 64];
+    let (n, from) = client.recv_from(&mut buf).expect("the reply comes back");
+    assert_eq!(&buf[..n], lab.pods[first].name.as_bytes());
+    assert_eq!(
+        from.to_string(),
+        "10.96.0.20:9000",
+        "un-DNATed to the ClusterIP"
+    );
+
+    // Remove the pod that got the flow: its conntrack entry must be flushed, or the flow would keep going there.
+    let mut ready = [true; 3];
+    ready[first] = false;
+    let objs = web(&lab, ready, json!({}));
+    lab.set_objects(objs);
+    lab.wait_endpoints(&format!("{} . 9000", lab.pods[first].ip), false);
+    let second = wait_for(
+        "the same flow to reach another pod",
+        Duration::from_secs(5),
+        || {
+            client.send_to(b"second", "10.96.0.20:9000").expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+            udp_receiver(&lab, "second")
+        },
+    );
+    assert_ne!(
+        second,
+        first,
+        "the removed endpoint still got the flow:\n{}",
+        lab.proxy_log()
+    );
 }
 
 #[test]
