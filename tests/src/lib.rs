@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod lab;
 pub mod netns;
+pub mod proxy_lab;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
