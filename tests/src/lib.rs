@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod bundle;
+pub mod image_fixture;
 pub mod netns;
+pub mod registry;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
@@ -71,7 +73,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(v) = condition() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

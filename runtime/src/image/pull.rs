@@ -521,24 +521,19 @@ impl Store {
         }
 
         let total = layers.len();
-        let results: Vec<(bool, u64, bool)> =
-            futures_util::stream::iter(layers.iter().zip(diff_ids.iter()).enumerate())
-                .map(|(i, (layer, diff_id))| {
-                    let client = &client;
-                    async move {
-                        let (path, got, n) =
-                            self.fetch_blob(client, reference, layer, opts).await?;
-                        let store = self.clone();
-                        let (d, diff) = (layer.digest.clone(), diff_id.clone());
-                        let unpacked =
-                            blocking(move || store.ensure_layer(&path, &d, &diff)).await?;
-                        tracing::info!(layer = %layer.digest, n = i + 1, of = total, "layer ready");
-                        Ok::<_, PullError>((got, n, unpacked))
-                    }
-                })
-                .buffer_unordered(opts.max_concurrent_layers.max(1))
-                .try_collect()
-                .await?;
+        // Named async fns (not closures) keep the future Send for callers that spawn pulls.
+        let tasks: Vec<_> = layers
+            .iter()
+            .zip(diff_ids.iter())
+            .enumerate()
+            .map(|(i, (layer, diff_id))| {
+                self.layer_task(&client, reference, layer, diff_id, opts, (i + 1, total))
+            })
+            .collect();
+        let results: Vec<(bool, u64, bool)> = futures_util::stream::iter(tasks)
+            .buffer_unordered(opts.max_concurrent_layers.max(1))
+            .try_collect()
+            .await?;
         let mut layers_unpacked = 0;
         for (got, n, unpacked) in results {
             downloaded += usize::from(got);
@@ -571,6 +566,24 @@ impl Store {
             bytes_downloaded,
             layers_unpacked,
         })
+    }
+
+    /// Downloads one layer blob (if missing) and unpacks it (if missing): (downloaded, bytes, unpacked).
+    async fn layer_task(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        layer: &Descriptor,
+        diff_id: &str,
+        opts: &PullOptions,
+        (n, of): (usize, usize),
+    ) -> Result<(bool, u64, bool), PullError> {
+        let (path, got, bytes) = self.fetch_blob(client, reference, layer, opts).await?;
+        let store = self.clone();
+        let (d, diff) = (layer.digest.clone(), diff_id.to_string());
+        let unpacked = blocking(move || store.ensure_layer(&path, &d, &diff)).await?;
+        tracing::info!(layer = %layer.digest, n, of, "layer ready");
+        Ok((got, bytes, unpacked))
     }
 
     /// Stores manifests and writes the record (after all content is in place, so a record implies content).
