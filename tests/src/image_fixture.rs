@@ -185,20 +185,12 @@ impl OciLayout {
         }))
         .expect("serialise index");
         let digest = self.put_blob(&index);
-        let mut top = self.index();
-        if let Some(list) = top["manifests"].as_array_mut() {
-            list.push(json!({
-                "mediaType": "application/vnd.oci.image.index.v1+json",
-                "digest": digest,
-                "size": index.len(),
-                "annotations": {"org.opencontainers.image.ref.name": to},
-            }));
-        }
-        fs::write(
-            self.path().join("index.json"),
-            serde_json::to_vec(&top).expect("serialise index.json"),
-        )
-        .expect("write index.json");
+        self.tag_descriptor(json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest,
+            "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": to},
+        }));
     }
 }
 
@@ -270,13 +262,19 @@ impl OciLayout {
         }))
         .expect("serialise manifest");
         let digest = self.put_blob(&manifest);
+        self.tag_descriptor(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }));
+    }
+
+    /// Adds a descriptor to the layout's index.json (umoci writes `"manifests": null` for an empty layout).
+    fn tag_descriptor(&self, descriptor: Value) {
         let mut top = self.index();
-        if let Some(list) = top["manifests"].as_array_mut() {
-            list.push(json!({
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": digest, "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }));
+        match top["manifests"].as_array_mut() {
+            Some(list) => list.push(descriptor),
+            None => top["manifests"] = json!([descriptor]),
         }
         fs::write(
             self.path().join("index.json"),
