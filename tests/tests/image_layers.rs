@@ -46,7 +46,8 @@ fn every_escape_route_out_of_a_layer_is_refused_and_nothing_is_left() {
     let secret = format!("{out}/secret");
 
     use TarEntry::*;
-    let cases: Vec<(&str, Vec<TarEntry<'_>>, fn(&UnpackError) -> bool)> = vec![
+    type Case<'a> = (&'a str, Vec<TarEntry<'a>>, fn(&UnpackError) -> bool);
+    let cases: Vec<Case<'_>> = vec![
         ("dot-dot path", vec![File("../../escaped", b"x")], |e| {
             matches!(e, UnpackError::ParentComponent { .. })
         }),
