@@ -491,3 +491,50 @@ fn nix_umount(target: &Path) -> std::io::Result<()> {
         Err(std::io::Error::other("umount failed"))
     }
 }
+
+#[test]
+fn gzip_and_zstd_layers_unpack_to_the_same_content_and_diff_id() {
+    if !require_privileged(&[]) {
+        return;
+    }
+    let tar = layer_tar(&[
+        TarEntry::Dir("etc/"),
+        TarEntry::File("etc/motd", b"compressed\n"),
+    ]);
+    let diff_id = windlass_tests::image_fixture::sha256(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let zst = zstd::encode_all(tar.as_slice(), 3).expect("zstd");
+    for (name, blob) in [("plain", tar.clone()), ("gzip", gz), ("zstd", zst)] {
+        let dir = scratch();
+        let path = dir.path().join("blob");
+        fs::write(&path, &blob).expect("write");
+        let stats = unpack_layer(
+            &path,
+            &dir.path().join("layer"),
+            &dir.path().join("tmp"),
+            Some(&diff_id),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(stats.diff_id, diff_id, "{name}");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("layer/etc/motd")).expect("motd"),
+            "compressed\n",
+            "{name}"
+        );
+    }
+    // A diffID that does not match the content is refused, with nothing left.
+    let dir = scratch();
+    fs::write(dir.path().join("blob"), &tar).expect("write");
+    let wrong = windlass_tests::image_fixture::sha256(b"other");
+    let err = unpack_layer(
+        &dir.path().join("blob"),
+        &dir.path().join("layer"),
+        &dir.path().join("tmp"),
+        Some(&wrong),
+    )
+    .expect_err("wrong diffID");
+    assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
+    assert!(!dir.path().join("layer").exists() && !dir.path().join("tmp").exists());
+}

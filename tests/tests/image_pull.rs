@@ -357,6 +357,18 @@ struct FakeRegistry {
 
 impl FakeRegistry {
     fn start(manifest: Vec<u8>, blobs: HashMap<String, Vec<u8>>) -> Self {
+        Self::start_flaky(manifest, blobs, 0).0
+    }
+
+    /// Like `start`, but the first `failures` blob requests get `503 Service Unavailable`; also returns a
+    /// counter of blob requests.
+    fn start_flaky(
+        manifest: Vec<u8>,
+        blobs: HashMap<String, Vec<u8>>,
+        failures: usize,
+    ) -> (Self, Arc<std::sync::atomic::AtomicUsize>) {
+        let blob_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = blob_requests.clone();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let stop = Arc::new(AtomicBool::new(false));
@@ -387,7 +399,13 @@ impl FakeRegistry {
                         manifest.clone(),
                     )
                 } else if let Some(d) = path.split("/blobs/").nth(1) {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
                     match blobs.get(d) {
+                        Some(_) if n < failures => (
+                            "503 Service Unavailable",
+                            "application/json",
+                            b"{}".to_vec(),
+                        ),
                         Some(b) => ("200 OK", "application/octet-stream", b.clone()),
                         None => ("404 Not Found", "application/json", b"{}".to_vec()),
                     }
@@ -402,7 +420,7 @@ impl FakeRegistry {
                 let _ = conn.write_all(&body);
             }
         });
-        Self { addr, stop }
+        (Self { addr, stop }, blob_requests)
     }
 }
 
@@ -413,15 +431,12 @@ impl Drop for FakeRegistry {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_whose_bytes_do_not_match_its_digest_fails_the_pull_and_nothing_is_stored() {
-    if !require_privileged(&[]) {
-        return;
-    }
-    let good = layer_tar(&[TarEntry::File("hello", b"good content")]);
-    let evil = layer_tar(&[TarEntry::File("hello", b"evil content")]);
-    assert_eq!(good.len(), evil.len());
-    let layer_digest = sha256(&good);
+/// A one-layer image (uncompressed layer `layer`) as (manifest, blobs by digest).
+fn hand_made_image(
+    layer: &[u8],
+    served_layer: &[u8],
+) -> (Vec<u8>, HashMap<String, Vec<u8>>, String) {
+    let layer_digest = sha256(layer);
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
@@ -432,13 +447,67 @@ async fn blob_whose_bytes_do_not_match_its_digest_fails_the_pull_and_nothing_is_
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": good.len()}],
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
     }))
     .expect("manifest");
-    let fake = FakeRegistry::start(
-        manifest,
-        HashMap::from([(config_digest, config), (layer_digest.clone(), evil)]),
+    let blobs = HashMap::from([
+        (config_digest, config),
+        (layer_digest.clone(), served_layer.to_vec()),
+    ]);
+    (manifest, blobs, layer_digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_registry_errors_are_retried_with_backoff() {
+    if !require_privileged(&[]) {
+        return;
+    }
+    let layer = layer_tar(&[TarEntry::File("hello", b"hi")]);
+    let (manifest, blobs, _) = hand_made_image(&layer, &layer);
+    let (fake, requests) = FakeRegistry::start_flaky(manifest.clone(), blobs.clone(), 2);
+    let (_dir, store) = new_store();
+    let opts = PullOptions {
+        insecure_registries: vec![fake.addr.clone()],
+        backoff: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let pulled = store
+        .pull(&format!("{}/test/flaky:v1", fake.addr), &opts)
+        .await
+        .expect("pull succeeds after two 503s");
+    assert_eq!(pulled.blobs_downloaded, 2);
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        4,
+        "two failures, then config and layer"
     );
+
+    // With fewer attempts than failures the pull fails and says why.
+    let (fake, _) = FakeRegistry::start_flaky(manifest, blobs, 10);
+    let opts = PullOptions {
+        insecure_registries: vec![fake.addr.clone()],
+        backoff: Duration::from_millis(10),
+        attempts: 3,
+        ..Default::default()
+    };
+    let (_dir, store) = new_store();
+    let err = store
+        .pull(&format!("{}/test/flaky:v1", fake.addr), &opts)
+        .await
+        .expect_err("still failing after 3 attempts");
+    assert!(err.to_string().contains("503"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_whose_bytes_do_not_match_its_digest_fails_the_pull_and_nothing_is_stored() {
+    if !require_privileged(&[]) {
+        return;
+    }
+    let good = layer_tar(&[TarEntry::File("hello", b"good content")]);
+    let evil = layer_tar(&[TarEntry::File("hello", b"evil content")]);
+    assert_eq!(good.len(), evil.len());
+    let (manifest, blobs, layer_digest) = hand_made_image(&good, &evil);
+    let fake = FakeRegistry::start(manifest, blobs);
     let (dir, store) = new_store();
     let opts = PullOptions {
         insecure_registries: vec![fake.addr.clone()],

@@ -395,7 +395,7 @@ impl Store {
         };
         let started = now_secs();
         let waited = gate.try_lock().is_err();
-        let result = {
+        let result = async {
             let _turn = gate.lock().await;
             if waited {
                 // Someone in this process pulled it while we waited: that download is ours too.
@@ -412,8 +412,10 @@ impl Store {
                 }
             }
             self.pull_now(&parsed, opts).await
-        };
+        }
+        .await;
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop the gate once nobody else holds it (the map and we are its last two owners).
         if map.get(&key).is_some_and(|g| Arc::strong_count(g) <= 2) {
             map.remove(&key);
         }
