@@ -73,7 +73,9 @@ impl Credentials {
         Self::from_json(&bytes, path)
     }
 
-    pub(crate) fn from_json(bytes: &[u8], path: &Path) -> Result<Self, AuthError> {
+    /// Parses the bytes of a `kubernetes.io/dockerconfigjson` secret; `source` only names it in errors.
+    pub fn from_json(bytes: &[u8], source: &Path) -> Result<Self, AuthError> {
+        let path = source;
         // Accept both `{"auths": {...}}` and the legacy `.dockercfg` shape (the map itself).
         let parsed: DockerConfigJson = match serde_json::from_slice::<DockerConfigJson>(bytes) {
             Ok(c) if !c.auths.is_empty() => c,
@@ -111,6 +113,14 @@ impl Credentials {
             by_host.insert(host, auth);
         }
         Ok(Self { by_host })
+    }
+
+    /// Adds `other`'s credentials; for a registry both name, the earlier (self) wins, as the kubelet tries
+    /// imagePullSecrets in order.
+    pub fn merge(&mut self, other: Credentials) {
+        for (host, auth) in other.by_host {
+            self.by_host.entry(host).or_insert(auth);
+        }
     }
 
     /// Credentials for `registry` (as in a normalised reference, e.g. `docker.io` or `127.0.0.1:5000`).
