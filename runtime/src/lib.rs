@@ -6,3 +6,4 @@
 //! loading and validation).
 
 pub mod cgroups;
+pub mod image;

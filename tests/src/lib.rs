@@ -17,9 +17,11 @@ pub mod bench;
 pub mod bundle;
 pub mod cgroup;
 pub mod cni;
+pub mod image_fixture;
 pub mod lab;
 pub mod netns;
 pub mod proxy_lab;
+pub mod registry;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
