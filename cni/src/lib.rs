@@ -6,6 +6,7 @@
 //! - [`NodeRoutes`]: converges the routes to other nodes' pod CIDRs (`host-gw`, or flannel-style `vxlan`).
 //! - [`write_conflist`]: the node's CNI configuration from its pod CIDR.
 
+mod agent;
 mod conflist;
 mod ipam;
 mod masq;
@@ -14,6 +15,7 @@ mod plugin;
 mod routes;
 mod spec;
 
+pub use agent::{read_nodes_file, run_file_daemon, FileNodeSource, NodesFileError, WithConflist};
 pub use conflist::{
     conflist_json, write_conflist, ConflistError, ConflistOptions, CONFLIST_FILE, NETWORK_NAME,
 };
