@@ -84,6 +84,9 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8], sys: &PluginEnv) 
         Ok(c) => c,
         Err(e) => return error_output(&e, &fallback_version),
     };
+    if let Err(e) = command_supported(inv.command, &conf.cni_version) {
+        return error_output(&e, &conf.cni_version);
+    }
     let outcome = match inv.command {
         Command::Add => add(&inv, &conf, sys).map(Some),
         Command::Del => del(&inv, &conf).map(|()| None),
@@ -103,6 +106,25 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8], sys: &PluginEnv) 
         },
         Err(e) => error_output(&e, &conf.cni_version),
     }
+}
+
+/// Ref: SPEC.md — CHECK exists from 0.4.0, GC and STATUS from 1.1.0; a configuration declaring an older
+/// version gets "incompatible CNI version" for them.
+fn command_supported(command: Command, version: &str) -> Result<(), CniError> {
+    let minimum = match command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        _ => return Ok(()),
+    };
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    if parse(version) < parse(minimum) {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            "incompatible CNI version",
+            format!("{command:?} needs cniVersion {minimum} or later, the configuration declares {version}"),
+        ));
+    }
+    Ok(())
 }
 
 fn error_output(e: &CniError, version: &str) -> PluginOutput {
@@ -620,6 +642,15 @@ mod tests {
         assert!(a.starts_with("wl"));
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(a, host_veth_name("abd", "eth0"));
+    }
+
+    #[test]
+    fn gc_needs_cni_1_1_and_check_needs_0_4() {
+        assert!(command_supported(Command::Gc, "1.0.0").is_err());
+        assert!(command_supported(Command::Gc, "1.1.0").is_ok());
+        assert!(command_supported(Command::Check, "0.3.1").is_err());
+        assert!(command_supported(Command::Check, "0.4.0").is_ok());
+        assert!(command_supported(Command::Add, "0.3.0").is_ok());
     }
 
     #[test]
