@@ -547,3 +547,59 @@ fn gc_restores_a_masquerade_rule_someone_deleted() {
         "GC kept the valid attachment"
     );
 }
+
+#[test]
+fn older_spec_versions_get_their_result_format_and_check_needs_0_4() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.lab.pod_netns().expect("pod");
+    let path = pod.path();
+    let conf040 = node.conf.replace("\"1.0.0\"", "\"0.4.0\"");
+    let result = node
+        .call("ADD", "old")
+        .netns(&path)
+        .run(&conf040)
+        .ok()
+        .json();
+    assert_eq!(result["cniVersion"], "0.4.0");
+    assert_eq!(result["ips"][0]["version"], "4", "{result}");
+    node.call("CHECK", "old")
+        .netns(&path)
+        .run(&with_prev_result(&conf040, &result))
+        .ok();
+    let conf031 = node.conf.replace("\"1.0.0\"", "\"0.3.1\"");
+    let out = node
+        .call("CHECK", "old")
+        .netns(&path)
+        .run(&with_prev_result(&conf031, &result));
+    assert_eq!(out.error_code(), 1);
+    // GC is a 1.1 command.
+    assert_eq!(node.call("GC", "").run(&node.conf).error_code(), 1);
+}
+
+#[test]
+fn the_kubelet_library_call_releases_addresses_of_dead_containers() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let pods: Vec<NetnsGuard> = (0..3).map(|_| node.lab.pod_netns().expect("pod")).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        node.add(&format!("k{i}"), pod).ok();
+    }
+    let conf = windlass_cni::NetConf::parse(node.conf.as_bytes()).expect("conf");
+    let live: std::collections::HashSet<String> = ["k0".to_string(), "k2".to_string()].into();
+    let report = windlass_tests::lab::in_netns(&node.ns().path(), || {
+        windlass_cni::release_leaked(&conf, &live)
+    })
+    .expect("node netns")
+    .expect("gc");
+    assert_eq!(report.released, vec![Ipv4Addr::new(10, 244, 1, 3)]);
+    assert_eq!(
+        report.deleted_links,
+        vec![windlass_cni::host_veth_name("k1", "eth0")]
+    );
+    assert_eq!(node.ipam_files(), vec!["10.244.1.2", "10.244.1.4"]);
+}
