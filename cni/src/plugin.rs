@@ -618,9 +618,8 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     std::fs::create_dir_all(ipam.dir())
         .map_err(|e| unavailable(format!("{}: {e}", ipam.dir().display())))?;
     let used = ipam
-        .allocations()
-        .map_err(|e| unavailable(e.to_string()))?
-        .len();
+        .allocated_in_subnet()
+        .map_err(|e| unavailable(e.to_string()))?;
     if used >= ipam.capacity() {
         return Err(unavailable(format!(
             "all {} addresses of {} are allocated",
