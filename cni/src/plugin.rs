@@ -185,7 +185,26 @@ fn ipam_for(conf: &NetConf) -> Ipam {
     Ipam::new(conf.data_dir.join(&conf.name), conf.subnet)
 }
 
+/// Opens `CNI_NETNS`; a missing path is "container unknown" (3), a file that is not a network namespace an
+/// invalid environment (4) — found before anything is created.
 fn open_netns(path: &Path) -> Result<File, CniError> {
+    let file = open_netns_file(path)?;
+    match nix::sys::statfs::fstatfs(&file) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC => Ok(file),
+        Ok(_) => Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {} is not a network namespace", path.display()),
+            "expected a bind-mounted namespace (/run/netns/...) or /proc/<pid>/ns/net",
+        )),
+        Err(e) => Err(CniError::new(
+            ErrorCode::IoFailure,
+            format!("cannot inspect netns {}", path.display()),
+            e.to_string(),
+        )),
+    }
+}
+
+fn open_netns_file(path: &Path) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
         let code = if e.kind() == io::ErrorKind::NotFound {
             ErrorCode::UnknownContainer

@@ -603,3 +603,36 @@ fn the_kubelet_library_call_releases_addresses_of_dead_containers() {
     );
     assert_eq!(node.ipam_files(), vec!["10.244.1.2", "10.244.1.4"]);
 }
+
+#[test]
+fn a_netns_path_that_is_not_a_namespace_is_error_4_and_leaves_nothing_behind() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let not_ns = node.lab.nodes[0].data_dir.path().join("not-a-netns");
+    std::fs::write(&not_ns, "plain file").expect("write");
+    let out = node.call("ADD", "notns").netns(&not_ns).run(&node.conf);
+    assert_eq!(out.error_code(), 4);
+    assert!(node.veths().is_empty() && node.ipam_files().is_empty());
+}
+
+#[test]
+fn the_configured_mtu_applies_to_the_bridge_the_veth_and_the_pod() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::with_conf(json!({"mtu": 1400}));
+    let pod = node.lab.pod_netns().expect("pod");
+    let result = node.add("mtu", &pod).ok().json();
+    assert_eq!(result["interfaces"][2]["mtu"], 1400);
+    let mtu_of = |ns: &NetnsGuard, dev: &str| {
+        windlass_tests::cni::ip_json(ns, &["link", "show", dev])[0]["mtu"].clone()
+    };
+    assert_eq!(mtu_of(&pod, "eth0"), 1400);
+    assert_eq!(
+        mtu_of(node.ns(), &windlass_cni::host_veth_name("mtu", "eth0")),
+        1400
+    );
+    assert_eq!(mtu_of(node.ns(), "windlass0"), 1400);
+}
