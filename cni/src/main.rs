@@ -140,6 +140,9 @@ fn plugin() -> anyhow::Result<()> {
         &stdin,
         &windlass_cni::PluginEnv::default(),
     );
-    println!("{}", out.stdout);
+    // DEL, CHECK, GC and STATUS print nothing on success.
+    if !out.stdout.is_empty() {
+        println!("{}", out.stdout);
+    }
     std::process::exit(out.exit_code);
 }

@@ -221,7 +221,11 @@ fn del_of_an_unknown_container_or_a_vanished_netns_succeeds() {
         return;
     }
     let node = Node::new();
-    assert!(node.del("never-added", None).stdout.trim().is_empty());
+    assert_eq!(
+        node.del("never-added", None).ok().stdout,
+        "",
+        "DEL prints nothing on success"
+    );
     node.del("never-added", None).ok();
 
     // The pod's namespace is deleted before DEL (a crashed sandbox): DEL still releases the address.
