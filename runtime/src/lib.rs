@@ -4,3 +4,5 @@
 //! network/IPC/UTS namespaces and the pod cgroup, CRI-format logs), `cgroups/` (v1 and v2 managers behind one
 //! trait), `image/` (registry pulls, content store, layer unpacking, overlay root filesystems), `oci/` (config.json
 //! loading and validation).
+
+pub mod cgroups;

@@ -15,9 +15,11 @@ pub use tempfile::TempDir;
 
 pub mod bench;
 pub mod bundle;
+pub mod cgroup;
 pub mod cni;
 pub mod lab;
 pub mod netns;
+pub mod proxy_lab;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
