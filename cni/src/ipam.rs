@@ -98,7 +98,10 @@ impl Ipam {
     pub fn allocate(&self, who: &Attachment) -> Result<(Ipv4Addr, bool), IpamError> {
         let _lock = self.lock()?;
         let current = self.read_allocations()?;
-        if let Some((ip, _)) = current.iter().find(|(_, a)| *a == who) {
+        if let Some((ip, _)) = current
+            .iter()
+            .find(|(ip, a)| *a == who && self.subnet.contains(*ip))
+        {
             return Ok((*ip, false));
         }
         let (first, last) = self.range();
@@ -137,7 +140,10 @@ impl Ipam {
         }
         Err(IpamError::Exhausted {
             subnet: self.subnet,
-            allocated: current.len(),
+            allocated: current
+                .keys()
+                .filter(|ip| self.subnet.contains(*ip))
+                .count(),
         })
     }
 
@@ -197,6 +203,15 @@ impl Ipam {
         Ok(released)
     }
 
+    /// How many addresses of the current subnet are allocated.
+    pub fn allocated_in_subnet(&self) -> Result<usize, IpamError> {
+        Ok(self
+            .allocations()?
+            .keys()
+            .filter(|ip| self.subnet.contains(*ip))
+            .count())
+    }
+
     /// Every current allocation.
     pub fn allocations(&self) -> Result<BTreeMap<Ipv4Addr, Attachment>, IpamError> {
         if !self.dir.exists() {
@@ -212,8 +227,8 @@ impl Ipam {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Reads the allocation files (caller holds the lock). Files that are not addresses of our subnet are
-    /// ignored, so stray files cannot break allocation.
+    /// Reads the allocation files (caller holds the lock). Files not named by an address are ignored. Addresses
+    /// outside the current subnet are kept (a node whose pod CIDR changed still releases its old pods on DEL).
     fn read_allocations(&self) -> Result<BTreeMap<Ipv4Addr, Attachment>, IpamError> {
         let mut out = BTreeMap::new();
         let entries = match fs::read_dir(&self.dir) {
@@ -230,9 +245,6 @@ impl Ipam {
             else {
                 continue;
             };
-            if !self.subnet.contains(&ip) {
-                continue;
-            }
             let path = entry.path();
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
@@ -314,6 +326,19 @@ mod tests {
         assert_eq!(
             ipam.allocate(&who("x")).expect("alloc").0,
             Ipv4Addr::new(10, 9, 0, 3)
+        );
+    }
+
+    #[test]
+    fn addresses_of_an_old_subnet_are_still_released() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let old = ipam(tmp.path(), "10.9.0.0/24");
+        old.allocate(&who("a")).expect("alloc");
+        let new = ipam(tmp.path(), "10.10.0.0/24");
+        assert_eq!(new.allocated_in_subnet().expect("count"), 0);
+        assert_eq!(
+            new.release(&who("a")).expect("release"),
+            vec![Ipv4Addr::new(10, 9, 0, 2)]
         );
     }
 

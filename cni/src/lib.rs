@@ -3,9 +3,30 @@
 //! - [`run`]: one CNI invocation (ADD, DEL, CHECK, VERSION, GC, STATUS) as the `windlass-cni` binary does it:
 //!   a node bridge, a veth pair per pod, host-local style IPAM under `dataDir`, masquerade in the nftables table
 //!   `windlass-cni`.
-//! - [`NodeRoutes`]: converges the routes to other nodes' pod CIDRs (`host-gw`, or flannel-style `vxlan`).
+//! - [`NodeRoutes`]: converges the routes to other nodes' pod CIDRs (`host-gw`, or flannel-style `vxlan`);
+//!   [`run_agent`] drives it from any [`NodeSource`] (`windlass-cni daemon` uses a nodes file until the Node
+//!   watch exists).
 //! - [`write_conflist`]: the node's CNI configuration from its pod CIDR.
+//!
+//! Network configuration (the contract the kubelet and lab scripts rely on):
+//!
+//! ```json
+//! {
+//!   "cniVersion": "1.0.0", "name": "windlass", "type": "windlass-cni",
+//!   "bridge": "windlass0",            // default
+//!   "subnet": "10.244.1.0/24",        // required: the node's pod CIDR; .1 is the gateway on the bridge
+//!   "dataDir": "/var/lib/windlass/cni", // default; IPAM state in <dataDir>/<name>/
+//!   "mtu": 1450,                      // optional: bridge, veth and pod MTU
+//!   "mode": "host-gw",                // or "vxlan": read by the node agent, recorded by the plugin
+//!   "ipMasq": true,                   // default: masquerade pod traffic leaving clusterCIDR
+//!   "clusterCIDR": "10.244.0.0/16"    // default
+//! }
+//! ```
+//!
+//! Error codes: the spec's 1-7, 11 and 50, plus 100 (no free address in the subnet) and 101 (CHECK found the
+//! attachment different from `prevResult`).
 
+mod agent;
 mod conflist;
 mod ipam;
 mod masq;
@@ -14,6 +35,7 @@ mod plugin;
 mod routes;
 mod spec;
 
+pub use agent::{read_nodes_file, run_file_daemon, FileNodeSource, NodesFileError, WithConflist};
 pub use conflist::{
     conflist_json, write_conflist, ConflistError, ConflistOptions, CONFLIST_FILE, NETWORK_NAME,
 };

@@ -84,6 +84,9 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8], sys: &PluginEnv) 
         Ok(c) => c,
         Err(e) => return error_output(&e, &fallback_version),
     };
+    if let Err(e) = command_supported(inv.command, &conf.cni_version) {
+        return error_output(&e, &conf.cni_version);
+    }
     let outcome = match inv.command {
         Command::Add => add(&inv, &conf, sys).map(Some),
         Command::Del => del(&inv, &conf).map(|()| None),
@@ -103,6 +106,25 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8], sys: &PluginEnv) 
         },
         Err(e) => error_output(&e, &conf.cni_version),
     }
+}
+
+/// Ref: SPEC.md — CHECK exists from 0.4.0, GC and STATUS from 1.1.0; a configuration declaring an older
+/// version gets "incompatible CNI version" for them.
+fn command_supported(command: Command, version: &str) -> Result<(), CniError> {
+    let minimum = match command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        _ => return Ok(()),
+    };
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    if parse(version) < parse(minimum) {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            "incompatible CNI version",
+            format!("{command:?} needs cniVersion {minimum} or later, the configuration declares {version}"),
+        ));
+    }
+    Ok(())
 }
 
 fn error_output(e: &CniError, version: &str) -> PluginOutput {
@@ -163,7 +185,26 @@ fn ipam_for(conf: &NetConf) -> Ipam {
     Ipam::new(conf.data_dir.join(&conf.name), conf.subnet)
 }
 
+/// Opens `CNI_NETNS`; a missing path is "container unknown" (3), a file that is not a network namespace an
+/// invalid environment (4) — found before anything is created.
 fn open_netns(path: &Path) -> Result<File, CniError> {
+    let file = open_netns_file(path)?;
+    match nix::sys::statfs::fstatfs(&file) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC => Ok(file),
+        Ok(_) => Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {} is not a network namespace", path.display()),
+            "expected a bind-mounted namespace (/run/netns/...) or /proc/<pid>/ns/net",
+        )),
+        Err(e) => Err(CniError::new(
+            ErrorCode::IoFailure,
+            format!("cannot inspect netns {}", path.display()),
+            e.to_string(),
+        )),
+    }
+}
+
+fn open_netns_file(path: &Path) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
         let code = if e.kind() == io::ErrorKind::NotFound {
             ErrorCode::UnknownContainer
@@ -596,9 +637,8 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     std::fs::create_dir_all(ipam.dir())
         .map_err(|e| unavailable(format!("{}: {e}", ipam.dir().display())))?;
     let used = ipam
-        .allocations()
-        .map_err(|e| unavailable(e.to_string()))?
-        .len();
+        .allocated_in_subnet()
+        .map_err(|e| unavailable(e.to_string()))?;
     if used >= ipam.capacity() {
         return Err(unavailable(format!(
             "all {} addresses of {} are allocated",
@@ -620,6 +660,15 @@ mod tests {
         assert!(a.starts_with("wl"));
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(a, host_veth_name("abd", "eth0"));
+    }
+
+    #[test]
+    fn gc_needs_cni_1_1_and_check_needs_0_4() {
+        assert!(command_supported(Command::Gc, "1.0.0").is_err());
+        assert!(command_supported(Command::Gc, "1.1.0").is_ok());
+        assert!(command_supported(Command::Check, "0.3.1").is_err());
+        assert!(command_supported(Command::Check, "0.4.0").is_ok());
+        assert!(command_supported(Command::Add, "0.3.0").is_ok());
     }
 
     #[test]

@@ -11,13 +11,14 @@
 //! that left or moved. Routes the agent owns carry [`ROUTE_PROTOCOL`], so stale ones are found after a restart
 //! without any state file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tracing::{info, warn};
@@ -248,19 +249,29 @@ impl NodeRoutes {
         // Neighbours first, so a route never points at a VTEP address without its MAC.
         let desired_neigh: HashMap<Ipv4Addr, [u8; 6]> =
             remotes.iter().map(|n| (n.vtep_ip(), n.mac())).collect();
+        // Entries already right (and permanent) are left alone; everything else on the device goes or is set.
+        let mut kept_neigh = HashSet::new();
         for n in nl.neighbours(dev, false).await? {
-            let keep = match n.ip.and_then(|ip| desired_neigh.get(&ip)) {
-                Some(want) => n.mac == Some(*want),
-                None => false,
+            let permanent = n.message.header.state == NeighbourState::Permanent;
+            let right = |ip: &Ipv4Addr| {
+                desired_neigh
+                    .get(ip)
+                    .is_some_and(|want| permanent && n.mac == Some(*want))
             };
-            if !keep {
-                match nl.delete_neighbour(&n).await {
+            match n.ip.filter(right) {
+                Some(ip) => {
+                    kept_neigh.insert(ip);
+                }
+                None => match nl.delete_neighbour(&n).await {
                     Ok(()) => report.neighbours_removed += 1,
                     Err(e) => errors.push(e),
-                }
+                },
             }
         }
-        for (ip, mac) in &desired_neigh {
+        for (ip, mac) in desired_neigh
+            .iter()
+            .filter(|(ip, _)| !kept_neigh.contains(*ip))
+        {
             match nl.replace_neighbour(dev, *ip, *mac).await {
                 Ok(()) => report.neighbours_set += 1,
                 Err(e) => errors.push(e),
@@ -269,19 +280,25 @@ impl NodeRoutes {
 
         let desired_fdb: HashMap<[u8; 6], Ipv4Addr> =
             remotes.iter().map(|n| (n.mac(), n.node_ip)).collect();
+        let mut kept_fdb = HashSet::new();
         for f in nl.neighbours(dev, true).await? {
-            let keep = match f.mac.and_then(|mac| desired_fdb.get(&mac)) {
-                Some(want) => f.ip == Some(*want),
-                None => false,
-            };
-            if !keep {
-                match nl.delete_neighbour(&f).await {
+            match f
+                .mac
+                .filter(|mac| desired_fdb.get(mac).is_some_and(|want| f.ip == Some(*want)))
+            {
+                Some(mac) => {
+                    kept_fdb.insert(mac);
+                }
+                None => match nl.delete_neighbour(&f).await {
                     Ok(()) => report.fdb_removed += 1,
                     Err(e) => errors.push(e),
-                }
+                },
             }
         }
-        for (mac, remote) in &desired_fdb {
+        for (mac, remote) in desired_fdb
+            .iter()
+            .filter(|(mac, _)| !kept_fdb.contains(*mac))
+        {
             match nl.replace_fdb(dev, *mac, *remote).await {
                 Ok(()) => report.fdb_set += 1,
                 Err(e) => {

@@ -61,6 +61,8 @@ pub struct Lab {
     pub client: NetnsGuard,
     pub switch: NetnsGuard,
     prefix: String,
+    /// Whether the switch also routes to a second segment (see [`Lab::add_remote_node`]).
+    routed: bool,
 }
 
 impl Lab {
@@ -76,6 +78,7 @@ impl Lab {
             client,
             switch,
             prefix,
+            routed: false,
         };
         lab.plug(lab.client.name().to_string().as_str(), "client", CLIENT_IP)?;
         for _ in 0..nodes {
@@ -107,10 +110,96 @@ impl Lab {
     /// Adds one more node (a node joining later) and returns it.
     pub fn add_node(&mut self) -> io::Result<&LabNode> {
         let index = self.nodes.len();
-        let name = format!("node{index}");
-        let netns = NetnsGuard::new(&format!("{}-n{index}", self.prefix))?;
         let node_ip = Ipv4Addr::new(172, 30, 0, 10 + index as u8);
+        let netns = NetnsGuard::new(&format!("{}-n{index}", self.prefix))?;
         self.plug(netns.name(), &format!("p{index}"), node_ip)?;
+        if self.routed {
+            ip(&[
+                "-n",
+                netns.name(),
+                "route",
+                "add",
+                "172.31.0.0/24",
+                "via",
+                "172.30.0.1",
+            ])?;
+        }
+        self.push_node(index, netns, node_ip)
+    }
+
+    /// Adds a node on a second segment, `172.31.0.0/24` on the switch's bridge `sw1`, that the first segment
+    /// reaches only through the switch namespace acting as a router (172.30.0.1 / 172.31.0.1): the nodes do
+    /// not share a layer-2 network, as in a cluster spread over racks or subnets.
+    pub fn add_remote_node(&mut self) -> io::Result<&LabNode> {
+        let sw = self.switch.name().to_string();
+        if !self.routed {
+            ip(&["-n", &sw, "addr", "add", "172.30.0.1/24", "dev", "sw0"])?;
+            ip(&["-n", &sw, "link", "add", "sw1", "type", "bridge"])?;
+            ip(&["-n", &sw, "addr", "add", "172.31.0.1/24", "dev", "sw1"])?;
+            ip(&["-n", &sw, "link", "set", "sw1", "up"])?;
+            self.switch
+                .exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])?;
+            for n in &self.nodes {
+                ip(&[
+                    "-n",
+                    n.netns.name(),
+                    "route",
+                    "add",
+                    "172.31.0.0/24",
+                    "via",
+                    "172.30.0.1",
+                ])?;
+            }
+            self.routed = true;
+        }
+        let index = self.nodes.len();
+        let node_ip = Ipv4Addr::new(172, 31, 0, 10 + index as u8);
+        let netns = NetnsGuard::new(&format!("{}-n{index}", self.prefix))?;
+        let port = format!("p{index}");
+        ip(&[
+            "-n",
+            &sw,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        ip(&["-n", &sw, "link", "set", &port, "master", "sw1", "up"])?;
+        ip(&[
+            "-n",
+            netns.name(),
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", netns.name(), "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            netns.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            "172.31.0.1",
+        ])?;
+        self.push_node(index, netns, node_ip)
+    }
+
+    fn push_node(
+        &mut self,
+        index: usize,
+        netns: NetnsGuard,
+        node_ip: Ipv4Addr,
+    ) -> io::Result<&LabNode> {
+        let name = format!("node{index}");
         self.nodes.push(LabNode {
             name,
             index,

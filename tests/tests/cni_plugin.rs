@@ -221,7 +221,11 @@ fn del_of_an_unknown_container_or_a_vanished_netns_succeeds() {
         return;
     }
     let node = Node::new();
-    assert!(node.del("never-added", None).stdout.trim().is_empty());
+    assert_eq!(
+        node.del("never-added", None).ok().stdout,
+        "",
+        "DEL prints nothing on success"
+    );
     node.del("never-added", None).ok();
 
     // The pod's namespace is deleted before DEL (a crashed sandbox): DEL still releases the address.
@@ -546,4 +550,93 @@ fn gc_restores_a_masquerade_rule_someone_deleted() {
         vec!["10.244.1.2"],
         "GC kept the valid attachment"
     );
+}
+
+#[test]
+fn older_spec_versions_get_their_result_format_and_check_needs_0_4() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.lab.pod_netns().expect("pod");
+    let path = pod.path();
+    let conf040 = node.conf.replace("\"1.0.0\"", "\"0.4.0\"");
+    let result = node
+        .call("ADD", "old")
+        .netns(&path)
+        .run(&conf040)
+        .ok()
+        .json();
+    assert_eq!(result["cniVersion"], "0.4.0");
+    assert_eq!(result["ips"][0]["version"], "4", "{result}");
+    node.call("CHECK", "old")
+        .netns(&path)
+        .run(&with_prev_result(&conf040, &result))
+        .ok();
+    let conf031 = node.conf.replace("\"1.0.0\"", "\"0.3.1\"");
+    let out = node
+        .call("CHECK", "old")
+        .netns(&path)
+        .run(&with_prev_result(&conf031, &result));
+    assert_eq!(out.error_code(), 1);
+    // GC is a 1.1 command.
+    assert_eq!(node.call("GC", "").run(&node.conf).error_code(), 1);
+}
+
+#[test]
+fn the_kubelet_library_call_releases_addresses_of_dead_containers() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let pods: Vec<NetnsGuard> = (0..3).map(|_| node.lab.pod_netns().expect("pod")).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        node.add(&format!("k{i}"), pod).ok();
+    }
+    let conf = windlass_cni::NetConf::parse(node.conf.as_bytes()).expect("conf");
+    let live: std::collections::HashSet<String> = ["k0".to_string(), "k2".to_string()].into();
+    let report = windlass_tests::lab::in_netns(&node.ns().path(), || {
+        windlass_cni::release_leaked(&conf, &live)
+    })
+    .expect("node netns")
+    .expect("gc");
+    assert_eq!(report.released, vec![Ipv4Addr::new(10, 244, 1, 3)]);
+    assert_eq!(
+        report.deleted_links,
+        vec![windlass_cni::host_veth_name("k1", "eth0")]
+    );
+    assert_eq!(node.ipam_files(), vec!["10.244.1.2", "10.244.1.4"]);
+}
+
+#[test]
+fn a_netns_path_that_is_not_a_namespace_is_error_4_and_leaves_nothing_behind() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let not_ns = node.lab.nodes[0].data_dir.path().join("not-a-netns");
+    std::fs::write(&not_ns, "plain file").expect("write");
+    let out = node.call("ADD", "notns").netns(&not_ns).run(&node.conf);
+    assert_eq!(out.error_code(), 4);
+    assert!(node.veths().is_empty() && node.ipam_files().is_empty());
+}
+
+#[test]
+fn the_configured_mtu_applies_to_the_bridge_the_veth_and_the_pod() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node = Node::with_conf(json!({"mtu": 1400}));
+    let pod = node.lab.pod_netns().expect("pod");
+    let result = node.add("mtu", &pod).ok().json();
+    assert_eq!(result["interfaces"][2]["mtu"], 1400);
+    let mtu_of = |ns: &NetnsGuard, dev: &str| {
+        windlass_tests::cni::ip_json(ns, &["link", "show", dev])[0]["mtu"].clone()
+    };
+    assert_eq!(mtu_of(&pod, "eth0"), 1400);
+    assert_eq!(
+        mtu_of(node.ns(), &windlass_cni::host_veth_name("mtu", "eth0")),
+        1400
+    );
+    assert_eq!(mtu_of(node.ns(), "windlass0"), 1400);
 }
