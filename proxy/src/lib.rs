@@ -26,7 +26,7 @@ pub use model::{
 };
 pub use nft::{Conntrack, Nft, NftError};
 pub use ruleset::{
-    render_cleanup, Ruleset, RulesetConfig, RulesetStats, FAMILY, MASQUERADE_MARK, TABLE,
+    render_cleanup, Changes, Ruleset, RulesetConfig, RulesetStats, FAMILY, MASQUERADE_MARK, TABLE,
 };
 pub use source::{parse_list, FileSource, ServiceSource, SourceError};
 pub use sync::{Proxier, SyncKind, SyncLoop, SyncReport, SyncTiming};

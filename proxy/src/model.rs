@@ -7,7 +7,7 @@
 //! Only IPv4 is programmed for now (table family `ip`); IPv6 addresses in Services and slices are kept out of the
 //! model rather than rejected, so dual-stack objects still work for their IPv4 half.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -426,6 +426,10 @@ pub struct Backend {
 pub struct Model {
     services: BTreeMap<ServiceName, Service>,
     slices: BTreeMap<SliceKey, EndpointSliceInfo>,
+    /// Index: the slices of each Service, so computing a Service's backends does not scan every slice.
+    slices_of: BTreeMap<ServiceName, BTreeSet<SliceKey>>,
+    /// Services whose rules may have changed since the last [`Model::take_dirty`].
+    dirty: BTreeSet<ServiceName>,
 }
 
 impl Model {
@@ -436,22 +440,59 @@ impl Model {
     pub fn apply(&mut self, event: ModelEvent) {
         match event {
             ModelEvent::ServiceUpsert(s) => {
+                self.dirty.insert(s.name.clone());
                 self.services.insert(s.name.clone(), s);
             }
             ModelEvent::ServiceDelete(n) => {
                 self.services.remove(&n);
+                self.dirty.insert(n);
             }
-            ModelEvent::SliceUpsert(k, s) => {
-                self.slices.insert(k, s);
-            }
-            ModelEvent::SliceDelete(k) => {
-                self.slices.remove(&k);
-            }
+            ModelEvent::SliceUpsert(k, s) => self.upsert_slice(k, s),
+            ModelEvent::SliceDelete(k) => self.delete_slice(&k),
             ModelEvent::Replace { services, slices } => {
+                self.dirty.extend(self.services.keys().cloned());
+                self.dirty.extend(self.slices_of.keys().cloned());
                 self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
-                self.slices = slices.into_iter().collect();
+                self.dirty.extend(self.services.keys().cloned());
+                self.slices.clear();
+                self.slices_of.clear();
+                for (k, s) in slices {
+                    self.upsert_slice(k, s);
+                }
             }
         }
+    }
+
+    fn delete_slice(&mut self, key: &SliceKey) {
+        if let Some(old) = self.slices.remove(key) {
+            self.dirty.insert(old.service.clone());
+            if let Some(set) = self.slices_of.get_mut(&old.service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_of.remove(&old.service);
+                }
+            }
+        }
+    }
+
+    fn upsert_slice(&mut self, key: SliceKey, slice: EndpointSliceInfo) {
+        // A slice's label may have moved it to another Service: drop the old index entry first.
+        self.delete_slice(&key);
+        self.dirty.insert(slice.service.clone());
+        self.slices_of
+            .entry(slice.service.clone())
+            .or_default()
+            .insert(key.clone());
+        self.slices.insert(key, slice);
+    }
+
+    /// The Services changed (added, updated, deleted, or their slices changed) since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<ServiceName> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
@@ -475,16 +516,12 @@ impl Model {
     ) -> Vec<Backend> {
         let mut ready = BTreeMap::new();
         let mut fallback = BTreeMap::new();
-        let lo = SliceKey {
-            namespace: service.namespace.clone(),
-            name: String::new(),
-        };
         for slice in self
-            .slices
-            .range(lo..)
-            .take_while(|(k, _)| k.namespace == service.namespace)
-            .map(|(_, s)| s)
-            .filter(|s| s.service == *service)
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
         {
             let Some(target) = slice
                 .ports

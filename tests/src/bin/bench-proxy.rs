@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,9 +91,9 @@ fn upstream_nft(n: usize) -> String {
         "add table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {\n",
     );
     s.push_str(" map service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n");
-    s.push_str(" chain mark-for-masquerade { meta mark set meta mark | 0x4000 }\n");
-    s.push_str(" chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n");
-    s.push_str(" chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services }\n");
+    s.push_str(" chain mark-for-masquerade {\n  meta mark set meta mark | 0x4000\n }\n");
+    s.push_str(" chain services {\n  ip daddr . meta l4proto . th dport vmap @service-ips\n }\n");
+    s.push_str(" chain nat-prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n  jump services\n }\n");
     for i in 0..n {
         let mut vm = Vec::new();
         for e in 0..ENDPOINTS {
@@ -162,8 +163,8 @@ fn upstream_iptables(n: usize) -> String {
 
 fn run_stdin(ns: &NetnsGuard, argv: &[&str], input: &str) -> Duration {
     let t = Instant::now();
-    let mut child = ns
-        .command(argv[0])
+    let _ = ns; // the whole process has entered the namespace (see main)
+    let mut child = Command::new(argv[0])
         .args(&argv[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -189,14 +190,26 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let skip_10k_upstream = std::env::args().any(|a| a == "--skip-upstream-10k");
+    let only_ours = std::env::args().any(|a| a == "--only-ours");
+    if let Some(dir) = std::env::args().skip_while(|a| a != "--dump").nth(1) {
+        // Writes the 10k-Service rebuild script, for inspecting nft by hand.
+        let config = RulesetConfig {
+            node_name: "n1".into(),
+            cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+            nodeport_addresses: vec![],
+        };
+        let a = windlass_proxy::Ruleset::compute(&model(10_000, |_, _| true), &config);
+        std::fs::write(format!("{dir}/rebuild.nft"), a.render_rebuild(&config)).expect("write");
+        return;
+    }
     let ns = NetnsGuard::new(&unique_name("pxb")).expect("bench netns");
-    let nft = Nft::new(vec![
-        "ip".into(),
-        "netns".into(),
-        "exec".into(),
-        ns.name().into(),
-        "nft".into(),
-    ]);
+    // Enter the namespace for good (this process is single-threaded here), so every tool runs directly, as the
+    // proxy does on a node, without `ip netns exec`'s set-up cost in the measurements.
+    let f = std::fs::File::open(ns.path()).expect("open netns");
+    // SAFETY: setns with a valid namespace fd; only this process is affected.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let nft = Nft::default();
     let config = RulesetConfig {
         node_name: "n1".into(),
         cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
@@ -214,10 +227,28 @@ fn main() {
                 Conntrack::default(),
                 Arc::new(Metrics::new()),
             );
-            let r = p.sync(&m, SyncKind::Rebuild).expect("windlass sync");
+            let mut m = m.clone();
+            let r = p.sync(&mut m, SyncKind::Rebuild).expect("windlass sync");
             ours.push(r.took);
         }
         let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+        let mut cpu = Samples::new(&format!("windlass compute + render only (no nft), {n} svc"));
+        for _ in 0..runs {
+            let t = Instant::now();
+            let rs = windlass_proxy::Ruleset::compute(&m, &config);
+            let text = rs.render_rebuild(&config);
+            std::hint::black_box(text);
+            cpu.push(t.elapsed());
+        }
+        if only_ours {
+            eprintln!(
+                "{n}: ours {:.0} ms, of which compute+render {:.0} ms",
+                ours.median(),
+                cpu.median()
+            );
+            all.insert(n, vec![ours, cpu]);
+            continue;
+        }
         let up_runs = if n >= 5000 { 1 } else { runs };
         let mut up_nft = Samples::new(&format!("upstream nftables mode `nft -f`, {n} svc"));
         if !(n == 10_000 && skip_10k_upstream) {
@@ -246,7 +277,7 @@ fn main() {
             up_nft.median(),
             up_ipt.median()
         );
-        all.insert(n, vec![ours, up_nft, up_ipt]);
+        all.insert(n, vec![ours, cpu, up_nft, up_ipt]);
     }
     for (n, rows) in &all {
         let _ = writeln!(
@@ -259,26 +290,51 @@ fn main() {
 
     // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back.
     let n = 10_000;
-    let base = model(n, |_, _| true);
-    let changed = model(n, |i, e| !(i == 4242 && e == 3));
+    let mut m = model(n, |_, _| true);
     let mut p = Proxier::new(
         config.clone(),
         nft.clone(),
         Conntrack::default(),
         Arc::new(Metrics::new()),
     );
-    p.sync(&base, SyncKind::Rebuild).expect("initial sync");
-    let mut inc = Samples::new("windlass one endpoint change, 10k svc (compute + diff + nft)");
+    p.sync(&mut m, SyncKind::Rebuild).expect("initial sync");
+    let slice = 4242usize;
+    let key = SliceKey {
+        namespace: "bench".into(),
+        name: format!("svc-{slice}-abc"),
+    };
+    let mut inc = Samples::new("windlass one endpoint change, 10k svc (event → rules applied)");
     let mut bytes = 0;
     for r in 0..(runs * 10).max(20) {
-        let m = if r % 2 == 0 { &changed } else { &base };
-        let rep = p.sync(m, SyncKind::Incremental).expect("incremental sync");
+        // Flip endpoint 3 of Service 4242 between ready and unready, as an EndpointSlice update would.
+        let ready = r % 2 == 1;
+        let info = EndpointSliceInfo {
+            service: ServiceName::new("bench", &format!("svc-{slice}")),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: (0..ENDPOINTS)
+                .map(|e| Endpoint {
+                    address: ep_ip(slice, e),
+                    ready: e != 3 || ready,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some("n1".into()),
+                })
+                .collect(),
+        };
+        let t = Instant::now();
+        m.apply(ModelEvent::SliceUpsert(key.clone(), info));
+        let rep = p.sync(&mut m, SyncKind::Incremental).expect("incremental sync");
+        inc.push(t.elapsed());
         bytes = rep.script_bytes;
-        inc.push(rep.took);
     }
+    let base = &mut m;
     let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
     for _ in 0..runs {
-        resync.push(p.sync(&base, SyncKind::Resync).expect("resync").took);
+        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
     }
     let _ = writeln!(
         out,
