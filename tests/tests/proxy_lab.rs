@@ -323,20 +323,16 @@ fn a_udp_service_answers_and_a_removed_endpoint_loses_its_stale_flow() {
     let objs = web(&lab, ready, json!({}));
     lab.set_objects(objs);
     lab.wait_endpoints(&format!("{} . 9000", lab.pods[first].ip), false);
-    let second = wait_for(
+    // Without the flush the entry (refreshed by every datagram) would pin the flow to the removed pod for minutes;
+    // datagrams sent between the map update and the flush may still arrive there, so wait for another pod.
+    wait_for(
         "the same flow to reach another pod",
         Duration::from_secs(5),
         || {
             client.send_to(b"second", "10.96.0.20:9000").expect("send");
             std::thread::sleep(Duration::from_millis(100));
-            udp_receiver(&lab, "second")
+            udp_receiver(&lab, "second").filter(|i| *i != first)
         },
-    );
-    assert_ne!(
-        second,
-        first,
-        "the removed endpoint still got the flow:\n{}",
-        lab.proxy_log()
     );
 }
 

@@ -327,7 +327,9 @@ fn main() {
         };
         let t = Instant::now();
         m.apply(ModelEvent::SliceUpsert(key.clone(), info));
-        let rep = p.sync(&mut m, SyncKind::Incremental).expect("incremental sync");
+        let rep = p
+            .sync(&mut m, SyncKind::Incremental)
+            .expect("incremental sync");
         inc.push(t.elapsed());
         bytes = rep.script_bytes;
     }
