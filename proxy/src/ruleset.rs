@@ -419,6 +419,46 @@ impl Ruleset {
         }
     }
 
+    /// Endpoints that affinity frontends lost in `changes`: `(frontend key, "ip . port")`. Affinity entries still
+    /// pinning clients to them must go, or those clients would be sent to a dead endpoint until the timeout.
+    pub(crate) fn lost_affinity_endpoints(&self, changes: &Changes) -> Vec<(String, String)> {
+        let mut lost = Vec::new();
+        for ((map, key), old) in &changes.elements {
+            let Some(old) = old else { continue };
+            let (ep_map_of, affinity_map) = if MAP_SERVICE_ENDPOINTS.contains(map) {
+                (*map, MAP_AFFINITY_SERVICES)
+            } else if MAP_NODEPORT_ENDPOINTS.contains(map) {
+                (*map, MAP_AFFINITY_NODEPORTS)
+            } else {
+                continue;
+            };
+            let Some((frontend, _slot)) = key.rsplit_once(" . ") else {
+                continue;
+            };
+            if !self
+                .maps
+                .get(affinity_map)
+                .is_some_and(|m| m.contains_key(frontend))
+                && !changes
+                    .elements
+                    .contains_key(&(affinity_map, frontend.to_string()))
+            {
+                continue;
+            }
+            let still_there = self.maps.get(ep_map_of).is_some_and(|m| {
+                (0..)
+                    .map_while(|slot| m.get(&format!("{frontend} . {slot}")))
+                    .any(|e| e.value == *old)
+            });
+            if !still_there {
+                lost.push((frontend.to_string(), old.clone()));
+            }
+        }
+        lost.sort();
+        lost.dedup();
+        lost
+    }
+
     pub fn stats(&self) -> RulesetStats {
         let len = |m: &str| self.maps.get(m).map_or(0, BTreeMap::len);
         RulesetStats {

@@ -10,7 +10,9 @@ use tracing::{info, warn};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelEvent};
 use crate::nft::{Conntrack, Nft, NftError};
-use crate::ruleset::{Changes, FrontendAddr, Ruleset, RulesetConfig, RulesetStats};
+use crate::ruleset::{
+    Changes, FrontendAddr, Ruleset, RulesetConfig, RulesetStats, FAMILY, MAP_AFFINITY, TABLE,
+};
 
 /// How much of the table a sync rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,7 @@ impl Proxier {
         self.in_sync = true;
         if let Some(changes) = &changes {
             self.flush_stale_udp(changes);
+            self.flush_stale_affinity(changes);
         }
         let stats = self.state.stats();
         let took = start.elapsed();
@@ -124,6 +127,47 @@ impl Proxier {
             script_bytes,
             stats,
         })
+    }
+
+    /// Deletes affinity entries pinning clients to endpoints their Service no longer has. Only the affinity map is
+    /// read, and only when an affinity Service lost an endpoint. Failures are logged: the entries then expire.
+    fn flush_stale_affinity(&self, changes: &Changes) {
+        let lost = self.state.lost_affinity_endpoints(changes);
+        if lost.is_empty() {
+            return;
+        }
+        let entries = match self.nft.list_affinity(FAMILY, TABLE, MAP_AFFINITY) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the affinity map");
+                return;
+            }
+        };
+        let stale: Vec<String> = entries
+            .iter()
+            .filter(|e| {
+                let ip_frontend = format!("{} . {} . {}", e.daddr, e.proto, e.port);
+                let np_frontend = format!("{} . {}", e.proto, e.port);
+                lost.iter()
+                    .any(|(fe, ep)| *ep == e.endpoint && (*fe == ip_frontend || *fe == np_frontend))
+            })
+            .map(|e| e.key())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let script = format!(
+            "delete element {FAMILY} {TABLE} {MAP_AFFINITY} {{ {} }}\n",
+            stale.join(", ")
+        );
+        match self.nft.apply(&script) {
+            Ok(()) => info!(
+                entries = stale.len(),
+                "removed affinity to endpoints that went away"
+            ),
+            // An entry may have expired in between, failing the whole delete; they expire on their own anyway.
+            Err(e) => warn!(error = %e, "cannot remove stale affinity entries"),
+        }
     }
 
     /// UDP has no connection end: a conntrack entry keeps sending a flow to a removed endpoint, or keeps a flow

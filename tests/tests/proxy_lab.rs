@@ -222,7 +222,7 @@ fn node_port_answers_the_outside_client_and_local_policy_keeps_its_source_addres
 }
 
 #[test]
-fn client_ip_affinity_sends_one_client_to_one_endpoint() {
+fn client_ip_affinity_sends_one_client_to_one_endpoint_and_moves_it_when_that_one_goes() {
     if !require_privileged(TOOLS) {
         return;
     }
