@@ -418,7 +418,10 @@ pub enum ModelEvent {
 pub struct Backend {
     pub address: Ipv4Addr,
     pub port: u16,
+    /// On this node (`nodeName` matches).
     pub local: bool,
+    /// On this node or of unknown node (no `nodeName`): such an endpoint may be a client of its own Service here.
+    pub maybe_local: bool,
 }
 
 /// All Services and EndpointSlices the proxy knows.
@@ -535,6 +538,7 @@ impl Model {
                     address: e.address,
                     port: target.port,
                     local: e.node_name.as_deref() == Some(node_name),
+                    maybe_local: e.node_name.as_deref().is_none_or(|n| n == node_name),
                 };
                 if e.ready {
                     ready.insert(e.address, b);
@@ -791,7 +795,8 @@ mod tests {
             vec![Backend {
                 address: Ipv4Addr::new(10, 0, 0, 2),
                 port: 8080,
-                local: true
+                local: true,
+                maybe_local: true,
             }]
         );
         // With the ready endpoint gone, the serving-terminating one takes over.

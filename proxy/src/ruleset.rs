@@ -22,7 +22,7 @@
 //!   [`MASQUERADE_MARK`] (upstream's 0x4000) and `nat-postrouting` masquerades marked packets, clearing the bit.
 //! * **Hairpin**: a pod reaching itself through its Service must be masqueraded, or it would answer itself
 //!   directly. After DNAT, `nat-postrouting` masquerades `ip saddr . ip daddr` found in `hairpin-endpoints`, which
-//!   holds `ep . ep` for every endpoint address (one flat set, no per-endpoint chain).
+//!   holds `ep . ep` for every endpoint on this node (or of unknown node): one flat set, no per-endpoint chain.
 //! * **Session affinity** (`ClientIP`): every select chain first tries `dnat` via the dynamic map `affinity`
 //!   (`client . frontend : endpoint . port`, per-element timeout). The choice is recorded after DNAT, in filter
 //!   chains at priority `dstnat + 10` on new connections: `affinity-services` / `affinity-nodeports` map the
@@ -719,7 +719,11 @@ impl Fragment {
                 format!("{key} . {slot}"),
                 format!("{} . {}", b.address, b.port),
             );
-            self.hairpin.insert(b.address);
+            // Only a pod on this node can reach itself through this node's rules, so remote endpoints need no
+            // hairpin entry (upstream marks every endpoint; this keeps the set to the node's own pods).
+            if b.maybe_local {
+                self.hairpin.insert(b.address);
+            }
         }
         if let Some(timeout) = affinity {
             let chain = format!("affinity-{timeout}");
@@ -1179,5 +1183,10 @@ mod tests {
         );
         assert!(rs.chains["affinity-60"].0[0].contains("timeout 60s"));
         assert!(rs.maps[SET_HAIRPIN].contains_key("10.244.1.2 . 10.244.1.2"));
+        let remote = Ruleset::compute(&model(&[("10.244.2.2", "n2")], None), &config());
+        assert!(
+            remote.maps[SET_HAIRPIN].is_empty(),
+            "no hairpin for endpoints elsewhere"
+        );
     }
 }

@@ -75,7 +75,8 @@ fn model(n: usize, ready_mask: impl Fn(usize, usize) -> bool) -> Model {
                         ready: ready_mask(i, e),
                         serving: true,
                         terminating: false,
-                        node_name: Some("n1".into()),
+                        // Five endpoints on five nodes: one of each Service's endpoints is on this node (n0).
+                        node_name: Some(format!("n{e}")),
                     })
                     .collect(),
             },
@@ -194,7 +195,7 @@ fn main() {
     if let Some(dir) = std::env::args().skip_while(|a| a != "--dump").nth(1) {
         // Writes the 10k-Service rebuild script, for inspecting nft by hand.
         let config = RulesetConfig {
-            node_name: "n1".into(),
+            node_name: "n0".into(),
             cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
             nodeport_addresses: vec![],
         };
@@ -211,7 +212,7 @@ fn main() {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     let nft = Nft::default();
     let config = RulesetConfig {
-        node_name: "n1".into(),
+        node_name: "n0".into(),
         cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
         nodeport_addresses: vec![],
     };
@@ -321,7 +322,7 @@ fn main() {
                     ready: e != 3 || ready,
                     serving: true,
                     terminating: false,
-                    node_name: Some("n1".into()),
+                    node_name: Some(format!("n{e}")),
                 })
                 .collect(),
         };
