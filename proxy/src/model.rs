@@ -411,6 +411,10 @@ pub enum ModelEvent {
         services: Vec<Service>,
         slices: Vec<(SliceKey, EndpointSliceInfo)>,
     },
+    /// Replace all Services (a re-list of Services only).
+    ReplaceServices(Vec<Service>),
+    /// Replace all EndpointSlices (a re-list of slices only).
+    ReplaceSlices(Vec<(SliceKey, EndpointSliceInfo)>),
 }
 
 /// An endpoint as a frontend uses it: address, target port, and whether it is on this node.
@@ -453,16 +457,26 @@ impl Model {
             ModelEvent::SliceUpsert(k, s) => self.upsert_slice(k, s),
             ModelEvent::SliceDelete(k) => self.delete_slice(&k),
             ModelEvent::Replace { services, slices } => {
-                self.dirty.extend(self.services.keys().cloned());
-                self.dirty.extend(self.slices_of.keys().cloned());
-                self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
-                self.dirty.extend(self.services.keys().cloned());
-                self.slices.clear();
-                self.slices_of.clear();
-                for (k, s) in slices {
-                    self.upsert_slice(k, s);
-                }
+                self.replace_services(services);
+                self.replace_slices(slices);
             }
+            ModelEvent::ReplaceServices(services) => self.replace_services(services),
+            ModelEvent::ReplaceSlices(slices) => self.replace_slices(slices),
+        }
+    }
+
+    fn replace_services(&mut self, services: Vec<Service>) {
+        self.dirty.extend(self.services.keys().cloned());
+        self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.dirty.extend(self.services.keys().cloned());
+    }
+
+    fn replace_slices(&mut self, slices: Vec<(SliceKey, EndpointSliceInfo)>) {
+        self.dirty.extend(self.slices_of.keys().cloned());
+        self.slices.clear();
+        self.slices_of.clear();
+        for (k, s) in slices {
+            self.upsert_slice(k, s);
         }
     }
 

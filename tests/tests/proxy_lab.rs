@@ -481,3 +481,57 @@ fn healthz_and_metrics_report_the_syncs() {
     );
     assert!(metrics.contains("windlass_proxy_services 1"), "{metrics}");
 }
+
+#[test]
+fn with_an_unreachable_api_server_the_proxy_waits_unhealthy_and_programs_nothing() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let node =
+        windlass_tests::netns::NetnsGuard::new(&windlass_tests::unique_name("pxk")).expect("netns");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    // Port 1 on the namespace's own loopback: connection refused at once, every time.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: t\n",
+    )
+    .expect("kubeconfig");
+    let bin = windlass_tests::workspace_binary("windlass-proxy");
+    let _proxy = ChildGuard::spawn(
+        node.command(bin.to_str().expect("path"))
+            .args(["--node-name", "n1", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("start proxy");
+    let out = wait_for("healthz to answer", Duration::from_secs(10), || {
+        let o = node
+            .command("timeout")
+            .args([
+                "5",
+                "busybox",
+                "wget",
+                "-S",
+                "-q",
+                "-O",
+                "-",
+                "http://127.0.0.1:10256/healthz",
+            ])
+            .output()
+            .ok()?;
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        stderr.contains("HTTP/1.1").then_some(stderr)
+    });
+    assert!(
+        out.contains("503"),
+        "not healthy before the first sync: {out}"
+    );
+    let tables = node.exec(&["nft", "list", "tables"]).expect("nft");
+    assert!(
+        !tables.contains("windlass-proxy"),
+        "nothing programmed before the lists: {tables}"
+    );
+}
