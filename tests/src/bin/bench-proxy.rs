@@ -345,5 +345,121 @@ fn main() {
     );
     out.push_str(&markdown_table(&[&inc, &resync], &inc));
     let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+    if !only_ours || std::env::args().any(|a| a == "--latency") {
+        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
+    }
     println!("{out}");
+}
+
+/// Connect latency through a ClusterIP with 10 vs 10,000 Services programmed: a pod namespace (veth from this one)
+/// runs a TCP listener; this namespace connects to the Service `count` times per size, and directly to the pod.
+fn connect_latency(config: &RulesetConfig, nft: &Nft, count: usize) -> String {
+    let pod = NetnsGuard::new(&unique_name("pxl")).expect("pod netns");
+    let setup = [
+        format!(
+            "ip link add pv0 type veth peer name eth0 netns {}",
+            pod.name()
+        ),
+        "ip addr add 10.250.0.1/24 dev pv0".to_string(),
+        "ip link set pv0 up".to_string(),
+        // Connects to a ClusterIP need a route before the OUTPUT hook rewrites the destination.
+        "ip route add 10.96.0.0/12 dev pv0".to_string(),
+    ];
+    for cmd in setup {
+        let st = Command::new("sh").args(["-c", &cmd]).status().expect("sh");
+        assert!(st.success(), "{cmd}");
+    }
+    pod.exec(&[
+        "sh",
+        "-c",
+        "ip addr add 10.250.0.2/24 dev eth0 && ip link set eth0 up",
+    ])
+    .expect("pod address");
+    let path = pod.path();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open pod netns");
+        // SAFETY: setns on a valid namespace fd; affects only this listener thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("listen");
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let target = ServiceName::new("bench", "target");
+    let mut out = String::from(
+        "\n### Connect latency through a ClusterIP (node-local client, connect() only)\n\n| case | connects | median (µs) | p10–p90 (µs) |\n|---|---|---|---|\n",
+    );
+    let mut measure = |name: &str, addr: &str| {
+        let mut v = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            let c = std::net::TcpStream::connect(addr).expect("connect");
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(c);
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |x: f64| v[((v.len() - 1) as f64 * x).round() as usize];
+        let _ = writeln!(
+            out,
+            "| {name} | {count} | {:.0} | {:.0}–{:.0} |",
+            q(0.5),
+            q(0.1),
+            q(0.9)
+        );
+    };
+    measure("direct to the pod (no Service rules)", "10.250.0.2:8080");
+    for n in [10, 10_000] {
+        let mut m = model(n, |_, _| true);
+        m.apply(ModelEvent::ServiceUpsert(Service {
+            name: target.clone(),
+            cluster_ips: vec![Ipv4Addr::new(10, 111, 255, 250)],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
+            affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            health_check_node_port: None,
+        }));
+        m.apply(ModelEvent::SliceUpsert(
+            SliceKey {
+                namespace: "bench".into(),
+                name: "target-abc".into(),
+            },
+            EndpointSliceInfo {
+                service: target.clone(),
+                ports: vec![EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+                endpoints: vec![Endpoint {
+                    address: Ipv4Addr::new(10, 250, 0, 2),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some("n0".into()),
+                }],
+            },
+        ));
+        let mut p = Proxier::new(
+            config.clone(),
+            nft.clone(),
+            Conntrack::default(),
+            Arc::new(Metrics::new()),
+        );
+        p.sync(&mut m, SyncKind::Rebuild).expect("sync");
+        measure(
+            &format!("via ClusterIP, {n} Services programmed"),
+            "10.111.255.250:80",
+        );
+    }
+    let _ = nft.apply(&windlass_proxy::render_cleanup());
+    out
 }
