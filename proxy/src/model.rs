@@ -833,4 +833,43 @@ mod tests {
         };
         assert!(m.backends(&name, &other_port, "n1").is_empty());
     }
+
+    #[test]
+    fn a_slice_relabelled_to_another_service_moves_its_endpoints_and_marks_both_dirty() {
+        let port = ServicePort {
+            name: "".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        };
+        let info = |svc: &str| EndpointSliceInfo {
+            service: ServiceName::new("ns", svc),
+            ports: vec![EndpointPort {
+                name: "".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: vec![ep([10, 0, 0, 2], true, true, false, "n1")],
+        };
+        let key = SliceKey {
+            namespace: "ns".into(),
+            name: "s".into(),
+        };
+        let mut m = Model::new();
+        m.apply(ModelEvent::SliceUpsert(key.clone(), info("a")));
+        m.take_dirty();
+        m.apply(ModelEvent::SliceUpsert(key, info("b")));
+        let dirty = m.take_dirty();
+        assert!(
+            dirty.contains(&ServiceName::new("ns", "a"))
+                && dirty.contains(&ServiceName::new("ns", "b"))
+        );
+        assert!(m
+            .backends(&ServiceName::new("ns", "a"), &port, "n1")
+            .is_empty());
+        assert_eq!(
+            m.backends(&ServiceName::new("ns", "b"), &port, "n1").len(),
+            1
+        );
+    }
 }

@@ -535,3 +535,43 @@ fn with_an_unreachable_api_server_the_proxy_waits_unhealthy_and_programs_nothing
         "nothing programmed before the lists: {tables}"
     );
 }
+
+#[test]
+fn node_ports_answer_only_on_the_configured_node_addresses() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let mut lab = ProxyLab::new(1);
+    // A second node address, outside the configured NodePort CIDR.
+    lab.node
+        .exec(&["ip", "addr", "add", "192.168.201.1/24", "dev", "up0"])
+        .expect("second address");
+    lab.client
+        .exec(&["ip", "addr", "add", "192.168.201.2/24", "dev", "eth0"])
+        .expect("client second address");
+    let objs = vec![
+        service(
+            "web",
+            "10.96.0.20",
+            json!([{"name": "http", "port": 80, "nodePort": 30080}]),
+            json!({"type": "NodePort"}),
+        ),
+        slice(
+            "web",
+            json!([{"name": "http", "port": 80}]),
+            &[(lab.pods[0].ip.as_str(), true, NODE)],
+        ),
+    ];
+    lab.set_objects(objs);
+    lab.start_proxy_with(&["--nodeport-addresses", "192.168.200.0/24"]);
+    assert_eq!(
+        lab.fetch(&lab.client, &format!("http://{NODE_IP}:30080/"))
+            .as_deref(),
+        Ok("pod-0")
+    );
+    assert!(
+        lab.fetch(&lab.client, "http://192.168.201.1:30080/")
+            .is_err(),
+        "no NodePort on an address outside --nodeport-addresses"
+    );
+}
