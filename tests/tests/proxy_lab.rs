@@ -139,7 +139,11 @@ fn node_port_answers_the_outside_client_and_local_policy_keeps_its_source_addres
         return;
     }
     let lab = lab_with(|l| {
-        let mut objs = web(l, [true; 3], json!({"type": "NodePort"}));
+        let mut objs = web(
+            l,
+            [true; 3],
+            json!({"type": "NodePort", "externalIPs": ["192.168.200.100"]}),
+        );
         let eps: Vec<(&str, bool, &str)> = vec![
             (l.pods[0].ip.as_str(), true, NODE),
             (l.pods[1].ip.as_str(), true, NODE),
@@ -179,6 +183,12 @@ fn node_port_answers_the_outside_client_and_local_policy_keeps_its_source_addres
             "masqueraded: {answer}"
         );
     }
+    // An externalIP routed to the node answers like the ClusterIP.
+    lab.client
+        .exec(&["ip", "route", "add", "192.168.200.100/32", "via", NODE_IP])
+        .expect("route to the external IP");
+    let external = spread(&lab, &lab.client, "http://192.168.200.100/", 15);
+    assert!(external.len() >= 2, "externalIP spreads too: {external:?}");
     // Local policy: only this node's endpoints (pods 0 and 1), and they see the real client.
     let local = spread(
         &lab,
