@@ -28,6 +28,9 @@
 //!   chains at priority `dstnat + 10` on new connections: `affinity-services` / `affinity-nodeports` map the
 //!   connection's *original* destination (`ct original ...`) to `goto affinity-<timeout>`, which `update`s the map.
 //!   The map survives periodic resyncs (only a start-up rebuild or `--cleanup` drops it).
+//! * **Pods and `externalTrafficPolicy: Local`**: as upstream does, pods (source in the cluster CIDR) reaching an
+//!   externalIP or NodePort of such a Service are not "external": `local-policy-pod-ips` / `-nodeports`, checked
+//!   first, send them to any endpoint (chains `svcpod-<N>` / `nppod-<N>`, maps `pod-*endpoints-<proto>`).
 //! * **No endpoints**: `no-endpoint-services` / `no-endpoint-nodeports` map such frontends to `goto reject-service`
 //!   (TCP reset, ICMP port unreachable otherwise), checked on new connections in input/forward/output at priority
 //!   [`FILTER_PRIORITY`] so clients fail at once instead of timing out; a frontend whose endpoints all live on other
@@ -94,6 +97,22 @@ pub const MAP_NODEPORT_ENDPOINTS: [&str; 3] = [
     "nodeport-endpoints-tcp",
     "nodeport-endpoints-udp",
     "nodeport-endpoints-sctp",
+];
+
+/// `externalTrafficPolicy: Local` frontends → select chain over *all* endpoints, for clients that are pods: they
+/// are not "external", so upstream sends them to any endpoint rather than dropping them on a node without one.
+pub const MAP_POD_SHORTCUT_IPS: &str = "local-policy-pod-ips";
+pub const MAP_POD_SHORTCUT_NODEPORTS: &str = "local-policy-pod-nodeports";
+/// Endpoint slots of those shortcuts, per protocol.
+pub const MAP_POD_SHORTCUT_ENDPOINTS: [&str; 3] = [
+    "pod-endpoints-tcp",
+    "pod-endpoints-udp",
+    "pod-endpoints-sctp",
+];
+pub const MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS: [&str; 3] = [
+    "pod-nodeport-endpoints-tcp",
+    "pod-nodeport-endpoints-udp",
+    "pod-nodeport-endpoints-sctp",
 ];
 
 fn proto_index(p: Protocol) -> usize {
@@ -179,6 +198,46 @@ const ELEMENT_MAPS: &[(&str, &str, &str)] = &[
         "typeof meta l4proto . th dport : verdict ;",
     ),
     ("set", SET_HAIRPIN, "typeof ip saddr . ip daddr ;"),
+    (
+        "map",
+        MAP_POD_SHORTCUT_IPS,
+        "typeof ip daddr . meta l4proto . th dport : verdict ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORTS,
+        "typeof meta l4proto . th dport : verdict ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[0],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[1],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[2],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[0],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[1],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[2],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
+    ),
 ];
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
@@ -425,9 +484,13 @@ impl Ruleset {
         let mut lost = Vec::new();
         for ((map, key), old) in &changes.elements {
             let Some(old) = old else { continue };
-            let (ep_map_of, affinity_map) = if MAP_SERVICE_ENDPOINTS.contains(map) {
+            let (ep_map_of, affinity_map) = if MAP_SERVICE_ENDPOINTS.contains(map)
+                || MAP_POD_SHORTCUT_ENDPOINTS.contains(map)
+            {
                 (*map, MAP_AFFINITY_SERVICES)
-            } else if MAP_NODEPORT_ENDPOINTS.contains(map) {
+            } else if MAP_NODEPORT_ENDPOINTS.contains(map)
+                || MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS.contains(map)
+            {
                 (*map, MAP_AFFINITY_NODEPORTS)
             } else {
                 continue;
@@ -626,6 +689,17 @@ fn build_fragment(svc: &Service, model: &Model, config: &RulesetConfig) -> Fragm
             .map(|ip| (FrontendAddr::Ip(*ip), port.port))
             .chain(port.node_port.map(|np| (FrontendAddr::NodePort, np)));
         for (addr, port_number) in external_frontends {
+            if external_local && !all.is_empty() {
+                frag.add_pod_shortcut(
+                    Frontend {
+                        addr,
+                        protocol: port.protocol,
+                        port: port_number,
+                    },
+                    &all,
+                    config.cluster_cidr,
+                );
+            }
             frag.add_frontend(
                 Frontend {
                     addr,
@@ -660,6 +734,41 @@ impl Fragment {
         if !self.chains.iter().any(|(n, _)| *n == name) {
             let rules = rules();
             self.chains.push((name, rules));
+        }
+    }
+
+    /// Pods reaching an `externalTrafficPolicy: Local` frontend use every endpoint, without masquerading (their
+    /// source is in the cluster CIDR): chains `svcpod-<N>` / `nppod-<N>` over the `pod-*endpoints-*` maps.
+    fn add_pod_shortcut(&mut self, fe: Frontend, backends: &[Backend], cluster_cidr: Ipv4Net) {
+        let key = fe.key();
+        let node_port = fe.addr == FrontendAddr::NodePort;
+        let n = backends.len();
+        let (chain, vmap, maps) = if node_port {
+            (
+                format!("nppod-{n}"),
+                MAP_POD_SHORTCUT_NODEPORTS,
+                &MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS,
+            )
+        } else {
+            (
+                format!("svcpod-{n}"),
+                MAP_POD_SHORTCUT_IPS,
+                &MAP_POD_SHORTCUT_ENDPOINTS,
+            )
+        };
+        self.chain(chain.clone(), || {
+            select_rules(Flavor::Local, node_port, n, cluster_cidr, maps)
+        });
+        self.element(vmap, key.clone(), format!("goto {chain}"));
+        for (slot, b) in backends.iter().enumerate() {
+            self.element(
+                maps[proto_index(fe.protocol)],
+                format!("{key} . {slot}"),
+                format!("{} . {}", b.address, b.port),
+            );
+            if b.maybe_local {
+                self.hairpin.insert(b.address);
+            }
         }
     }
 
@@ -889,7 +998,15 @@ fn static_chain_specs(config: &RulesetConfig) -> Vec<(Option<String>, &'static s
             None,
             CHAIN_SERVICES,
             vec![
+                format!(
+                    "ip saddr {cidr} ip daddr . meta l4proto . th dport vmap @{MAP_POD_SHORTCUT_IPS}",
+                    cidr = config.cluster_cidr
+                ),
                 format!("ip daddr . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
+                format!(
+                    "ip saddr {cidr} {np} meta l4proto . th dport vmap @{MAP_POD_SHORTCUT_NODEPORTS}",
+                    cidr = config.cluster_cidr
+                ),
                 format!("{np} meta l4proto . th dport vmap @{MAP_SERVICE_NODEPORTS}"),
             ],
         ),
@@ -946,6 +1063,21 @@ fn select_chain_rules(
     n: usize,
     cluster_cidr: Ipv4Net,
 ) -> Vec<String> {
+    let maps = if node_port {
+        &MAP_NODEPORT_ENDPOINTS
+    } else {
+        &MAP_SERVICE_ENDPOINTS
+    };
+    select_rules(flavor, node_port, n, cluster_cidr, maps)
+}
+
+fn select_rules(
+    flavor: Flavor,
+    node_port: bool,
+    n: usize,
+    cluster_cidr: Ipv4Net,
+    maps: &[&str; 3],
+) -> Vec<String> {
     let mut rules = Vec::new();
     let mark = format!("meta mark set meta mark | {MASQUERADE_MARK:#010x}");
     match flavor {
@@ -958,15 +1090,14 @@ fn select_chain_rules(
     ));
     for p in PROTOCOLS {
         let proto = p.nft_name();
+        let map = maps[proto_index(p)];
         if node_port {
             rules.push(format!(
-                "meta l4proto {proto} dnat ip to meta l4proto . th dport . numgen random mod {n} map @{}",
-                MAP_NODEPORT_ENDPOINTS[proto_index(p)]
+                "meta l4proto {proto} dnat ip to meta l4proto . th dport . numgen random mod {n} map @{map}"
             ));
         } else {
             rules.push(format!(
-                "meta l4proto {proto} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{}",
-                MAP_SERVICE_ENDPOINTS[proto_index(p)]
+                "meta l4proto {proto} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{map}"
             ));
         }
     }

@@ -225,10 +225,19 @@ fn node_port_answers_the_outside_client_and_local_policy_keeps_its_source_addres
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("503"), "no local endpoints → 503: {stderr}");
-    // Local policy with endpoints only elsewhere: dropped, not answered.
+    // Local policy with endpoints only elsewhere: dropped, not answered, for outside clients...
     assert!(lab
         .fetch(&lab.client, &format!("http://{NODE_IP}:30082/"))
         .is_err());
+    // ...but a pod is not external: it reaches the endpoint on the other node, with its own address.
+    assert_eq!(
+        lab.fetch(
+            &lab.pods[0].ns,
+            &format!("http://{NODE_IP}:30082/cgi-bin/ip")
+        )
+        .as_deref(),
+        Ok("pod-2 10.244.1.10")
+    );
 }
 
 #[test]
