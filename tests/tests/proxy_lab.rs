@@ -594,3 +594,50 @@ fn node_ports_answer_only_on_the_configured_node_addresses() {
         "no NodePort on an address outside --nodeport-addresses"
     );
 }
+
+#[test]
+fn the_periodic_resync_repairs_rules_someone_else_removed() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let mut lab = ProxyLab::new(1);
+    let objs = vec![
+        service(
+            "web",
+            "10.96.0.20",
+            json!([{"name": "http", "port": 80}]),
+            json!({}),
+        ),
+        slice(
+            "web",
+            json!([{"name": "http", "port": 80}]),
+            &[(lab.pods[0].ip.as_str(), true, NODE)],
+        ),
+    ];
+    lab.set_objects(objs);
+    lab.start_proxy_with(&["--resync-period-s", "1"]);
+    assert_eq!(
+        lab.fetch(&lab.node, "http://10.96.0.20/").as_deref(),
+        Ok("pod-0")
+    );
+    // Drift: another tool empties our dispatch map and a chain.
+    lab.node
+        .exec(&[
+            "nft",
+            "flush map ip windlass-proxy service-ips; flush chain ip windlass-proxy nat-output",
+        ])
+        .expect("cause drift");
+    assert!(
+        lab.fetch(&lab.node, "http://10.96.0.20/").is_err(),
+        "drift breaks the Service"
+    );
+    wait_for(
+        "the resync to repair the rules",
+        Duration::from_secs(10),
+        || {
+            lab.fetch(&lab.node, "http://10.96.0.20/")
+                .ok()
+                .filter(|b| b == "pod-0")
+        },
+    );
+}
