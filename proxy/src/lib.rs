@@ -6,6 +6,7 @@
 //! [`run`] wires these to the HTTP endpoints (`/healthz`, `/metrics`, health-check node ports).
 
 mod http;
+mod kube_source;
 mod metrics;
 mod model;
 mod nft;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use tracing::info;
 
 pub use http::{HealthChecks, HttpError};
+pub use kube_source::KubeSource;
 pub use metrics::Metrics;
 pub use model::{
     Backend, Endpoint, EndpointPort, EndpointSliceInfo, Model, ModelError, ModelEvent, Protocol,
@@ -26,7 +28,7 @@ pub use model::{
 };
 pub use nft::{Conntrack, Nft, NftError};
 pub use ruleset::{
-    render_cleanup, Ruleset, RulesetConfig, RulesetStats, FAMILY, MASQUERADE_MARK, TABLE,
+    render_cleanup, Changes, Ruleset, RulesetConfig, RulesetStats, FAMILY, MASQUERADE_MARK, TABLE,
 };
 pub use source::{parse_list, FileSource, ServiceSource, SourceError};
 pub use sync::{Proxier, SyncKind, SyncLoop, SyncReport, SyncTiming};

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ipnet::Ipv4Net;
-use windlass_proxy::{Conntrack, FileSource, Nft, RulesetConfig, RunConfig, SyncTiming};
+use windlass_proxy::{
+    Conntrack, FileSource, KubeSource, Nft, RulesetConfig, RunConfig, SyncTiming,
+};
 
 #[derive(Parser)]
 #[command(
@@ -17,7 +19,8 @@ use windlass_proxy::{Conntrack, FileSource, Nft, RulesetConfig, RunConfig, SyncT
     about = "Windlass service proxy (nftables)"
 )]
 struct Cli {
-    /// Kubeconfig of the API server to watch Services and EndpointSlices on.
+    /// Kubeconfig of the API server to watch Services and EndpointSlices on (default: in-cluster or
+    /// $KUBECONFIG / ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// This node's name (endpoints with this nodeName are local). Defaults to the host name.
@@ -68,16 +71,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(table = windlass_proxy::TABLE, "cleaned up");
         return Ok(());
     }
-    let source: Box<dyn windlass_proxy::ServiceSource> = match (&cli.services_file, &cli.kubeconfig)
-    {
-        (Some(path), _) => Box::new(FileSource {
-            path: path.clone(),
-            poll: Duration::from_millis(100),
-        }),
-        (None, _) => anyhow::bail!(
-            "watching an API server is not implemented yet (the kube-rs ServiceSource is pending); \
-             use --services-file"
-        ),
+    let source: Box<dyn windlass_proxy::ServiceSource> = match &cli.services_file {
+        Some(path) => {
+            tracing::info!(path = %path.display(), "source: services file");
+            Box::new(FileSource {
+                path: path.clone(),
+                poll: Duration::from_millis(100),
+            })
+        }
+        None => {
+            tracing::info!(kubeconfig = ?cli.kubeconfig, "source: API server watch");
+            Box::new(KubeSource {
+                kubeconfig: cli.kubeconfig.clone(),
+            })
+        }
     };
     let config = RunConfig {
         ruleset: RulesetConfig {

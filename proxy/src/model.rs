@@ -7,7 +7,7 @@
 //! Only IPv4 is programmed for now (table family `ip`); IPv6 addresses in Services and slices are kept out of the
 //! model rather than rejected, so dual-stack objects still work for their IPv4 half.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -411,6 +411,10 @@ pub enum ModelEvent {
         services: Vec<Service>,
         slices: Vec<(SliceKey, EndpointSliceInfo)>,
     },
+    /// Replace all Services (a re-list of Services only).
+    ReplaceServices(Vec<Service>),
+    /// Replace all EndpointSlices (a re-list of slices only).
+    ReplaceSlices(Vec<(SliceKey, EndpointSliceInfo)>),
 }
 
 /// An endpoint as a frontend uses it: address, target port, and whether it is on this node.
@@ -418,7 +422,10 @@ pub enum ModelEvent {
 pub struct Backend {
     pub address: Ipv4Addr,
     pub port: u16,
+    /// On this node (`nodeName` matches).
     pub local: bool,
+    /// On this node or of unknown node (no `nodeName`): such an endpoint may be a client of its own Service here.
+    pub maybe_local: bool,
 }
 
 /// All Services and EndpointSlices the proxy knows.
@@ -426,6 +433,10 @@ pub struct Backend {
 pub struct Model {
     services: BTreeMap<ServiceName, Service>,
     slices: BTreeMap<SliceKey, EndpointSliceInfo>,
+    /// Index: the slices of each Service, so computing a Service's backends does not scan every slice.
+    slices_of: BTreeMap<ServiceName, BTreeSet<SliceKey>>,
+    /// Services whose rules may have changed since the last [`Model::take_dirty`].
+    dirty: BTreeSet<ServiceName>,
 }
 
 impl Model {
@@ -436,22 +447,69 @@ impl Model {
     pub fn apply(&mut self, event: ModelEvent) {
         match event {
             ModelEvent::ServiceUpsert(s) => {
+                self.dirty.insert(s.name.clone());
                 self.services.insert(s.name.clone(), s);
             }
             ModelEvent::ServiceDelete(n) => {
                 self.services.remove(&n);
+                self.dirty.insert(n);
             }
-            ModelEvent::SliceUpsert(k, s) => {
-                self.slices.insert(k, s);
-            }
-            ModelEvent::SliceDelete(k) => {
-                self.slices.remove(&k);
-            }
+            ModelEvent::SliceUpsert(k, s) => self.upsert_slice(k, s),
+            ModelEvent::SliceDelete(k) => self.delete_slice(&k),
             ModelEvent::Replace { services, slices } => {
-                self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
-                self.slices = slices.into_iter().collect();
+                self.replace_services(services);
+                self.replace_slices(slices);
+            }
+            ModelEvent::ReplaceServices(services) => self.replace_services(services),
+            ModelEvent::ReplaceSlices(slices) => self.replace_slices(slices),
+        }
+    }
+
+    fn replace_services(&mut self, services: Vec<Service>) {
+        self.dirty.extend(self.services.keys().cloned());
+        self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.dirty.extend(self.services.keys().cloned());
+    }
+
+    fn replace_slices(&mut self, slices: Vec<(SliceKey, EndpointSliceInfo)>) {
+        self.dirty.extend(self.slices_of.keys().cloned());
+        self.slices.clear();
+        self.slices_of.clear();
+        for (k, s) in slices {
+            self.upsert_slice(k, s);
+        }
+    }
+
+    fn delete_slice(&mut self, key: &SliceKey) {
+        if let Some(old) = self.slices.remove(key) {
+            self.dirty.insert(old.service.clone());
+            if let Some(set) = self.slices_of.get_mut(&old.service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_of.remove(&old.service);
+                }
             }
         }
+    }
+
+    fn upsert_slice(&mut self, key: SliceKey, slice: EndpointSliceInfo) {
+        // A slice's label may have moved it to another Service: drop the old index entry first.
+        self.delete_slice(&key);
+        self.dirty.insert(slice.service.clone());
+        self.slices_of
+            .entry(slice.service.clone())
+            .or_default()
+            .insert(key.clone());
+        self.slices.insert(key, slice);
+    }
+
+    /// The Services changed (added, updated, deleted, or their slices changed) since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<ServiceName> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
@@ -475,16 +533,12 @@ impl Model {
     ) -> Vec<Backend> {
         let mut ready = BTreeMap::new();
         let mut fallback = BTreeMap::new();
-        let lo = SliceKey {
-            namespace: service.namespace.clone(),
-            name: String::new(),
-        };
         for slice in self
-            .slices
-            .range(lo..)
-            .take_while(|(k, _)| k.namespace == service.namespace)
-            .map(|(_, s)| s)
-            .filter(|s| s.service == *service)
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
         {
             let Some(target) = slice
                 .ports
@@ -498,6 +552,7 @@ impl Model {
                     address: e.address,
                     port: target.port,
                     local: e.node_name.as_deref() == Some(node_name),
+                    maybe_local: e.node_name.as_deref().is_none_or(|n| n == node_name),
                 };
                 if e.ready {
                     ready.insert(e.address, b);
@@ -754,7 +809,8 @@ mod tests {
             vec![Backend {
                 address: Ipv4Addr::new(10, 0, 0, 2),
                 port: 8080,
-                local: true
+                local: true,
+                maybe_local: true,
             }]
         );
         // With the ready endpoint gone, the serving-terminating one takes over.
@@ -776,5 +832,44 @@ mod tests {
             ..port
         };
         assert!(m.backends(&name, &other_port, "n1").is_empty());
+    }
+
+    #[test]
+    fn a_slice_relabelled_to_another_service_moves_its_endpoints_and_marks_both_dirty() {
+        let port = ServicePort {
+            name: "".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        };
+        let info = |svc: &str| EndpointSliceInfo {
+            service: ServiceName::new("ns", svc),
+            ports: vec![EndpointPort {
+                name: "".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: vec![ep([10, 0, 0, 2], true, true, false, "n1")],
+        };
+        let key = SliceKey {
+            namespace: "ns".into(),
+            name: "s".into(),
+        };
+        let mut m = Model::new();
+        m.apply(ModelEvent::SliceUpsert(key.clone(), info("a")));
+        m.take_dirty();
+        m.apply(ModelEvent::SliceUpsert(key, info("b")));
+        let dirty = m.take_dirty();
+        assert!(
+            dirty.contains(&ServiceName::new("ns", "a"))
+                && dirty.contains(&ServiceName::new("ns", "b"))
+        );
+        assert!(m
+            .backends(&ServiceName::new("ns", "a"), &port, "n1")
+            .is_empty());
+        assert_eq!(
+            m.backends(&ServiceName::new("ns", "b"), &port, "n1").len(),
+            1
+        );
     }
 }

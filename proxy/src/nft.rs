@@ -135,3 +135,101 @@ impl Conntrack {
         }
     }
 }
+
+/// One live `ClientIP` affinity entry: client, the frontend it used, and the endpoint it is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AffinityEntry {
+    pub client: String,
+    pub daddr: String,
+    pub proto: String,
+    pub port: u64,
+    pub endpoint: String,
+}
+
+impl AffinityEntry {
+    pub fn key(&self) -> String {
+        format!(
+            "{} . {} . {} . {}",
+            self.client, self.daddr, self.proto, self.port
+        )
+    }
+}
+
+impl Nft {
+    /// Lists the live entries of the dynamic affinity map (only that map: it holds one entry per active client and
+    /// Service, and is read only when an affinity Service lost an endpoint).
+    pub(crate) fn list_affinity(
+        &self,
+        family: &str,
+        table: &str,
+        map: &str,
+    ) -> Result<Vec<AffinityEntry>, NftError> {
+        let out = self
+            .command()
+            .args(["-j", "list", "map", family, table, map])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| NftError::Spawn {
+                program: self.argv[0].clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(NftError::Rejected {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(parse_affinity(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// Parses `nft -j list map` output of the affinity map; malformed entries are skipped.
+pub(crate) fn parse_affinity(json: &str) -> Vec<AffinityEntry> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut entries = Vec::new();
+    let objects = v["nftables"].as_array().cloned().unwrap_or_default();
+    for obj in objects {
+        for pair in obj["map"]["elem"].as_array().into_iter().flatten() {
+            let key = &pair[0]["elem"]["val"]["concat"];
+            let val = &pair[1]["concat"];
+            let (Some(client), Some(daddr), Some(proto), Some(port)) = (
+                key[0].as_str(),
+                key[1].as_str(),
+                key[2].as_str(),
+                key[3].as_u64(),
+            ) else {
+                continue;
+            };
+            let (Some(ep), Some(ep_port)) = (val[0].as_str(), val[1].as_u64()) else {
+                continue;
+            };
+            entries.push(AffinityEntry {
+                client: client.to_string(),
+                daddr: daddr.to_string(),
+                proto: proto.to_string(),
+                port,
+                endpoint: format!("{ep} . {ep_port}"),
+            });
+        }
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_entries_are_read_from_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "ip", "name": "affinity",
+            "table": "t", "elem": [[{"elem": {"val": {"concat": ["10.0.0.5", "10.96.0.20", "tcp", 80]},
+            "timeout": 60, "expires": 59}}, {"concat": ["10.244.1.2", 8080]}], [{"bad": 1}, {}]]}}]}"#;
+        let e = parse_affinity(json);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key(), "10.0.0.5 . 10.96.0.20 . tcp . 80");
+        assert_eq!(e[0].endpoint, "10.244.1.2 . 8080");
+        assert!(parse_affinity("not json").is_empty());
+    }
+}

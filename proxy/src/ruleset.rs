@@ -22,12 +22,15 @@
 //!   [`MASQUERADE_MARK`] (upstream's 0x4000) and `nat-postrouting` masquerades marked packets, clearing the bit.
 //! * **Hairpin**: a pod reaching itself through its Service must be masqueraded, or it would answer itself
 //!   directly. After DNAT, `nat-postrouting` masquerades `ip saddr . ip daddr` found in `hairpin-endpoints`, which
-//!   holds `ep . ep` for every endpoint address (one flat set, no per-endpoint chain).
+//!   holds `ep . ep` for every endpoint on this node (or of unknown node): one flat set, no per-endpoint chain.
 //! * **Session affinity** (`ClientIP`): every select chain first tries `dnat` via the dynamic map `affinity`
 //!   (`client . frontend : endpoint . port`, per-element timeout). The choice is recorded after DNAT, in filter
 //!   chains at priority `dstnat + 10` on new connections: `affinity-services` / `affinity-nodeports` map the
 //!   connection's *original* destination (`ct original ...`) to `goto affinity-<timeout>`, which `update`s the map.
 //!   The map survives periodic resyncs (only a start-up rebuild or `--cleanup` drops it).
+//! * **Pods and `externalTrafficPolicy: Local`**: as upstream does, pods (source in the cluster CIDR) reaching an
+//!   externalIP or NodePort of such a Service are not "external": `local-policy-pod-ips` / `-nodeports`, checked
+//!   first, send them to any endpoint (chains `svcpod-<N>` / `nppod-<N>`, maps `pod-*endpoints-<proto>`).
 //! * **No endpoints**: `no-endpoint-services` / `no-endpoint-nodeports` map such frontends to `goto reject-service`
 //!   (TCP reset, ICMP port unreachable otherwise), checked on new connections in input/forward/output at priority
 //!   [`FILTER_PRIORITY`] so clients fail at once instead of timing out; a frontend whose endpoints all live on other
@@ -44,7 +47,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::model::{Backend, Model, Protocol, ServiceName, TrafficPolicy};
+use crate::model::{Backend, Model, Protocol, Service, ServiceName, TrafficPolicy};
 
 /// The one table the proxy owns (family `ip`). Nothing outside it is ever changed.
 pub const TABLE: &str = "windlass-proxy";
@@ -94,6 +97,22 @@ pub const MAP_NODEPORT_ENDPOINTS: [&str; 3] = [
     "nodeport-endpoints-tcp",
     "nodeport-endpoints-udp",
     "nodeport-endpoints-sctp",
+];
+
+/// `externalTrafficPolicy: Local` frontends → select chain over *all* endpoints, for clients that are pods: they
+/// are not "external", so upstream sends them to any endpoint rather than dropping them on a node without one.
+pub const MAP_POD_SHORTCUT_IPS: &str = "local-policy-pod-ips";
+pub const MAP_POD_SHORTCUT_NODEPORTS: &str = "local-policy-pod-nodeports";
+/// Endpoint slots of those shortcuts, per protocol.
+pub const MAP_POD_SHORTCUT_ENDPOINTS: [&str; 3] = [
+    "pod-endpoints-tcp",
+    "pod-endpoints-udp",
+    "pod-endpoints-sctp",
+];
+pub const MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS: [&str; 3] = [
+    "pod-nodeport-endpoints-tcp",
+    "pod-nodeport-endpoints-udp",
+    "pod-nodeport-endpoints-sctp",
 ];
 
 fn proto_index(p: Protocol) -> usize {
@@ -179,6 +198,46 @@ const ELEMENT_MAPS: &[(&str, &str, &str)] = &[
         "typeof meta l4proto . th dport : verdict ;",
     ),
     ("set", SET_HAIRPIN, "typeof ip saddr . ip daddr ;"),
+    (
+        "map",
+        MAP_POD_SHORTCUT_IPS,
+        "typeof ip daddr . meta l4proto . th dport : verdict ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORTS,
+        "typeof meta l4proto . th dport : verdict ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[0],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[1],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_ENDPOINTS[2],
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[0],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . tcp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[1],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . udp dport ;",
+    ),
+    (
+        "map",
+        MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS[2],
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . sctp dport ;",
+    ),
 ];
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
@@ -236,17 +295,45 @@ impl Frontend {
     }
 }
 
-/// The complete desired state of the table's contents, kept in memory between syncs.
+/// One map element with the number of Services that want it (hairpin entries and chains can be shared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Elem {
+    value: String,
+    refs: u32,
+}
+
+/// What one Service contributes to the table. Kept per Service so a change recomputes only that Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Fragment {
+    elements: Vec<(&'static str, String, String)>,
+    chains: Vec<(String, Vec<String>)>,
+    udp: Vec<(Frontend, BTreeSet<Ipv4Addr>)>,
+    health: Option<(u16, usize)>,
+    /// Endpoint addresses, turned into `hairpin-endpoints` elements once the fragment is complete.
+    hairpin: BTreeSet<Ipv4Addr>,
+}
+
+/// The complete desired state of the table's contents, kept in memory between syncs and updated per Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// Map/set name → element key → value ("" for sets).
-    maps: BTreeMap<&'static str, BTreeMap<String, String>>,
-    /// Dynamically needed chains (select and affinity chains) → their rules.
-    chains: BTreeMap<String, Vec<String>>,
+    /// Map/set name → element key → value ("" for sets) and reference count.
+    maps: BTreeMap<&'static str, BTreeMap<String, Elem>>,
+    /// Dynamically needed chains (select and affinity chains) → their rules and reference count.
+    chains: BTreeMap<String, (Vec<String>, u32)>,
+    fragments: BTreeMap<ServiceName, Fragment>,
     /// UDP frontends → endpoint addresses, for conntrack cleanup when an endpoint goes away.
     pub(crate) udp_backends: BTreeMap<Frontend, BTreeSet<Ipv4Addr>>,
     /// healthCheckNodePort → (Service, number of local endpoints).
     pub(crate) health_checks: BTreeMap<u16, (ServiceName, usize)>,
+}
+
+/// What an [`Ruleset::update`] touched, with the state before it: enough to render the incremental transaction and
+/// to find stale UDP flows, without comparing whole rulesets.
+#[derive(Debug, Default)]
+pub struct Changes {
+    elements: BTreeMap<(&'static str, String), Option<String>>,
+    chains: BTreeMap<String, bool>,
+    pub(crate) udp: BTreeMap<Frontend, BTreeSet<Ipv4Addr>>,
 }
 
 /// Sizes of a ruleset, exported as metrics.
@@ -265,72 +352,424 @@ impl Ruleset {
             rs.maps.insert(name, BTreeMap::new());
         }
         for svc in model.services() {
-            if svc.cluster_ips.is_empty() {
-                continue;
-            }
-            let mut local_addrs = BTreeSet::new();
-            for port in &svc.ports {
-                let all = model.backends(&svc.name, port, &config.node_name);
-                let local: Vec<Backend> = all.iter().filter(|b| b.local).cloned().collect();
-                local_addrs.extend(local.iter().map(|b| b.address));
-                let (internal, internal_local) = match svc.internal_traffic_policy {
-                    TrafficPolicy::Cluster => (&all, false),
-                    TrafficPolicy::Local => (&local, true),
-                };
-                for ip in &svc.cluster_ips {
-                    rs.add_frontend(
-                        Frontend {
-                            addr: FrontendAddr::Ip(*ip),
-                            protocol: port.protocol,
-                            port: port.port,
-                        },
-                        internal,
-                        Flavor::ClusterIp,
-                        svc.affinity_timeout,
-                        internal_local && !all.is_empty(),
-                        config.cluster_cidr,
-                    );
-                }
-                let (external, flavor, external_local) = match svc.external_traffic_policy {
-                    TrafficPolicy::Cluster => (&all, Flavor::Masquerade, false),
-                    TrafficPolicy::Local => (&local, Flavor::Local, true),
-                };
-                let external_frontends = svc
-                    .external_ips
-                    .iter()
-                    .map(|ip| FrontendAddr::Ip(*ip))
-                    .chain(port.node_port.map(|_| FrontendAddr::NodePort));
-                for addr in external_frontends {
-                    let port_number = match addr {
-                        FrontendAddr::NodePort => port.node_port.unwrap_or(port.port),
-                        FrontendAddr::Ip(_) => port.port,
-                    };
-                    rs.add_frontend(
-                        Frontend {
-                            addr,
-                            protocol: port.protocol,
-                            port: port_number,
-                        },
-                        external,
-                        flavor,
-                        svc.affinity_timeout,
-                        external_local && !all.is_empty(),
-                        config.cluster_cidr,
-                    );
-                }
-            }
-            if svc.external_traffic_policy == TrafficPolicy::Local {
-                if let Some(hc) = svc.health_check_node_port {
-                    rs.health_checks
-                        .insert(hc, (svc.name.clone(), local_addrs.len()));
-                }
-            }
+            let frag = build_fragment(svc, model, config);
+            rs.add_fragment(svc.name.clone(), frag, None);
         }
         rs
     }
 
-    fn map(&mut self, name: &'static str) -> &mut BTreeMap<String, String> {
-        self.maps.entry(name).or_default()
+    /// Recomputes only the `dirty` Services (changed, added or deleted) and returns what changed.
+    pub fn update<'a>(
+        &mut self,
+        model: &Model,
+        config: &RulesetConfig,
+        dirty: impl IntoIterator<Item = &'a ServiceName>,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        for name in dirty {
+            if let Some(old) = self.fragments.remove(name) {
+                self.remove_fragment(name, old, &mut changes);
+            }
+            if let Some(svc) = model.service(name) {
+                let frag = build_fragment(svc, model, config);
+                self.add_fragment(name.clone(), frag, Some(&mut changes));
+            }
+        }
+        changes
+    }
+
+    fn add_fragment(
+        &mut self,
+        name: ServiceName,
+        frag: Fragment,
+        mut changes: Option<&mut Changes>,
+    ) {
+        for (map, key, value) in &frag.elements {
+            let m = self.maps.entry(map).or_default();
+            if let Some(c) = changes.as_deref_mut() {
+                c.elements
+                    .entry((*map, key.clone()))
+                    .or_insert_with(|| m.get(key).map(|e| e.value.clone()));
+            }
+            match m.get_mut(key) {
+                Some(e) => {
+                    e.refs += 1;
+                    e.value.clone_from(value);
+                }
+                None => {
+                    m.insert(
+                        key.clone(),
+                        Elem {
+                            value: value.clone(),
+                            refs: 1,
+                        },
+                    );
+                }
+            }
+        }
+        for (chain, rules) in &frag.chains {
+            if let Some(c) = changes.as_deref_mut() {
+                c.chains
+                    .entry(chain.clone())
+                    .or_insert_with(|| self.chains.contains_key(chain));
+            }
+            self.chains
+                .entry(chain.clone())
+                .or_insert_with(|| (rules.clone(), 0))
+                .1 += 1;
+        }
+        for (fe, eps) in &frag.udp {
+            if let Some(c) = changes.as_deref_mut() {
+                c.udp
+                    .entry(*fe)
+                    .or_insert_with(|| self.udp_backends.get(fe).cloned().unwrap_or_default());
+            }
+            self.udp_backends.insert(*fe, eps.clone());
+        }
+        if let Some((port, local)) = frag.health {
+            self.health_checks.insert(port, (name.clone(), local));
+        }
+        self.fragments.insert(name, frag);
+    }
+
+    fn remove_fragment(&mut self, name: &ServiceName, frag: Fragment, changes: &mut Changes) {
+        for (map, key, _) in frag.elements {
+            let Some(m) = self.maps.get_mut(map) else {
+                continue;
+            };
+            changes
+                .elements
+                .entry((map, key.clone()))
+                .or_insert_with(|| m.get(&key).map(|e| e.value.clone()));
+            if let Some(e) = m.get_mut(&key) {
+                e.refs = e.refs.saturating_sub(1);
+                if e.refs == 0 {
+                    m.remove(&key);
+                }
+            }
+        }
+        for (chain, _) in frag.chains {
+            changes
+                .chains
+                .entry(chain.clone())
+                .or_insert_with(|| self.chains.contains_key(&chain));
+            if let Some(c) = self.chains.get_mut(&chain) {
+                c.1 = c.1.saturating_sub(1);
+                if c.1 == 0 {
+                    self.chains.remove(&chain);
+                }
+            }
+        }
+        for (fe, _) in frag.udp {
+            changes
+                .udp
+                .entry(fe)
+                .or_insert_with(|| self.udp_backends.get(&fe).cloned().unwrap_or_default());
+            self.udp_backends.remove(&fe);
+        }
+        if let Some((port, _)) = frag.health {
+            if self
+                .health_checks
+                .get(&port)
+                .is_some_and(|(n, _)| n == name)
+            {
+                self.health_checks.remove(&port);
+            }
+        }
+    }
+
+    /// Endpoints that affinity frontends lost in `changes`: `(frontend key, "ip . port")`. Affinity entries still
+    /// pinning clients to them must go, or those clients would be sent to a dead endpoint until the timeout.
+    pub(crate) fn lost_affinity_endpoints(&self, changes: &Changes) -> Vec<(String, String)> {
+        let mut lost = Vec::new();
+        for ((map, key), old) in &changes.elements {
+            let Some(old) = old else { continue };
+            let (ep_map_of, affinity_map) = if MAP_SERVICE_ENDPOINTS.contains(map)
+                || MAP_POD_SHORTCUT_ENDPOINTS.contains(map)
+            {
+                (*map, MAP_AFFINITY_SERVICES)
+            } else if MAP_NODEPORT_ENDPOINTS.contains(map)
+                || MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS.contains(map)
+            {
+                (*map, MAP_AFFINITY_NODEPORTS)
+            } else {
+                continue;
+            };
+            let Some((frontend, _slot)) = key.rsplit_once(" . ") else {
+                continue;
+            };
+            if !self
+                .maps
+                .get(affinity_map)
+                .is_some_and(|m| m.contains_key(frontend))
+                && !changes
+                    .elements
+                    .contains_key(&(affinity_map, frontend.to_string()))
+            {
+                continue;
+            }
+            let still_there = self.maps.get(ep_map_of).is_some_and(|m| {
+                (0..)
+                    .map_while(|slot| m.get(&format!("{frontend} . {slot}")))
+                    .any(|e| e.value == *old)
+            });
+            if !still_there {
+                lost.push((frontend.to_string(), old.clone()));
+            }
+        }
+        lost.sort();
+        lost.dedup();
+        lost
+    }
+
+    pub fn stats(&self) -> RulesetStats {
+        let len = |m: &str| self.maps.get(m).map_or(0, BTreeMap::len);
+        RulesetStats {
+            elements: self.maps.values().map(BTreeMap::len).sum(),
+            chains: self.chains.len() + static_chains_count(),
+            frontends: len(MAP_SERVICE_IPS)
+                + len(MAP_SERVICE_NODEPORTS)
+                + len(MAP_NO_ENDPOINT_SERVICES)
+                + len(MAP_NO_ENDPOINT_NODEPORTS),
+        }
+    }
+
+    /// A script that replaces the whole table atomically: deletes it (if present) and creates it from scratch.
+    /// Used at start-up and after a failed sync, when nothing about the kernel's state can be assumed.
+    pub fn render_rebuild(&self, config: &RulesetConfig) -> String {
+        let mut s = String::with_capacity(self.estimated_len());
+        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
+        let _ = writeln!(s, "delete table {FAMILY} {TABLE}");
+        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
+        declare_objects(&mut s, config);
+        for name in self.chains.keys() {
+            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
+        }
+        static_rules(&mut s, config);
+        self.dynamic_rules(&mut s, self.chains.keys());
+        self.add_elements(&mut s);
+        s
+    }
+
+    /// A script that rewrites every object's contents in place (repairing drift) but keeps the table, and with it
+    /// the dynamic affinity map. Only valid while the kernel holds this ruleset's chains (the last sync succeeded).
+    pub fn render_resync(&self, config: &RulesetConfig) -> String {
+        let mut s = String::with_capacity(self.estimated_len());
+        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
+        declare_objects(&mut s, config);
+        for (_, hook_chain, _) in static_chain_specs(config) {
+            let _ = writeln!(s, "flush chain {FAMILY} {TABLE} {hook_chain}");
+        }
+        for (kind, name, _) in ELEMENT_MAPS {
+            let _ = writeln!(s, "flush {kind} {FAMILY} {TABLE} {name}");
+        }
+        for name in self.chains.keys() {
+            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
+            let _ = writeln!(s, "flush chain {FAMILY} {TABLE} {name}");
+        }
+        static_rules(&mut s, config);
+        self.dynamic_rules(&mut s, self.chains.keys());
+        self.add_elements(&mut s);
+        s
+    }
+
+    /// The transaction for `changes` (from [`Self::update`]): new chains, element deletions and additions (a
+    /// changed value is a delete plus an add), then chains no longer used. `None` when nothing changed.
+    pub fn render_changes(&self, changes: &Changes) -> Option<String> {
+        let mut s = String::new();
+        let new_chains: Vec<&String> = changes
+            .chains
+            .iter()
+            .filter(|(c, existed)| !**existed && self.chains.contains_key(*c))
+            .map(|(c, _)| c)
+            .collect();
+        for name in &new_chains {
+            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
+        }
+        self.dynamic_rules(&mut s, new_chains.iter().copied());
+        let mut deletes: BTreeMap<&str, Vec<(&String, Option<&String>)>> = BTreeMap::new();
+        let mut adds: BTreeMap<&str, Vec<(&String, Option<&String>)>> = BTreeMap::new();
+        for ((map, key), old) in &changes.elements {
+            let now = self
+                .maps
+                .get(map)
+                .and_then(|m| m.get(key))
+                .map(|e| &e.value);
+            if old.as_ref() == now {
+                continue;
+            }
+            let is_map = ELEMENT_MAPS.iter().any(|(k, n, _)| n == map && *k == "map");
+            if old.is_some() {
+                deletes.entry(map).or_default().push((key, None));
+            }
+            if let Some(v) = now {
+                adds.entry(map)
+                    .or_default()
+                    .push((key, is_map.then_some(v)));
+            }
+        }
+        for (map, elems) in deletes {
+            write_elements(&mut s, "delete", map, elems.into_iter());
+        }
+        for (map, elems) in adds {
+            write_elements(&mut s, "add", map, elems.into_iter());
+        }
+        for (name, existed) in &changes.chains {
+            if *existed && !self.chains.contains_key(name) {
+                let _ = writeln!(s, "delete chain {FAMILY} {TABLE} {name}");
+            }
+        }
+        (!s.is_empty()).then_some(s)
+    }
+
+    fn estimated_len(&self) -> usize {
+        4096 + self.maps.values().map(|m| m.len() * 48).sum::<usize>()
+    }
+
+    fn dynamic_rules<'a>(&self, s: &mut String, chains: impl Iterator<Item = &'a String>) {
+        for name in chains {
+            for rule in self.chains.get(name).map(|c| &c.0).into_iter().flatten() {
+                let _ = writeln!(s, "add rule {FAMILY} {TABLE} {name} {rule}");
+            }
+        }
+    }
+
+    fn add_elements(&self, s: &mut String) {
+        for (kind, name, _) in ELEMENT_MAPS {
+            let Some(m) = self.maps.get(name) else {
+                continue;
+            };
+            let is_map = *kind == "map";
+            write_elements(
+                s,
+                "add",
+                name,
+                m.iter().map(|(k, e)| (k, is_map.then_some(&e.value))),
+            );
+        }
+    }
+}
+
+/// What `svc` contributes: its frontends, their endpoint slots, chains, rejects, affinity, UDP and health checks.
+fn build_fragment(svc: &Service, model: &Model, config: &RulesetConfig) -> Fragment {
+    let mut frag = Fragment::default();
+    if svc.cluster_ips.is_empty() {
+        return frag;
+    }
+    let mut local_addrs = BTreeSet::new();
+    for port in &svc.ports {
+        let all = model.backends(&svc.name, port, &config.node_name);
+        let local: Vec<Backend> = all.iter().filter(|b| b.local).cloned().collect();
+        local_addrs.extend(local.iter().map(|b| b.address));
+        let (internal, internal_local) = match svc.internal_traffic_policy {
+            TrafficPolicy::Cluster => (&all, false),
+            TrafficPolicy::Local => (&local, true),
+        };
+        for ip in &svc.cluster_ips {
+            frag.add_frontend(
+                Frontend {
+                    addr: FrontendAddr::Ip(*ip),
+                    protocol: port.protocol,
+                    port: port.port,
+                },
+                internal,
+                Flavor::ClusterIp,
+                svc.affinity_timeout,
+                internal_local && !all.is_empty(),
+                config.cluster_cidr,
+            );
+        }
+        let (external, flavor, external_local) = match svc.external_traffic_policy {
+            TrafficPolicy::Cluster => (&all, Flavor::Masquerade, false),
+            TrafficPolicy::Local => (&local, Flavor::Local, true),
+        };
+        let external_frontends = svc
+            .external_ips
+            .iter()
+            .map(|ip| (FrontendAddr::Ip(*ip), port.port))
+            .chain(port.node_port.map(|np| (FrontendAddr::NodePort, np)));
+        for (addr, port_number) in external_frontends {
+            if external_local && !all.is_empty() {
+                frag.add_pod_shortcut(
+                    Frontend {
+                        addr,
+                        protocol: port.protocol,
+                        port: port_number,
+                    },
+                    &all,
+                    config.cluster_cidr,
+                );
+            }
+            frag.add_frontend(
+                Frontend {
+                    addr,
+                    protocol: port.protocol,
+                    port: port_number,
+                },
+                external,
+                flavor,
+                svc.affinity_timeout,
+                external_local && !all.is_empty(),
+                config.cluster_cidr,
+            );
+        }
+    }
+    if svc.external_traffic_policy == TrafficPolicy::Local {
+        if let Some(hc) = svc.health_check_node_port {
+            frag.health = Some((hc, local_addrs.len()));
+        }
+    }
+    for a in std::mem::take(&mut frag.hairpin) {
+        frag.element(SET_HAIRPIN, format!("{a} . {a}"), String::new());
+    }
+    frag
+}
+
+impl Fragment {
+    fn element(&mut self, map: &'static str, key: String, value: String) {
+        self.elements.push((map, key, value));
+    }
+
+    fn chain(&mut self, name: String, rules: impl FnOnce() -> Vec<String>) {
+        if !self.chains.iter().any(|(n, _)| *n == name) {
+            let rules = rules();
+            self.chains.push((name, rules));
+        }
+    }
+
+    /// Pods reaching an `externalTrafficPolicy: Local` frontend use every endpoint, without masquerading (their
+    /// source is in the cluster CIDR): chains `svcpod-<N>` / `nppod-<N>` over the `pod-*endpoints-*` maps.
+    fn add_pod_shortcut(&mut self, fe: Frontend, backends: &[Backend], cluster_cidr: Ipv4Net) {
+        let key = fe.key();
+        let node_port = fe.addr == FrontendAddr::NodePort;
+        let n = backends.len();
+        let (chain, vmap, maps) = if node_port {
+            (
+                format!("nppod-{n}"),
+                MAP_POD_SHORTCUT_NODEPORTS,
+                &MAP_POD_SHORTCUT_NODEPORT_ENDPOINTS,
+            )
+        } else {
+            (
+                format!("svcpod-{n}"),
+                MAP_POD_SHORTCUT_IPS,
+                &MAP_POD_SHORTCUT_ENDPOINTS,
+            )
+        };
+        self.chain(chain.clone(), || {
+            select_rules(Flavor::Local, node_port, n, cluster_cidr, maps)
+        });
+        self.element(vmap, key.clone(), format!("goto {chain}"));
+        for (slot, b) in backends.iter().enumerate() {
+            self.element(
+                maps[proto_index(fe.protocol)],
+                format!("{key} . {slot}"),
+                format!("{} . {}", b.address, b.port),
+            );
+            if b.maybe_local {
+                self.hairpin.insert(b.address);
+            }
+        }
     }
 
     fn add_frontend(
@@ -345,8 +784,8 @@ impl Ruleset {
         let key = fe.key();
         let node_port = fe.addr == FrontendAddr::NodePort;
         if fe.protocol == Protocol::Udp {
-            self.udp_backends
-                .insert(fe, backends.iter().map(|b| b.address).collect());
+            self.udp
+                .push((fe, backends.iter().map(|b| b.address).collect()));
         }
         if backends.is_empty() {
             let verdict = if others_elsewhere {
@@ -359,7 +798,7 @@ impl Ruleset {
             } else {
                 MAP_NO_ENDPOINT_SERVICES
             };
-            self.map(map).insert(key, verdict);
+            self.element(map, key, verdict);
             return;
         }
         let n = backends.len();
@@ -368,10 +807,9 @@ impl Ruleset {
             if node_port { "np" } else { "svc" },
             flavor.name()
         );
-        if !self.chains.contains_key(&chain) {
-            let rules = select_chain_rules(flavor, node_port, n, cluster_cidr);
-            self.chains.insert(chain.clone(), rules);
-        }
+        self.chain(chain.clone(), || {
+            select_chain_rules(flavor, node_port, n, cluster_cidr)
+        });
         let (vmap, endpoints) = if node_port {
             (
                 MAP_SERVICE_NODEPORTS,
@@ -383,163 +821,28 @@ impl Ruleset {
                 MAP_SERVICE_ENDPOINTS[proto_index(fe.protocol)],
             )
         };
-        self.map(vmap).insert(key.clone(), format!("goto {chain}"));
+        self.element(vmap, key.clone(), format!("goto {chain}"));
         for (slot, b) in backends.iter().enumerate() {
-            self.map(endpoints).insert(
+            self.element(
+                endpoints,
                 format!("{key} . {slot}"),
                 format!("{} . {}", b.address, b.port),
             );
-            self.map(SET_HAIRPIN)
-                .insert(format!("{0} . {0}", b.address), String::new());
+            // Only a pod on this node can reach itself through this node's rules, so remote endpoints need no
+            // hairpin entry (upstream marks every endpoint; this keeps the set to the node's own pods).
+            if b.maybe_local {
+                self.hairpin.insert(b.address);
+            }
         }
         if let Some(timeout) = affinity {
             let chain = format!("affinity-{timeout}");
-            if !self.chains.contains_key(&chain) {
-                self.chains
-                    .insert(chain.clone(), affinity_chain_rules(timeout));
-            }
+            self.chain(chain.clone(), || affinity_chain_rules(timeout));
             let map = if node_port {
                 MAP_AFFINITY_NODEPORTS
             } else {
                 MAP_AFFINITY_SERVICES
             };
-            self.map(map).insert(key, format!("goto {chain}"));
-        }
-    }
-
-    pub fn stats(&self) -> RulesetStats {
-        RulesetStats {
-            elements: self.maps.values().map(BTreeMap::len).sum(),
-            chains: self.chains.len() + static_chains_count(),
-            frontends: self.maps.get(MAP_SERVICE_IPS).map_or(0, BTreeMap::len)
-                + self
-                    .maps
-                    .get(MAP_SERVICE_NODEPORTS)
-                    .map_or(0, BTreeMap::len)
-                + self
-                    .maps
-                    .get(MAP_NO_ENDPOINT_SERVICES)
-                    .map_or(0, BTreeMap::len)
-                + self
-                    .maps
-                    .get(MAP_NO_ENDPOINT_NODEPORTS)
-                    .map_or(0, BTreeMap::len),
-        }
-    }
-
-    /// A script that replaces the whole table atomically: deletes it (if present) and creates it from scratch.
-    /// Used at start-up, when nothing about the kernel's state can be assumed.
-    pub fn render_rebuild(&self, config: &RulesetConfig) -> String {
-        let mut s = String::with_capacity(self.estimated_len());
-        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
-        let _ = writeln!(s, "delete table {FAMILY} {TABLE}");
-        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
-        declare_objects(&mut s, config);
-        for name in self.chains.keys() {
-            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
-        }
-        static_rules(&mut s, config);
-        self.dynamic_rules(&mut s, self.chains.keys());
-        self.add_elements(&mut s, |_| true);
-        s
-    }
-
-    /// A script that rewrites every object's contents in place (repairing drift) but keeps the table, and with it
-    /// the dynamic affinity map. `applied` is what the previous sync put there.
-    pub fn render_resync(&self, applied: &Ruleset, config: &RulesetConfig) -> String {
-        let mut s = String::with_capacity(self.estimated_len());
-        let _ = writeln!(s, "add table {FAMILY} {TABLE}");
-        declare_objects(&mut s, config);
-        for (_, hook_chain, _) in static_chain_specs(config) {
-            let _ = writeln!(s, "flush chain {FAMILY} {TABLE} {hook_chain}");
-        }
-        for (kind, name, _) in ELEMENT_MAPS {
-            let _ = writeln!(s, "flush {kind} {FAMILY} {TABLE} {name}");
-        }
-        for name in self.chains.keys().chain(applied.chains.keys()) {
-            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
-            let _ = writeln!(s, "flush chain {FAMILY} {TABLE} {name}");
-        }
-        static_rules(&mut s, config);
-        self.dynamic_rules(&mut s, self.chains.keys());
-        self.add_elements(&mut s, |_| true);
-        for name in applied.chains.keys() {
-            if !self.chains.contains_key(name) {
-                let _ = writeln!(s, "delete chain {FAMILY} {TABLE} {name}");
-            }
-        }
-        s
-    }
-
-    /// A script with only the differences from `applied` (which must be what the kernel holds): new chains, element
-    /// deletions and additions (a changed value is a delete plus an add), then chains no longer used. `None` when
-    /// nothing changed.
-    pub fn render_incremental(&self, applied: &Ruleset) -> Option<String> {
-        let mut s = String::new();
-        let new_chains: Vec<&String> = self
-            .chains
-            .keys()
-            .filter(|c| !applied.chains.contains_key(*c))
-            .collect();
-        for name in &new_chains {
-            let _ = writeln!(s, "add chain {FAMILY} {TABLE} {name}");
-        }
-        self.dynamic_rules(&mut s, new_chains.iter().copied());
-        let empty = BTreeMap::new();
-        for (kind, name, _) in ELEMENT_MAPS {
-            let old = applied.maps.get(name).unwrap_or(&empty);
-            let new = self.maps.get(name).unwrap_or(&empty);
-            let gone: Vec<&String> = old
-                .iter()
-                .filter(|(k, v)| new.get(*k) != Some(*v))
-                .map(|(k, _)| k)
-                .collect();
-            write_elements(
-                &mut s,
-                "delete",
-                kind,
-                name,
-                gone.into_iter().map(|k| (k, None)),
-            );
-        }
-        self.add_elements(&mut s, |(name, k, v)| {
-            applied.maps.get(name).and_then(|m| m.get(k)) != Some(v)
-        });
-        for name in applied.chains.keys() {
-            if !self.chains.contains_key(name) {
-                let _ = writeln!(s, "delete chain {FAMILY} {TABLE} {name}");
-            }
-        }
-        (!s.is_empty()).then_some(s)
-    }
-
-    fn estimated_len(&self) -> usize {
-        4096 + self.maps.values().map(|m| m.len() * 48).sum::<usize>()
-    }
-
-    fn dynamic_rules<'a>(&self, s: &mut String, chains: impl Iterator<Item = &'a String>) {
-        for name in chains {
-            for rule in self.chains.get(name).into_iter().flatten() {
-                let _ = writeln!(s, "add rule {FAMILY} {TABLE} {name} {rule}");
-            }
-        }
-    }
-
-    fn add_elements(&self, s: &mut String, keep: impl Fn((&str, &String, &String)) -> bool) {
-        for (kind, name, _) in ELEMENT_MAPS {
-            let Some(m) = self.maps.get(name) else {
-                continue;
-            };
-            let is_map = *kind == "map";
-            write_elements(
-                s,
-                "add",
-                kind,
-                name,
-                m.iter()
-                    .filter(|(k, v)| keep((name, k, v)))
-                    .map(|(k, v)| (k, is_map.then_some(v))),
-            );
+            self.element(map, key, format!("goto {chain}"));
         }
     }
 }
@@ -548,7 +851,6 @@ impl Ruleset {
 fn write_elements<'a>(
     s: &mut String,
     verb: &str,
-    _kind: &str,
     name: &str,
     elements: impl Iterator<Item = (&'a String, Option<&'a String>)>,
 ) {
@@ -696,7 +998,15 @@ fn static_chain_specs(config: &RulesetConfig) -> Vec<(Option<String>, &'static s
             None,
             CHAIN_SERVICES,
             vec![
+                format!(
+                    "ip saddr {cidr} ip daddr . meta l4proto . th dport vmap @{MAP_POD_SHORTCUT_IPS}",
+                    cidr = config.cluster_cidr
+                ),
                 format!("ip daddr . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
+                format!(
+                    "ip saddr {cidr} {np} meta l4proto . th dport vmap @{MAP_POD_SHORTCUT_NODEPORTS}",
+                    cidr = config.cluster_cidr
+                ),
                 format!("{np} meta l4proto . th dport vmap @{MAP_SERVICE_NODEPORTS}"),
             ],
         ),
@@ -753,6 +1063,21 @@ fn select_chain_rules(
     n: usize,
     cluster_cidr: Ipv4Net,
 ) -> Vec<String> {
+    let maps = if node_port {
+        &MAP_NODEPORT_ENDPOINTS
+    } else {
+        &MAP_SERVICE_ENDPOINTS
+    };
+    select_rules(flavor, node_port, n, cluster_cidr, maps)
+}
+
+fn select_rules(
+    flavor: Flavor,
+    node_port: bool,
+    n: usize,
+    cluster_cidr: Ipv4Net,
+    maps: &[&str; 3],
+) -> Vec<String> {
     let mut rules = Vec::new();
     let mark = format!("meta mark set meta mark | {MASQUERADE_MARK:#010x}");
     match flavor {
@@ -765,15 +1090,14 @@ fn select_chain_rules(
     ));
     for p in PROTOCOLS {
         let proto = p.nft_name();
+        let map = maps[proto_index(p)];
         if node_port {
             rules.push(format!(
-                "meta l4proto {proto} dnat ip to meta l4proto . th dport . numgen random mod {n} map @{}",
-                MAP_NODEPORT_ENDPOINTS[proto_index(p)]
+                "meta l4proto {proto} dnat ip to meta l4proto . th dport . numgen random mod {n} map @{map}"
             ));
         } else {
             rules.push(format!(
-                "meta l4proto {proto} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{}",
-                MAP_SERVICE_ENDPOINTS[proto_index(p)]
+                "meta l4proto {proto} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{map}"
             ));
         }
     }
@@ -806,6 +1130,10 @@ mod tests {
         Endpoint, EndpointPort, EndpointSliceInfo, ModelEvent, Service, ServicePort, SliceKey,
     };
 
+    fn val<'a>(rs: &'a Ruleset, map: &str, key: &str) -> &'a str {
+        &rs.maps[map][key].value
+    }
+
     fn config() -> RulesetConfig {
         RulesetConfig {
             node_name: "n1".into(),
@@ -832,13 +1160,18 @@ mod tests {
             external_ips: vec![],
             health_check_node_port: None,
         }));
-        m.apply(ModelEvent::SliceUpsert(
+        m.apply(slice_event(endpoints));
+        m
+    }
+
+    fn slice_event(endpoints: &[(&str, &str)]) -> ModelEvent {
+        ModelEvent::SliceUpsert(
             SliceKey {
                 namespace: "d".into(),
                 name: "web-1".into(),
             },
             EndpointSliceInfo {
-                service: name,
+                service: ServiceName::new("d", "web"),
                 ports: vec![EndpointPort {
                     name: "http".into(),
                     protocol: Protocol::Tcp,
@@ -855,8 +1188,7 @@ mod tests {
                     })
                     .collect(),
             },
-        ));
-        m
+        )
     }
 
     #[test]
@@ -874,41 +1206,50 @@ mod tests {
         );
         let eps = &rs.maps[MAP_SERVICE_ENDPOINTS[0]];
         assert_eq!(eps.len(), 3);
-        assert_eq!(eps["10.96.0.20 . tcp . 80 . 0"], "10.244.1.2 . 8080");
-        assert_eq!(eps["10.96.0.20 . tcp . 80 . 2"], "10.244.1.4 . 8080");
+        let tcp = MAP_SERVICE_ENDPOINTS[0];
         assert_eq!(
-            rs.maps[MAP_SERVICE_IPS]["10.96.0.20 . tcp . 80"],
+            val(&rs, tcp, "10.96.0.20 . tcp . 80 . 0"),
+            "10.244.1.2 . 8080"
+        );
+        assert_eq!(
+            val(&rs, tcp, "10.96.0.20 . tcp . 80 . 2"),
+            "10.244.1.4 . 8080"
+        );
+        assert_eq!(
+            val(&rs, MAP_SERVICE_IPS, "10.96.0.20 . tcp . 80"),
             "goto svc-cip-3"
         );
         assert_eq!(
-            rs.maps[MAP_SERVICE_NODEPORTS]["tcp . 30080"],
+            val(&rs, MAP_SERVICE_NODEPORTS, "tcp . 30080"),
             "goto np-masq-3"
         );
-        assert!(rs.chains["svc-cip-3"]
+        let rules = &rs.chains["svc-cip-3"].0;
+        assert!(rules
             .iter()
             .any(|r| r.contains("numgen random mod 3 map @service-endpoints-tcp")));
-        assert!(rs.chains["svc-cip-3"][0].starts_with("ip saddr != 10.244.0.0/16 meta mark set"));
+        assert!(rules[0].starts_with("ip saddr != 10.244.0.0/16 meta mark set"));
     }
 
     #[test]
     fn removing_an_endpoint_is_an_incremental_change_of_elements_and_chains_only() {
         let cfg = config();
-        let three = Ruleset::compute(
-            &model(
-                &[
-                    ("10.244.1.2", "n1"),
-                    ("10.244.1.3", "n1"),
-                    ("10.244.1.4", "n1"),
-                ],
-                None,
-            ),
-            &cfg,
+        let three = [
+            ("10.244.1.2", "n1"),
+            ("10.244.1.3", "n1"),
+            ("10.244.1.4", "n1"),
+        ];
+        let mut m = model(&three, None);
+        let mut rs = Ruleset::compute(&m, &cfg);
+        m.take_dirty();
+        m.apply(slice_event(&three[..2]));
+        let dirty = m.take_dirty();
+        let changes = rs.update(&m, &cfg, &dirty);
+        assert_eq!(
+            rs.render_rebuild(&cfg),
+            Ruleset::compute(&m, &cfg).render_rebuild(&cfg),
+            "an incremental update ends where a full computation does"
         );
-        let two = Ruleset::compute(
-            &model(&[("10.244.1.2", "n1"), ("10.244.1.3", "n1")], None),
-            &cfg,
-        );
-        let script = two.render_incremental(&three).expect("a change");
+        let script = rs.render_changes(&changes).expect("a change");
         assert!(
             script.contains("add chain ip windlass-proxy svc-cip-2\n"),
             "{script}"
@@ -927,7 +1268,9 @@ mod tests {
         let elem = script.find("add element").expect("add element");
         let del = script.find("delete chain").expect("delete chain");
         assert!(add < elem && elem < del, "{script}");
-        assert_eq!(two.render_incremental(&two), None);
+        let dirty = m.take_dirty();
+        let nothing = rs.update(&m, &cfg, &dirty);
+        assert_eq!(rs.render_changes(&nothing), None);
     }
 
     #[test]
@@ -935,11 +1278,11 @@ mod tests {
         let cfg = config();
         let rs = Ruleset::compute(&model(&[], None), &cfg);
         assert_eq!(
-            rs.maps[MAP_NO_ENDPOINT_SERVICES]["10.96.0.20 . tcp . 80"],
+            val(&rs, MAP_NO_ENDPOINT_SERVICES, "10.96.0.20 . tcp . 80"),
             "goto reject-service"
         );
         assert_eq!(
-            rs.maps[MAP_NO_ENDPOINT_NODEPORTS]["tcp . 30080"],
+            val(&rs, MAP_NO_ENDPOINT_NODEPORTS, "tcp . 30080"),
             "goto reject-service"
         );
         assert!(rs.maps[MAP_SERVICE_IPS].is_empty());
@@ -950,9 +1293,9 @@ mod tests {
         svc.health_check_node_port = Some(31000);
         m.apply(ModelEvent::ServiceUpsert(svc));
         let rs = Ruleset::compute(&m, &cfg);
-        assert_eq!(rs.maps[MAP_NO_ENDPOINT_NODEPORTS]["tcp . 30080"], "drop");
+        assert_eq!(val(&rs, MAP_NO_ENDPOINT_NODEPORTS, "tcp . 30080"), "drop");
         assert_eq!(
-            rs.maps[MAP_SERVICE_IPS]["10.96.0.20 . tcp . 80"],
+            val(&rs, MAP_SERVICE_IPS, "10.96.0.20 . tcp . 80"),
             "goto svc-cip-1"
         );
         assert_eq!(rs.health_checks[&31000].1, 0);
@@ -962,14 +1305,19 @@ mod tests {
     fn affinity_services_get_a_recording_chain_for_their_timeout() {
         let rs = Ruleset::compute(&model(&[("10.244.1.2", "n1")], Some(60)), &config());
         assert_eq!(
-            rs.maps[MAP_AFFINITY_SERVICES]["10.96.0.20 . tcp . 80"],
+            val(&rs, MAP_AFFINITY_SERVICES, "10.96.0.20 . tcp . 80"),
             "goto affinity-60"
         );
         assert_eq!(
-            rs.maps[MAP_AFFINITY_NODEPORTS]["tcp . 30080"],
+            val(&rs, MAP_AFFINITY_NODEPORTS, "tcp . 30080"),
             "goto affinity-60"
         );
-        assert!(rs.chains["affinity-60"][0].contains("timeout 60s"));
+        assert!(rs.chains["affinity-60"].0[0].contains("timeout 60s"));
         assert!(rs.maps[SET_HAIRPIN].contains_key("10.244.1.2 . 10.244.1.2"));
+        let remote = Ruleset::compute(&model(&[("10.244.2.2", "n2")], None), &config());
+        assert!(
+            remote.maps[SET_HAIRPIN].is_empty(),
+            "no hairpin for endpoints elsewhere"
+        );
     }
 }

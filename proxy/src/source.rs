@@ -22,6 +22,8 @@ pub enum SourceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("API server: {0}")]
+    Kube(String),
     #[error("{path} is not a JSON List of Services and EndpointSlices: {source}")]
     Parse {
         path: PathBuf,

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelEvent, Protocol};
+use crate::model::{Model, ModelEvent};
 use crate::nft::{Conntrack, Nft, NftError};
-use crate::ruleset::{FrontendAddr, Ruleset, RulesetConfig, RulesetStats};
+use crate::ruleset::{
+    Changes, FrontendAddr, Ruleset, RulesetConfig, RulesetStats, FAMILY, MAP_AFFINITY, TABLE,
+};
 
 /// How much of the table a sync rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +45,15 @@ pub struct SyncReport {
     pub stats: RulesetStats,
 }
 
-/// Programs the kernel from the model. Holds what it last applied, so it never has to list the table.
+/// Programs the kernel from the model. Holds the desired ruleset it last applied, so it never lists the table and
+/// a change recomputes only the Services it touched.
 pub struct Proxier {
     config: RulesetConfig,
     nft: Nft,
     conntrack: Conntrack,
-    applied: Option<Ruleset>,
+    state: Ruleset,
+    /// Whether the kernel holds `state` (false before the first sync and after a failed one).
+    in_sync: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -63,47 +68,56 @@ impl Proxier {
             config,
             nft,
             conntrack,
-            applied: None,
+            state: Ruleset::default(),
+            in_sync: false,
             metrics,
         }
     }
 
-    /// The ruleset last applied, if the last sync succeeded.
-    pub fn applied(&self) -> Option<&Ruleset> {
-        self.applied.as_ref()
+    /// The desired ruleset (what the kernel holds after a successful sync).
+    pub fn state(&self) -> &Ruleset {
+        &self.state
     }
 
-    /// Syncs the kernel to `model`. An incremental or resync request becomes a rebuild when the previous sync
-    /// failed (the kernel's state is then unknown). On error nothing of this sync was applied (one transaction).
-    pub fn sync(&mut self, model: &Model, kind: SyncKind) -> Result<SyncReport, NftError> {
+    /// Syncs the kernel to `model`, consuming its dirty set. A request becomes a rebuild when the kernel's state
+    /// is unknown (first sync, or the previous one failed). On error nothing of this sync was applied (one
+    /// transaction) and the next sync rebuilds.
+    pub fn sync(&mut self, model: &mut Model, kind: SyncKind) -> Result<SyncReport, NftError> {
         let start = Instant::now();
-        let desired = Ruleset::compute(model, &self.config);
-        let (kind, script) = match (&self.applied, kind) {
-            (None, _) | (Some(_), SyncKind::Rebuild) => (
-                SyncKind::Rebuild,
-                Some(desired.render_rebuild(&self.config)),
-            ),
-            (Some(old), SyncKind::Resync) => (
-                SyncKind::Resync,
-                Some(desired.render_resync(old, &self.config)),
-            ),
-            (Some(old), SyncKind::Incremental) => {
-                (SyncKind::Incremental, desired.render_incremental(old))
+        let dirty = model.take_dirty();
+        let kind = if self.in_sync {
+            kind
+        } else {
+            SyncKind::Rebuild
+        };
+        let (script, changes) = match kind {
+            SyncKind::Rebuild => {
+                self.state = Ruleset::compute(model, &self.config);
+                (Some(self.state.render_rebuild(&self.config)), None)
+            }
+            SyncKind::Resync => {
+                let changes = self.state.update(model, &self.config, &dirty);
+                (Some(self.state.render_resync(&self.config)), Some(changes))
+            }
+            SyncKind::Incremental => {
+                let changes = self.state.update(model, &self.config, &dirty);
+                (self.state.render_changes(&changes), Some(changes))
             }
         };
         let script_bytes = script.as_ref().map_or(0, String::len);
         if let Some(script) = &script {
             if let Err(e) = self.nft.apply(script) {
-                self.applied = None;
+                self.in_sync = false;
                 self.metrics.record_error();
                 return Err(e);
             }
         }
-        if let Some(old) = &self.applied {
-            self.flush_stale_udp(old, &desired);
+        self.in_sync = true;
+        if let Some(changes) = &changes {
+            self.flush_stale_udp(changes);
+            self.flush_stale_affinity(changes);
         }
-        let stats = desired.stats();
-        self.applied = Some(desired);
+        let stats = self.state.stats();
         let took = start.elapsed();
         self.metrics
             .record_success(kind.index(), took, stats, model.service_count());
@@ -115,12 +129,53 @@ impl Proxier {
         })
     }
 
+    /// Deletes affinity entries pinning clients to endpoints their Service no longer has. Only the affinity map is
+    /// read, and only when an affinity Service lost an endpoint. Failures are logged: the entries then expire.
+    fn flush_stale_affinity(&self, changes: &Changes) {
+        let lost = self.state.lost_affinity_endpoints(changes);
+        if lost.is_empty() {
+            return;
+        }
+        let entries = match self.nft.list_affinity(FAMILY, TABLE, MAP_AFFINITY) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the affinity map");
+                return;
+            }
+        };
+        let stale: Vec<String> = entries
+            .iter()
+            .filter(|e| {
+                let ip_frontend = format!("{} . {} . {}", e.daddr, e.proto, e.port);
+                let np_frontend = format!("{} . {}", e.proto, e.port);
+                lost.iter()
+                    .any(|(fe, ep)| *ep == e.endpoint && (*fe == ip_frontend || *fe == np_frontend))
+            })
+            .map(|e| e.key())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let script = format!(
+            "delete element {FAMILY} {TABLE} {MAP_AFFINITY} {{ {} }}\n",
+            stale.join(", ")
+        );
+        match self.nft.apply(&script) {
+            Ok(()) => info!(
+                entries = stale.len(),
+                "removed affinity to endpoints that went away"
+            ),
+            // An entry may have expired in between, failing the whole delete; they expire on their own anyway.
+            Err(e) => warn!(error = %e, "cannot remove stale affinity entries"),
+        }
+    }
+
     /// UDP has no connection end: a conntrack entry keeps sending a flow to a removed endpoint, or keeps a flow
     /// un-NATed that was created while a Service had no endpoints. Delete those entries, as upstream does.
-    fn flush_stale_udp(&self, old: &Ruleset, new: &Ruleset) {
+    fn flush_stale_udp(&self, changes: &Changes) {
         let empty = BTreeSet::new();
-        for (fe, old_eps) in &old.udp_backends {
-            let new_eps = new.udp_backends.get(fe).unwrap_or(&empty);
+        for (fe, old_eps) in &changes.udp {
+            let new_eps = self.state.udp_backends.get(fe).unwrap_or(&empty);
             let mut base = vec!["-p".to_string(), "udp".to_string()];
             if let FrontendAddr::Ip(ip) = fe.addr {
                 base.extend(["--orig-dst".to_string(), ip.to_string()]);
@@ -133,17 +188,8 @@ impl Proxier {
                     warn!(error = %e, "cannot flush stale UDP conntrack entries");
                 }
             }
-        }
-        for (fe, new_eps) in &new.udp_backends {
-            debug_assert!(fe.protocol == Protocol::Udp);
-            let had = old.udp_backends.get(fe).is_some_and(|e| !e.is_empty());
-            if !had && !new_eps.is_empty() {
-                let mut filter = vec!["-p".to_string(), "udp".to_string()];
-                if let FrontendAddr::Ip(ip) = fe.addr {
-                    filter.extend(["--orig-dst".to_string(), ip.to_string()]);
-                }
-                filter.extend(["--orig-port-dst".to_string(), fe.port.to_string()]);
-                if let Err(e) = self.conntrack.delete(&filter) {
+            if old_eps.is_empty() && !new_eps.is_empty() {
+                if let Err(e) = self.conntrack.delete(&base) {
                     warn!(error = %e, "cannot flush UDP conntrack entries of a Service that gained endpoints");
                 }
             }
@@ -221,7 +267,7 @@ impl SyncLoop {
                 continue;
             };
             last_sync = now;
-            match self.proxier.sync(&self.model, kind) {
+            match self.proxier.sync(&mut self.model, kind) {
                 Ok(report) => {
                     synced_once = true;
                     dirty_since = None;
@@ -235,9 +281,7 @@ impl SyncLoop {
                         elements = report.stats.elements,
                         "synced nftables"
                     );
-                    if let Some(applied) = self.proxier.applied() {
-                        (self.on_synced)(applied);
-                    }
+                    (self.on_synced)(self.proxier.state());
                 }
                 Err(e) => {
                     warn!(error = %e, "sync failed; retrying with a full rebuild");

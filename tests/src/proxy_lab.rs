@@ -183,6 +183,11 @@ impl ProxyLab {
 
     /// Starts `windlass-proxy` in the node namespace following the services file (which must exist).
     pub fn start_proxy(&mut self) {
+        self.start_proxy_with(&[]);
+    }
+
+    /// [`Self::start_proxy`] with extra flags.
+    pub fn start_proxy_with(&mut self, extra: &[&str]) {
         let bin = workspace_binary("windlass-proxy");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -200,6 +205,7 @@ impl ProxyLab {
                 "--debounce-ms",
                 "20",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log);
         self.proxy = Some(ChildGuard::spawn(&mut cmd).expect("start windlass-proxy"));

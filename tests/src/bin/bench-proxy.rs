@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,7 +75,8 @@ fn model(n: usize, ready_mask: impl Fn(usize, usize) -> bool) -> Model {
                         ready: ready_mask(i, e),
                         serving: true,
                         terminating: false,
-                        node_name: Some("n1".into()),
+                        // Five endpoints on five nodes: one of each Service's endpoints is on this node (n0).
+                        node_name: Some(format!("n{e}")),
                     })
                     .collect(),
             },
@@ -90,9 +92,9 @@ fn upstream_nft(n: usize) -> String {
         "add table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {\n",
     );
     s.push_str(" map service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n");
-    s.push_str(" chain mark-for-masquerade { meta mark set meta mark | 0x4000 }\n");
-    s.push_str(" chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n");
-    s.push_str(" chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services }\n");
+    s.push_str(" chain mark-for-masquerade {\n  meta mark set meta mark | 0x4000\n }\n");
+    s.push_str(" chain services {\n  ip daddr . meta l4proto . th dport vmap @service-ips\n }\n");
+    s.push_str(" chain nat-prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n  jump services\n }\n");
     for i in 0..n {
         let mut vm = Vec::new();
         for e in 0..ENDPOINTS {
@@ -162,8 +164,8 @@ fn upstream_iptables(n: usize) -> String {
 
 fn run_stdin(ns: &NetnsGuard, argv: &[&str], input: &str) -> Duration {
     let t = Instant::now();
-    let mut child = ns
-        .command(argv[0])
+    let _ = ns; // the whole process has entered the namespace (see main)
+    let mut child = Command::new(argv[0])
         .args(&argv[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -189,16 +191,28 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let skip_10k_upstream = std::env::args().any(|a| a == "--skip-upstream-10k");
+    let only_ours = std::env::args().any(|a| a == "--only-ours");
+    if let Some(dir) = std::env::args().skip_while(|a| a != "--dump").nth(1) {
+        // Writes the 10k-Service rebuild script, for inspecting nft by hand.
+        let config = RulesetConfig {
+            node_name: "n0".into(),
+            cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+            nodeport_addresses: vec![],
+        };
+        let a = windlass_proxy::Ruleset::compute(&model(10_000, |_, _| true), &config);
+        std::fs::write(format!("{dir}/rebuild.nft"), a.render_rebuild(&config)).expect("write");
+        return;
+    }
     let ns = NetnsGuard::new(&unique_name("pxb")).expect("bench netns");
-    let nft = Nft::new(vec![
-        "ip".into(),
-        "netns".into(),
-        "exec".into(),
-        ns.name().into(),
-        "nft".into(),
-    ]);
+    // Enter the namespace for good (this process is single-threaded here), so every tool runs directly, as the
+    // proxy does on a node, without `ip netns exec`'s set-up cost in the measurements.
+    let f = std::fs::File::open(ns.path()).expect("open netns");
+    // SAFETY: setns with a valid namespace fd; only this process is affected.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let nft = Nft::default();
     let config = RulesetConfig {
-        node_name: "n1".into(),
+        node_name: "n0".into(),
         cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
         nodeport_addresses: vec![],
     };
@@ -214,10 +228,28 @@ fn main() {
                 Conntrack::default(),
                 Arc::new(Metrics::new()),
             );
-            let r = p.sync(&m, SyncKind::Rebuild).expect("windlass sync");
+            let mut m = m.clone();
+            let r = p.sync(&mut m, SyncKind::Rebuild).expect("windlass sync");
             ours.push(r.took);
         }
         let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+        let mut cpu = Samples::new(&format!("windlass compute + render only (no nft), {n} svc"));
+        for _ in 0..runs {
+            let t = Instant::now();
+            let rs = windlass_proxy::Ruleset::compute(&m, &config);
+            let text = rs.render_rebuild(&config);
+            std::hint::black_box(text);
+            cpu.push(t.elapsed());
+        }
+        if only_ours {
+            eprintln!(
+                "{n}: ours {:.0} ms, of which compute+render {:.0} ms",
+                ours.median(),
+                cpu.median()
+            );
+            all.insert(n, vec![ours, cpu]);
+            continue;
+        }
         let up_runs = if n >= 5000 { 1 } else { runs };
         let mut up_nft = Samples::new(&format!("upstream nftables mode `nft -f`, {n} svc"));
         if !(n == 10_000 && skip_10k_upstream) {
@@ -246,7 +278,7 @@ fn main() {
             up_nft.median(),
             up_ipt.median()
         );
-        all.insert(n, vec![ours, up_nft, up_ipt]);
+        all.insert(n, vec![ours, cpu, up_nft, up_ipt]);
     }
     for (n, rows) in &all {
         let _ = writeln!(
@@ -259,26 +291,53 @@ fn main() {
 
     // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back.
     let n = 10_000;
-    let base = model(n, |_, _| true);
-    let changed = model(n, |i, e| !(i == 4242 && e == 3));
+    let mut m = model(n, |_, _| true);
     let mut p = Proxier::new(
         config.clone(),
         nft.clone(),
         Conntrack::default(),
         Arc::new(Metrics::new()),
     );
-    p.sync(&base, SyncKind::Rebuild).expect("initial sync");
-    let mut inc = Samples::new("windlass one endpoint change, 10k svc (compute + diff + nft)");
+    p.sync(&mut m, SyncKind::Rebuild).expect("initial sync");
+    let slice = 4242usize;
+    let key = SliceKey {
+        namespace: "bench".into(),
+        name: format!("svc-{slice}-abc"),
+    };
+    let mut inc = Samples::new("windlass one endpoint change, 10k svc (event → rules applied)");
     let mut bytes = 0;
     for r in 0..(runs * 10).max(20) {
-        let m = if r % 2 == 0 { &changed } else { &base };
-        let rep = p.sync(m, SyncKind::Incremental).expect("incremental sync");
+        // Flip endpoint 3 of Service 4242 between ready and unready, as an EndpointSlice update would.
+        let ready = r % 2 == 1;
+        let info = EndpointSliceInfo {
+            service: ServiceName::new("bench", &format!("svc-{slice}")),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: (0..ENDPOINTS)
+                .map(|e| Endpoint {
+                    address: ep_ip(slice, e),
+                    ready: e != 3 || ready,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some(format!("n{e}")),
+                })
+                .collect(),
+        };
+        let t = Instant::now();
+        m.apply(ModelEvent::SliceUpsert(key.clone(), info));
+        let rep = p
+            .sync(&mut m, SyncKind::Incremental)
+            .expect("incremental sync");
+        inc.push(t.elapsed());
         bytes = rep.script_bytes;
-        inc.push(rep.took);
     }
+    let base = &mut m;
     let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
     for _ in 0..runs {
-        resync.push(p.sync(&base, SyncKind::Resync).expect("resync").took);
+        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
     }
     let _ = writeln!(
         out,
@@ -286,5 +345,121 @@ fn main() {
     );
     out.push_str(&markdown_table(&[&inc, &resync], &inc));
     let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+    if !only_ours || std::env::args().any(|a| a == "--latency") {
+        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
+    }
     println!("{out}");
+}
+
+/// Connect latency through a ClusterIP with 10 vs 10,000 Services programmed: a pod namespace (veth from this one)
+/// runs a TCP listener; this namespace connects to the Service `count` times per size, and directly to the pod.
+fn connect_latency(config: &RulesetConfig, nft: &Nft, count: usize) -> String {
+    let pod = NetnsGuard::new(&unique_name("pxl")).expect("pod netns");
+    let setup = [
+        format!(
+            "ip link add pv0 type veth peer name eth0 netns {}",
+            pod.name()
+        ),
+        "ip addr add 10.250.0.1/24 dev pv0".to_string(),
+        "ip link set pv0 up".to_string(),
+        // Connects to a ClusterIP need a route before the OUTPUT hook rewrites the destination.
+        "ip route add 10.96.0.0/12 dev pv0".to_string(),
+    ];
+    for cmd in setup {
+        let st = Command::new("sh").args(["-c", &cmd]).status().expect("sh");
+        assert!(st.success(), "{cmd}");
+    }
+    pod.exec(&[
+        "sh",
+        "-c",
+        "ip addr add 10.250.0.2/24 dev eth0 && ip link set eth0 up",
+    ])
+    .expect("pod address");
+    let path = pod.path();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open pod netns");
+        // SAFETY: setns on a valid namespace fd; affects only this listener thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("listen");
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let target = ServiceName::new("bench", "target");
+    let mut out = String::from(
+        "\n### Connect latency through a ClusterIP (node-local client, connect() only)\n\n| case | connects | median (µs) | p10–p90 (µs) |\n|---|---|---|---|\n",
+    );
+    let mut measure = |name: &str, addr: &str| {
+        let mut v = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            let c = std::net::TcpStream::connect(addr).expect("connect");
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(c);
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |x: f64| v[((v.len() - 1) as f64 * x).round() as usize];
+        let _ = writeln!(
+            out,
+            "| {name} | {count} | {:.0} | {:.0}–{:.0} |",
+            q(0.5),
+            q(0.1),
+            q(0.9)
+        );
+    };
+    measure("direct to the pod (no Service rules)", "10.250.0.2:8080");
+    for n in [10, 10_000] {
+        let mut m = model(n, |_, _| true);
+        m.apply(ModelEvent::ServiceUpsert(Service {
+            name: target.clone(),
+            cluster_ips: vec![Ipv4Addr::new(10, 111, 255, 250)],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
+            affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            health_check_node_port: None,
+        }));
+        m.apply(ModelEvent::SliceUpsert(
+            SliceKey {
+                namespace: "bench".into(),
+                name: "target-abc".into(),
+            },
+            EndpointSliceInfo {
+                service: target.clone(),
+                ports: vec![EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+                endpoints: vec![Endpoint {
+                    address: Ipv4Addr::new(10, 250, 0, 2),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some("n0".into()),
+                }],
+            },
+        ));
+        let mut p = Proxier::new(
+            config.clone(),
+            nft.clone(),
+            Conntrack::default(),
+            Arc::new(Metrics::new()),
+        );
+        p.sync(&mut m, SyncKind::Rebuild).expect("sync");
+        measure(
+            &format!("via ClusterIP, {n} Services programmed"),
+            "10.111.255.250:80",
+        );
+    }
+    let _ = nft.apply(&windlass_proxy::render_cleanup());
+    out
 }
