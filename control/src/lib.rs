@@ -1,1 +1,3 @@
-//! Windlass control library. Not yet written: see the project's issues.
+//! Windlass control plane: a Kubernetes-compatible API server over a pluggable [`store::Store`].
+
+pub mod store;
