@@ -18,6 +18,11 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures_util::Stream;
 
+pub mod embedded;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
+
 /// A store revision (etcd's `int64` revision). Revision 0 means "nothing written yet"; the first write is 1.
 pub type Revision = i64;
 
