@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod bundle;
+pub mod control;
 pub mod netns;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
@@ -71,7 +72,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(v) = condition() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

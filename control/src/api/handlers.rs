@@ -78,6 +78,10 @@ async fn read(state: &State, t: &Target, name: &str) -> Result<(Value, KeyValue)
 }
 
 fn body_object(ctx: &Ctx) -> Result<Value, ApiError> {
+    // Protobuf is not spoken here: a 415 makes client-go fall back to JSON for the rest of its requests.
+    if ctx.content_type.contains("protobuf") {
+        return Err(ApiError::unsupported_media_type(&ctx.content_type));
+    }
     let v: Value = serde_json::from_slice(&ctx.body).map_err(|e| {
         if ctx.content_type.contains("yaml") {
             ApiError::unsupported_media_type(&ctx.content_type)

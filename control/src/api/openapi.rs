@@ -88,6 +88,7 @@ pub(crate) fn render() -> HashMap<String, Bytes> {
             names.push((k, (k.schema)(&mut generator)));
         }
         let mut schemas = generator.take_definitions(true);
+        add_patch_extensions(&mut schemas);
         let mut paths = Map::new();
         for (k, schema) in &names {
             if let Some(s) = schemas.get_mut(schema).and_then(Value::as_object_mut) {
@@ -129,6 +130,57 @@ pub(crate) fn render() -> HashMap<String, Bytes> {
         );
     }
     docs
+}
+
+/// Adds `x-kubernetes-patch-strategy`/`x-kubernetes-patch-merge-key` (the Go types' `patchStrategy` and
+/// `patchMergeKey` tags, which k8s-openapi's schemas do not carry). kubectl computes strategic merge patches from
+/// them: without them it treats every list as atomic and sends whole lists, so removals inside a merged list (an
+/// env var dropped from one container) would be lost.
+fn add_patch_extensions(schemas: &mut Map<String, Value>) {
+    for (name, schema) in schemas.iter_mut() {
+        let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for (field, prop) in props.iter_mut() {
+            let Some(p) = prop.as_object_mut() else {
+                continue;
+            };
+            let is_array = p.get("type").and_then(Value::as_str) == Some("array");
+            let (strategy, key): (&str, Option<&str>) = match field.as_str() {
+                "containers"
+                | "initContainers"
+                | "ephemeralContainers"
+                | "env"
+                | "imagePullSecrets"
+                | "resourceClaims"
+                | "schedulingGates" => ("merge", Some("name")),
+                "volumes" if name.ends_with(".PodSpec") => ("merge,retainKeys", Some("name")),
+                "volumeMounts" => ("merge", Some("mountPath")),
+                "volumeDevices" => ("merge", Some("devicePath")),
+                "ports"
+                    if name.ends_with(".Container") || name.ends_with(".EphemeralContainer") =>
+                {
+                    ("merge", Some("containerPort"))
+                }
+                "ports" if name.ends_with(".ServiceSpec") => ("merge", Some("port")),
+                "conditions" | "addresses" if name.ends_with("Status") => ("merge", Some("type")),
+                "ownerReferences" => ("merge", Some("uid")),
+                "hostAliases" => ("merge", Some("ip")),
+                "taints" if name.ends_with(".NodeSpec") => ("merge", Some("key")),
+                "topologySpreadConstraints" => ("merge", Some("topologyKey")),
+                "finalizers" if name.ends_with(".ObjectMeta") => ("merge", None),
+                "strategy" if name.ends_with(".DeploymentSpec") => ("retainKeys", None),
+                _ => continue,
+            };
+            if !is_array && strategy != "retainKeys" {
+                continue;
+            }
+            p.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+            if let Some(k) = key {
+                p.insert("x-kubernetes-patch-merge-key".into(), json!(k));
+            }
+        }
+    }
 }
 
 fn hash(b: &[u8]) -> String {
