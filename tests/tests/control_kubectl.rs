@@ -776,3 +776,93 @@ fn kubectl_1_27_works_through_v2beta1_discovery() {
         },
     );
 }
+
+#[test]
+fn kubectl_create_subcommands_work_over_protobuf() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    // kubectl ≥1.32 sends these bodies as protobuf.
+    cp.kubectl_ok(&["create", "namespace", "pb"]);
+    cp.kubectl_ok(&["create", "configmap", "c", "-n", "pb", "--from-literal=a=b"]);
+    cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "pb",
+        "--from-literal=p=q",
+    ]);
+    cp.kubectl_ok(&[
+        "create",
+        "deployment",
+        "d",
+        "-n",
+        "pb",
+        "--image=nginx:1.25",
+        "--replicas=2",
+        "--port=80",
+    ]);
+    cp.kubectl_ok(&[
+        "create",
+        "service",
+        "nodeport",
+        "svc",
+        "-n",
+        "pb",
+        "--tcp=80:8080",
+    ]);
+    cp.kubectl_ok(&["create", "serviceaccount", "sa", "-n", "pb"]);
+    cp.kubectl_ok(&[
+        "create",
+        "role",
+        "r",
+        "-n",
+        "pb",
+        "--verb=get,list",
+        "--resource=pods",
+    ]);
+    cp.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "rb",
+        "-n",
+        "pb",
+        "--role=r",
+        "--user=bob",
+    ]);
+    assert_eq!(
+        cp.kubectl_ok(&["get", "cm", "c", "-n", "pb", "-o", "jsonpath={.data.a}"]),
+        "b"
+    );
+    assert_eq!(
+        cp.kubectl_ok(&[
+            "get",
+            "secret",
+            "s",
+            "-n",
+            "pb",
+            "-o",
+            "jsonpath={.data.p} {.type}"
+        ]),
+        "cQ== Opaque"
+    );
+    let d = json(&cp.kubectl_ok(&["get", "deploy", "d", "-n", "pb", "-o", "json"]));
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.25"
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        80
+    );
+    let s = json(&cp.kubectl_ok(&["get", "svc", "svc", "-n", "pb", "-o", "json"]));
+    assert_eq!(s["spec"]["type"], "NodePort");
+    assert_eq!(s["spec"]["ports"][0]["targetPort"], 8080);
+    let rb = json(&cp.kubectl_ok(&["get", "rolebinding", "rb", "-n", "pb", "-o", "json"]));
+    assert_eq!(rb["roleRef"]["name"], "r");
+    assert_eq!(rb["subjects"][0]["name"], "bob");
+}

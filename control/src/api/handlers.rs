@@ -77,10 +77,13 @@ async fn read(state: &State, t: &Target, name: &str) -> Result<(Value, KeyValue)
     }
 }
 
-fn body_object(ctx: &Ctx) -> Result<Value, ApiError> {
-    // Protobuf is not spoken here: a 415 makes client-go fall back to JSON for the rest of its requests.
-    if ctx.content_type.contains("protobuf") {
-        return Err(ApiError::unsupported_media_type(&ctx.content_type));
+fn body_object(ctx: &Ctx, kind: &ResourceKind) -> Result<Value, ApiError> {
+    // kubectl ≥1.32's typed clients write protobuf (and do not fall back to JSON).
+    if ctx
+        .content_type
+        .starts_with("application/vnd.kubernetes.protobuf")
+    {
+        return super::protobuf::decode(kind, &ctx.body);
     }
     let v: Value = serde_json::from_slice(&ctx.body).map_err(|e| {
         if ctx.content_type.contains("yaml") {
@@ -414,7 +417,7 @@ pub(crate) async fn create_object(
 
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
-    let obj = body_object(ctx)?;
+    let obj = body_object(ctx, t.kind)?;
     let (obj, warnings) =
         create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
     Ok(with_warnings(json_response(201, &obj), &warnings))
@@ -537,7 +540,7 @@ async fn update(
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
-    let body = body_object(ctx)?;
+    let body = body_object(ctx, t.kind)?;
     let sub = t.subresource.as_deref();
     if sub == Some("scale") {
         let replicas = body
@@ -725,7 +728,7 @@ async fn bind(
     t: &Target,
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let body = body_object(ctx)?;
+    let body = body_object(ctx, t.kind)?;
     let node = body
         .pointer("/target/name")
         .and_then(Value::as_str)

@@ -25,6 +25,7 @@ mod handlers;
 mod objects;
 mod openapi;
 mod patch;
+mod protobuf;
 pub(crate) mod resources;
 mod selectors;
 mod server;
