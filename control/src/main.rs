@@ -56,6 +56,12 @@ struct ServeArgs {
     service_cluster_ip_range: String,
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// Static bearer tokens, one `token,user,uid[,"group1,group2"]` per line (as kube-apiserver's flag).
+    #[arg(long)]
+    token_auth_file: Option<PathBuf>,
+    /// Append one JSON line per request (user, verb, resource, response code) to this file.
+    #[arg(long)]
+    audit_log_path: Option<PathBuf>,
     /// Recent store events kept in memory for watches that resume from a past resourceVersion.
     #[arg(long, default_value_t = 5000)]
     watch_history: usize,
@@ -121,6 +127,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_sans: args.tls_san,
         service_cidr: parse_cidr(&args.service_cluster_ip_range)?,
         node_ports: parse_port_range(&args.service_node_port_range)?,
+        token_auth_file: args.token_auth_file,
+        audit_log: args.audit_log_path,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -13,6 +13,7 @@ pub struct ControlPlane {
     pub dir: TempDir,
     pub port: u16,
     child: Option<ChildGuard>,
+    extra_args: Vec<String>,
 }
 
 /// A free loopback port (the OS picks one; it is released just before the server binds it).
@@ -26,14 +27,22 @@ fn free_port() -> u16 {
 impl ControlPlane {
     /// Starts a server on a fresh data directory and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// Like [`ControlPlane::start`], with extra `serve` arguments computed from the data directory (e.g. a token
+    /// file written there).
+    pub fn start_with(extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-control-")
             .tempdir()
             .expect("temp data dir");
+        let extra_args = extra_args(dir.path());
         let mut cp = Self {
             dir,
             port: free_port(),
             child: None,
+            extra_args,
         };
         cp.spawn();
         cp
@@ -59,6 +68,7 @@ impl ControlPlane {
                 .arg(self.port.to_string())
                 .arg("--data-dir")
                 .arg(self.dir.path())
+                .args(&self.extra_args)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(log),

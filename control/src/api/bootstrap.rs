@@ -1,5 +1,6 @@
 //! Objects every cluster starts with (as kube-apiserver's bootstrap controllers create them): the `default`,
-//! `kube-system`, `kube-public` and `kube-node-lease` namespaces and the `kubernetes` service in `default`.
+//! `kube-system`, `kube-public` and `kube-node-lease` namespaces, the `kubernetes` service in `default`, and the
+//! default RBAC roles and bindings.
 
 use serde_json::json;
 
@@ -26,7 +27,13 @@ pub(crate) async fn run(state: &State) -> Result<(), StoreError> {
         "spec": {"type": "ClusterIP", "clusterIP": first.to_string(), "sessionAffinity": "None",
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": state.config.listen.port()}]},
     });
-    ensure(state, svc, Some("default"), obj).await
+    ensure(state, svc, Some("default"), obj).await?;
+    for (plural, obj) in super::rbac::bootstrap_objects() {
+        let kind = resources::find("rbac.authorization.k8s.io", "v1", plural)
+            .ok_or(StoreError::Backend(format!("no {plural} kind")))?;
+        ensure(state, kind, None, obj).await?;
+    }
+    Ok(())
 }
 
 async fn ensure(

@@ -35,6 +35,12 @@ pub(crate) async fn dispatch(
             let (obj, _) = read(state, &t, n).await?;
             Ok(json_response(200, &scale_of(t.kind, &obj)?))
         }
+        (&Method::POST, None, None) if t.kind.kind == "SelfSubjectAccessReview" => {
+            self_subject_access_review(state, &ctx, &t).await
+        }
+        (_, _, _) if t.kind.kind == "SelfSubjectAccessReview" => Err(ApiError::method_not_allowed(
+            "selfsubjectaccessreviews only supports create",
+        )),
         (&Method::POST, None, None) => create(state, &ctx, &t).await,
         (&Method::POST, Some(n), Some("binding")) => bind(state, &ctx, &t, n).await,
         (&Method::PUT, Some(n), _) => update(state, &ctx, &t, n).await,
@@ -46,6 +52,59 @@ pub(crate) async fn dispatch(
             ctx.path
         ))),
     }
+}
+
+/// `kubectl auth can-i`: evaluates the requested attributes for the caller.
+async fn self_subject_access_review(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+) -> Result<Response<Body>, ApiError> {
+    let body = body_object(ctx, t.kind)?;
+    let (mut review, _) = decode(t.kind, body, FieldValidation::Strict)?;
+    let str_at = |p: &str| {
+        review
+            .pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let attrs = if review.pointer("/spec/resourceAttributes").is_some() {
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        super::rbac::Attributes {
+            verb: str_at("/spec/resourceAttributes/verb"),
+            group: str_at("/spec/resourceAttributes/group"),
+            resource: str_at("/spec/resourceAttributes/resource"),
+            subresource: opt(str_at("/spec/resourceAttributes/subresource")),
+            namespace: opt(str_at("/spec/resourceAttributes/namespace")),
+            name: opt(str_at("/spec/resourceAttributes/name")),
+            path: None,
+        }
+    } else if review.pointer("/spec/nonResourceAttributes").is_some() {
+        super::rbac::Attributes {
+            verb: str_at("/spec/nonResourceAttributes/verb"),
+            group: String::new(),
+            resource: String::new(),
+            subresource: None,
+            namespace: None,
+            name: None,
+            path: Some(str_at("/spec/nonResourceAttributes/path")),
+        }
+    } else {
+        return Err(ApiError::invalid(
+            t.kind,
+            "",
+            vec![Cause::required("spec.resourceAttributes")],
+        ));
+    };
+    let allowed = super::rbac::authorize(state, &ctx.user, &attrs).await?;
+    review["status"] = json!({"allowed": allowed});
+    if allowed {
+        review["status"]["reason"] = json!("allowed by RBAC");
+    }
+    review["apiVersion"] = json!(t.kind.api_version());
+    review["kind"] = json!(t.kind.kind);
+    Ok(json_response(201, &review))
 }
 
 /// Parses a stored value and stamps its resourceVersion.

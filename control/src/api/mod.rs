@@ -26,6 +26,7 @@ mod objects;
 mod openapi;
 mod patch;
 mod protobuf;
+mod rbac;
 pub(crate) mod resources;
 mod selectors;
 mod server;
@@ -56,6 +57,10 @@ pub struct ApiConfig {
     pub service_cidr: (Ipv4Addr, u8),
     /// NodePort range, inclusive.
     pub node_ports: (u16, u16),
+    /// Static bearer tokens (upstream `--token-auth-file` CSV: `token,user,uid,"group1,group2"`).
+    pub token_auth_file: Option<PathBuf>,
+    /// Where to append one JSON line per request (user, verb, resource, code).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Shared server state.
@@ -66,6 +71,10 @@ pub(crate) struct State {
     pub alloc_lock: tokio::sync::Mutex<()>,
     /// OpenAPI v3 documents by path (`api/v1`, `apis/apps/v1`), rendered once at start.
     pub openapi: HashMap<String, Bytes>,
+    /// Static bearer tokens.
+    pub tokens: HashMap<String, User>,
+    /// The audit log, if enabled.
+    pub audit: Option<std::sync::Mutex<std::fs::File>>,
 }
 
 /// Query parameters of a request (last value wins).
@@ -190,6 +199,12 @@ pub(crate) async fn handle(
             .to_string()
     };
     let path = parts.uri.path().to_string();
+    // Client certificate first, then a bearer token (upstream's union authenticator stops at the first success).
+    let user = user.or_else(|| {
+        let auth = header(header::AUTHORIZATION);
+        let token = auth.strip_prefix("Bearer ")?.trim();
+        state.tokens.get(token).cloned()
+    });
     let Some(user) = user else {
         // Health endpoints stay open to anonymous callers (upstream grants them via system:public-info-viewer).
         if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
@@ -221,12 +236,51 @@ pub(crate) async fn handle(
     let verb = ctx.method.clone();
     let path = ctx.path.clone();
     let user_name = ctx.user.name.clone();
-    let resp = match route(&state, ctx).await {
+    let (resp, attrs) = match route(&state, ctx).await {
         Ok(r) => r,
-        Err(e) => error_response(&e),
+        Err((e, attrs)) => (error_response(&e), attrs),
     };
-    tracing::debug!(user = %user_name, verb = %verb, path = %path, code = resp.status().as_u16(), "request");
+    let code = resp.status().as_u16();
+    tracing::debug!(user = %user_name, verb = %verb, path = %path, code, "request");
+    if let Some(audit) = &state.audit {
+        audit_line(audit, &user_name, &verb, &path, attrs.as_ref(), code);
+    }
     resp
+}
+
+/// Appends one audit record: who did what to which resource, and the response code.
+fn audit_line(
+    audit: &std::sync::Mutex<std::fs::File>,
+    user: &str,
+    method: &Method,
+    path: &str,
+    attrs: Option<&rbac::Attributes>,
+    code: u16,
+) {
+    use std::io::Write;
+    let mut rec = serde_json::json!({
+        "timestamp": objects::now(),
+        "user": user,
+        "method": method.as_str(),
+        "path": path,
+        "code": code,
+    });
+    if let Some(a) = attrs {
+        rec["verb"] = serde_json::json!(a.verb);
+        if a.path.is_none() {
+            rec["resource"] = serde_json::json!(a.resource);
+            rec["group"] = serde_json::json!(a.group);
+            rec["subresource"] = serde_json::json!(a.subresource);
+            rec["namespace"] = serde_json::json!(a.namespace);
+            rec["name"] = serde_json::json!(a.name);
+        }
+    }
+    let mut line = rec.to_string();
+    line.push('\n');
+    let mut f = audit.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = f.write_all(line.as_bytes()) {
+        tracing::warn!(error = %e, "cannot write the audit log");
+    }
 }
 
 pub(crate) fn plain(code: u16, text: &str) -> Response<Body> {
@@ -250,8 +304,118 @@ pub(crate) struct Target {
     pub watch_path: bool,
 }
 
-async fn route(state: &Arc<State>, ctx: Ctx) -> Result<Response<Body>, ApiError> {
+type Routed =
+    Result<(Response<Body>, Option<rbac::Attributes>), (ApiError, Option<rbac::Attributes>)>;
+
+/// Authorizes, then serves; returns the authorization attributes too, for the audit log.
+async fn route(state: &Arc<State>, ctx: Ctx) -> Routed {
     let path = ctx.path.trim_end_matches('/').to_string();
+    let attrs = match attributes(&ctx, &path) {
+        Ok(a) => a,
+        Err(e) => return Err((e, None)),
+    };
+    match rbac::authorize(state, &ctx.user, &attrs).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let mut e = ApiError::forbidden(attrs.forbidden_message(&ctx.user));
+            if attrs.path.is_none() {
+                let mut d = serde_json::json!({"kind": attrs.resource});
+                if let Some(n) = &attrs.name {
+                    d["name"] = serde_json::json!(n);
+                }
+                if !attrs.group.is_empty() {
+                    d["group"] = serde_json::json!(attrs.group);
+                }
+                e.details = Some(d);
+            }
+            return Err((e, Some(attrs)));
+        }
+        Err(e) => {
+            return Err((
+                ApiError::internal(format!("cannot authorize: {e}")),
+                Some(attrs),
+            ))
+        }
+    }
+    match serve_request(state, ctx, &path).await {
+        Ok(r) => Ok((r, Some(attrs))),
+        Err(e) => Err((e, Some(attrs))),
+    }
+}
+
+/// The authorization attributes of a request (Ref: apiserver `RequestInfoFactory`).
+fn attributes(ctx: &Ctx, path: &str) -> Result<rbac::Attributes, ApiError> {
+    let method_verb = match ctx.method {
+        Method::GET | Method::HEAD => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    };
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _v, rest @ ..] if !rest.is_empty() => ("", rest),
+        ["apis", g, _v, rest @ ..] if !rest.is_empty() => (*g, rest),
+        _ => {
+            return Ok(rbac::Attributes {
+                verb: method_verb.to_lowercase(),
+                group: String::new(),
+                resource: String::new(),
+                subresource: None,
+                namespace: None,
+                name: None,
+                path: Some(if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.to_string()
+                }),
+            })
+        }
+    };
+    let (watch_path, rest) = match rest {
+        ["watch", r @ ..] => (true, r),
+        r => (false, r),
+    };
+    let (namespace, rest): (Option<String>, &[&str]) = match rest {
+        ["namespaces", ns, r @ ..] if !r.is_empty() && !matches!(r[0], "status" | "finalize") => {
+            (Some((*ns).to_string()), r)
+        }
+        r => (None, r),
+    };
+    let (resource, name, sub) = match rest {
+        [res] => (*res, None, None),
+        [res, name] => (*res, Some((*name).to_string()), None),
+        [res, name, sub, ..] => (*res, Some((*name).to_string()), Some((*sub).to_string())),
+        [] => return Err(ApiError::path_not_found(path)),
+    };
+    // A namespace object's own namespace is itself (upstream sets it so RoleBindings can grant it).
+    let namespace =
+        namespace.or_else(|| (resource == "namespaces").then(|| name.clone()).flatten());
+    let watching = watch_path || ctx.query.flag("watch");
+    let verb = match (method_verb, name.is_some()) {
+        ("get", _) if watching => "watch",
+        ("get", false) => "list",
+        ("delete", false) => "deletecollection",
+        (v, _) => v,
+    };
+    Ok(rbac::Attributes {
+        verb: verb.to_string(),
+        group: group.to_string(),
+        resource: resource.to_string(),
+        subresource: sub,
+        namespace,
+        name,
+        path: None,
+    })
+}
+
+async fn serve_request(
+    state: &Arc<State>,
+    ctx: Ctx,
+    path: &str,
+) -> Result<Response<Body>, ApiError> {
+    let path = path.to_string();
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => return Ok(plain(200, "ok")),
         "/version" => return Ok(discovery::version()),

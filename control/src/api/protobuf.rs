@@ -1,5 +1,5 @@
 //! Protobuf request bodies, for the typed clients in kubectl ≥1.32: `kubectl create namespace|configmap|secret|
-//! serviceaccount|deployment|service|role|clusterrole|rolebinding|clusterrolebinding` send
+//! serviceaccount|deployment|service|role|clusterrole|rolebinding|clusterrolebinding` and `kubectl auth can-i` send
 //! `application/vnd.kubernetes.protobuf` and, unlike reads, have no JSON fallback.
 //!
 //! The envelope (Ref: apimachinery `runtime/serializer/protobuf`): the magic `k8s\0`, then a `runtime.Unknown`
@@ -348,6 +348,31 @@ pub(crate) fn decode(kind: &ResourceKind, body: &[u8]) -> Result<Value, ApiError
                 .map(|r| json!({"apiGroup": r.api_group, "kind": r.kind, "name": r.name}))
                 .unwrap_or(json!({}));
             json!({"metadata": object_meta(&m), "subjects": subjects, "roleRef": role_ref})
+        }
+        "SelfSubjectAccessReview" => {
+            let r =
+                k8s_pb::api::authorization::v1::SelfSubjectAccessReview::decode(raw).map_err(d)?;
+            let mut spec = Map::new();
+            if let Some(sp) = &r.spec {
+                if let Some(a) = &sp.resource_attributes {
+                    let mut o = Map::new();
+                    put(&mut o, "namespace", &a.namespace);
+                    put(&mut o, "verb", &a.verb);
+                    put(&mut o, "group", &a.group);
+                    put(&mut o, "version", &a.version);
+                    put(&mut o, "resource", &a.resource);
+                    put(&mut o, "subresource", &a.subresource);
+                    put(&mut o, "name", &a.name);
+                    spec.insert("resourceAttributes".into(), Value::Object(o));
+                }
+                if let Some(a) = &sp.non_resource_attributes {
+                    let mut o = Map::new();
+                    put(&mut o, "path", &a.path);
+                    put(&mut o, "verb", &a.verb);
+                    spec.insert("nonResourceAttributes".into(), Value::Object(o));
+                }
+            }
+            json!({"metadata": object_meta(&r.metadata), "spec": spec})
         }
         _ => {
             return Err(ApiError::unsupported_media_type(

@@ -170,7 +170,7 @@ static DEPLOY_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "Deployment"
 static RS_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "ReplicaSet")];
 
 /// Every kind served, in discovery order.
-pub(crate) static KINDS: [ResourceKind; 17] = [
+pub(crate) static KINDS: [ResourceKind; 18] = [
     kind!(core::Namespace, "", "v1", "Namespace", "namespaces", "namespace", false,
         short: &["ns"], cat: &[], sub: &NAMESPACE_SUBS, prefix: "namespaces", create_on_update: false),
     kind!(core::Pod, "", "v1", "Pod", "pods", "pod", true,
@@ -206,6 +206,23 @@ pub(crate) static KINDS: [ResourceKind; 17] = [
     kind!(rbac::ClusterRoleBinding, "rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings",
         "clusterrolebinding", false,
         short: &[], cat: &[], sub: &[], prefix: "clusterrolebindings", create_on_update: true),
+    // Not stored: a request evaluated against RBAC (`kubectl auth can-i`).
+    ResourceKind {
+        group: "authorization.k8s.io",
+        version: "v1",
+        kind: "SelfSubjectAccessReview",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: &["create"],
+        subresources: &[],
+        store_prefix: "selfsubjectaccessreviews",
+        normalize: normalize::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
+        schema: schema::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
+        create_on_update: false,
+    },
 ];
 
 /// The kind served at `group`/`version`/`plural`.

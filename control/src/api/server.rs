@@ -1,5 +1,6 @@
 //! TLS listener and HTTP/1.1 + HTTP/2 connection handling.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -29,6 +30,59 @@ pub enum ServeError {
     },
     #[error("cannot bootstrap the cluster objects: {0}")]
     Bootstrap(#[from] StoreError),
+    #[error("invalid token file {path}: {message}")]
+    TokenFile { path: String, message: String },
+    #[error("cannot open the audit log {path}: {source}")]
+    AuditLog {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Reads an upstream-format static token file: `token,user,uid[,"group1,group2"]` per line.
+fn load_tokens(path: &std::path::Path) -> Result<HashMap<String, User>, ServeError> {
+    let err = |message: String| ServeError::TokenFile {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut tokens = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(4, ',');
+        let token = fields.next().unwrap_or_default().trim();
+        let user = fields.next().unwrap_or_default().trim();
+        let _uid = fields.next();
+        if token.is_empty() || user.is_empty() {
+            return Err(err(format!(
+                "line {}: expected token,user,uid[,groups]",
+                i + 1
+            )));
+        }
+        let mut groups: Vec<String> = fields
+            .next()
+            .map(|g| {
+                g.trim()
+                    .trim_matches('"')
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        groups.push("system:authenticated".into());
+        tokens.insert(
+            token.to_string(),
+            User {
+                name: user.to_string(),
+                groups,
+            },
+        );
+    }
+    Ok(tokens)
 }
 
 fn tls_config(paths: &pki::PkiPaths) -> Result<rustls::ServerConfig, ServeError> {
@@ -80,10 +134,29 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
             source,
         })?;
     tracing::info!(backend = store.backend(), "using store backend");
+    let tokens = match &config.token_auth_file {
+        Some(p) => load_tokens(p)?,
+        None => HashMap::new(),
+    };
+    let audit = match &config.audit_log {
+        Some(p) => Some(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| ServeError::AuditLog {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        )),
+        None => None,
+    };
     let state = Arc::new(State {
         store,
         openapi: openapi::render(),
         alloc_lock: tokio::sync::Mutex::new(()),
+        tokens,
+        audit,
         config,
     });
     bootstrap::run(&state).await?;
