@@ -866,3 +866,37 @@ fn kubectl_create_subcommands_work_over_protobuf() {
     assert_eq!(rb["roleRef"]["name"], "r");
     assert_eq!(rb["subjects"][0]["name"], "bob");
 }
+
+#[test]
+fn a_gracefully_deleted_pod_goes_away_when_its_grace_period_ends_even_across_a_restart() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let mut cp = ControlPlane::start();
+    for name in ["g1", "g2"] {
+        let bound = pod(name).replace(
+            "spec:\n",
+            "spec:\n  nodeName: n1\n  terminationGracePeriodSeconds: 2\n",
+        );
+        cp.kubectl_stdin_ok(&["create", "-f", "-"], &bound);
+        cp.kubectl_ok(&["delete", "pod", name, "--wait=false"]);
+    }
+    let terminating = cp.kubectl_ok(&["get", "pods", "--no-headers"]);
+    assert_eq!(
+        terminating.matches("Terminating").count(),
+        2,
+        "{terminating}"
+    );
+    // The server restarts mid-grace: the expiry is re-armed from the stored deletionTimestamp.
+    cp.restart();
+    wait_for(
+        "both pods to be removed after their grace period",
+        Duration::from_secs(20),
+        || {
+            cp.kubectl_ok(&["get", "pods", "-o", "name"])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    );
+}

@@ -971,7 +971,12 @@ pub(crate) async fn delete_object(
                 Ok(kv) => {
                     let updated = object_of(&kv)?;
                     if grace > 0 && !has_finalizers {
-                        schedule_grace_expiry(state.clone(), key.clone(), kv.mod_revision, grace);
+                        schedule_grace_expiry(
+                            state.clone(),
+                            key.clone(),
+                            kv.mod_revision,
+                            std::time::Duration::from_secs(grace as u64),
+                        );
                     }
                     return Ok(updated);
                 }
@@ -990,9 +995,14 @@ pub(crate) async fn delete_object(
 
 /// Removes a gracefully deleted object when its grace period has passed and nothing else changed it (the kubelet
 /// confirms earlier with a zero-grace delete once it has stopped the pod).
-fn schedule_grace_expiry(state: Arc<State>, key: String, revision: i64, grace: i64) {
+fn schedule_grace_expiry(
+    state: Arc<State>,
+    key: String,
+    revision: i64,
+    after: std::time::Duration,
+) {
     tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_secs(grace.max(0) as u64)).await;
+        tokio::time::sleep(after).await;
         match state.store.delete(&key, Some(revision)).await {
             Ok(_) => tracing::debug!(%key, "grace period over; removed"),
             Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
@@ -1001,6 +1011,64 @@ fn schedule_grace_expiry(state: Arc<State>, key: String, revision: i64, grace: i
             }
         }
     });
+}
+
+/// After a restart: re-arms the grace-period expiry of pods that were being deleted (their deletionTimestamp is
+/// the end of the grace period), and finishes namespaces that were terminating.
+pub(crate) async fn resume_deletions(state: &Arc<State>) -> Result<(), StoreError> {
+    if let Some(pods) = resources::find("", "v1", "pods") {
+        for kv in state
+            .store
+            .list(&pods.prefix(None), &ListOptions::default())
+            .await?
+            .items
+        {
+            let Ok(obj) = object_of(&kv) else { continue };
+            let m = meta(&obj);
+            let Some(ts) = m.get("deletionTimestamp").and_then(Value::as_str) else {
+                continue;
+            };
+            let grace = m
+                .get("deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let finalizers = m
+                .get("finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+            if grace <= 0 || finalizers {
+                continue;
+            }
+            let left = ts
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .map(|t| t.duration_since(jiff::Timestamp::now()).as_secs().max(0) as u64)
+                .unwrap_or(0);
+            schedule_grace_expiry(
+                state.clone(),
+                kv.key.clone(),
+                kv.mod_revision,
+                std::time::Duration::from_secs(left),
+            );
+        }
+    }
+    if let Some(ns_kind) = resources::find("", "v1", "namespaces") {
+        for kv in state
+            .store
+            .list(&ns_kind.prefix(None), &ListOptions::default())
+            .await?
+            .items
+        {
+            let Ok(obj) = object_of(&kv) else { continue };
+            if obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") {
+                let name = name_of(&obj).to_string();
+                if let Err(e) = delete_namespace(state, ns_kind, &name, obj, &kv).await {
+                    tracing::warn!(namespace = %name, error = %e.message, "cannot resume namespace deletion");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Namespace deletion: mark it Terminating, then (as the namespace controller would) delete everything in it and

@@ -160,6 +160,7 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         config,
     });
     bootstrap::run(&state).await?;
+    super::handlers::resume_deletions(&state).await?;
     tracing::info!(address = %state.config.listen, kubeconfig = %paths.admin_kubeconfig.display(), "serving");
     loop {
         let (tcp, peer) = match listener.accept().await {
