@@ -445,6 +445,26 @@ fn a_stale_update_is_rejected_with_a_conflict() {
         ]),
         "again"
     );
+    // Pod specs are immutable except for images and a few fields, as upstream.
+    let err = cp.kubectl_err(&[
+        "patch",
+        "pod",
+        "p1",
+        "-p",
+        r#"{"spec":{"restartPolicy":"Never"}}"#,
+    ]);
+    assert!(err.contains("pod updates may not change fields"), "{err}");
+    cp.kubectl_ok(&["set", "image", "pod/p1", "main=busybox:1.37"]);
+    assert_eq!(
+        cp.kubectl_ok(&[
+            "get",
+            "pod",
+            "p1",
+            "-o",
+            "jsonpath={.spec.containers[0].image}"
+        ]),
+        "busybox:1.37"
+    );
     // Creating it again conflicts too.
     let err = String::from_utf8_lossy(&cp.kubectl_stdin(&["create", "-f", "-"], &pod("p1")).stderr)
         .into_owned();

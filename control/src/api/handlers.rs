@@ -533,7 +533,10 @@ pub(crate) async fn update_object(
         }
         objects::apply_defaults(kind, &mut new, false);
         let (mut new, warnings) = decode(kind, new, validation)?;
-        let causes = objects::validate(kind, &new, state.config.node_ports);
+        let mut causes = objects::validate(kind, &new, state.config.node_ports);
+        if mode == (Mode::Client { subresource: None }) {
+            causes.extend(objects::validate_update(kind, &new, &current));
+        }
         if !causes.is_empty() {
             return Err(ApiError::invalid(kind, name, causes));
         }

@@ -896,6 +896,76 @@ pub(crate) fn validate(kind: &ResourceKind, obj: &Value, node_ports: (u16, u16))
     causes
 }
 
+/// The pod spec with the fields an update may change blanked out (Ref: `ValidatePodUpdate`: images,
+/// activeDeadlineSeconds, tolerations additions, terminationGracePeriodSeconds, schedulingGates removal).
+fn pod_spec_mutable_masked(spec: Option<&Value>) -> Value {
+    let mut s = spec.cloned().unwrap_or(json!({}));
+    for list in ["containers", "initContainers"] {
+        for c in s
+            .get_mut(list)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("image");
+            }
+        }
+    }
+    if let Some(o) = s.as_object_mut() {
+        for f in [
+            "activeDeadlineSeconds",
+            "tolerations",
+            "terminationGracePeriodSeconds",
+            "schedulingGates",
+        ] {
+            o.remove(f);
+        }
+    }
+    s
+}
+
+/// Checks what a client update may not change (immutable fields), beyond what [`validate`] checks.
+// One arm per kind reads better than guards spread over the match.
+#[allow(clippy::collapsible_match)]
+pub(crate) fn validate_update(kind: &ResourceKind, new: &Value, old: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    match kind.kind {
+        "Pod" => {
+            if pod_spec_mutable_masked(new.get("spec")) != pod_spec_mutable_masked(old.get("spec"))
+            {
+                causes.push(Cause::forbidden(
+                    "spec",
+                    "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+                ));
+            }
+        }
+        "Deployment" | "ReplicaSet" => {
+            let (n, o) = (new.pointer("/spec/selector"), old.pointer("/spec/selector"));
+            if n != o {
+                causes.push(Cause::invalid(
+                    "spec.selector",
+                    n.unwrap_or(&Value::Null),
+                    "field is immutable",
+                ));
+            }
+        }
+        "ConfigMap" | "Secret" => {
+            if old.get("immutable").and_then(Value::as_bool) == Some(true)
+                && (new.get("data") != old.get("data")
+                    || new.get("binaryData") != old.get("binaryData"))
+            {
+                causes.push(Cause::forbidden(
+                    "data",
+                    "field is immutable when `immutable` is set",
+                ));
+            }
+        }
+        _ => {}
+    }
+    causes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
