@@ -208,3 +208,59 @@ fn default_cluster_roles_are_bootstrapped() {
     ]);
     assert_eq!(b, "system:masters");
 }
+
+#[test]
+fn a_client_certificate_names_the_user_and_groups() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = start();
+    let kubeconfig = cp.data_dir().join("carol.kubeconfig");
+    let out = Command::new(windlass_tests::workspace_binary("windlass-control"))
+        .args([
+            "issue-kubeconfig",
+            "--user",
+            "carol",
+            "--group",
+            "ops",
+            "--server",
+            &cp.url(),
+        ])
+        .arg("--data-dir")
+        .arg(cp.data_dir())
+        .arg("--out")
+        .arg(&kubeconfig)
+        .output()
+        .expect("issue-kubeconfig");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let carol = |args: &[&str]| {
+        Command::new("kubectl")
+            .env("HOME", cp.data_dir())
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl as carol")
+    };
+    let err = String::from_utf8_lossy(&carol(&["get", "nodes"]).stderr).into_owned();
+    assert!(
+        err.contains(r#"User "carol" cannot list resource "nodes""#),
+        "{err}"
+    );
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "ops-admin",
+        "--clusterrole=cluster-admin",
+        "--group=ops",
+    ]);
+    let out = carol(&["get", "nodes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
