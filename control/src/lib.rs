@@ -1,1 +1,11 @@
-//! Windlass control library. Not yet written: see the project's issues.
+//! Windlass control plane: a Kubernetes-compatible API server over a pluggable [`store::Store`].
+//!
+//! - [`store`]: the `Store` trait (etcd's revision semantics) and its backends.
+//! - `api`: the HTTPS API server (discovery, OpenAPI, generic resource handlers, watch, patch).
+//! - [`pki`]: first-start certificates and the admin kubeconfig.
+
+mod api;
+pub mod pki;
+pub mod store;
+
+pub use api::{serve, ApiConfig, ServeError, User};

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bundle;
 pub mod cgroup;
 pub mod cni;
+pub mod control;
 pub mod image_fixture;
 pub mod lab;
 pub mod netns;

@@ -1,0 +1,63 @@
+//! Objects every cluster starts with (as kube-apiserver's bootstrap controllers create them): the `default`,
+//! `kube-system`, `kube-public` and `kube-node-lease` namespaces, the `kubernetes` service in `default`, and the
+//! default RBAC roles and bindings.
+
+use serde_json::json;
+
+use super::handlers::create_object;
+use super::objects::FieldValidation;
+use super::resources;
+use super::State;
+use crate::store::StoreError;
+
+pub(crate) async fn run(state: &State) -> Result<(), StoreError> {
+    let ns_kind = resources::find("", "v1", "namespaces")
+        .ok_or(StoreError::Backend("no namespaces kind".into()))?;
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        ensure(state, ns_kind, None, obj).await?;
+    }
+    let svc = resources::find("", "v1", "services")
+        .ok_or(StoreError::Backend("no services kind".into()))?;
+    let (net, _) = state.config.service_cidr;
+    let first = std::net::Ipv4Addr::from(u32::from(net) + 1);
+    let obj = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"type": "ClusterIP", "clusterIP": first.to_string(), "sessionAffinity": "None",
+                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": state.config.listen.port()}]},
+    });
+    ensure(state, svc, Some("default"), obj).await?;
+    for (plural, obj) in super::rbac::bootstrap_objects() {
+        let kind = resources::find("rbac.authorization.k8s.io", "v1", plural)
+            .ok_or(StoreError::Backend(format!("no {plural} kind")))?;
+        ensure(state, kind, None, obj).await?;
+    }
+    Ok(())
+}
+
+async fn ensure(
+    state: &State,
+    kind: &'static resources::ResourceKind,
+    ns: Option<&str>,
+    obj: serde_json::Value,
+) -> Result<(), StoreError> {
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if state.store.get(&kind.key(ns, &name)).await?.0.is_some() {
+        return Ok(());
+    }
+    match create_object(state, kind, ns, obj, FieldValidation::Strict, false).await {
+        Ok(_) => {
+            tracing::info!(kind = kind.kind, %name, "bootstrapped");
+            Ok(())
+        }
+        Err(e) if e.code == 409 => Ok(()),
+        Err(e) => Err(StoreError::Backend(format!(
+            "cannot create {} {name}: {}",
+            kind.kind, e.message
+        ))),
+    }
+}

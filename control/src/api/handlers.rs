@@ -1,0 +1,1353 @@
+//! Generic resource handlers: get, list, create, update, patch, delete (+ the status, scale and binding
+//! subresources), with upstream semantics (Ref: apiserver `pkg/registry/generic/registry/store.go`).
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{Method, Response};
+use serde_json::{json, Value};
+
+use super::objects::{self, decode, meta, meta_mut, name_of, FieldValidation};
+use super::resources::{self, ResourceKind};
+use super::selectors::{FieldSelector, LabelSelector};
+use super::status::{ApiError, Cause};
+use super::{json_response, patch, table, watch, with_warnings, Body, Ctx, State, Target};
+use crate::store::{KeyValue, ListOptions, StoreError};
+
+/// How many times an update without a client-given resourceVersion retries after losing a race.
+const RETRIES: usize = 8;
+
+pub(crate) async fn dispatch(
+    state: &Arc<State>,
+    ctx: Ctx,
+    t: Target,
+) -> Result<Response<Body>, ApiError> {
+    let watching = t.watch_path || ctx.query.flag("watch");
+    let name = t.name.clone();
+    let sub = t.subresource.clone();
+    match (&ctx.method, name.as_deref(), sub.as_deref()) {
+        (&Method::GET, None, None) if watching => watch::serve(state, &ctx, &t, None).await,
+        (&Method::GET, Some(n), None) if watching => watch::serve(state, &ctx, &t, Some(n)).await,
+        (&Method::GET, None, None) => list(state, &ctx, &t).await,
+        (&Method::GET, Some(n), None | Some("status")) => get(state, &ctx, &t, n).await,
+        (&Method::GET, Some(n), Some("scale")) => {
+            let (obj, _) = read(state, &t, n).await?;
+            Ok(json_response(200, &scale_of(t.kind, &obj)?))
+        }
+        (&Method::POST, None, None) if t.kind.kind == "SelfSubjectAccessReview" => {
+            self_subject_access_review(state, &ctx, &t).await
+        }
+        (_, _, _) if t.kind.kind == "SelfSubjectAccessReview" => Err(ApiError::method_not_allowed(
+            "selfsubjectaccessreviews only supports create",
+        )),
+        (&Method::POST, None, None) => create(state, &ctx, &t).await,
+        (&Method::POST, Some(n), Some("binding")) => bind(state, &ctx, &t, n).await,
+        (&Method::PUT, Some(n), _) => update(state, &ctx, &t, n).await,
+        (&Method::PATCH, Some(n), _) => patch(state, &ctx, &t, n).await,
+        (&Method::DELETE, Some(n), None) => delete(state, &ctx, &t, n).await,
+        (&Method::DELETE, None, None) => delete_collection(state, &ctx, &t).await,
+        (m, _, _) => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({m} {})",
+            ctx.path
+        ))),
+    }
+}
+
+/// `kubectl auth can-i`: evaluates the requested attributes for the caller.
+async fn self_subject_access_review(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+) -> Result<Response<Body>, ApiError> {
+    let body = body_object(ctx, t.kind)?;
+    let (mut review, _) = decode(t.kind, body, FieldValidation::Strict)?;
+    let str_at = |p: &str| {
+        review
+            .pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let attrs = if review.pointer("/spec/resourceAttributes").is_some() {
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        super::rbac::Attributes {
+            verb: str_at("/spec/resourceAttributes/verb"),
+            group: str_at("/spec/resourceAttributes/group"),
+            resource: str_at("/spec/resourceAttributes/resource"),
+            subresource: opt(str_at("/spec/resourceAttributes/subresource")),
+            namespace: opt(str_at("/spec/resourceAttributes/namespace")),
+            name: opt(str_at("/spec/resourceAttributes/name")),
+            path: None,
+        }
+    } else if review.pointer("/spec/nonResourceAttributes").is_some() {
+        super::rbac::Attributes {
+            verb: str_at("/spec/nonResourceAttributes/verb"),
+            group: String::new(),
+            resource: String::new(),
+            subresource: None,
+            namespace: None,
+            name: None,
+            path: Some(str_at("/spec/nonResourceAttributes/path")),
+        }
+    } else {
+        return Err(ApiError::invalid(
+            t.kind,
+            "",
+            vec![Cause::required("spec.resourceAttributes")],
+        ));
+    };
+    let allowed = super::rbac::authorize(state, &ctx.user, &attrs).await?;
+    review["status"] = json!({"allowed": allowed});
+    if allowed {
+        review["status"]["reason"] = json!("allowed by RBAC");
+    }
+    review["apiVersion"] = json!(t.kind.api_version());
+    review["kind"] = json!(t.kind.kind);
+    Ok(json_response(201, &review))
+}
+
+/// Parses a stored value and stamps its resourceVersion.
+pub(crate) fn object_of(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key)))?;
+    meta_mut(&mut v).insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    Ok(v)
+}
+
+/// Serialises an object for storage (without resourceVersion: the store's mod revision is the truth).
+fn to_stored(obj: &Value) -> Vec<u8> {
+    let mut o = obj.clone();
+    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    serde_json::to_vec(&o).unwrap_or_default()
+}
+
+fn ns_of(t: &Target) -> Option<&str> {
+    t.namespace.as_deref()
+}
+
+async fn read(state: &State, t: &Target, name: &str) -> Result<(Value, KeyValue), ApiError> {
+    let key = t.kind.key(ns_of(t), name);
+    match state.store.get(&key).await? {
+        (Some(kv), _) => Ok((object_of(&kv)?, kv)),
+        (None, _) => Err(ApiError::not_found(t.kind, name)),
+    }
+}
+
+fn body_object(ctx: &Ctx, kind: &ResourceKind) -> Result<Value, ApiError> {
+    // kubectl ≥1.32's typed clients write protobuf (and do not fall back to JSON).
+    if ctx
+        .content_type
+        .starts_with("application/vnd.kubernetes.protobuf")
+    {
+        return super::protobuf::decode(kind, &ctx.body);
+    }
+    let v: Value = serde_json::from_slice(&ctx.body).map_err(|e| {
+        if ctx.content_type.contains("yaml") {
+            ApiError::unsupported_media_type(&ctx.content_type)
+        } else {
+            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+        }
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(v)
+}
+
+fn check_type(kind: &ResourceKind, obj: &Value) -> Result<(), ApiError> {
+    if let Some(k) = obj.get("kind").and_then(Value::as_str) {
+        if !k.is_empty() && k != kind.kind {
+            return Err(ApiError::bad_request(format!(
+                "the kind of the provided object ({k}) does not match the kind of the request ({})",
+                kind.kind
+            )));
+        }
+    }
+    if let Some(av) = obj.get("apiVersion").and_then(Value::as_str) {
+        if !av.is_empty() && av != kind.api_version() {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                kind.api_version()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Namespaced objects need an existing namespace that is not being terminated.
+async fn check_namespace(
+    state: &State,
+    kind: &ResourceKind,
+    ns: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let ns_kind = resources::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("no namespace kind"))?;
+    match state.store.get(&ns_kind.key(None, ns)).await? {
+        (None, _) => Err(ApiError::not_found(ns_kind, ns)),
+        (Some(kv), _) => {
+            let obj = object_of(&kv)?;
+            let terminating = meta(&obj)
+                .get("deletionTimestamp")
+                .is_some_and(|v| !v.is_null())
+                || obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating");
+            if terminating {
+                Err(ApiError::namespace_terminating(kind, name, ns))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn get(state: &State, ctx: &Ctx, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
+    let (obj, kv) = read(state, t, name).await?;
+    if ctx.wants_table() {
+        return Ok(json_response(
+            200,
+            &table::table(
+                t.kind,
+                &[obj],
+                &kv.mod_revision.to_string(),
+                None,
+                ctx.query.get("includeObject"),
+            ),
+        ));
+    }
+    Ok(json_response(200, &obj))
+}
+
+/// The continue token: where the next page starts and the revision of the first page (as upstream encodes it).
+fn encode_continue(revision: i64, last_key: &str) -> String {
+    let token = json!({"v": "meta.k8s.io/v1", "rv": revision, "start": last_key});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str, prefix: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let start = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
+    if !start.starts_with(prefix) {
+        return Err(bad());
+    }
+    Ok(start.to_string())
+}
+
+pub(crate) struct Selection {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Selection {
+    pub fn from_query(ctx: &Ctx, kind: &ResourceKind) -> Result<Self, ApiError> {
+        let labels = LabelSelector::parse(ctx.query.get("labelSelector").unwrap_or_default())
+            .map_err(ApiError::bad_request)?;
+        let fields = FieldSelector::parse(
+            ctx.query.get("fieldSelector").unwrap_or_default(),
+            kind.kind,
+        )
+        .map_err(ApiError::bad_request)?;
+        Ok(Self { labels, fields })
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+}
+
+/// Lists objects matching the selection: items, list revision, continue token, remaining count.
+pub(crate) async fn list_objects(
+    state: &State,
+    kind: &ResourceKind,
+    namespace: Option<&str>,
+    sel: &Selection,
+    limit: Option<usize>,
+    continue_token: Option<&str>,
+) -> Result<(Vec<Value>, i64, Option<String>, Option<u64>), ApiError> {
+    let prefix = kind.prefix(namespace);
+    // A single named object: read it directly instead of scanning.
+    if let (Some(name), true) = (sel.fields.single_name(), continue_token.is_none()) {
+        if namespace.is_some() || !kind.namespaced {
+            let (kv, rev) = state.store.get(&format!("{prefix}{name}")).await?;
+            let items = match kv {
+                Some(kv) => {
+                    let o = object_of(&kv)?;
+                    if sel.matches(&o) {
+                        vec![o]
+                    } else {
+                        vec![]
+                    }
+                }
+                None => vec![],
+            };
+            return Ok((items, rev, None, None));
+        }
+    }
+    let mut start_after = match continue_token {
+        Some(t) => Some(decode_continue(t, &prefix)?),
+        None => None,
+    };
+    let want = limit.filter(|l| *l > 0);
+    let mut items = Vec::new();
+    let mut revision = None;
+    loop {
+        let page = state
+            .store
+            .list(
+                &prefix,
+                &ListOptions {
+                    limit: want
+                        .map(|w| (w - items.len()).max(if sel.is_empty() { 1 } else { 500 })),
+                    start_after: start_after.clone(),
+                },
+            )
+            .await?;
+        revision.get_or_insert(page.revision);
+        let mut last_key = None;
+        for kv in &page.items {
+            last_key = Some(kv.key.clone());
+            let o = object_of(kv)?;
+            if sel.matches(&o) {
+                items.push((kv.key.clone(), o));
+                if want.is_some_and(|w| items.len() >= w) {
+                    break;
+                }
+            }
+        }
+        let full = want.is_some_and(|w| items.len() >= w);
+        let revision = revision.unwrap_or(page.revision);
+        if full {
+            // More may follow: either the page had more keys after the one we stopped at, or the store has more.
+            let stopped_at = items.last().map(|(k, _)| k.clone()).unwrap_or_default();
+            let page_has_more = page.items.last().is_some_and(|kv| kv.key != stopped_at);
+            if page_has_more || page.more {
+                let remaining = if sel.is_empty() {
+                    let after = page
+                        .items
+                        .iter()
+                        .skip_while(|kv| kv.key != stopped_at)
+                        .count() as u64;
+                    page.remaining.map(|r| r + after.saturating_sub(1))
+                } else {
+                    None
+                };
+                return Ok((
+                    items.into_iter().map(|(_, o)| o).collect(),
+                    revision,
+                    Some(encode_continue(revision, &stopped_at)),
+                    remaining,
+                ));
+            }
+            return Ok((
+                items.into_iter().map(|(_, o)| o).collect(),
+                revision,
+                None,
+                None,
+            ));
+        }
+        if !page.more || last_key.is_none() {
+            return Ok((
+                items.into_iter().map(|(_, o)| o).collect(),
+                revision,
+                None,
+                None,
+            ));
+        }
+        start_after = last_key;
+    }
+}
+
+async fn list(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
+    let sel = Selection::from_query(ctx, t.kind)?;
+    let limit = match ctx.query.get("limit") {
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        ),
+        None => None,
+    };
+    let (items, rev, cont, remaining) = list_objects(
+        state,
+        t.kind,
+        ns_of(t),
+        &sel,
+        limit,
+        ctx.query.get("continue"),
+    )
+    .await?;
+    if ctx.wants_table() {
+        return Ok(json_response(
+            200,
+            &table::table(
+                t.kind,
+                &items,
+                &rev.to_string(),
+                cont.as_deref(),
+                ctx.query.get("includeObject"),
+            ),
+        ));
+    }
+    let mut list_meta = json!({"resourceVersion": rev.to_string()});
+    if let Some(c) = cont {
+        list_meta["continue"] = json!(c);
+    }
+    if let Some(r) = remaining.filter(|r| *r > 0) {
+        list_meta["remainingItemCount"] = json!(r);
+    }
+    Ok(json_response(
+        200,
+        &json!({
+            "kind": format!("{}List", t.kind.kind),
+            "apiVersion": t.kind.api_version(),
+            "metadata": list_meta,
+            "items": items,
+        }),
+    ))
+}
+
+fn dry_run(ctx: &Ctx) -> bool {
+    ctx.query.get("dryRun").is_some()
+}
+
+/// Validates and stores a new object; returns it with its resourceVersion and any warnings.
+pub(crate) async fn create_object(
+    state: &State,
+    kind: &'static ResourceKind,
+    namespace: Option<&str>,
+    mut obj: Value,
+    validation: FieldValidation,
+    dry: bool,
+) -> Result<(Value, Vec<String>), ApiError> {
+    check_type(kind, &obj)?;
+    if kind.namespaced {
+        let body_ns = meta(&obj)
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(ns) = namespace {
+            if !body_ns.is_empty() && body_ns != ns {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+        }
+    }
+    objects::prepare_create(kind, &mut obj, namespace);
+    objects::apply_defaults(kind, &mut obj, true);
+    let (mut obj, warnings) = decode(kind, obj, validation)?;
+    let name = name_of(&obj).to_string();
+    let causes = objects::validate(kind, &obj, state.config.node_ports);
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(kind, &name, causes));
+    }
+    if let (true, Some(ns)) = (kind.namespaced, namespace) {
+        check_namespace(state, kind, ns, &name).await?;
+    }
+    let key = kind.key(namespace, &name);
+    let _alloc = if kind.kind == "Service" {
+        let guard = state.alloc_lock.lock().await;
+        allocate_service(state, kind, &mut obj, None).await?;
+        Some(guard)
+    } else {
+        None
+    };
+    if dry {
+        return Ok((obj, warnings));
+    }
+    let kv = state
+        .store
+        .create(&key, to_stored(&obj))
+        .await
+        .map_err(|e| ApiError::from_store(kind, &name, e))?;
+    Ok((object_of(&kv)?, warnings))
+}
+
+async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
+    let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
+    let obj = body_object(ctx, t.kind)?;
+    let (obj, warnings) =
+        create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
+    Ok(with_warnings(json_response(201, &obj), &warnings))
+}
+
+/// Who is making an update: a client (system fields are carried over from the stored object) or the server
+/// itself (graceful deletion, binding), which may set them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode<'a> {
+    Client { subresource: Option<&'a str> },
+    System,
+}
+
+/// Read-modify-write with optimistic concurrency: `f` builds the new object from the current one. Retries on a
+/// lost race unless the client gave a resourceVersion precondition (then 409).
+#[allow(clippy::too_many_arguments)] // Each is a distinct request property; a struct would only rename them.
+pub(crate) async fn update_object(
+    state: &State,
+    kind: &'static ResourceKind,
+    namespace: Option<&str>,
+    name: &str,
+    mode: Mode<'_>,
+    validation: FieldValidation,
+    dry: bool,
+    mut f: impl FnMut(&Value) -> Result<Value, ApiError>,
+) -> Result<(Value, Vec<String>), ApiError> {
+    let key = kind.key(namespace, name);
+    for _ in 0..RETRIES {
+        let (kv, _) = state.store.get(&key).await?;
+        let kv = kv.ok_or_else(|| ApiError::not_found(kind, name))?;
+        let current = object_of(&kv)?;
+        let mut new = f(&current)?;
+        let precondition = meta(&new)
+            .get("resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(String::from);
+        if let Some(rv) = &precondition {
+            if mode != Mode::System && *rv != kv.mod_revision.to_string() {
+                return Err(ApiError::modified(kind, name));
+            }
+        }
+        check_type(kind, &new)?;
+        if name_of(&new) != name && !name_of(&new).is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                name_of(&new)
+            )));
+        }
+        if let Mode::Client { subresource } = mode {
+            objects::prepare_update(kind, &mut new, &current, subresource);
+        } else {
+            meta_mut(&mut new).remove("resourceVersion");
+        }
+        objects::apply_defaults(kind, &mut new, false);
+        let (mut new, warnings) = decode(kind, new, validation)?;
+        let mut causes = objects::validate(kind, &new, state.config.node_ports);
+        if mode == (Mode::Client { subresource: None }) {
+            causes.extend(objects::validate_update(kind, &new, &current));
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(kind, name, causes));
+        }
+        let _alloc = if kind.kind == "Service" {
+            let guard = state.alloc_lock.lock().await;
+            allocate_service(state, kind, &mut new, Some(&current)).await?;
+            Some(guard)
+        } else {
+            None
+        };
+        if dry {
+            return Ok((new, warnings));
+        }
+        match state
+            .store
+            .update(&key, kv.mod_revision, to_stored(&new))
+            .await
+        {
+            Ok(kv) => {
+                let obj = object_of(&kv)?;
+                finish_deletion_if_done(state, kind, &obj, &kv).await?;
+                return Ok((obj, warnings));
+            }
+            Err(StoreError::Conflict { .. }) if precondition.is_none() || mode == Mode::System => {
+                continue
+            }
+            Err(e) => return Err(ApiError::from_store(kind, name, e)),
+        }
+    }
+    Err(ApiError::modified(kind, name))
+}
+
+/// An object being deleted whose finalizers are all gone and whose grace period is zero is removed.
+async fn finish_deletion_if_done(
+    state: &State,
+    kind: &ResourceKind,
+    obj: &Value,
+    kv: &KeyValue,
+) -> Result<(), ApiError> {
+    let m = meta(obj);
+    let deleting = m.get("deletionTimestamp").is_some_and(|v| !v.is_null());
+    let no_finalizers = m
+        .get("finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty);
+    let grace = m
+        .get("deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if deleting && no_finalizers && grace == 0 {
+        match state.store.delete(&kv.key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(ApiError::from_store(kind, name_of(obj), e)),
+        }
+    }
+    Ok(())
+}
+
+async fn update(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
+    let body = body_object(ctx, t.kind)?;
+    let sub = t.subresource.as_deref();
+    if sub == Some("scale") {
+        let replicas = body
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let rv = meta(&body).get("resourceVersion").cloned();
+        let (obj, _) = update_object(
+            state,
+            t.kind,
+            ns_of(t),
+            name,
+            Mode::Client { subresource: None },
+            FieldValidation::Ignore,
+            dry_run(ctx),
+            |cur| {
+                let mut new = cur.clone();
+                new["spec"]["replicas"] = json!(replicas);
+                match &rv {
+                    Some(rv) => meta_mut(&mut new).insert("resourceVersion".into(), rv.clone()),
+                    None => meta_mut(&mut new).remove("resourceVersion"),
+                };
+                Ok(new)
+            },
+        )
+        .await?;
+        return Ok(json_response(200, &scale_of(t.kind, &obj)?));
+    }
+    let exists = state
+        .store
+        .get(&t.kind.key(ns_of(t), name))
+        .await?
+        .0
+        .is_some();
+    if !exists {
+        if t.kind.create_on_update && sub.is_none() {
+            if name_of(&body) != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    name_of(&body)
+                )));
+            }
+            let (obj, warnings) =
+                create_object(state, t.kind, ns_of(t), body, validation, dry_run(ctx)).await?;
+            return Ok(with_warnings(json_response(201, &obj), &warnings));
+        }
+        return Err(ApiError::not_found(t.kind, name));
+    }
+    let (obj, warnings) = update_object(
+        state,
+        t.kind,
+        ns_of(t),
+        name,
+        Mode::Client { subresource: sub },
+        validation,
+        dry_run(ctx),
+        |_| Ok(body.clone()),
+    )
+    .await?;
+    Ok(with_warnings(json_response(200, &obj), &warnings))
+}
+
+async fn patch(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
+    let ptype = patch::PatchType::from_content_type(&ctx.content_type)
+        .ok_or_else(|| ApiError::unsupported_media_type(&ctx.content_type))?;
+    let body: Value = serde_json::from_slice(&ctx.body)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let sub = t.subresource.as_deref();
+    let manager = ctx
+        .query
+        .get("fieldManager")
+        .unwrap_or("unknown")
+        .to_string();
+    if sub == Some("scale") {
+        let (obj, _) = update_object(
+            state,
+            t.kind,
+            ns_of(t),
+            name,
+            Mode::Client { subresource: None },
+            FieldValidation::Ignore,
+            dry_run(ctx),
+            |cur| {
+                let scale = scale_of(t.kind, cur)?;
+                let patched = patch::apply(ptype, &scale, &body, &manager)?;
+                let mut new = cur.clone();
+                new["spec"]["replicas"] = patched
+                    .pointer("/spec/replicas")
+                    .cloned()
+                    .unwrap_or(json!(0));
+                meta_mut(&mut new).remove("resourceVersion");
+                Ok(new)
+            },
+        )
+        .await?;
+        return Ok(json_response(200, &scale_of(t.kind, &obj)?));
+    }
+    let exists = state
+        .store
+        .get(&t.kind.key(ns_of(t), name))
+        .await?
+        .0
+        .is_some();
+    if !exists {
+        if ptype == patch::PatchType::Apply && sub.is_none() {
+            // Server-side apply creates a missing object from the applied configuration.
+            let mut obj = body.clone();
+            patch::record_manager(&mut obj, &body, &manager, "Apply");
+            if name_of(&obj) != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    name_of(&obj)
+                )));
+            }
+            let (obj, warnings) =
+                create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
+            return Ok(with_warnings(json_response(201, &obj), &warnings));
+        }
+        return Err(ApiError::not_found(t.kind, name));
+    }
+    let (obj, warnings) = update_object(
+        state,
+        t.kind,
+        ns_of(t),
+        name,
+        Mode::Client { subresource: sub },
+        validation,
+        dry_run(ctx),
+        |cur| {
+            let mut new = patch::apply(ptype, cur, &body, &manager)?;
+            // A patch is checked against the version it carries, if any; otherwise applied to the latest.
+            let patch_rv = body
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str);
+            match patch_rv {
+                Some(rv) => meta_mut(&mut new).insert("resourceVersion".into(), json!(rv)),
+                None => meta_mut(&mut new).remove("resourceVersion"),
+            };
+            Ok(new)
+        },
+    )
+    .await?;
+    Ok(with_warnings(json_response(200, &obj), &warnings))
+}
+
+/// The autoscaling/v1 Scale view of a Deployment or ReplicaSet.
+fn scale_of(kind: &ResourceKind, obj: &Value) -> Result<Value, ApiError> {
+    let m = meta(obj);
+    let selector = obj
+        .pointer("/spec/selector")
+        .map(LabelSelector::from_object)
+        .transpose()
+        .map_err(ApiError::internal)?
+        .map(|s| s.to_string_form())
+        .unwrap_or_default();
+    let _ = kind;
+    Ok(json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": m.get("name"),
+            "namespace": m.get("namespace"),
+            "uid": m.get("uid"),
+            "resourceVersion": m.get("resourceVersion"),
+            "creationTimestamp": m.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector,
+        },
+    }))
+}
+
+/// `POST pods/<name>/binding`: assigns the pod to a node (what the scheduler does).
+async fn bind(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let body = body_object(ctx, t.kind)?;
+    let node = body
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                resources::find("", "v1", "pods").unwrap_or(t.kind),
+                name,
+                vec![Cause::required("target.name")],
+            )
+        })?
+        .to_string();
+    update_object(state, t.kind, ns_of(t), name, Mode::System, FieldValidation::Ignore, false, |cur| {
+        if meta(cur).get("deletionTimestamp").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::conflict(t.kind, name, "pod is being deleted, cannot be assigned to a host"));
+        }
+        if let Some(existing) = cur.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+            return Err(ApiError::conflict(
+                t.kind,
+                name,
+                &format!("pod {name} is already assigned to node \"{existing}\""),
+            ));
+        }
+        let mut new = cur.clone();
+        new["spec"]["nodeName"] = json!(node);
+        let conds = new["status"]
+            .as_object_mut()
+            .map(|s| s.entry("conditions").or_insert_with(|| json!([])));
+        if let Some(Value::Array(c)) = conds {
+            c.retain(|x| x.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            c.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": objects::now()}));
+        }
+        Ok(new)
+    })
+    .await?;
+    Ok(json_response(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// DeleteOptions from the body and query.
+pub(crate) struct DeleteOptions {
+    grace: Option<i64>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    dry: bool,
+}
+
+fn delete_options(ctx: &Ctx) -> Result<DeleteOptions, ApiError> {
+    let body: Value = if ctx.body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&ctx.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let grace = body
+        .get("gracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .or_else(|| {
+            ctx.query
+                .get("gracePeriodSeconds")
+                .and_then(|g| g.parse().ok())
+        });
+    if let Some(p) = body
+        .get("propagationPolicy")
+        .and_then(Value::as_str)
+        .or(ctx.query.get("propagationPolicy"))
+    {
+        if !matches!(p, "Orphan" | "Background" | "Foreground") {
+            return Err(ApiError::bad_request(format!(
+                "propagationPolicy {p:?} is invalid: supported values are Orphan, Background, Foreground"
+            )));
+        }
+    }
+    Ok(DeleteOptions {
+        grace,
+        uid: body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(String::from),
+        resource_version: body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from),
+        dry: body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+            || dry_run(ctx),
+    })
+}
+
+/// Deletes one object with upstream semantics; returns what the client sees (the object).
+pub(crate) async fn delete_object(
+    state: &Arc<State>,
+    kind: &'static ResourceKind,
+    namespace: Option<&str>,
+    name: &str,
+    opts: &DeleteOptions,
+) -> Result<Value, ApiError> {
+    let key = kind.key(namespace, name);
+    for _ in 0..RETRIES {
+        let (kv, _) = state.store.get(&key).await?;
+        let kv = kv.ok_or_else(|| ApiError::not_found(kind, name))?;
+        let obj = object_of(&kv)?;
+        let m = meta(&obj);
+        if let Some(uid) = &opts.uid {
+            let have = m.get("uid").and_then(Value::as_str).unwrap_or_default();
+            if have != uid {
+                return Err(ApiError::conflict(
+                    kind,
+                    name,
+                    &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}"),
+                ));
+            }
+        }
+        if let Some(rv) = &opts.resource_version {
+            if *rv != kv.mod_revision.to_string() {
+                return Err(ApiError::conflict(
+                    kind,
+                    name,
+                    &format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        kv.mod_revision
+                    ),
+                ));
+            }
+        }
+        if opts.dry {
+            return Ok(obj);
+        }
+        if kind.kind == "Namespace" {
+            return delete_namespace(state, kind, name, obj, &kv).await;
+        }
+        let grace = if kind.kind == "Pod" {
+            let scheduled = obj
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty());
+            let finished = matches!(
+                obj.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            );
+            if !scheduled || finished {
+                // No kubelet has to stop anything: upstream deletes unscheduled or finished pods at once.
+                0
+            } else {
+                opts.grace
+                    .or_else(|| {
+                        obj.pointer("/spec/terminationGracePeriodSeconds")
+                            .and_then(Value::as_i64)
+                    })
+                    .unwrap_or(30)
+                    .max(0)
+            }
+        } else {
+            0
+        };
+        let has_finalizers = m
+            .get("finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        let already = m.get("deletionTimestamp").is_some_and(|v| !v.is_null());
+        let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
+        if grace > 0 || has_finalizers {
+            if already && current_grace.is_some_and(|g| g <= grace) {
+                // Already being deleted with a shorter or equal grace period: nothing changes.
+                return Ok(obj);
+            }
+            let mut new = obj.clone();
+            let mm = meta_mut(&mut new);
+            mm.insert("deletionTimestamp".into(), json!(objects::now_plus(grace)));
+            mm.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            mm.remove("resourceVersion");
+            match state
+                .store
+                .update(&key, kv.mod_revision, to_stored(&new))
+                .await
+            {
+                Ok(kv) => {
+                    let updated = object_of(&kv)?;
+                    if grace > 0 && !has_finalizers {
+                        schedule_grace_expiry(
+                            state.clone(),
+                            key.clone(),
+                            kv.mod_revision,
+                            std::time::Duration::from_secs(grace as u64),
+                        );
+                    }
+                    return Ok(updated);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(ApiError::from_store(kind, name, e)),
+            }
+        }
+        match state.store.delete(&key, Some(kv.mod_revision)).await {
+            Ok(_) => return Ok(obj),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(ApiError::from_store(kind, name, e)),
+        }
+    }
+    Err(ApiError::modified(kind, name))
+}
+
+/// Removes a gracefully deleted object when its grace period has passed and nothing else changed it (the kubelet
+/// confirms earlier with a zero-grace delete once it has stopped the pod).
+fn schedule_grace_expiry(
+    state: Arc<State>,
+    key: String,
+    revision: i64,
+    after: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        match state.store.delete(&key, Some(revision)).await {
+            Ok(_) => tracing::debug!(%key, "grace period over; removed"),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot remove object after its grace period")
+            }
+        }
+    });
+}
+
+/// After a restart: re-arms the grace-period expiry of pods that were being deleted (their deletionTimestamp is
+/// the end of the grace period), and finishes namespaces that were terminating.
+pub(crate) async fn resume_deletions(state: &Arc<State>) -> Result<(), StoreError> {
+    if let Some(pods) = resources::find("", "v1", "pods") {
+        for kv in state
+            .store
+            .list(&pods.prefix(None), &ListOptions::default())
+            .await?
+            .items
+        {
+            let Ok(obj) = object_of(&kv) else { continue };
+            let m = meta(&obj);
+            let Some(ts) = m.get("deletionTimestamp").and_then(Value::as_str) else {
+                continue;
+            };
+            let grace = m
+                .get("deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let finalizers = m
+                .get("finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+            if grace <= 0 || finalizers {
+                continue;
+            }
+            let left = ts
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .map(|t| t.duration_since(jiff::Timestamp::now()).as_secs().max(0) as u64)
+                .unwrap_or(0);
+            schedule_grace_expiry(
+                state.clone(),
+                kv.key.clone(),
+                kv.mod_revision,
+                std::time::Duration::from_secs(left),
+            );
+        }
+    }
+    if let Some(ns_kind) = resources::find("", "v1", "namespaces") {
+        for kv in state
+            .store
+            .list(&ns_kind.prefix(None), &ListOptions::default())
+            .await?
+            .items
+        {
+            let Ok(obj) = object_of(&kv) else { continue };
+            if obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") {
+                let name = name_of(&obj).to_string();
+                if let Err(e) = delete_namespace(state, ns_kind, &name, obj, &kv).await {
+                    tracing::warn!(namespace = %name, error = %e.message, "cannot resume namespace deletion");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Namespace deletion: mark it Terminating, then (as the namespace controller would) delete everything in it and
+/// finally the namespace itself.
+async fn delete_namespace(
+    state: &Arc<State>,
+    kind: &ResourceKind,
+    name: &str,
+    obj: Value,
+    kv: &KeyValue,
+) -> Result<Value, ApiError> {
+    if matches!(name, "default" | "kube-system" | "kube-public") {
+        return Err(ApiError::forbidden(format!(
+            "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+        )));
+    }
+    let mut new = obj.clone();
+    if meta(&obj)
+        .get("deletionTimestamp")
+        .is_none_or(Value::is_null)
+    {
+        meta_mut(&mut new).insert("deletionTimestamp".into(), json!(objects::now()));
+        meta_mut(&mut new).insert("deletionGracePeriodSeconds".into(), json!(0));
+    }
+    new["status"] = json!({"phase": "Terminating"});
+    let kv = state
+        .store
+        .update(&kv.key, kv.mod_revision, to_stored(&new))
+        .await
+        .map_err(|e| ApiError::from_store(kind, name, e))?;
+    let updated = object_of(&kv)?;
+    let state = state.clone();
+    let ns = name.to_string();
+    tokio::spawn(async move {
+        for k in resources::KINDS.iter().filter(|k| k.namespaced) {
+            let Ok(list) = state
+                .store
+                .list(&k.prefix(Some(&ns)), &ListOptions::default())
+                .await
+            else {
+                continue;
+            };
+            for item in list.items {
+                let _ = state.store.delete(&item.key, None).await;
+            }
+        }
+        if let Err(e) = state.store.delete(&kv.key, None).await {
+            tracing::warn!(namespace = %ns, error = %e, "cannot remove terminated namespace");
+        }
+    });
+    Ok(updated)
+}
+
+async fn delete(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    t: &Target,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let opts = delete_options(ctx)?;
+    let obj = delete_object(state, t.kind, ns_of(t), name, &opts).await?;
+    Ok(json_response(200, &obj))
+}
+
+async fn delete_collection(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    t: &Target,
+) -> Result<Response<Body>, ApiError> {
+    let opts = delete_options(ctx)?;
+    let sel = Selection::from_query(ctx, t.kind)?;
+    let (items, rev, _, _) = list_objects(state, t.kind, ns_of(t), &sel, None, None).await?;
+    let mut deleted = Vec::new();
+    for item in items {
+        let ns = meta(&item)
+            .get("namespace")
+            .and_then(Value::as_str)
+            .map(String::from);
+        match delete_object(state, t.kind, ns.as_deref(), name_of(&item), &opts).await {
+            Ok(o) => deleted.push(o),
+            Err(e) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(json_response(
+        200,
+        &json!({"kind": format!("{}List", t.kind.kind), "apiVersion": t.kind.api_version(),
+            "metadata": {"resourceVersion": rev.to_string()}, "items": deleted}),
+    ))
+}
+
+fn cidr_bounds(net: Ipv4Addr, prefix: u8) -> (u32, u32) {
+    let base = u32::from(net) & (u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
+    let size = 1u64 << (32 - u32::from(prefix.min(32)));
+    (base, (u64::from(base) + size - 1) as u32)
+}
+
+/// Assigns a ClusterIP and NodePorts (upstream's service REST `Create`/`Update` allocators). Called with the
+/// allocation lock held; in-use values are read from the stored services.
+async fn allocate_service(
+    state: &State,
+    kind: &ResourceKind,
+    obj: &mut Value,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
+    let name = name_of(obj).to_string();
+    let spec_type = obj
+        .pointer("/spec/type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+        .to_string();
+    let all = state
+        .store
+        .list(&kind.prefix(None), &ListOptions::default())
+        .await?;
+    let own_key = kind.key(meta(obj).get("namespace").and_then(Value::as_str), &name);
+    let mut used_ips = std::collections::HashSet::new();
+    let mut used_ports = std::collections::HashSet::new();
+    for kv in all.items.iter().filter(|kv| kv.key != own_key) {
+        let Ok(o) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        if let Some(ip) = o.pointer("/spec/clusterIP").and_then(Value::as_str) {
+            used_ips.insert(ip.to_string());
+        }
+        for p in o
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
+                used_ports.insert(np);
+            }
+        }
+    }
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    // ClusterIP: immutable once set; ExternalName services get none.
+    let old_ip = old
+        .and_then(|o| o.pointer("/spec/clusterIP"))
+        .and_then(Value::as_str)
+        .map(String::from);
+    let mut ip = spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if let Some(old_ip) = &old_ip {
+        if ip.is_empty() {
+            ip = old_ip.clone();
+        } else if ip != *old_ip {
+            return Err(ApiError::invalid(
+                kind,
+                &name,
+                vec![Cause::invalid(
+                    "spec.clusterIPs[0]",
+                    &json!(ip),
+                    "may not change once set",
+                )],
+            ));
+        }
+    } else if spec_type == "ExternalName" {
+        ip.clear();
+    } else if ip.is_empty() {
+        let (lo, hi) = cidr_bounds(state.config.service_cidr.0, state.config.service_cidr.1);
+        let (first, last) = (lo + 1, hi.saturating_sub(1));
+        let span = last.saturating_sub(first) + 1;
+        // Random start, then the first free address (upstream picks at random from a bitmap).
+        let r = u32::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        let found = (0..span.min(1 << 20))
+            .map(|i| first + (r.wrapping_add(i) % span))
+            // .1 is reserved for the `kubernetes` service.
+            .filter(|a| *a != first || name == "kubernetes")
+            .map(Ipv4Addr::from)
+            .find(|a| !used_ips.contains(&a.to_string()));
+        match found {
+            Some(a) => ip = a.to_string(),
+            None => {
+                return Err(ApiError::internal(
+                    "failed to allocate a serviceIP: range is full",
+                ))
+            }
+        }
+    } else if ip != "None" {
+        let (lo, hi) = cidr_bounds(state.config.service_cidr.0, state.config.service_cidr.1);
+        let parsed: Option<Ipv4Addr> = ip.parse().ok();
+        let in_range = parsed.is_some_and(|a| u32::from(a) > lo && u32::from(a) < hi);
+        if !in_range {
+            return Err(ApiError::invalid(kind, &name, vec![Cause::invalid(
+                "spec.clusterIPs",
+                &json!([ip]),
+                format!("failed to allocate IP {ip}: provided IP is not in the valid range. The range of valid IPs is {}/{}", state.config.service_cidr.0, state.config.service_cidr.1),
+            )]));
+        }
+        if used_ips.contains(&ip) {
+            return Err(ApiError::invalid(
+                kind,
+                &name,
+                vec![Cause::invalid(
+                    "spec.clusterIPs",
+                    &json!([ip]),
+                    format!("failed to allocate IP {ip}: provided IP is already allocated"),
+                )],
+            ));
+        }
+    }
+    if !ip.is_empty() {
+        spec.insert("clusterIP".into(), json!(ip));
+        spec.insert("clusterIPs".into(), json!([ip]));
+    }
+    let needs_node_ports = matches!(spec_type.as_str(), "NodePort" | "LoadBalancer");
+    let old_ports: Vec<Value> = old
+        .and_then(|o| o.pointer("/spec/ports"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let (np_lo, np_hi) = state.config.node_ports;
+    let mut taken: std::collections::HashSet<i64> = used_ports;
+    for (i, p) in spec
+        .get_mut("ports")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let Some(p) = p.as_object_mut() else { continue };
+        if !needs_node_ports {
+            p.remove("nodePort");
+            continue;
+        }
+        let given = p
+            .get("nodePort")
+            .and_then(Value::as_i64)
+            .filter(|n| *n != 0);
+        let keep = old_ports
+            .iter()
+            .find(|o| o.get("port") == p.get("port") && o.get("protocol") == p.get("protocol"))
+            .and_then(|o| o.get("nodePort").and_then(Value::as_i64));
+        let port = match given.or(keep) {
+            Some(n) => {
+                if taken.contains(&n) && Some(n) != keep {
+                    return Err(ApiError::invalid(
+                        kind,
+                        &name,
+                        vec![Cause::invalid(
+                            format!("spec.ports[{i}].nodePort"),
+                            &json!(n),
+                            "provided port is already allocated",
+                        )],
+                    ));
+                }
+                n
+            }
+            None => {
+                let span = i64::from(np_hi) - i64::from(np_lo) + 1;
+                let r = i64::from(u16::from_le_bytes(
+                    uuid::Uuid::new_v4().as_bytes()[..2]
+                        .try_into()
+                        .unwrap_or([0; 2]),
+                ));
+                (0..span)
+                    .map(|k| i64::from(np_lo) + (r + k) % span)
+                    .find(|n| !taken.contains(n))
+                    .ok_or_else(|| {
+                        ApiError::internal("failed to allocate a nodePort: range is full")
+                    })?
+            }
+        };
+        taken.insert(port);
+        p.insert("nodePort".into(), json!(port));
+    }
+    Ok(())
+}

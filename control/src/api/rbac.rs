@@ -1,0 +1,375 @@
+//! RBAC authorization (Ref: kubernetes `plugin/pkg/auth/authorizer/rbac/rbac.go`) and the default roles
+//! bootstrapped at start (Ref: `plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go`).
+//!
+//! Members of `system:masters` are allowed everything without consulting RBAC, as upstream's superuser group.
+//! Otherwise a request is allowed when a ClusterRoleBinding, or a RoleBinding in the request's namespace, binds a
+//! subject matching the user (User name, Group, or ServiceAccount `system:serviceaccount:<ns>:<name>`) to a role
+//! with a rule covering the verb, API group, resource(/subresource) and name — or the non-resource path.
+//!
+//! Approximation: upstream builds `admin`/`edit`/`view` by label aggregation; here their rules are written out
+//! (covering the kinds this server serves). Bindings and roles are read from the store on every check.
+
+use serde_json::{json, Value};
+
+use super::handlers::object_of;
+use super::resources;
+use super::State;
+use super::User;
+use crate::store::{ListOptions, StoreError};
+
+/// What a request wants to do.
+#[derive(Clone, Debug)]
+pub(crate) struct Attributes {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// Set for non-resource requests (`/version`, `/healthz`, ...).
+    pub path: Option<String>,
+}
+
+impl Attributes {
+    /// Upstream's Forbidden message.
+    pub fn forbidden_message(&self, user: &User) -> String {
+        if let Some(path) = &self.path {
+            return format!(
+                "forbidden: User \"{}\" cannot {} path \"{path}\"",
+                user.name, self.verb
+            );
+        }
+        let resource = match &self.subresource {
+            Some(s) => format!("{}/{s}", self.resource),
+            None => self.resource.clone(),
+        };
+        let qualified = if self.group.is_empty() {
+            resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        };
+        let subject = match &self.name {
+            Some(n) => format!("{qualified} \"{n}\" is forbidden"),
+            None => format!("{qualified} is forbidden"),
+        };
+        let scope = match &self.namespace {
+            Some(ns) => format!(" in the namespace \"{ns}\""),
+            None => " at the cluster scope".to_string(),
+        };
+        format!(
+            "{subject}: User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\"{scope}",
+            user.name, self.verb, self.group
+        )
+    }
+}
+
+fn strs(v: Option<&Value>) -> Vec<&str> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn rule_allows(rule: &Value, a: &Attributes) -> bool {
+    let verbs = strs(rule.get("verbs"));
+    if !verbs.iter().any(|v| *v == "*" || *v == a.verb) {
+        return false;
+    }
+    if let Some(path) = &a.path {
+        return strs(rule.get("nonResourceURLs")).iter().any(|p| {
+            *p == "*"
+                || *p == path
+                || p.strip_suffix('*')
+                    .is_some_and(|prefix| path.starts_with(prefix))
+        });
+    }
+    let groups = strs(rule.get("apiGroups"));
+    if !groups.iter().any(|g| *g == "*" || *g == a.group) {
+        return false;
+    }
+    let full = match &a.subresource {
+        Some(s) => format!("{}/{s}", a.resource),
+        None => a.resource.clone(),
+    };
+    let resources = strs(rule.get("resources"));
+    let resource_ok = resources.iter().any(|r| {
+        *r == "*"
+            || *r == full
+            || (a.subresource.is_none() && *r == a.resource)
+            || a.subresource
+                .as_ref()
+                .is_some_and(|s| *r == format!("*/{s}"))
+    });
+    if !resource_ok {
+        return false;
+    }
+    let names = strs(rule.get("resourceNames"));
+    names.is_empty() || a.name.as_deref().is_some_and(|n| names.contains(&n))
+}
+
+fn subject_matches(s: &Value, user: &User) -> bool {
+    let name = s.get("name").and_then(Value::as_str).unwrap_or_default();
+    match s.get("kind").and_then(Value::as_str) {
+        Some("User") => name == user.name,
+        Some("Group") => user.groups.iter().any(|g| g == name),
+        Some("ServiceAccount") => {
+            let ns = s
+                .get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            user.name == format!("system:serviceaccount:{ns}:{name}")
+        }
+        _ => false,
+    }
+}
+
+async fn role_rules(
+    state: &State,
+    role_ref: &Value,
+    namespace: Option<&str>,
+) -> Result<Vec<Value>, StoreError> {
+    let name = role_ref
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let kind = match role_ref.get("kind").and_then(Value::as_str) {
+        Some("ClusterRole") => resources::find("rbac.authorization.k8s.io", "v1", "clusterroles"),
+        Some("Role") => resources::find("rbac.authorization.k8s.io", "v1", "roles"),
+        _ => None,
+    };
+    let Some(kind) = kind else { return Ok(vec![]) };
+    let ns = if kind.namespaced { namespace } else { None };
+    if kind.namespaced && ns.is_none() {
+        return Ok(vec![]);
+    }
+    match state.store.get(&kind.key(ns, name)).await?.0 {
+        Some(kv) => Ok(object_of(&kv)
+            .ok()
+            .and_then(|o| o.get("rules").and_then(Value::as_array).cloned())
+            .unwrap_or_default()),
+        None => Ok(vec![]),
+    }
+}
+
+/// Whether `user` may do `a`.
+pub(crate) async fn authorize(
+    state: &State,
+    user: &User,
+    a: &Attributes,
+) -> Result<bool, StoreError> {
+    if user.groups.iter().any(|g| g == "system:masters") {
+        return Ok(true);
+    }
+    let crb = resources::find("rbac.authorization.k8s.io", "v1", "clusterrolebindings");
+    let rb = resources::find("rbac.authorization.k8s.io", "v1", "rolebindings");
+    let mut bindings: Vec<(Value, Option<String>)> = Vec::new();
+    if let Some(crb) = crb {
+        for kv in state
+            .store
+            .list(&crb.prefix(None), &ListOptions::default())
+            .await?
+            .items
+        {
+            if let Ok(o) = object_of(&kv) {
+                bindings.push((o, None));
+            }
+        }
+    }
+    if let (Some(rb), Some(ns)) = (rb, a.namespace.as_deref()) {
+        for kv in state
+            .store
+            .list(&rb.prefix(Some(ns)), &ListOptions::default())
+            .await?
+            .items
+        {
+            if let Ok(o) = object_of(&kv) {
+                bindings.push((o, Some(ns.to_string())));
+            }
+        }
+    }
+    for (binding, ns) in bindings {
+        let subjects = binding
+            .get("subjects")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if !subjects.iter().any(|s| subject_matches(s, user)) {
+            continue;
+        }
+        let role_ref = binding.get("roleRef").cloned().unwrap_or(json!({}));
+        for rule in role_rules(state, &role_ref, ns.as_deref()).await? {
+            if rule_allows(&rule, a) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+const READ: [&str; 3] = ["get", "list", "watch"];
+const WRITE: [&str; 7] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+];
+
+/// The default cluster roles and bindings, as `(kind plural, object)`.
+pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
+    let view_rules = json!([
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "pods/status", "services", "services/status",
+            "endpoints", "configmaps", "serviceaccounts", "events", "namespaces", "namespaces/status",
+            "persistentvolumeclaims", "replicationcontrollers", "limitranges", "resourcequotas"], "verbs": READ},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "deployments/status",
+            "replicasets", "replicasets/scale", "replicasets/status", "daemonsets", "statefulsets"], "verbs": READ},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": READ},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": READ},
+    ]);
+    let edit_rules = json!([
+        {"apiGroups": [""], "resources": ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy",
+            "pods/eviction", "services", "endpoints", "configmaps", "secrets", "serviceaccounts",
+            "persistentvolumeclaims", "replicationcontrollers", "events"], "verbs": WRITE.iter().chain(["watch"].iter()).collect::<Vec<_>>()},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets",
+            "replicasets/scale", "daemonsets", "statefulsets"], "verbs": WRITE.iter().chain(["watch"].iter()).collect::<Vec<_>>()},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": WRITE.iter().chain(["watch"].iter()).collect::<Vec<_>>()},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": WRITE.iter().chain(["watch"].iter()).collect::<Vec<_>>()},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": READ},
+    ]);
+    let mut edit_all: Vec<Value> = edit_rules.as_array().cloned().unwrap_or_default();
+    edit_all.extend(view_rules.as_array().cloned().unwrap_or_default());
+    let mut admin_all = edit_all.clone();
+    admin_all.push(
+        json!({"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+        "verbs": WRITE.iter().chain(["watch"].iter()).collect::<Vec<_>>()}),
+    );
+    admin_all.push(json!({"apiGroups": ["authorization.k8s.io"], "resources": ["localsubjectaccessreviews"], "verbs": ["create"]}));
+    let role = |name: &str, rules: Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+            "rules": rules})
+    };
+    let binding = |name: &str, role: &str, group: &str| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]})
+    };
+    vec![
+        (
+            "clusterroles",
+            role(
+                "cluster-admin",
+                json!([
+            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+            {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
+            ),
+        ),
+        ("clusterroles", role("admin", Value::Array(admin_all))),
+        ("clusterroles", role("edit", Value::Array(edit_all))),
+        ("clusterroles", role("view", view_rules)),
+        (
+            "clusterroles",
+            role(
+                "system:discovery",
+                json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*",
+            "/healthz", "/livez", "/readyz", "/openapi", "/openapi/*", "/version", "/version/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "clusterroles",
+            role(
+                "system:basic-user",
+                json!([{"apiGroups": ["authorization.k8s.io"],
+            "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]}]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            binding("cluster-admin", "cluster-admin", "system:masters"),
+        ),
+        (
+            "clusterrolebindings",
+            binding(
+                "system:discovery",
+                "system:discovery",
+                "system:authenticated",
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            binding(
+                "system:basic-user",
+                "system:basic-user",
+                "system:authenticated",
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(
+        verb: &str,
+        group: &str,
+        resource: &str,
+        sub: Option<&str>,
+        name: Option<&str>,
+    ) -> Attributes {
+        Attributes {
+            verb: verb.into(),
+            group: group.into(),
+            resource: resource.into(),
+            subresource: sub.map(String::from),
+            namespace: Some("default".into()),
+            name: name.map(String::from),
+            path: None,
+        }
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_and_names() {
+        let rule = json!({"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
+            "verbs": ["get", "patch"], "resourceNames": ["web"]});
+        assert!(rule_allows(
+            &rule,
+            &attrs("get", "apps", "deployments", None, Some("web"))
+        ));
+        assert!(rule_allows(
+            &rule,
+            &attrs("patch", "apps", "deployments", Some("scale"), Some("web"))
+        ));
+        assert!(!rule_allows(
+            &rule,
+            &attrs("get", "apps", "deployments", None, Some("db"))
+        ));
+        assert!(!rule_allows(
+            &rule,
+            &attrs("delete", "apps", "deployments", None, Some("web"))
+        ));
+        assert!(!rule_allows(
+            &rule,
+            &attrs("get", "", "deployments", None, Some("web"))
+        ));
+        assert!(!rule_allows(
+            &rule,
+            &attrs("get", "apps", "deployments", Some("status"), Some("web"))
+        ));
+        let star = json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]});
+        assert!(rule_allows(
+            &star,
+            &attrs("delete", "x", "y", Some("z"), None)
+        ));
+        let urls = json!({"nonResourceURLs": ["/apis/*", "/version"], "verbs": ["get"]});
+        let mut a = attrs("get", "", "", None, None);
+        a.path = Some("/apis/apps/v1".into());
+        assert!(rule_allows(&urls, &a));
+        a.path = Some("/metrics".into());
+        assert!(!rule_allows(&urls, &a));
+    }
+}

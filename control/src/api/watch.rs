@@ -1,0 +1,219 @@
+//! Watch: a chunked stream of newline-delimited `{"type": ..., "object": ...}` events
+//! (Ref: apiserver `pkg/endpoints/handlers/watch.go`, `pkg/storage/cacher`).
+//!
+//! - `resourceVersion` unset or `0`, or `sendInitialEvents=true`: synthetic ADDED events for the current objects,
+//!   then live events; with `sendInitialEvents=true` the initial events end with a BOOKMARK annotated
+//!   `k8s.io/initial-events-end: "true"`.
+//! - `resourceVersion=N`: every change after N. When that history is gone: HTTP 200, then one ERROR event with a
+//!   410 `Expired` Status, then the end of the stream (an HTTP-level 410 would make kube-rs retry forever).
+//! - Selectors are applied to both the old and the new object, as upstream: an object that starts matching is
+//!   ADDED, one that stops matching is DELETED.
+//! - `timeoutSeconds` ends the body cleanly; `allowWatchBookmarks=true` adds periodic BOOKMARKs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, HeaderValue, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::handlers::{list_objects, object_of, Selection};
+use super::objects::meta_mut;
+use super::resources::ResourceKind;
+use super::selectors::FieldSelector;
+use super::status::ApiError;
+use super::{table, Body, Ctx, State, Target};
+use crate::store::{Event, StoreError};
+
+/// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
+
+pub(crate) async fn serve(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    t: &Target,
+    name: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let mut sel = Selection::from_query(ctx, t.kind)?;
+    if let Some(n) = name {
+        let mut f = ctx
+            .query
+            .get("fieldSelector")
+            .unwrap_or_default()
+            .to_string();
+        if !f.is_empty() {
+            f.push(',');
+        }
+        f.push_str(&format!("metadata.name={n}"));
+        sel.fields = FieldSelector::parse(&f, t.kind.kind).map_err(ApiError::bad_request)?;
+    }
+    let send_initial = ctx.query.get("sendInitialEvents") == Some("true");
+    let bookmarks = ctx.query.flag("allowWatchBookmarks");
+    let rv = ctx.query.get("resourceVersion").unwrap_or("0");
+    let timeout = match ctx.query.get("timeoutSeconds") {
+        Some(s) => Duration::from_secs(
+            s.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {s:?}")))?,
+        ),
+        // Upstream: a random duration between the minimum request timeout (30 min) and twice that.
+        None => Duration::from_secs(1800 + u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 7),
+    };
+    let (initial, start) = if rv == "0" || send_initial {
+        let (items, rev, _, _) =
+            list_objects(state, t.kind, t.namespace.as_deref(), &sel, None, None).await?;
+        (items, rev + 1)
+    } else {
+        let n: i64 = rv
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))?;
+        (Vec::new(), n + 1)
+    };
+    let prefix = t.kind.prefix(t.namespace.as_deref());
+    let stream = state.store.watch(&prefix, start).await;
+
+    let w = Watcher {
+        kind: t.kind,
+        sel,
+        table: ctx.wants_table(),
+        include_object: ctx.query.get("includeObject").map(String::from),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut last_rev = start - 1;
+        for obj in initial {
+            if tx.send(w.line("ADDED", obj)).await.is_err() {
+                return;
+            }
+        }
+        if send_initial {
+            let mut b = w.bookmark(last_rev);
+            b["object"]["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            if tx.send(encode(&b)).await.is_err() {
+                return;
+            }
+        }
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(error_line(e)).await;
+                return;
+            }
+        };
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + BOOKMARK_EVERY, BOOKMARK_EVERY);
+        loop {
+            let line = tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                _ = tick.tick(), if bookmarks => encode(&w.bookmark(last_rev)),
+                ev = stream.next() => match ev {
+                    None => return,
+                    Some(Err(e)) => {
+                        let _ = tx.send(error_line(e)).await;
+                        return;
+                    }
+                    Some(Ok(ev)) => {
+                        last_rev = ev.revision();
+                        match w.convert(&ev) {
+                            Ok(Some(line)) => line,
+                            Ok(None) => continue,
+                            Err(e) => {
+                                let _ = tx.send(encode(&json!({"type": "ERROR", "object": e.to_status()}))).await;
+                                return;
+                            }
+                        }
+                    }
+                },
+            };
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::unfold(
+        rx,
+        |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+        },
+    )));
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+struct Watcher {
+    kind: &'static ResourceKind,
+    sel: Selection,
+    table: bool,
+    include_object: Option<String>,
+}
+
+fn encode(v: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn error_line(e: StoreError) -> Bytes {
+    encode(&json!({"type": "ERROR", "object": ApiError::from(e).to_status()}))
+}
+
+impl Watcher {
+    fn line(&self, kind: &str, obj: Value) -> Bytes {
+        let object = if self.table {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            table::table(self.kind, &[obj], &rv, None, self.include_object.as_deref())
+        } else {
+            obj
+        };
+        encode(&json!({"type": kind, "object": object}))
+    }
+
+    fn bookmark(&self, rev: i64) -> Value {
+        json!({"type": "BOOKMARK", "object": {
+            "kind": self.kind.kind,
+            "apiVersion": self.kind.api_version(),
+            "metadata": {"resourceVersion": rev.to_string()},
+        }})
+    }
+
+    fn convert(&self, ev: &Event) -> Result<Option<Bytes>, ApiError> {
+        Ok(match ev {
+            Event::Created(kv) => {
+                let o = object_of(kv)?;
+                self.sel.matches(&o).then(|| self.line("ADDED", o))
+            }
+            Event::Updated { prev, kv } => {
+                let old = object_of(prev)?;
+                let new = object_of(kv)?;
+                match (self.sel.matches(&old), self.sel.matches(&new)) {
+                    (true, true) => Some(self.line("MODIFIED", new)),
+                    (false, true) => Some(self.line("ADDED", new)),
+                    (true, false) => Some(self.line("DELETED", new)),
+                    (false, false) => None,
+                }
+            }
+            Event::Deleted { prev, revision } => {
+                let mut o = object_of(prev)?;
+                // The deleted object carries the revision of its deletion.
+                meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
+                self.sel.matches(&o).then(|| self.line("DELETED", o))
+            }
+        })
+    }
+}

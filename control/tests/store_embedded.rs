@@ -1,0 +1,192 @@
+//! The embedded store against the generic store conformance suite, plus its crash-safety guarantee.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use windlass_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use windlass_control::store::{Store, StoreError};
+
+async fn fresh() -> (Arc<EmbeddedStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store");
+    (Arc::new(store), dir)
+}
+
+windlass_control::store_conformance_tests!(fresh());
+
+/// Set in the child process of the kill -9 test: the directory to write to.
+const CHILD_DIR_ENV: &str = "WINDLASS_STORE_CRASH_CHILD_DIR";
+
+/// In the child: writes keys forever, printing `ACK <i>` after each write is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_writes_until_killed() {
+    let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
+        return; // Only meaningful as the child of `acknowledged_writes_survive_kill_9`.
+    };
+    let store =
+        Arc::new(EmbeddedStore::open(Path::new(&dir), EmbeddedOptions::default()).expect("open"));
+    // Several concurrent writers, so acknowledged writes come from group commits too.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("/crash/{w}/{i:08}");
+                store
+                    .create(&key, format!("value-{w}-{i}").into_bytes())
+                    .await
+                    .expect("create");
+                if i > 0 {
+                    // Also CAS-update the previous key, so updates are covered too.
+                    let prev = format!("/crash/{w}/{:08}", i - 1);
+                    let (kv, _) = store.get(&prev).await.expect("get");
+                    let kv = kv.expect("previous key exists");
+                    store
+                        .update(
+                            &prev,
+                            kv.mod_revision,
+                            format!("updated-{w}-{}", i - 1).into_bytes(),
+                        )
+                        .await
+                        .expect("update");
+                }
+                println!("ACK {w} {i}");
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = std::env::current_exe().expect("test executable");
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "crash_child_writes_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut acked: Vec<(u32, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read child output");
+        if let Some(rest) = line.strip_prefix("ACK ") {
+            let mut it = rest.split(' ');
+            let w = it.next().and_then(|s| s.parse().ok()).expect("writer");
+            let i = it.next().and_then(|s| s.parse().ok()).expect("index");
+            acked.push((w, i));
+        }
+        if acked.len() >= 400 || Instant::now() > deadline {
+            break;
+        }
+    }
+    // SIGKILL while the writers are mid-flight.
+    child.kill().expect("kill -9 the child");
+    let _ = child.wait();
+    assert!(
+        acked.len() >= 400,
+        "child acknowledged only {} writes",
+        acked.len()
+    );
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default())
+            .expect("reopen after kill -9");
+        for (w, i) in &acked {
+            let key = format!("/crash/{w}/{i:08}");
+            let (kv, _) = store.get(&key).await.expect("get");
+            let kv = kv.unwrap_or_else(|| panic!("acknowledged key {key} lost after kill -9"));
+            let value = String::from_utf8_lossy(&kv.value).into_owned();
+            // The ACK of i came after updating i-1, so every acknowledged i-1 holds its update.
+            let updated = acked.contains(&(*w, i + 1));
+            if updated {
+                assert_eq!(
+                    value,
+                    format!("updated-{w}-{i}"),
+                    "acknowledged update of {key} lost"
+                );
+            } else {
+                assert!(
+                    value == format!("value-{w}-{i}") || value == format!("updated-{w}-{i}"),
+                    "{key} = {value}"
+                );
+            }
+        }
+        // The revision counter survived too: new writes get fresh revisions.
+        let rev = store.revision().await.expect("revision");
+        let kv = store
+            .create("/crash/after", b"x".to_vec())
+            .await
+            .expect("write after reopen");
+        assert_eq!(kv.mod_revision, rev + 1);
+        match store
+            .create(&format!("/crash/0/{:08}", 0), b"again".to_vec())
+            .await
+        {
+            Err(StoreError::AlreadyExists { .. }) => {}
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+    });
+}
+
+#[tokio::test]
+async fn history_from_before_a_restart_is_reported_compacted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = {
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        store.create("/r/a", b"1".to_vec()).await.expect("create")
+    };
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
+    assert!(matches!(
+        store.watch("/r/", first.mod_revision).await,
+        Err(StoreError::Compacted { .. })
+    ));
+    let rev = store.revision().await.expect("revision");
+    assert!(
+        store.watch("/r/", rev + 1).await.is_ok(),
+        "watching from the next revision works"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_watcher_past_the_history_gets_compacted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions { history: 16 }).expect("open");
+    let mut w = store.watch("/s/", 0).await.expect("watch");
+    for i in 0..100 {
+        store
+            .create(&format!("/s/{i:03}"), vec![])
+            .await
+            .expect("create");
+    }
+    use futures_util::StreamExt;
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("watch stalled")
+        {
+            Some(Ok(_)) => got += 1,
+            Some(Err(StoreError::Compacted { .. })) => break,
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert!(
+            got < 100,
+            "a watcher 100 events behind a 16-event history cannot catch up"
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! A `windlass-control serve` instance for a test: its own data directory and loopback port, killed on drop, and
+//! helpers to drive the real `kubectl` against it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{wait_for, workspace_binary, ChildGuard, TempDir};
+
+/// A running API server.
+pub struct ControlPlane {
+    pub dir: TempDir,
+    pub port: u16,
+    child: Option<ChildGuard>,
+    extra_args: Vec<String>,
+}
+
+/// A free loopback port (the OS picks one; it is released just before the server binds it).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("pick a free loopback port")
+}
+
+impl ControlPlane {
+    /// Starts a server on a fresh data directory and waits until it answers.
+    pub fn start() -> Self {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// Like [`ControlPlane::start`], with extra `serve` arguments computed from the data directory (e.g. a token
+    /// file written there).
+    pub fn start_with(extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("windlass-control-")
+            .tempdir()
+            .expect("temp data dir");
+        let extra_args = extra_args(dir.path());
+        let mut cp = Self {
+            dir,
+            port: free_port(),
+            child: None,
+            extra_args,
+        };
+        cp.spawn();
+        cp
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
+        let child = ChildGuard::spawn(
+            Command::new(workspace_binary("windlass-control"))
+                .args(["serve", "--bind-address", "127.0.0.1", "--secure-port"])
+                .arg(self.port.to_string())
+                .arg("--data-dir")
+                .arg(self.dir.path())
+                .args(&self.extra_args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .expect("start windlass-control");
+        self.child = Some(child);
+        let kubeconfig = self.kubeconfig();
+        let port = self.port;
+        wait_for(
+            "the API server to answer /readyz",
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.child_mut().try_wait().ok().flatten())
+                {
+                    panic!(
+                        "windlass-control exited early ({status}); log:\n{}",
+                        self.log()
+                    );
+                }
+                if !kubeconfig.exists()
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                {
+                    return None;
+                }
+                let out = self.kubectl(&["get", "--raw", "/readyz"]);
+                out.status.success().then_some(())
+            },
+        );
+    }
+
+    /// Stops the server (SIGKILL) and starts it again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.child.take();
+        self.spawn();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `kubectl` (the default one on PATH) with this server's admin kubeconfig.
+    pub fn kubectl_cmd(&self) -> Command {
+        self.kubectl_version_cmd(None)
+    }
+
+    /// A specific kubectl version (`"1.27"` runs `kubectl.1.27` from the gcloud SDK's bin dir).
+    pub fn kubectl_version_cmd(&self, version: Option<&str>) -> Command {
+        let bin = match version {
+            None => PathBuf::from("kubectl"),
+            Some(v) => kubectl_version_path(v),
+        };
+        let mut c = Command::new(bin);
+        c.env("KUBECONFIG", self.kubeconfig())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_cmd().args(args).output().expect("run kubectl")
+    }
+
+    /// Runs kubectl and returns stdout, failing the test (with the server log) if it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    pub fn kubectl_err(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `kubectl apply -f -` / `create -f -` etc. with `manifest` on stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], manifest: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(manifest.as_bytes())
+            .expect("write manifest");
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    pub fn kubectl_stdin_ok(&self, args: &[&str], manifest: &str) -> String {
+        let out = self.kubectl_stdin(args, manifest);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Path of `kubectl.<version>` next to the real `kubectl` (the gcloud SDK ships several versions).
+pub fn kubectl_version_path(version: &str) -> PathBuf {
+    let kubectl = crate::which("kubectl").expect("kubectl on PATH");
+    let real = std::fs::canonicalize(&kubectl).unwrap_or(kubectl);
+    real.parent()
+        .map(|d| d.join(format!("kubectl.{version}")))
+        .unwrap_or_else(|| PathBuf::from(format!("kubectl.{version}")))
+}

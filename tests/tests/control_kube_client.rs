@@ -1,0 +1,181 @@
+//! The `kube` crate as a client of `windlass-control serve`: discovery, list, create, watch (classic and streaming
+//! lists), and a relist after an expired resourceVersion.
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Config, Discovery};
+use windlass_tests::control::ControlPlane;
+use windlass_tests::require_privileged;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn client(cp: &ControlPlane) -> Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(cp.kubeconfig()).expect("read admin.kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config from admin.kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "kube-test"}},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+    }))
+    .expect("pod")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kube_crate_discovers_lists_creates_and_watches() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = tokio::task::spawn_blocking(ControlPlane::start)
+        .await
+        .expect("start");
+    let client = client(&cp).await;
+
+    // Both discovery flavours kube-rs offers.
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("legacy discovery");
+    assert!(discovery.groups().any(|g| g.name() == "apps"));
+    let aggregated = Discovery::new(client.clone())
+        .run_aggregated()
+        .await
+        .expect("aggregated discovery");
+    assert!(aggregated
+        .groups()
+        .any(|g| g.name() == "rbac.authorization.k8s.io"));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let created = pods
+        .create(&PostParams::default(), &pod("a"))
+        .await
+        .expect("create pod a");
+    assert_eq!(
+        created
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref()),
+        Some("Always")
+    );
+    let list = pods
+        .list(&ListParams::default().labels("app=kube-test"))
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 1);
+    let rv = list
+        .metadata
+        .resource_version
+        .clone()
+        .expect("list resourceVersion");
+
+    // A raw watch from the list's resourceVersion sees the next create, and nothing before it.
+    let mut raw = pods
+        .watch(
+            &WatchParams::default().labels("app=kube-test").timeout(30),
+            &rv,
+        )
+        .await
+        .expect("watch")
+        .boxed();
+    pods.create(&PostParams::default(), &pod("b"))
+        .await
+        .expect("create pod b");
+    let ev = tokio::time::timeout(WAIT, raw.try_next())
+        .await
+        .expect("watch event in time")
+        .expect("watch ok")
+        .expect("an event");
+    match ev {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("b")),
+        other => panic!("expected ADDED b, got {other:?}"),
+    }
+
+    // kube-runtime's watcher, with streaming lists (sendInitialEvents + initial-events-end bookmark).
+    for streaming in [false, true] {
+        let mut cfg = watcher::Config::default().labels("app=kube-test");
+        if streaming {
+            cfg = cfg.streaming_lists();
+        }
+        let mut w = watcher::watcher(pods.clone(), cfg).boxed();
+        let mut initial = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, w.try_next())
+                .await
+                .expect("watcher in time")
+            {
+                Ok(Some(Event::Init)) => {}
+                Ok(Some(Event::InitApply(p))) => initial.push(p.metadata.name.unwrap_or_default()),
+                Ok(Some(Event::InitDone)) => break,
+                other => panic!("unexpected watcher event {other:?}"),
+            }
+        }
+        initial.sort();
+        let mut expected = vec!["a".to_string(), "b".to_string()];
+        if streaming {
+            expected.push("live-false".into());
+        }
+        assert_eq!(initial, expected, "initial state (streaming={streaming})");
+        let name = format!("live-{streaming}");
+        pods.create(&PostParams::default(), &pod(&name))
+            .await
+            .expect("create");
+        match tokio::time::timeout(WAIT, w.try_next())
+            .await
+            .expect("watcher in time")
+        {
+            Ok(Some(Event::Apply(p))) => {
+                assert_eq!(p.metadata.name.as_deref(), Some(name.as_str()))
+            }
+            other => panic!("expected Apply {name}, got {other:?}"),
+        }
+    }
+
+    // A watch from a revision from before the server's restart gets an in-stream 410, which kube reports.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let old_rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "x"}, "data": {"k": "v"}}))
+        .expect("cm"),
+    )
+    .await
+    .expect("create cm");
+    let mut cp = cp;
+    let cp = tokio::task::spawn_blocking(move || {
+        cp.restart();
+        cp
+    })
+    .await
+    .expect("restart");
+    let client = self::client(&cp).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut stream = cms
+        .watch(&WatchParams::default(), &old_rv)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .expect("event in time")
+    {
+        Ok(Some(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+        other => panic!("expected an in-stream 410, got {other:?}"),
+    }
+}
