@@ -9,16 +9,19 @@
 //! every change from a given revision on, in revision order, or fail with [`StoreError::Compacted`] when that
 //! history is gone (HTTP 410 Gone / `Expired` upstream).
 //!
-//! Backends: [`embedded`] (default; redb on local disk) and, later, etcd. Both must pass the generic suite in
-//! [`conformance`].
+//! Backends: [`embedded`] (default; redb on local disk) and [`etcd`]. Both must pass the generic suite in
+//! [`conformance`]. [`open`] picks one from a [`StoreConfig`], in one place.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::Stream;
 
 pub mod embedded;
+pub mod etcd;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -183,4 +186,38 @@ pub trait Store: Send + Sync + 'static {
 
     /// Discards history older than `revision`: later watches from before it fail with [`StoreError::Compacted`].
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+}
+
+/// Which backend to use (`--etcd-servers` given: etcd; otherwise the embedded store in the data directory).
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Embedded {
+        dir: PathBuf,
+        options: embedded::EmbeddedOptions,
+    },
+    Etcd(etcd::EtcdConfig),
+}
+
+/// Opens the configured backend; the only place a backend is chosen. Logs the choice at `info`.
+pub async fn open(config: StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let store: Arc<dyn Store> = match config {
+        StoreConfig::Embedded { dir, options } => {
+            let dir2 = dir.clone();
+            let store =
+                tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir2, options))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Backend(format!("opening the embedded store failed: {e}"))
+                    })??;
+            tracing::info!(backend = "embedded", dir = %dir.display(), "store backend chosen");
+            Arc::new(store)
+        }
+        StoreConfig::Etcd(config) => {
+            let endpoints = config.endpoints.join(",");
+            let store = etcd::EtcdStore::connect(config).await?;
+            tracing::info!(backend = "etcd", %endpoints, "store backend chosen");
+            Arc::new(store)
+        }
+    };
+    Ok(store)
 }
