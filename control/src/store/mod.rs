@@ -22,6 +22,7 @@ use futures_util::Stream;
 
 pub mod embedded;
 pub mod etcd;
+pub mod snapshot;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -198,26 +199,41 @@ pub enum StoreConfig {
     Etcd(etcd::EtcdConfig),
 }
 
+/// An opened backend. Keep it alive as long as the store is used: for the embedded store it also serves
+/// `windlass-control snapshot save` on `DIR/snapshot.sock` (see [`snapshot`]).
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    _snapshots: Option<snapshot::SnapshotServer>,
+}
+
 /// Opens the configured backend; the only place a backend is chosen. Logs the choice at `info`.
-pub async fn open(config: StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
-    let store: Arc<dyn Store> = match config {
+pub async fn open(config: StoreConfig) -> Result<OpenedStore, StoreError> {
+    match config {
         StoreConfig::Embedded { dir, options } => {
-            let dir2 = dir.clone();
-            let store =
-                tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir2, options))
-                    .await
-                    .map_err(|e| {
-                        StoreError::Backend(format!("opening the embedded store failed: {e}"))
-                    })??;
-            tracing::info!(backend = "embedded", dir = %dir.display(), "store backend chosen");
-            Arc::new(store)
+            let opened = tokio::task::spawn_blocking(move || {
+                let store = Arc::new(embedded::EmbeddedStore::open(&dir, options)?);
+                let snapshots = snapshot::SnapshotServer::start(store.clone(), &dir)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                tracing::info!(backend = "embedded", dir = %dir.display(), "store backend chosen");
+                Ok::<_, StoreError>(OpenedStore {
+                    store,
+                    _snapshots: Some(snapshots),
+                })
+            })
+            .await
+            .map_err(|e| {
+                StoreError::Backend(format!("opening the embedded store failed: {e}"))
+            })??;
+            Ok(opened)
         }
         StoreConfig::Etcd(config) => {
             let endpoints = config.endpoints.join(",");
             let store = etcd::EtcdStore::connect(config).await?;
             tracing::info!(backend = "etcd", %endpoints, "store backend chosen");
-            Arc::new(store)
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                _snapshots: None,
+            })
         }
-    };
-    Ok(store)
+    }
 }
