@@ -498,6 +498,7 @@ impl WatchState {
             let options = WatchOptions::new()
                 .with_range(prefix_end(&self.prefix))
                 .with_prev_key()
+                .with_progress_notify()
                 .with_start_revision(self.next);
             match self.client.watch(key, Some(options)).await {
                 Ok(stream) => return Ok(stream),
@@ -534,6 +535,12 @@ impl WatchState {
         }
         if let Some(last) = self.buffer.back() {
             self.next = last.revision() + 1;
+        } else if !resp.created() && !resp.canceled() {
+            // A progress notification: every event up to the header's revision has been sent, so a
+            // re-established watch may start after it (and is less likely to hit a compacted revision).
+            if let Some(header) = resp.header() {
+                self.next = self.next.max(header.revision() + 1);
+            }
         }
         Ok(())
     }

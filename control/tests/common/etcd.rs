@@ -43,6 +43,16 @@ impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader and serves linearizable reads on every
     /// member.
     pub async fn start(size: usize) -> Self {
+        Self::launch(size, None).await
+    }
+
+    /// Starts one member from an `etcdctl snapshot save` file, restored with `etcdctl snapshot restore` as the
+    /// etcd documentation's disaster-recovery procedure does.
+    pub async fn start_from_snapshot(snapshot: &Path) -> Self {
+        Self::launch(1, Some(snapshot)).await
+    }
+
+    async fn launch(size: usize, snapshot: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-etcd-")
             .tempdir()
@@ -65,6 +75,20 @@ impl EtcdCluster {
             .map(|m| format!("{}={}", m.name, m.peer_url))
             .collect::<Vec<_>>()
             .join(",");
+        if let Some(snapshot) = snapshot {
+            for m in &members {
+                windlass_tests::run_ok(
+                    Command::new("etcdctl")
+                        .env("ETCDCTL_API", "3")
+                        .args(["snapshot", "restore"])
+                        .arg(snapshot)
+                        .arg("--data-dir")
+                        .arg(&m.data_dir)
+                        .args(["--name", &m.name, "--initial-cluster", &initial_cluster])
+                        .args(["--initial-advertise-peer-urls", &m.peer_url]),
+                );
+            }
+        }
         for m in &mut members {
             m.process = Some(spawn_member(m, &initial_cluster, dir.path()));
         }
