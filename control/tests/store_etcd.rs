@@ -255,3 +255,58 @@ async fn etcdctl_snapshot_restore_brings_back_keys_values_and_revisions() {
         .expect("write after the restore");
     assert_eq!(kv.mod_revision, before.revision + 1);
 }
+
+/// Lists larger than one gRPC message (4 MiB by default) or one internal page come back whole, in order, at one
+/// revision, and limits still count what remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_lists_come_back_whole() {
+    if !windlass_tests::require_privileged(&["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let store = connect(&cluster).await;
+    let big = vec![b'b'; 120_000];
+    for i in 0..45 {
+        store
+            .create(&format!("/big/{i:02}"), big.clone())
+            .await
+            .expect("create");
+    }
+    let list = store
+        .list("/big/", &Default::default())
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 45, "45 × 120 KB = 5.4 MB in one list");
+    assert!(list.items.iter().all(|kv| kv.value == big));
+
+    let keys: Vec<String> = (0..1500).map(|i| format!("/many/{i:05}")).collect();
+    futures_util::stream::iter(keys.iter())
+        .for_each_concurrent(50, |key| {
+            let store = store.clone();
+            async move {
+                store.create(key, vec![1]).await.expect("create");
+            }
+        })
+        .await;
+    let list = store
+        .list("/many/", &Default::default())
+        .await
+        .expect("list");
+    let got: Vec<_> = list.items.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(got, keys, "every key, in order, across internal pages");
+    assert_eq!(list.revision, store.revision().await.expect("revision"));
+    assert!(!list.more);
+    let limited = store
+        .list(
+            "/many/",
+            &windlass_control::store::ListOptions {
+                limit: Some(1200),
+                start_after: None,
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(limited.items.len(), 1200);
+    assert!(limited.more);
+    assert_eq!(limited.remaining, Some(300));
+}

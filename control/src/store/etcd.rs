@@ -99,6 +99,11 @@ pub struct EtcdStore {
 /// First wait between retries; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Keys per range request of a list: ~2 MB of typical 2 KB objects per response.
+const LIST_PAGE: usize = 1000;
+/// Largest gRPC message accepted from etcd. tonic's default of 4 MiB is less than a page of large objects or a
+/// watch response of many events; etcd itself sends up to 2 GiB.
+const MAX_MESSAGE: usize = 1 << 30;
 
 impl EtcdStore {
     /// Connects to the members in `config` (and checks one answers).
@@ -133,7 +138,12 @@ impl EtcdStore {
         let deadline = Instant::now() + self.config.retry_timeout;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match f(self.client.kv_client()).await {
+            match f(self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE))
+            .await
+            {
                 Ok(v) => return Ok(v),
                 Err(e) if retry_is_safe(&e, what.is_write()) && Instant::now() < deadline => {
                     tracing::debug!(op = what.name(), key = what.key(), error = %e, "retrying etcd request");
@@ -147,6 +157,60 @@ impl EtcdStore {
                         what.key()
                     )))
                 }
+            }
+        }
+    }
+
+    /// Reads `[start, end)` in pages of at most [`LIST_PAGE`] keys, all at the first page's revision, until
+    /// `wanted` keys (all when `None`) are read. Paging keeps each response small, whatever the list's size.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        mut start: Vec<u8>,
+        end: &[u8],
+        wanted: Option<usize>,
+    ) -> Result<ListResult, StoreError> {
+        let mut items: Vec<KeyValue> = Vec::new();
+        // 0: the latest revision; then the revision the first page was read at.
+        let mut at = 0;
+        loop {
+            let page = wanted.map_or(LIST_PAGE, |w| (w - items.len()).min(LIST_PAGE));
+            let resp = self
+                .call(Op::Read("list", prefix), |mut kv| {
+                    let (start, end) = (start.clone(), end.to_vec());
+                    async move {
+                        let opts = GetOptions::new()
+                            .with_range(end)
+                            .with_limit(i64::try_from(page).unwrap_or(i64::MAX))
+                            .with_revision(at);
+                        kv.get(start, Some(opts)).await
+                    }
+                })
+                .await?;
+            if at == 0 {
+                // For a read at a past revision the header has the current one, so only the first page's counts.
+                at = header_revision(resp.header())?;
+            }
+            let kvs = resp.kvs();
+            for kv in kvs {
+                items.push(to_kv(kv)?);
+            }
+            let done = wanted.is_some_and(|w| items.len() >= w);
+            if !resp.more() || done || kvs.is_empty() {
+                // `count` is the number of keys in this page's whole range, regardless of the limit.
+                let remaining = u64::try_from(resp.count())
+                    .unwrap_or(0)
+                    .saturating_sub(kvs.len() as u64);
+                return Ok(ListResult {
+                    items,
+                    revision: at,
+                    more: resp.more(),
+                    remaining: Some(remaining),
+                });
+            }
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
             }
         }
     }
@@ -292,34 +356,20 @@ impl Store for EtcdStore {
             _ => prefix.as_bytes().to_vec(),
         };
         let end = prefix_end(prefix);
-        let limit = options.limit.filter(|l| *l > 0);
-        let resp = self
-            .call(Op::Read("list", prefix), |mut kv| {
-                let (start, end) = (start.clone(), end.clone());
-                async move {
-                    let mut opts = GetOptions::new().with_range(end);
-                    if let Some(limit) = limit {
-                        opts = opts.with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
-                    }
-                    kv.get(start, Some(opts)).await
+        let wanted = options.limit.filter(|l| *l > 0);
+        // The pages after the first are read at the first page's revision; if that is compacted in between,
+        // start over at the latest revision (as kube-apiserver's storage layer does on ErrCompacted).
+        let mut attempts = 0;
+        loop {
+            match self.list_pages(prefix, start.clone(), &end, wanted).await {
+                Err(StoreError::Backend(msg))
+                    if attempts < 3 && msg.contains("required revision has been compacted") =>
+                {
+                    attempts += 1;
                 }
-            })
-            .await?;
-        let items = resp
-            .kvs()
-            .iter()
-            .map(to_kv)
-            .collect::<Result<Vec<_>, _>>()?;
-        // `count` is the number of keys in the whole requested range, regardless of the limit.
-        let remaining = u64::try_from(resp.count())
-            .unwrap_or(0)
-            .saturating_sub(items.len() as u64);
-        Ok(ListResult {
-            revision: header_revision(resp.header())?,
-            more: resp.more(),
-            remaining: Some(remaining),
-            items,
-        })
+                other => return other,
+            }
+        }
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError> {
@@ -432,7 +482,10 @@ impl Store for EtcdStore {
             start
         };
         let mut state = WatchState {
-            client: self.client.clone(),
+            client: self
+                .client
+                .watch_client()
+                .max_decoding_message_size(MAX_MESSAGE),
             prefix: prefix.to_string(),
             next: start,
             stream: None,
@@ -473,7 +526,7 @@ impl Store for EtcdStore {
 }
 
 struct WatchState {
-    client: Client,
+    client: etcd_client::WatchClient,
     prefix: String,
     /// The smallest revision not delivered yet: where a re-established watch starts.
     next: Revision,
