@@ -14,7 +14,16 @@ use windlass_control::store::{Event, Store, StoreError};
 use common::etcd::EtcdCluster;
 
 async fn connect(cluster: &EtcdCluster) -> Arc<EtcdStore> {
-    let config = EtcdConfig::from_servers(&cluster.servers_flag()).expect("--etcd-servers");
+    let config = match &cluster.tls {
+        None => EtcdConfig::from_servers(&cluster.servers_flag()),
+        Some(certs) => EtcdConfig::from_flags(
+            &cluster.servers_flag(),
+            Some(&certs.ca),
+            Some(&certs.client_cert),
+            Some(&certs.client_key),
+        ),
+    }
+    .expect("--etcd-servers");
     Arc::new(EtcdStore::connect(config).await.expect("connect to etcd"))
 }
 
@@ -35,6 +44,19 @@ async fn three_members_leader_killed() -> (Arc<EtcdStore>, EtcdCluster) {
     // during the election are `writes_and_watches_continue_when_the_leader_is_killed`'s business.
     cluster.leader().await;
     (store, cluster)
+}
+
+/// A fresh single member serving clients over TLS with client-certificate authentication.
+async fn tls_member() -> (Arc<EtcdStore>, EtcdCluster) {
+    let cluster = EtcdCluster::start_tls(1).await;
+    (connect(&cluster).await, cluster)
+}
+
+mod tls_member {
+    windlass_control::store_conformance_tests!(
+        if windlass_tests::require_privileged(&["etcd", "openssl"]);
+        super::tls_member()
+    );
 }
 
 mod single_member {
@@ -309,4 +331,32 @@ async fn large_lists_come_back_whole() {
     assert_eq!(limited.items.len(), 1200);
     assert!(limited.more);
     assert_eq!(limited.remaining, Some(300));
+}
+
+/// Against members that require client certificates, a client without one is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_refuses_a_client_without_a_certificate() {
+    if !windlass_tests::require_privileged(&["etcd", "openssl"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(1).await;
+    let certs = cluster.tls.clone().expect("tls cluster");
+    let store = connect(&cluster).await;
+    store
+        .create("/registry/pods/default/tls", b"{}".to_vec())
+        .await
+        .expect("create over TLS");
+    let mut config = EtcdConfig::from_flags(&cluster.servers_flag(), Some(&certs.ca), None, None)
+        .expect("config");
+    config.retry_timeout = Duration::from_millis(500);
+    match EtcdStore::connect(config).await {
+        Ok(_) => panic!("a client without a certificate must be refused"),
+        Err(e) => {
+            assert!(matches!(e, StoreError::Backend(_)), "{e}");
+            assert!(
+                e.to_string().contains(&cluster.servers_flag()),
+                "names the endpoint: {e}"
+            );
+        }
+    }
 }

@@ -22,12 +22,14 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient,
-    PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, KvClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions,
 };
 
 use super::{Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream};
@@ -37,8 +39,23 @@ use super::{Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreErro
 pub enum EtcdConfigError {
     #[error("no etcd server given (--etcd-servers is empty)")]
     NoEndpoints,
-    #[error("etcd server {url:?} must be an http:// URL (https:// is not supported yet)")]
+    #[error("etcd server {url:?} must be an http:// or https:// URL")]
     BadEndpoint { url: String },
+    #[error("etcd server {url:?} uses https but no CA file is given (--etcd-cafile)")]
+    HttpsWithoutCa { url: String },
+    #[error("etcd server {url:?} uses plain http, but TLS files are given")]
+    TlsWithHttp { url: String },
+    #[error("--etcd-certfile and --etcd-keyfile go together")]
+    CertWithoutKey,
+}
+
+/// Client TLS to etcd, as kube-apiserver's `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile`.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// PEM CA bundle that signed the members' serving certificates.
+    pub ca_file: PathBuf,
+    /// PEM client certificate and key, for members started with `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// How to reach etcd.
@@ -46,6 +63,8 @@ pub enum EtcdConfigError {
 pub struct EtcdConfig {
     /// Client URLs of the members (`http://127.0.0.1:2379`); requests are balanced over all of them.
     pub endpoints: Vec<String>,
+    /// TLS settings; required for (and only allowed with) `https://` endpoints.
+    pub tls: Option<EtcdTls>,
     /// Timeout of one TCP connect to a member.
     pub dial_timeout: Duration,
     /// Timeout of one request (a watch only for its setup).
@@ -56,24 +75,74 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    /// A configuration from `--etcd-servers`, a comma-separated list of member client URLs, with default
-    /// timeouts.
+    /// A configuration from `--etcd-servers`, a comma-separated list of plain-HTTP member client URLs, with
+    /// default timeouts.
     pub fn from_servers(servers: &str) -> Result<Self, EtcdConfigError> {
+        Self::from_flags(servers, None, None, None)
+    }
+
+    /// A configuration from kube-apiserver's flags: `--etcd-servers` (comma-separated client URLs, all `http://`
+    /// or all `https://`), `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`.
+    pub fn from_flags(
+        servers: &str,
+        ca_file: Option<&Path>,
+        cert_file: Option<&Path>,
+        key_file: Option<&Path>,
+    ) -> Result<Self, EtcdConfigError> {
+        let client = match (cert_file, key_file) {
+            (Some(c), Some(k)) => Some((c.to_path_buf(), k.to_path_buf())),
+            (None, None) => None,
+            _ => return Err(EtcdConfigError::CertWithoutKey),
+        };
+        let tls = match (ca_file, client) {
+            (Some(ca), client) => Some(EtcdTls {
+                ca_file: ca.to_path_buf(),
+                client,
+            }),
+            (None, None) => None,
+            // A client certificate without a CA: etcd's serving certificate could not be verified.
+            (None, Some(_)) => {
+                return Err(EtcdConfigError::HttpsWithoutCa {
+                    url: servers.to_string(),
+                })
+            }
+        };
         let mut endpoints = Vec::new();
         for url in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            // Only plain HTTP for now: TLS needs the client certificate flags (`--etcd-cafile` ...) too.
-            if !url.starts_with("http://") || url.len() == "http://".len() {
-                return Err(EtcdConfigError::BadEndpoint {
-                    url: url.to_string(),
-                });
+            let host = url
+                .strip_prefix("http://")
+                .map(|h| (h, false))
+                .or_else(|| url.strip_prefix("https://").map(|h| (h, true)));
+            match host {
+                Some(("", _)) => {
+                    return Err(EtcdConfigError::BadEndpoint {
+                        url: url.to_string(),
+                    })
+                }
+                Some((_, true)) if tls.is_none() => {
+                    return Err(EtcdConfigError::HttpsWithoutCa {
+                        url: url.to_string(),
+                    })
+                }
+                Some((_, false)) if tls.is_some() => {
+                    return Err(EtcdConfigError::TlsWithHttp {
+                        url: url.to_string(),
+                    })
+                }
+                Some(_) => endpoints.push(url.to_string()),
+                None => {
+                    return Err(EtcdConfigError::BadEndpoint {
+                        url: url.to_string(),
+                    })
+                }
             }
-            endpoints.push(url.to_string());
         }
         if endpoints.is_empty() {
             return Err(EtcdConfigError::NoEndpoints);
         }
         Ok(Self {
             endpoints,
+            tls,
             ..Self::default()
         })
     }
@@ -83,6 +152,7 @@ impl Default for EtcdConfig {
     fn default() -> Self {
         Self {
             endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            tls: None,
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             retry_timeout: Duration::from_secs(15),
@@ -115,6 +185,10 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let options = match &config.tls {
+            Some(tls) => options.with_tls(tls_options(tls)?),
+            None => options,
+        };
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(|e| {
@@ -124,7 +198,15 @@ impl EtcdStore {
                 ))
             })?;
         let store = Self { client, config };
-        let revision = store.revision().await?;
+        let revision = store.revision().await.map_err(|e| match e {
+            // Name the endpoints, and the usual causes, rather than a gRPC status alone.
+            StoreError::Backend(msg) => StoreError::Backend(format!(
+                "cannot reach etcd at {} (is it running; do its TLS settings match --etcd-cafile, \
+                 --etcd-certfile, --etcd-keyfile?): {msg}",
+                store.config.endpoints.join(",")
+            )),
+            other => other,
+        })?;
         tracing::info!(endpoints = %store.config.endpoints.join(","), revision, "connected to etcd");
         Ok(store)
     }
@@ -151,11 +233,12 @@ impl EtcdStore {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
+                    let key = what.key();
+                    let sep = if key.is_empty() { "" } else { " " };
                     return Err(StoreError::Backend(format!(
-                        "etcd {} {}: {e}",
-                        what.name(),
-                        what.key()
-                    )))
+                        "etcd {}{sep}{key}: {e}",
+                        what.name()
+                    )));
                 }
             }
         }
@@ -222,6 +305,23 @@ impl EtcdStore {
         })
         .await
     }
+}
+
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, StoreError> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            StoreError::Backend(format!("cannot read etcd {what} {}: {e}", path.display()))
+        })
+    };
+    let mut options =
+        TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA file", &tls.ca_file)?));
+    if let Some((cert, key)) = &tls.client {
+        options = options.identity(Identity::from_pem(
+            read("client certificate", cert)?,
+            read("client key", key)?,
+        ));
+    }
+    Ok(options)
 }
 
 /// An operation, for retry decisions and error messages.
@@ -680,7 +780,7 @@ mod tests {
     }
 
     #[test]
-    fn etcd_servers_flag_is_a_comma_list_of_http_urls() {
+    fn etcd_servers_flag_is_a_comma_list_of_urls_and_https_needs_a_ca() {
         let c = EtcdConfig::from_servers("http://127.0.0.1:2379, http://127.0.0.1:22379,")
             .expect("valid");
         assert_eq!(
@@ -697,7 +797,18 @@ mod tests {
         ));
         assert!(matches!(
             EtcdConfig::from_servers("https://etcd:2379"),
-            Err(EtcdConfigError::BadEndpoint { .. })
+            Err(EtcdConfigError::HttpsWithoutCa { .. })
+        ));
+        let ca = Path::new("/etc/windlass/etcd/ca.crt");
+        let tls = EtcdConfig::from_flags("https://etcd:2379", Some(ca), None, None).expect("valid");
+        assert_eq!(tls.tls.map(|t| t.ca_file), Some(ca.to_path_buf()));
+        assert!(matches!(
+            EtcdConfig::from_flags("http://etcd:2379", Some(ca), None, None),
+            Err(EtcdConfigError::TlsWithHttp { .. })
+        ));
+        assert!(matches!(
+            EtcdConfig::from_flags("https://etcd:2379", Some(ca), Some(ca), None),
+            Err(EtcdConfigError::CertWithoutKey)
         ));
     }
 }

@@ -29,8 +29,75 @@ pub struct Member {
 /// An etcd cluster (of one or more members) started for one test.
 pub struct EtcdCluster {
     pub members: Vec<Member>,
+    /// Set when the members serve clients over TLS and require client certificates.
+    pub tls: Option<Certs>,
     initial_cluster: String,
     _dir: TempDir,
+}
+
+/// PEM files of a test CA, an etcd serving certificate (127.0.0.1) and a client certificate it signed.
+#[derive(Clone, Debug)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Certs {
+    /// Makes the certificates in `dir` with the `openssl` tool (EC P-256, valid one day).
+    pub fn generate(dir: &Path) -> Self {
+        let p = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| {
+            windlass_tests::run_ok(Command::new("openssl").args(args).current_dir(dir));
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.crt"],
+                &["-subj", "/CN=windlass-test-etcd-ca", "-days", "1"],
+            ]
+            .concat(),
+        );
+        for (name, cn, ext) in [
+            ("server", "etcd", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"),
+            ("client", "windlass-control", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(p(&format!("{name}.ext")), ext).expect("write extensions");
+            let (key, csr, crt, extfile) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+            openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]].concat());
+            openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", &crt, "-days", "1", "-extfile", &extfile]);
+        }
+        Self {
+            ca: p("ca.crt"),
+            server_cert: p("server.crt"),
+            server_key: p("server.key"),
+            client_cert: p("client.crt"),
+            client_key: p("client.key"),
+        }
+    }
+
+    pub fn connect_options(&self) -> etcd_client::ConnectOptions {
+        let read = |p: &Path| std::fs::read(p).expect("read certificate");
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)))
+                .identity(etcd_client::Identity::from_pem(
+                    read(&self.client_cert),
+                    read(&self.client_key),
+                )),
+        )
+    }
 }
 
 /// A free loopback TCP port (the listener is closed at once; etcd binds it right after).
@@ -43,25 +110,32 @@ impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader and serves linearizable reads on every
     /// member.
     pub async fn start(size: usize) -> Self {
-        Self::launch(size, None).await
+        Self::launch(size, None, false).await
+    }
+
+    /// Starts `size` members serving clients over TLS (https) with client-certificate authentication.
+    pub async fn start_tls(size: usize) -> Self {
+        Self::launch(size, None, true).await
     }
 
     /// Starts one member from an `etcdctl snapshot save` file, restored with `etcdctl snapshot restore` as the
     /// etcd documentation's disaster-recovery procedure does.
     pub async fn start_from_snapshot(snapshot: &Path) -> Self {
-        Self::launch(1, Some(snapshot)).await
+        Self::launch(1, Some(snapshot), false).await
     }
 
-    async fn launch(size: usize, snapshot: Option<&Path>) -> Self {
+    async fn launch(size: usize, snapshot: Option<&Path>, tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-etcd-")
             .tempdir()
             .expect("temp dir");
+        let tls = tls.then(|| Certs::generate(dir.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members: Vec<Member> = (0..size)
             .map(|i| {
                 let name = format!("m{i}");
                 Member {
-                    client_url: format!("http://127.0.0.1:{}", free_port()),
+                    client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                     peer_url: format!("http://127.0.0.1:{}", free_port()),
                     data_dir: dir.path().join(&name),
                     log: dir.path().join(format!("{name}.log")),
@@ -90,10 +164,11 @@ impl EtcdCluster {
             }
         }
         for m in &mut members {
-            m.process = Some(spawn_member(m, &initial_cluster, dir.path()));
+            m.process = Some(spawn_member(m, &initial_cluster, dir.path(), tls.as_ref()));
         }
         let cluster = Self {
             members,
+            tls,
             initial_cluster,
             _dir: dir,
         };
@@ -101,6 +176,15 @@ impl EtcdCluster {
             cluster.wait_ready(i).await;
         }
         cluster
+    }
+
+    /// Options for the fixture's own short-lived probe clients.
+    fn probe_options(&self) -> etcd_client::ConnectOptions {
+        self.tls
+            .as_ref()
+            .map_or_else(etcd_client::ConnectOptions::new, Certs::connect_options)
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(1))
     }
 
     /// Client URLs of every member (also the killed ones: a client configured with all of them must cope).
@@ -121,11 +205,7 @@ impl EtcdCluster {
             let ok = async {
                 let mut c = etcd_client::Client::connect(
                     [m.client_url.as_str()],
-                    Some(
-                        etcd_client::ConnectOptions::new()
-                            .with_connect_timeout(Duration::from_millis(500))
-                            .with_timeout(Duration::from_secs(1)),
-                    ),
+                    Some(self.probe_options()),
                 )
                 .await
                 .ok()?;
@@ -155,11 +235,7 @@ impl EtcdCluster {
             for m in self.members.iter().filter(|m| m.process.is_some()) {
                 let Ok(mut c) = etcd_client::Client::connect(
                     [m.client_url.as_str()],
-                    Some(
-                        etcd_client::ConnectOptions::new()
-                            .with_connect_timeout(Duration::from_millis(500))
-                            .with_timeout(Duration::from_secs(1)),
-                    ),
+                    Some(self.probe_options()),
                 )
                 .await
                 else {
@@ -194,7 +270,12 @@ impl EtcdCluster {
     /// Starts killed member `i` again on its data directory (it rejoins the cluster) and waits until it serves.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.members[i].process.is_none(), "member {i} is running");
-        let guard = spawn_member(&self.members[i], &self.initial_cluster, self._dir.path());
+        let guard = spawn_member(
+            &self.members[i],
+            &self.initial_cluster,
+            self._dir.path(),
+            self.tls.as_ref(),
+        );
         self.members[i].process = Some(guard);
         self.wait_ready(i).await;
     }
@@ -207,7 +288,17 @@ impl EtcdCluster {
     }
 }
 
-fn spawn_member(m: &Member, initial_cluster: &str, dir: &Path) -> ChildGuard {
+fn spawn_member(m: &Member, initial_cluster: &str, dir: &Path, tls: Option<&Certs>) -> ChildGuard {
+    let mut cmd = Command::new("etcd");
+    if let Some(certs) = tls {
+        cmd.arg("--cert-file")
+            .arg(&certs.server_cert)
+            .arg("--key-file")
+            .arg(&certs.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&certs.ca)
+            .arg("--client-cert-auth");
+    }
     let log = File::options()
         .create(true)
         .append(true)
@@ -215,8 +306,7 @@ fn spawn_member(m: &Member, initial_cluster: &str, dir: &Path) -> ChildGuard {
         .expect("etcd log file");
     let log2 = log.try_clone().expect("etcd log file");
     ChildGuard::spawn(
-        Command::new("etcd")
-            .arg("--name")
+        cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&m.data_dir)
