@@ -360,3 +360,22 @@ async fn etcd_over_tls_refuses_a_client_without_a_certificate() {
         }
     }
 }
+
+/// The per-request timeout bounds unary calls and a watch's setup, not the life of a watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watch_outlives_the_request_timeout() {
+    if !windlass_tests::require_privileged(&["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let mut config = EtcdConfig::from_servers(&cluster.servers_flag()).expect("config");
+    config.request_timeout = Duration::from_millis(500);
+    let store = EtcdStore::connect(config).await.expect("connect");
+    let mut w = store.watch("/idle/", 0).await.expect("watch");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kv = store
+        .create("/idle/a", b"1".to_vec())
+        .await
+        .expect("create");
+    assert_eq!(next_event(&mut w).await, Event::Created(kv));
+}
