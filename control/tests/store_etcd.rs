@@ -43,6 +43,11 @@ async fn three_members_leader_killed() -> (Arc<EtcdStore>, EtcdCluster) {
     // may not have been applied); the suite checks exact results, so it starts once a new leader is there. Writes
     // during the election are `writes_and_watches_continue_when_the_leader_is_killed`'s business.
     cluster.leader().await;
+    // The client's connection to the dead member fails the first request sent on it as a broken pipe, which is
+    // ambiguous for a write; reads (retried) make the client notice first, as an API server's reads would.
+    for _ in 0..30 {
+        store.revision().await.expect("read after the kill");
+    }
     (store, cluster)
 }
 

@@ -353,11 +353,21 @@ fn retry_is_safe(e: &etcd_client::Error, write: bool) -> bool {
         // The channel could not even be used: nothing was sent.
         etcd_client::Error::TransportError(_) => true,
         etcd_client::Error::GRpcStatus(status) => {
-            if status.code() != tonic::Code::Unavailable {
-                return false;
-            }
             if !write {
-                return true;
+                // A read changes nothing: retry whatever the transport did to it (a connection to a member that
+                // just died fails as Unknown "transport error" or Cancelled), and etcd's "try again" answers.
+                return matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                );
+            }
+            if status.code() != tonic::Code::Unavailable {
+                // E.g. a broken connection to a member that may have received the request (as clientv3, which
+                // retries mutations only when they cannot have been sent).
+                return false;
             }
             let msg = status.message();
             // "etcdserver: no leader": refused before proposing (etcd `rpctypes.ErrGRPCNoLeader`);
