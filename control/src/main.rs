@@ -2,11 +2,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use windlass_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use windlass_control::store::{self, embedded::EmbeddedOptions, etcd::EtcdConfig, StoreConfig};
 use windlass_control::ApiConfig;
 
 #[derive(Parser)]
@@ -38,6 +37,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Backups of the embedded store (`snapshot save`, `snapshot restore`).
+    #[command(subcommand)]
+    Snapshot(windlass_control::store::snapshot::SnapshotCommand),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +64,15 @@ struct ServeArgs {
     /// Append one JSON line per request (user, verb, resource, response code) to this file.
     #[arg(long)]
     audit_log_path: Option<PathBuf>,
+    /// etcd endpoints (comma-separated URLs); without it the embedded store in `--data-dir` is used.
+    #[arg(long)]
+    etcd_servers: Option<String>,
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
     /// Recent store events kept in memory for watches that resume from a past resourceVersion.
     #[arg(long, default_value_t = 5000)]
     watch_history: usize,
@@ -117,6 +128,10 @@ fn main() -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Snapshot(command) => {
+            windlass_control::store::snapshot::run(&command)?;
+            Ok(())
+        }
     }
 }
 
@@ -132,13 +147,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let store = EmbeddedStore::open(
-            &args.data_dir.join("store"),
-            EmbeddedOptions {
-                history: args.watch_history,
+        // The backend is chosen here, once; `store::open` logs which one.
+        let store_config = match &args.etcd_servers {
+            Some(servers) => StoreConfig::Etcd(
+                EtcdConfig::from_flags(
+                    servers,
+                    args.etcd_cafile.as_deref(),
+                    args.etcd_certfile.as_deref(),
+                    args.etcd_keyfile.as_deref(),
+                )
+                .context("invalid --etcd-servers")?,
+            ),
+            None => StoreConfig::Embedded {
+                dir: args.data_dir.join("store"),
+                options: EmbeddedOptions {
+                    history: args.watch_history,
+                },
             },
-        )?;
-        windlass_control::serve(config, Arc::new(store)).await?;
+        };
+        // Kept alive while serving: the embedded store also answers `snapshot save` through it.
+        let opened = store::open(store_config).await?;
+        windlass_control::serve(config, opened.store.clone()).await?;
         Ok(())
     })
 }

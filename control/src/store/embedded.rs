@@ -182,6 +182,72 @@ impl EmbeddedStore {
         })
     }
 
+    /// For backups ([`super::snapshot`]): calls `each` for every key, in key order, all read in one redb read
+    /// transaction — a consistent point-in-time view while writes go on — and returns that view's store revision.
+    /// Blocking.
+    pub fn export(
+        &self,
+        mut each: impl FnMut(KeyValue) -> Result<(), StoreError>,
+    ) -> Result<Revision, StoreError> {
+        let path = &self.path;
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("cannot read", path, e))?;
+        let revision = read_revision(&txn, path)?;
+        let kv = txn
+            .open_table(KV)
+            .map_err(|e| backend("cannot open table in", path, e))?;
+        for entry in kv.iter().map_err(|e| backend("cannot read", path, e))? {
+            let (k, v) = entry.map_err(|e| backend("cannot read", path, e))?;
+            each(decode(k.value(), v.value())?)?;
+        }
+        Ok(revision)
+    }
+
+    /// Creates the store in `dir` holding exactly `items`, with their revisions, at store `revision` (a restored
+    /// backup). Fails if `dir` already holds a store. Written to a temporary file renamed into place once
+    /// committed, so a failure leaves no store behind. Blocking.
+    pub fn import(dir: &Path, revision: Revision, items: &[KeyValue]) -> Result<(), StoreError> {
+        let path = dir.join("store.redb");
+        if path.exists() {
+            return Err(backend("refusing to overwrite", &path, "a store exists"));
+        }
+        let tmp = dir.join("store.redb.restoring");
+        let result = (|| {
+            let db = Database::create(&tmp).map_err(|e| backend("cannot create", &tmp, e))?;
+            let txn = db
+                .begin_write()
+                .map_err(|e| backend("cannot write", &tmp, e))?;
+            {
+                let mut kv = txn
+                    .open_table(KV)
+                    .map_err(|e| backend("cannot open table in", &tmp, e))?;
+                for item in items {
+                    kv.insert(item.key.as_str(), encode(item).as_slice())
+                        .map_err(|e| backend("cannot write", &tmp, e))?;
+                }
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| backend("cannot open table in", &tmp, e))?;
+                meta.insert(META_REVISION, revision)
+                    .map_err(|e| backend("cannot write", &tmp, e))?;
+            }
+            txn.commit()
+                .map_err(|e| backend("cannot commit to", &tmp, e))?;
+            drop(db);
+            std::fs::rename(&tmp, &path).map_err(|e| backend("cannot rename", &tmp, e))?;
+            // Make the rename durable too.
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| backend("cannot sync", dir, e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
     async fn write(&self, op: Op) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer

@@ -9,16 +9,20 @@
 //! every change from a given revision on, in revision order, or fail with [`StoreError::Compacted`] when that
 //! history is gone (HTTP 410 Gone / `Expired` upstream).
 //!
-//! Backends: [`embedded`] (default; redb on local disk) and, later, etcd. Both must pass the generic suite in
-//! [`conformance`].
+//! Backends: [`embedded`] (default; redb on local disk) and [`etcd`]. Both must pass the generic suite in
+//! [`conformance`]. [`open`] picks one from a [`StoreConfig`], in one place.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::Stream;
 
 pub mod embedded;
+pub mod etcd;
+pub mod snapshot;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -183,4 +187,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// Discards history older than `revision`: later watches from before it fail with [`StoreError::Compacted`].
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+}
+
+/// Which backend to use (`--etcd-servers` given: etcd; otherwise the embedded store in the data directory).
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Embedded {
+        dir: PathBuf,
+        options: embedded::EmbeddedOptions,
+    },
+    Etcd(etcd::EtcdConfig),
+}
+
+/// An opened backend. Keep it alive as long as the store is used: for the embedded store it also serves
+/// `windlass-control snapshot save` on `DIR/snapshot.sock` (see [`snapshot`]).
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    _snapshots: Option<snapshot::SnapshotServer>,
+}
+
+/// Opens the configured backend; the only place a backend is chosen. Logs the choice at `info`.
+pub async fn open(config: StoreConfig) -> Result<OpenedStore, StoreError> {
+    match config {
+        StoreConfig::Embedded { dir, options } => {
+            let opened = tokio::task::spawn_blocking(move || {
+                let store = Arc::new(embedded::EmbeddedStore::open(&dir, options)?);
+                let snapshots = snapshot::SnapshotServer::start(store.clone(), &dir)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                tracing::info!(backend = "embedded", dir = %dir.display(), "store backend chosen");
+                Ok::<_, StoreError>(OpenedStore {
+                    store,
+                    _snapshots: Some(snapshots),
+                })
+            })
+            .await
+            .map_err(|e| {
+                StoreError::Backend(format!("opening the embedded store failed: {e}"))
+            })??;
+            Ok(opened)
+        }
+        StoreConfig::Etcd(config) => {
+            let endpoints = config.endpoints.join(",");
+            let store = etcd::EtcdStore::connect(config).await?;
+            tracing::info!(backend = "etcd", %endpoints, "store backend chosen");
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                _snapshots: None,
+            })
+        }
+    }
 }
