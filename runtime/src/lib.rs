@@ -3,4 +3,15 @@
 //! Layout: `container/` (create/start/kill/delete of one OCI container), `sandbox/` (pod sandboxes: shared
 //! network/IPC/UTS namespaces and the pod cgroup, CRI-format logs), `cgroups/` (v1 and v2 managers behind one
 //! trait), `image/` (registry pulls, content store, layer unpacking, overlay root filesystems), `oci/` (config.json
-//! loading and validation).
+//! loading and validation), `cli/` (the runc-compatible commands behind the `windlass-runtime` binary).
+
+pub mod cgroups;
+pub mod cli;
+mod container;
+pub mod oci;
+
+pub use container::{
+    become_subreaper, block_forwarded_signals, console_pair, parse_signal, proxy_terminal,
+    reap_children, receive_pty, wait_forwarding, Console, ContainerError, CreateOptions,
+    ExecOptions, ExitStatus, Runtime, State, Status,
+};

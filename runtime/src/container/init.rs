@@ -1,0 +1,229 @@
+//! The code that runs in the forked children: the two-stage spawn into namespaces, then the container's init (or
+//! an `exec`'d process) up to `execve`. Ref: runc's nsexec stages and standard_init_linux.go / setns_init_linux.go.
+//!
+//! Everything here runs after `fork` in a possibly multi-threaded parent: no logging, no locks; failures are sent to
+//! the runtime as text through the [`Reporter`] and the process `_exit`s.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{ForkResult, Pid};
+use oci_spec::runtime::{Process, Spec};
+
+use super::process::{self, Failed};
+use super::rootfs::{self, RootfsPlan};
+use super::sync::Reporter;
+use super::tty;
+use crate::cgroups::CgroupManager;
+use crate::oci::SeccompProgram;
+
+/// Closes every descriptor from 3 up except `keep`, so a child does not hold another container's pipes or locks
+/// (the parent may be a multi-threaded library user spawning several containers at once).
+pub(crate) fn close_fds_except(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 3).collect();
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for k in keep {
+        let k = k as u32;
+        if k > next {
+            // SAFETY: close_range only closes descriptors; none of those in the range are used afterwards.
+            unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
+        }
+        next = k + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0) };
+}
+
+fn exit_with(report: &Reporter, failed: Failed) -> ! {
+    report.error(&failed);
+    // SAFETY: _exit ends the forked child without running the parent's atexit handlers or destructors.
+    unsafe { libc::_exit(1) }
+}
+
+/// Namespaces to enter, opened before forking.
+pub(crate) struct Joins {
+    pub(crate) fds: Vec<(CloneFlags, OwnedFd)>,
+    pub(crate) unshare: CloneFlags,
+}
+
+/// Forks stage 1, which joins the cgroup and the namespaces and forks stage 2 (PID 1 of a new PID namespace), reports
+/// stage 2's host PID and exits. Stage 2 runs `child`, which only returns on failure. Returns stage 1's PID.
+pub(crate) fn spawn(
+    joins: &Joins,
+    cgroup: Option<&dyn CgroupManager>,
+    keep: &[RawFd],
+    report: &Reporter,
+    child: impl FnOnce() -> Failed,
+) -> nix::Result<Pid> {
+    // SAFETY: the child only runs the code below and _exits; glibc's fork resets the allocator locks, and the
+    // child does no logging, so no lock held by another parent thread is needed.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            let mut fds: Vec<RawFd> = keep.to_vec();
+            fds.push(report.raw());
+            fds.extend(joins.fds.iter().map(|(_, fd)| fd.as_raw_fd()));
+            close_fds_except(&fds);
+            if let Some(cg) = cgroup {
+                if let Err(e) = cg.add_task(Pid::this()) {
+                    exit_with(report, format!("joining cgroup: {e}"));
+                }
+            }
+            // The mount namespace last: after it, paths of the others may no longer resolve (they are open already,
+            // but keep the order runc uses).
+            let (mnt, others): (Vec<_>, Vec<_>) = joins
+                .fds
+                .iter()
+                .partition(|(f, _)| *f == CloneFlags::CLONE_NEWNS);
+            for (flag, fd) in others.into_iter().chain(mnt) {
+                if let Err(e) = nix::sched::setns(fd, *flag) {
+                    exit_with(report, format!("setns {flag:?}: {e}"));
+                }
+            }
+            if let Err(e) = nix::sched::unshare(joins.unshare) {
+                exit_with(report, format!("unshare {:?}: {e}", joins.unshare));
+            }
+            // SAFETY: as for the first fork; this process is single-threaded now.
+            match unsafe { nix::unistd::fork() } {
+                Err(e) => exit_with(report, format!("fork init: {e}")),
+                Ok(ForkResult::Parent { child }) => {
+                    report.pid(child);
+                    // SAFETY: see exit_with.
+                    unsafe { libc::_exit(0) }
+                }
+                Ok(ForkResult::Child) => {
+                    let failed = child();
+                    exit_with(report, failed)
+                }
+            }
+        }
+    }
+}
+
+/// What the container init needs, prepared by the runtime.
+pub(crate) struct InitArgs<'a> {
+    pub(crate) spec: &'a Spec,
+    pub(crate) plan: &'a RootfsPlan,
+    pub(crate) fifo: PathBuf,
+    pub(crate) console: Option<RawFd>,
+    pub(crate) seccomp: &'a SeccompProgram,
+    pub(crate) report: &'a Reporter,
+}
+
+/// The container's init: filesystem, hostname, sysctls, then the process; blocks on `exec.fifo` until `start`.
+pub(crate) fn container_init(a: InitArgs<'_>) -> Failed {
+    match init_steps(&a) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn init_steps(a: &InitArgs<'_>) -> Result<std::convert::Infallible, Failed> {
+    let process = a.spec.process().clone().ok_or("process is missing")?;
+    process::reset_signals();
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    process::apply_oom_score_adj(&process, std::path::Path::new("/proc/self"), a.report);
+    // O_RDWR never blocks on a FIFO; `start` writes one byte that the read below waits for. Opened before
+    // pivot_root, while the state directory is still visible.
+    let mut fifo = File::options()
+        .read(true)
+        .write(true)
+        .open(&a.fifo)
+        .map_err(|e| format!("open {}: {e}", a.fifo.display()))?;
+    rootfs::prepare(a.spec, a.plan)?;
+    if let Some(h) = a.spec.hostname().as_deref().filter(|h| !h.is_empty()) {
+        nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    if let Some(d) = a.spec.domainname().as_deref().filter(|d| !d.is_empty()) {
+        // SAFETY: a valid buffer and its length.
+        if unsafe { libc::setdomainname(d.as_ptr().cast(), d.len()) } != 0 {
+            return Err(format!(
+                "setdomainname: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    rootfs::apply_sysctls(a.spec)?;
+    if let Some(sock) = a.console {
+        let size = process
+            .console_size()
+            .as_ref()
+            .map(|b| (b.height() as u16, b.width() as u16));
+        tty::setup_console(sock, size)?;
+        let _ = nix::unistd::close(sock);
+    }
+    rootfs::finalize(a.spec)?;
+    let cmd = prepare_process(&process, a.seccomp, a.report)?;
+    a.report.ready();
+    let mut byte = [0u8; 1];
+    use std::io::Read;
+    fifo.read_exact(&mut byte)
+        .map_err(|e| format!("waiting for start: {e}"))?;
+    drop(fifo);
+    Err(finish_process(&process, a.seccomp, &cmd))
+}
+
+/// Steps shared by init and exec up to the point of no return.
+fn prepare_process(
+    process: &Process,
+    seccomp: &SeccompProgram,
+    report: &Reporter,
+) -> Result<process::Command, Failed> {
+    let entered = process::chdir(process)?;
+    process::apply_rlimits(process, report)?;
+    process::apply_umask(process);
+    let no_new_privs = process.no_new_privileges().unwrap_or(false);
+    if !no_new_privs {
+        // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN, so it goes in before caps are dropped.
+        process::apply_seccomp(seccomp)?;
+    }
+    process::apply_user_and_caps(process, report)?;
+    if !entered {
+        nix::unistd::chdir(process.cwd())
+            .map_err(|e| format!("chdir to cwd {:?}: {e}", process.cwd()))?;
+    }
+    process::apply_no_new_privs(process)?;
+    process::prepare_command(process)
+}
+
+fn finish_process(process: &Process, seccomp: &SeccompProgram, cmd: &process::Command) -> Failed {
+    if process.no_new_privileges().unwrap_or(false) {
+        // As late as possible, so only execve itself runs under the filter. Ref: runc standard_init_linux.go.
+        if let Err(e) = process::apply_seccomp(seccomp) {
+            return e;
+        }
+    }
+    process::exec(cmd)
+}
+
+/// An `exec`'d process, already inside the container's namespaces and cgroup.
+pub(crate) fn exec_process(
+    process: &Process,
+    seccomp: &SeccompProgram,
+    console: Option<RawFd>,
+    report: &Reporter,
+) -> Failed {
+    let run = || -> Result<std::convert::Infallible, Failed> {
+        process::reset_signals();
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        process::apply_oom_score_adj(process, std::path::Path::new("/proc/self"), report);
+        if let Some(sock) = console {
+            let size = process
+                .console_size()
+                .as_ref()
+                .map(|b| (b.height() as u16, b.width() as u16));
+            tty::setup_console(sock, size)?;
+            let _ = nix::unistd::close(sock);
+        }
+        let cmd = prepare_process(process, seccomp, report)?;
+        // No "ready": the runtime sees the report pipe close (O_CLOEXEC) when execve succeeds.
+        Err(finish_process(process, seccomp, &cmd))
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
