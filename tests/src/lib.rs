@@ -15,6 +15,7 @@ pub use tempfile::TempDir;
 
 pub mod bundle;
 pub mod netns;
+pub mod runtime;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
@@ -71,7 +72,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(v) = condition() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
