@@ -9,9 +9,14 @@ pub mod cgroups;
 pub mod cli;
 mod container;
 pub mod oci;
+mod sandbox;
 
 pub use container::{
     become_subreaper, block_forwarded_signals, console_pair, parse_signal, proxy_terminal,
     reap_children, receive_pty, wait_forwarding, Console, ContainerError, CreateOptions,
     ExecOptions, ExitStatus, Runtime, State, Status,
+};
+pub use sandbox::{
+    run_shim, ContainerConfig, ContainerInfo, CriLogStream, SandboxConfig, SandboxError,
+    SandboxInfo, SandboxManager, SandboxState,
 };

@@ -73,6 +73,15 @@ enum Command {
     },
     /// Run a process in a running container.
     Exec(ExecCmd),
+    /// Internal: a sandbox container's log shim (started by the sandbox library, not by users).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        log_path: PathBuf,
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -181,6 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         )?,
         Command::List { format, quiet } => {
             print!("{}", cli::list(&rt, format == ListFormat::Json, quiet)?);
+            0
+        }
+        Command::Shim {
+            bundle,
+            log_path,
+            id,
+        } => {
+            windlass_runtime::run_shim(&rt, &id, &bundle, &log_path)?;
             0
         }
         Command::Exec(a) => cli::exec(

@@ -26,9 +26,14 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use crate::cgroups::{self, CgroupError, CgroupManager};
 use crate::oci::{self, Bundle, Namespaces, OciError, SeccompProgram};
-use state::{alive, now_rfc3339, proc_stat, reap_if_child, Record, StateDir};
+use state::{now_rfc3339, reap_if_child, Record, StateDir};
 pub use state::{ExitStatus, State, Status};
 pub use tty::proxy_terminal;
+// For the sandbox holder, which reuses the two-stage spawn.
+pub(crate) use init::{close_fds_except, spawn, Joins};
+pub(crate) use process::Failed;
+pub(crate) use state::{alive, proc_stat};
+pub(crate) use sync::{channel, Reporter};
 
 /// How long a call waits for another call holding the same container's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
