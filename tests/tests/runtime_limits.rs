@@ -1,0 +1,100 @@
+//! Resource limits from `linux.resources`, applied through the cgroup manager and visible to the container.
+//! (Written against `CgroupManager`; on this branch a placeholder v1/v2 manager backs it until the cgroups branch
+//! is merged.)
+
+use serde_json::json;
+use std::time::Duration;
+use windlass_tests::bundle::Bundle;
+use windlass_tests::runtime::{cgroup_dirs, set_cgroup, unique_cgroup, RuntimeCli};
+
+use windlass_tests::{require_privileged, unique_name, wait_for};
+
+fn limited(script: &str, resources: serde_json::Value) -> (Bundle, String) {
+    let mut b = Bundle::busybox(&["sh", "-c", script]).expect("bundle");
+    let cg = unique_cgroup("lim");
+    set_cgroup(&mut b, &cg);
+    b.config_mut()["linux"]["resources"] = resources;
+    b.write_config().expect("config");
+    (b, cg)
+}
+
+#[test]
+fn the_pids_limit_stops_a_fork_bomb() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, cg) = limited("exec sleep 60", json!({"pids": {"limit": 8}}));
+    let id = unique_name("pids");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    // busybox sh gives up when a fork fails, so the bomb runs in an exec'd shell while PID 1 lives on.
+    let bomb = rt.output(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 30); do sleep 60 & done",
+    ]);
+    let stderr = String::from_utf8_lossy(&bomb.stderr);
+    assert!(
+        stderr.contains("can't fork"),
+        "the limit should refuse forks: {stderr}"
+    );
+    let current = std::path::Path::new("/sys/fs/cgroup/pids")
+        .join(cg.trim_start_matches('/'))
+        .join("pids.current");
+    // The shell forked until the limit (8 tasks) refused more, then exited: PID 1 and six sleeps remain.
+    wait_for("the bomb's shell to exit", Duration::from_secs(10), || {
+        let n: u32 = std::fs::read_to_string(&current)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        assert!(n <= 8, "pids.max=8 but {n} tasks run");
+        (n == 7).then_some(())
+    });
+    rt.ok(&["delete", "--force", &id]);
+    assert!(cgroup_dirs(&cg).is_empty());
+}
+
+#[test]
+fn cpu_quota_and_memory_limit_are_visible_inside_the_container() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, _) = limited(
+        "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us \
+             /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null \
+         || cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.max",
+        json!({"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 33554432}}),
+    );
+    let (code, out, err) = rt.run(&b, &unique_name("cpu"));
+    assert_eq!(code, 0, "{err}");
+    let values: Vec<&str> = out.split_whitespace().collect();
+    // cgroup v1 (this machine: quota, period, limit) or v2 (cpu.max holds quota and period).
+    assert_eq!(values, ["50000", "100000", "33554432"], "{out}");
+}
+
+#[test]
+fn a_process_over_its_memory_limit_is_killed() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, cg) = limited(
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        json!({"memory": {"limit": 33554432, "swap": 33554432}}),
+    );
+    let (code, out, _) = rt.run(&b, &unique_name("oom"));
+    assert_eq!(code, 137, "the shell should be OOM-killed: {out}");
+    assert!(!out.contains("survived"));
+    assert!(cgroup_dirs(&cg).is_empty());
+}
