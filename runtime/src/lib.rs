@@ -17,6 +17,6 @@ pub use container::{
     ExecOptions, ExitStatus, Runtime, State, Status,
 };
 pub use sandbox::{
-    run_shim, ContainerConfig, ContainerInfo, CriLogStream, SandboxConfig, SandboxError,
-    SandboxInfo, SandboxManager, SandboxState,
+    run_shim, ContainerConfig, ContainerInfo, CriLogStream, ExecResult, SandboxConfig,
+    SandboxError, SandboxInfo, SandboxManager, SandboxState,
 };

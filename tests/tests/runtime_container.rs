@@ -708,3 +708,86 @@ fn parallel_containers_do_not_collide() {
     }
     assert!(rt.state_dirs().is_empty());
 }
+
+#[test]
+fn exec_takes_a_whole_process_json_and_a_tty() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, _) = bundle("exec sleep 60");
+    let id = unique_name("proc");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let process = b.path().join("process.json");
+    std::fs::write(
+        &process,
+        json!({
+            "user": {"uid": 65534, "gid": 65534},
+            "args": ["sh", "-c", "id -u; echo $X; pwd; grep CapEff /proc/self/status"],
+            "env": ["PATH=/bin", "X=from-json"],
+            "cwd": "/www"
+        })
+        .to_string(),
+    )
+    .expect("process.json");
+    let out = rt.ok(&["exec", "--process", &process.to_string_lossy(), &id]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["65534", "from-json", "/www", "CapEff:\t0000000000000000"]
+    );
+    let tty = rt.ok(&["exec", "--tty", &id, "--", "tty"]);
+    assert!(tty.trim().starts_with("/dev/pts/"), "{tty:?}");
+    rt.ok(&["delete", "--force", &id]);
+}
+
+#[test]
+fn a_console_socket_receives_the_pty_master_as_with_runc() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("echo via-pty; tty");
+    edit(&mut b, |c| c["process"]["terminal"] = json!(true));
+    let sock_dir = tempfile::tempdir().expect("dir");
+    let sock = sock_dir.path().join("console.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let master = windlass_runtime::receive_pty(&stream).expect("pty master");
+        let mut f = std::fs::File::from(master);
+        let mut out = Vec::new();
+        // Reading ends with EIO once the container's side of the pty is closed.
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let id = unique_name("csock");
+    rt.ok(&[
+        "create",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        "--console-socket",
+        &sock.to_string_lossy(),
+        &id,
+    ]);
+    rt.ok(&["start", &id]);
+    let out = receiver.join().expect("receiver");
+    assert!(
+        out.contains("via-pty") && out.contains("/dev/pts/0"),
+        "{out:?}"
+    );
+    rt.ok(&["delete", "--force", &id]);
+}

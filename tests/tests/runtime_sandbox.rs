@@ -390,3 +390,96 @@ fn a_container_in_a_missing_or_stopped_sandbox_is_refused() {
     let err = pods.mgr.create_container(&pod, &cfg).expect_err("refused");
     assert!(err.to_string().contains("not ready"), "{err}");
 }
+
+#[test]
+fn exec_sync_collects_output_and_exit_code_and_enforces_the_timeout() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let pods = Pods::new();
+    let (pod, _) = pods.sandbox("probe", false);
+    let mut bundles = Vec::new();
+    pods.run(
+        &pod,
+        "app",
+        "echo ok > /tmp/health; exec sleep 60",
+        &mut bundles,
+    );
+    let cmd = |s: &str| vec!["sh".to_string(), "-c".to_string(), s.to_string()];
+    let r = wait_for("the health file", Duration::from_secs(10), || {
+        let r = pods
+            .mgr
+            .exec_sync(
+                &pod,
+                "app",
+                &cmd("cat /tmp/health; echo oops >&2; exit 4"),
+                Duration::from_secs(10),
+            )
+            .expect("exec");
+        (r.stdout == b"ok\n").then_some(r)
+    });
+    assert_eq!(
+        (r.exit_code, r.stderr.as_slice(), r.timed_out),
+        (4, &b"oops\n"[..], false)
+    );
+    let started = std::time::Instant::now();
+    let slow = pods
+        .mgr
+        .exec_sync(&pod, "app", &cmd("sleep 30"), Duration::from_millis(300))
+        .expect("exec");
+    assert!(slow.timed_out);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the timeout did not kill the process"
+    );
+    let procs = pods.mgr.exec_sync(
+        &pod,
+        "app",
+        &cmd("ps -o args | grep -c '^sleep 30'"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        procs.expect("exec").stdout,
+        b"0\n",
+        "the timed-out process must be gone"
+    );
+}
+
+#[test]
+fn pod_sysctls_apply_to_every_container_of_the_pod() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let pods = Pods::new();
+    let id = unique_name("pod");
+    let cg = unique_cgroup("pod");
+    let mut cfg = SandboxConfig {
+        id: id.clone(),
+        hostname: "sysctl".into(),
+        cgroup_parent: PathBuf::from(&cg),
+        ..Default::default()
+    };
+    cfg.sysctls
+        .insert("net.ipv4.ip_unprivileged_port_start".into(), "81".into());
+    cfg.sysctls.insert("kernel.shmmni".into(), "1234".into());
+    pods.mgr.create_sandbox(&cfg).expect("sandbox");
+    let mut bundles = Vec::new();
+    let log = pods.run(
+        &id,
+        "reader",
+        "cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shmmni",
+        &mut bundles,
+    );
+    assert_eq!(pods.wait_exit(&id, "reader"), 0);
+    let out: Vec<String> = log_entries(&log).into_iter().map(|e| e.2).collect();
+    assert_eq!(out, ["81", "1234"]);
+    let mut bad = cfg.clone();
+    bad.id = unique_name("pod");
+    bad.sysctls = [("vm.swappiness".to_string(), "1".to_string())].into();
+    let err = pods
+        .mgr
+        .create_sandbox(&bad)
+        .expect_err("host sysctl refused");
+    assert!(err.to_string().contains("vm.swappiness"), "{err}");
+    assert!(!pods.dir.path().join(&bad.id).exists());
+}

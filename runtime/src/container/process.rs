@@ -79,9 +79,9 @@ pub(crate) fn apply_oom_score_adj(process: &Process, proc_self: &Path, report: &
     }
 }
 
-fn to_caps(set: &Option<Capabilities>, supported: &CapsHashSet, report: &Reporter) -> CapsHashSet {
+fn to_caps(set: Option<&Capabilities>, supported: &CapsHashSet, report: &Reporter) -> CapsHashSet {
     let mut out = HashSet::new();
-    for c in set.iter().flatten() {
+    for c in set.into_iter().flatten() {
         match format!("CAP_{c}").parse::<Cap>() {
             Ok(cap) if supported.contains(&cap) => {
                 out.insert(cap);
@@ -97,12 +97,16 @@ fn to_caps(set: &Option<Capabilities>, supported: &CapsHashSet, report: &Reporte
 /// The credentials part: groups, gid, uid and capabilities. Ref: runc's finalizeNamespace / setupUser.
 pub(crate) fn apply_user_and_caps(process: &Process, report: &Reporter) -> Result<(), Failed> {
     let supported = caps::runtime::thread_all_supported();
-    let capabilities = process.capabilities().clone().unwrap_or_default();
-    let bounding = to_caps(capabilities.bounding(), &supported, report);
-    let effective = to_caps(capabilities.effective(), &supported, report);
-    let permitted = to_caps(capabilities.permitted(), &supported, report);
-    let inheritable = to_caps(capabilities.inheritable(), &supported, report);
-    let ambient = to_caps(capabilities.ambient(), &supported, report);
+    // No `capabilities` means none at all (oci-spec's Default would instead give runc's default three).
+    let sets = process.capabilities().as_ref();
+    let set = |f: fn(&oci_spec::runtime::LinuxCapabilities) -> &Option<Capabilities>| {
+        to_caps(sets.and_then(|c| f(c).as_ref()), &supported, report)
+    };
+    let bounding = set(|c| c.bounding());
+    let effective = set(|c| c.effective());
+    let permitted = set(|c| c.permitted());
+    let inheritable = set(|c| c.inheritable());
+    let ambient = set(|c| c.ambient());
 
     // The bounding set can only shrink, and needs CAP_SETPCAP, so it goes first.
     for cap in &supported {

@@ -267,8 +267,9 @@ fn validate_process(process: &Process) -> Result<(), OciError> {
     Ok(())
 }
 
-/// Ref: runc libcontainer/configs/validate: a sysctl is allowed only if it belongs to a namespace the container owns.
-fn validate_sysctl(key: &str, ns: &Namespaces) -> Result<(), OciError> {
+/// The namespace a sysctl belongs to, if it is namespaced at all (a container may set only those).
+/// Ref: runc libcontainer/configs/validate `sysctl`.
+pub(crate) fn sysctl_namespace(key: &str) -> Option<LinuxNamespaceType> {
     const IPC: [&str; 8] = [
         "kernel.msgmax",
         "kernel.msgmnb",
@@ -279,16 +280,27 @@ fn validate_sysctl(key: &str, ns: &Namespaces) -> Result<(), OciError> {
         "kernel.shmmni",
         "kernel.shm_rmid_forced",
     ];
-    let ok = if IPC.contains(&key) || key.starts_with("fs.mqueue.") {
-        ns.has(LinuxNamespaceType::Ipc)
+    if key.contains("..") || key.contains('/') {
+        return None;
+    }
+    if IPC.contains(&key) || key.starts_with("fs.mqueue.") {
+        Some(LinuxNamespaceType::Ipc)
     } else if key.starts_with("net.") {
-        ns.has(LinuxNamespaceType::Network)
+        Some(LinuxNamespaceType::Network)
     } else if key == "kernel.hostname" || key == "kernel.domainname" {
-        ns.creates(LinuxNamespaceType::Uts)
+        Some(LinuxNamespaceType::Uts)
     } else {
-        false
+        None
+    }
+}
+
+fn validate_sysctl(key: &str, ns: &Namespaces) -> Result<(), OciError> {
+    let ok = match sysctl_namespace(key) {
+        Some(LinuxNamespaceType::Uts) => ns.creates(LinuxNamespaceType::Uts),
+        Some(t) => ns.has(t),
+        None => false,
     };
-    if ok && !key.contains("..") && !key.contains('/') {
+    if ok {
         Ok(())
     } else {
         Err(OciError::Invalid(format!(

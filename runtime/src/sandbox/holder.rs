@@ -46,7 +46,11 @@ fn loopback_up() -> Result<(), Failed> {
 }
 
 /// The holder's body, run as stage 2 of [`crate::container::spawn`]; returns only on a setup failure.
-pub(crate) fn run(hostname: &str, report: &crate::container::Reporter) -> Failed {
+pub(crate) fn run(
+    hostname: &str,
+    sysctls: &[(String, String)],
+    report: &crate::container::Reporter,
+) -> Failed {
     if let Err(e) = nix::unistd::setsid() {
         return format!("setsid: {e}");
     }
@@ -57,6 +61,13 @@ pub(crate) fn run(hostname: &str, report: &crate::container::Reporter) -> Failed
     }
     if let Err(e) = loopback_up() {
         return e;
+    }
+    // /proc/sys/net and the IPC sysctls show the namespaces of the process that opens them: ours, now.
+    for (key, value) in sysctls {
+        let path = std::path::Path::new("/proc/sys").join(key.replace('.', "/"));
+        if let Err(e) = std::fs::write(&path, value) {
+            return format!("sysctl {key}={value}: {e}");
+        }
     }
     // A PID 1 of a PID namespace ignores signals it has no handler for, even when blocked: install one so
     // SIGTERM and SIGCHLD reach sigwait.

@@ -93,6 +93,8 @@ pub struct SandboxConfig {
     pub resources: Option<LinuxResources>,
     /// Containers share the holder's PID namespace (`shareProcessNamespace`).
     pub share_pid: bool,
+    /// Namespaced sysctls of the pod (`net.*`, IPC), set in the holder's namespaces.
+    pub sysctls: HashMap<String, String>,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
 }
@@ -149,6 +151,16 @@ pub struct ContainerInfo {
     pub log_path: Option<PathBuf>,
 }
 
+/// What [`SandboxManager::exec_sync`] collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The process was killed because it ran longer than the timeout.
+    pub timed_out: bool,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct ContainerMeta {
     log_path: PathBuf,
@@ -202,6 +214,16 @@ impl SandboxManager {
     /// Creates the sandbox: pod cgroup, holder process, pinned network namespace. Undone completely on failure.
     pub fn create_sandbox(&self, cfg: &SandboxConfig) -> Result<SandboxInfo, SandboxError> {
         validate_id(&cfg.id)?;
+        for key in cfg.sysctls.keys() {
+            if !matches!(
+                oci::sysctl_namespace(key),
+                Some(LinuxNamespaceType::Network | LinuxNamespaceType::Ipc)
+            ) {
+                return Err(
+                    OciError::Invalid(format!("pod sysctl {key:?} is not namespaced")).into(),
+                );
+            }
+        }
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let dir = self.dir(&cfg.id);
         match fs::create_dir(&dir) {
@@ -277,8 +299,9 @@ impl SandboxManager {
             source,
         })?;
         let hostname = cfg.hostname.clone();
+        let sysctls: Vec<(String, String)> = cfg.sysctls.clone().into_iter().collect();
         let stage1 = container::spawn(&joins, Some(holder_cg.as_ref()), &[], &reporter, || {
-            holder::run(&hostname, &reporter)
+            holder::run(&hostname, &sysctls, &reporter)
         })
         .map_err(|source| SandboxError::Sys {
             what: "fork".into(),
@@ -548,6 +571,101 @@ impl SandboxManager {
             exit,
             log_path: meta.map(|m| m.log_path),
         })
+    }
+
+    /// Runs `cmd` in a running container and collects its output, killing it after `timeout` (probes, `kubectl
+    /// exec` without a terminal). Runs through `windlass-runtime exec`, which waits for the process as a subreaper.
+    pub fn exec_sync(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResult, SandboxError> {
+        use std::io::Read;
+        self.load(sandbox_id)?;
+        validate_id(id)?;
+        let rt = self.runtime(sandbox_id);
+        let pid_file = self
+            .dir(sandbox_id)
+            .join(BUNDLES_DIR)
+            .join(format!("{id}.exec-{}.pid", std::process::id()));
+        let mut child = Command::new(&self.runtime_binary)
+            .arg("--root")
+            .arg(rt.root())
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id)
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(&self.runtime_binary))?;
+        let reader = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = reader(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let err = reader(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let mut timed_out = false;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait().map_err(io_err(&self.runtime_binary))? {
+                Some(status) => break status,
+                None if Instant::now() >= deadline && !timed_out => {
+                    timed_out = true;
+                    // Kill the process itself (the CLI would only forward a signal), then the CLI ends too.
+                    if let Some(pid) = fs::read_to_string(&pid_file)
+                        .ok()
+                        .and_then(|p| p.trim().parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    let _ = child.kill();
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let _ = fs::remove_file(&pid_file);
+        Ok(ExecResult {
+            exit_code: status.code().unwrap_or(-1),
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+            timed_out,
+        })
+    }
+
+    /// CPU and memory usage of a container, from its cgroup.
+    pub fn container_stats(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+    ) -> Result<cgroups::CgroupStats, SandboxError> {
+        let cg = self
+            .runtime(sandbox_id)
+            .cgroup(id)
+            .map_err(Self::container_err(sandbox_id, id))?;
+        Ok(cg.stats()?)
     }
 
     /// The containers of a sandbox.
