@@ -791,3 +791,96 @@ fn a_console_socket_receives_the_pty_master_as_with_runc() {
     );
     rt.ok(&["delete", "--force", &id]);
 }
+
+#[test]
+fn a_user_namespace_maps_container_root_to_an_unprivileged_host_uid() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle(
+        "id -u; cat /proc/self/uid_map /proc/self/gid_map; hostname; echo pid=$$; \
+         touch /etc/owned-by-host-root 2>/dev/null || echo denied; grep CapEff /proc/self/status",
+    );
+    edit(&mut b, |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+    });
+    // The mapped root must be able to reach the rootfs (a tempdir is 0700).
+    std::fs::set_permissions(b.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (code, out, err) = rt.run(&b, &unique_name("userns"));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        lines[..6],
+        [
+            "0",
+            "0 200000 65536",
+            "0 200000 65536",
+            "windlass",
+            "pid=1",
+            "denied"
+        ],
+        "{out}"
+    );
+    // Root of the user namespace keeps only the configured capabilities.
+    assert_eq!(lines[6], "CapEff: 0000000020000420");
+    assert!(!b.rootfs().join("etc/owned-by-host-root").exists());
+
+    // exec joins the user namespace too.
+    edit(&mut b, |c| c["process"]["args"] = json!(["sleep", "60"]));
+    let id = unique_name("userns");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let out = rt.ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "id -u; cat /proc/self/uid_map",
+    ]);
+    let got: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(got, ["0", "0 200000 65536"]);
+    rt.ok(&["delete", "--force", &id]);
+}
+
+#[test]
+fn a_new_user_namespace_without_id_maps_is_refused() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("true");
+    edit(&mut b, |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+    });
+    let out = rt.output(&[
+        "create",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &unique_name("nomap"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uidMappings"));
+    assert!(rt.state_dirs().is_empty());
+}

@@ -3,11 +3,10 @@
 //! is merged.)
 
 use serde_json::json;
-use std::time::Duration;
 use windlass_tests::bundle::Bundle;
 use windlass_tests::runtime::{cgroup_dirs, set_cgroup, unique_cgroup, RuntimeCli};
 
-use windlass_tests::{require_privileged, unique_name, wait_for};
+use windlass_tests::{require_privileged, unique_name};
 
 fn limited(script: &str, resources: serde_json::Value) -> (Bundle, String) {
     let mut b = Bundle::busybox(&["sh", "-c", script]).expect("bundle");
@@ -50,16 +49,17 @@ fn the_pids_limit_stops_a_fork_bomb() {
     let current = std::path::Path::new("/sys/fs/cgroup/pids")
         .join(cg.trim_start_matches('/'))
         .join("pids.current");
-    // The shell forked until the limit (8 tasks) refused more, then exited: PID 1 and six sleeps remain.
-    wait_for("the bomb's shell to exit", Duration::from_secs(10), || {
-        let n: u32 = std::fs::read_to_string(&current)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        assert!(n <= 8, "pids.max=8 but {n} tasks run");
-        (n == 7).then_some(())
-    });
+    // The shell forked until the limit (8 tasks, transient helpers and not yet reaped zombies included) refused
+    // more, and has exited (exec waited for it): PID 1 and the sleeps that fitted remain.
+    let n: u32 = std::fs::read_to_string(&current)
+        .expect("pids.current")
+        .trim()
+        .parse()
+        .expect("number");
+    assert!(
+        (2..=7).contains(&n),
+        "pids.max=8: expected PID 1 plus some sleeps, got {n} tasks"
+    );
     rt.ok(&["delete", "--force", &id]);
     assert!(cgroup_dirs(&cg).is_empty());
 }

@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 
 use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid};
@@ -47,6 +46,8 @@ fn exit_with(report: &Reporter, failed: Failed) -> ! {
 pub(crate) struct Joins {
     pub(crate) fds: Vec<(CloneFlags, OwnedFd)>,
     pub(crate) unshare: CloneFlags,
+    /// With a new user namespace: the read end of the pipe on which the runtime says the ID maps are written.
+    pub(crate) userns_go: Option<OwnedFd>,
 }
 
 /// Forks stage 1, which joins the cgroup and the namespaces and forks stage 2 (PID 1 of a new PID namespace), reports
@@ -66,25 +67,68 @@ pub(crate) fn spawn(
             let mut fds: Vec<RawFd> = keep.to_vec();
             fds.push(report.raw());
             fds.extend(joins.fds.iter().map(|(_, fd)| fd.as_raw_fd()));
+            fds.extend(joins.userns_go.iter().map(|fd| fd.as_raw_fd()));
             close_fds_except(&fds);
             if let Some(cg) = cgroup {
                 if let Err(e) = cg.add_task(Pid::this()) {
                     exit_with(report, format!("joining cgroup: {e}"));
                 }
             }
-            // The mount namespace last: after it, paths of the others may no longer resolve (they are open already,
-            // but keep the order runc uses).
-            let (mnt, others): (Vec<_>, Vec<_>) = joins
-                .fds
-                .iter()
-                .partition(|(f, _)| *f == CloneFlags::CLONE_NEWNS);
-            for (flag, fd) in others.into_iter().chain(mnt) {
+            // A joined user namespace first (it grants the capabilities for the rest), the mount namespace last
+            // (the order runc uses). All joins precede a new user namespace, which would drop our rights over the
+            // host's namespaces.
+            let order = |f: CloneFlags| match f {
+                CloneFlags::CLONE_NEWUSER => 0,
+                CloneFlags::CLONE_NEWNS => 2,
+                _ => 1,
+            };
+            let mut ordered: Vec<&(CloneFlags, OwnedFd)> = joins.fds.iter().collect();
+            ordered.sort_by_key(|(f, _)| order(*f));
+            for (flag, fd) in ordered {
                 if let Err(e) = nix::sched::setns(fd, *flag) {
                     exit_with(report, format!("setns {flag:?}: {e}"));
                 }
             }
-            if let Err(e) = nix::sched::unshare(joins.unshare) {
-                exit_with(report, format!("unshare {:?}: {e}", joins.unshare));
+            let mut unshare = joins.unshare;
+            if unshare.contains(CloneFlags::CLONE_NEWUSER) {
+                unshare.remove(CloneFlags::CLONE_NEWUSER);
+                if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
+                    exit_with(report, format!("unshare user namespace: {e}"));
+                }
+                // Only a process outside the namespace may write its uid_map/gid_map: ask the runtime.
+                report.userns(Pid::this());
+                let mut go = [0u8; 1];
+                let got = joins
+                    .userns_go
+                    .as_ref()
+                    .map(|fd| nix::unistd::read(fd, &mut go));
+                if !matches!(got, Some(Ok(1))) {
+                    exit_with(
+                        report,
+                        "the runtime did not write the user namespace ID maps".into(),
+                    );
+                }
+            }
+            if joins.unshare.contains(CloneFlags::CLONE_NEWUSER)
+                || joins
+                    .fds
+                    .iter()
+                    .any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER)
+            {
+                // Become root of the user namespace proper (capabilities stay: we were not its root before).
+                let root_g = nix::unistd::Gid::from_raw(0);
+                let root_u = nix::unistd::Uid::from_raw(0);
+                if let Err(e) = nix::unistd::setresgid(root_g, root_g, root_g)
+                    .and_then(|_| nix::unistd::setresuid(root_u, root_u, root_u))
+                {
+                    exit_with(
+                        report,
+                        format!("becoming root in the user namespace: {e} (is 0 mapped?)"),
+                    );
+                }
+            }
+            if let Err(e) = nix::sched::unshare(unshare) {
+                exit_with(report, format!("unshare {unshare:?}: {e}"));
             }
             // SAFETY: as for the first fork; this process is single-threaded now.
             match unsafe { nix::unistd::fork() } {
@@ -107,7 +151,8 @@ pub(crate) fn spawn(
 pub(crate) struct InitArgs<'a> {
     pub(crate) spec: &'a Spec,
     pub(crate) plan: &'a RootfsPlan,
-    pub(crate) fifo: PathBuf,
+    /// `exec.fifo`, opened read-write by the runtime (a user-namespaced init may not be allowed to open it).
+    pub(crate) fifo: RawFd,
     pub(crate) console: Option<RawFd>,
     pub(crate) seccomp: &'a SeccompProgram,
     pub(crate) report: &'a Reporter,
@@ -126,13 +171,9 @@ fn init_steps(a: &InitArgs<'_>) -> Result<std::convert::Infallible, Failed> {
     process::reset_signals();
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     process::apply_oom_score_adj(&process, std::path::Path::new("/proc/self"), a.report);
-    // O_RDWR never blocks on a FIFO; `start` writes one byte that the read below waits for. Opened before
-    // pivot_root, while the state directory is still visible.
-    let mut fifo = File::options()
-        .read(true)
-        .write(true)
-        .open(&a.fifo)
-        .map_err(|e| format!("open {}: {e}", a.fifo.display()))?;
+    // `start` writes one byte into the FIFO that the read below waits for.
+    // SAFETY: the runtime passed this fd for the init to own; nothing else in this process uses it.
+    let mut fifo = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(a.fifo) };
     rootfs::prepare(a.spec, a.plan)?;
     if let Some(h) = a.spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;

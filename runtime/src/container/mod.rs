@@ -371,10 +371,26 @@ impl Runtime {
         } else {
             None
         };
+        // O_RDWR never blocks on a FIFO; the init inherits this and waits for `start`'s byte.
+        let fifo_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .map_err(|source| ContainerError::Io {
+                path: fifo.clone(),
+                source,
+            })?;
         let mut joins = init::Joins {
             fds: Vec::new(),
             unshare: CloneFlags::empty(),
+            userns_go: None,
         };
+        let mut userns_go = None;
+        if ns.creates(LinuxNamespaceType::User) {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+            joins.userns_go = Some(r);
+            userns_go = Some(w);
+        }
         for (typ, path) in &ns.join {
             joins.fds.push((namespace_flag(*typ), open_ns(path)?));
         }
@@ -389,12 +405,13 @@ impl Runtime {
 
         let (listener, reporter) = sync::channel().map_err(sys("pipe"))?;
         let console_fd: Option<RawFd> = console.as_ref().map(|c| c.as_raw_fd());
-        let keep: Vec<RawFd> = console_fd.into_iter().collect();
+        let fifo_fd = fifo_file.as_raw_fd();
+        let keep: Vec<RawFd> = console_fd.into_iter().chain([fifo_fd]).collect();
         let stage1 = init::spawn(&joins, Some(cgroup.as_ref()), &keep, &reporter, || {
             init::container_init(init::InitArgs {
                 spec,
                 plan: &plan,
-                fifo: fifo.clone(),
+                fifo: fifo_fd,
                 console: console_fd,
                 seccomp,
                 report: &reporter,
@@ -404,7 +421,30 @@ impl Runtime {
         drop(reporter);
         drop(console);
         drop(joins);
-        let outcome = listener.wait(id);
+        drop(fifo_file);
+        let linux = spec.linux().clone().unwrap_or_default();
+        let mut write_maps = |pid: Pid| -> Result<(), String> {
+            let map = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+                m.iter()
+                    .flatten()
+                    .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+                    .collect::<String>()
+            };
+            for (file, text) in [
+                ("uid_map", map(linux.uid_mappings())),
+                ("gid_map", map(linux.gid_mappings())),
+            ] {
+                let path = format!("/proc/{pid}/{file}");
+                fs::write(&path, &text)
+                    .map_err(|e| format!("writing {path} ({}): {e}", text.trim()))?;
+            }
+            let go = userns_go
+                .take()
+                .ok_or("user namespace maps requested twice")?;
+            nix::unistd::write(&go, &[1]).map_err(|e| format!("resuming stage 1: {e}"))?;
+            Ok(())
+        };
+        let outcome = listener.wait(id, &mut write_maps);
         let _ = nix::sys::wait::waitpid(stage1, None);
         if let Some(pid) = outcome.pid {
             rec.pid = pid.as_raw();
@@ -686,8 +726,10 @@ impl Runtime {
         let mut joins = init::Joins {
             fds: Vec::new(),
             unshare: CloneFlags::empty(),
+            userns_go: None,
         };
         for (name, flag) in [
+            ("user", CloneFlags::CLONE_NEWUSER),
             ("ipc", CloneFlags::CLONE_NEWIPC),
             ("uts", CloneFlags::CLONE_NEWUTS),
             ("net", CloneFlags::CLONE_NEWNET),
@@ -718,7 +760,7 @@ impl Runtime {
         .map_err(sys("fork"))?;
         drop(reporter);
         drop(console);
-        let outcome = listener.wait(id);
+        let outcome = listener.wait(id, &mut |_| Err("unexpected user namespace request".into()));
         let _ = nix::sys::wait::waitpid(stage1, None);
         if let Some(err) = outcome.error {
             return Err(ContainerError::Init(err));

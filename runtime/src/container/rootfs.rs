@@ -225,14 +225,17 @@ fn bind(source: &Path, target: &Path, o: &Options) -> Result<(), Failed> {
     })?;
     let extra = o.flags - (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
     if !extra.is_empty() {
-        do_mount(
-            None,
-            target,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-            None,
-        )
-        .map_err(|e| err(format!("remount {} with {extra:?}", target.display()), e))?;
+        let base = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra;
+        // In a user namespace the source's nosuid/nodev/noexec are locked and must be kept on a remount.
+        // Ref: runc retries a bind remount with the locked flags when the first attempt gets EPERM.
+        do_mount(None, target, None, base, None)
+            .or_else(|e| match e {
+                nix::errno::Errno::EPERM => {
+                    do_mount(None, target, None, base | preserved_flags(target), None)
+                }
+                e => Err(e),
+            })
+            .map_err(|e| err(format!("remount {} with {extra:?}", target.display()), e))?;
     }
     Ok(())
 }

@@ -38,6 +38,11 @@ impl Reporter {
         self.send("error", text);
     }
 
+    /// Stage 1 has a new user namespace and waits for its ID maps.
+    pub(crate) fn userns(&self, pid: Pid) {
+        self.send("userns", &pid.to_string());
+    }
+
     pub(crate) fn ready(&self) {
         self.send("ready", "");
     }
@@ -68,8 +73,13 @@ pub(crate) fn channel() -> nix::Result<(Listener, Reporter)> {
 }
 
 impl Listener {
-    /// Reads until "ready", an error or end of file (every writer gone). Warnings are logged.
-    pub(crate) fn wait(self, what: &str) -> Outcome {
+    /// Reads until "ready", an error or end of file (every writer gone). Warnings are logged; a "userns" request
+    /// runs `on_userns` (which writes the ID maps and lets stage 1 go on).
+    pub(crate) fn wait(
+        self,
+        what: &str,
+        on_userns: &mut dyn FnMut(Pid) -> Result<(), String>,
+    ) -> Outcome {
         let mut out = Outcome::default();
         for line in BufReader::new(self.file).lines() {
             let Ok(line) = line else { break };
@@ -77,6 +87,17 @@ impl Listener {
             match kind {
                 "pid" => out.pid = text.trim().parse().ok().map(Pid::from_raw),
                 "warn" => tracing::warn!(container = %what, "{text}"),
+                "userns" => {
+                    let pid = text
+                        .trim()
+                        .parse()
+                        .map(Pid::from_raw)
+                        .unwrap_or(Pid::from_raw(0));
+                    if let Err(e) = on_userns(pid) {
+                        out.error = Some(e);
+                        break;
+                    }
+                }
                 "error" => {
                     out.error = Some(text.to_string());
                     break;

@@ -202,10 +202,18 @@ pub fn validate(spec: &Spec) -> Result<(), OciError> {
             )));
         }
     }
-    for typ in [LinuxNamespaceType::User, LinuxNamespaceType::Time] {
-        if ns.has(typ) {
-            return Err(OciError::UnsupportedNamespace(typ.to_string()));
-        }
+    if ns.has(LinuxNamespaceType::Time) {
+        return Err(OciError::UnsupportedNamespace("time".into()));
+    }
+    let maps = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        m.as_ref().is_some_and(|m| !m.is_empty())
+    };
+    if ns.creates(LinuxNamespaceType::User)
+        && !(maps(linux.uid_mappings()) && maps(linux.gid_mappings()))
+    {
+        return Err(OciError::Invalid(
+            "a new user namespace needs linux.uidMappings and linux.gidMappings".into(),
+        ));
     }
     if !ns.has(LinuxNamespaceType::Mount) {
         // Ref: runc's validator: pivot_root and the masked paths need a private mount namespace.

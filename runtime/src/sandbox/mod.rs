@@ -293,6 +293,7 @@ impl SandboxManager {
         let joins = container::Joins {
             fds: Vec::new(),
             unshare,
+            userns_go: None,
         };
         let (listener, reporter) = container::channel().map_err(|source| SandboxError::Sys {
             what: "pipe".into(),
@@ -308,7 +309,9 @@ impl SandboxManager {
             source,
         })?;
         drop(reporter);
-        let outcome = listener.wait(&cfg.id);
+        let outcome = listener.wait(&cfg.id, &mut |_| {
+            Err("unexpected user namespace request".into())
+        });
         let _ = nix::sys::wait::waitpid(stage1, None);
         if let Some(pid) = outcome.pid {
             info.holder_pid = pid.as_raw();
