@@ -46,6 +46,13 @@ enum Command {
     Start { id: String },
     /// Print a container's OCI state as JSON.
     State { id: String },
+    /// Change a container's resource limits.
+    Update {
+        /// A JSON file with `linux.resources` (`-` reads stdin).
+        #[arg(short, long)]
+        resources: PathBuf,
+        id: String,
+    },
     /// Send a signal (default SIGTERM) to a container's init.
     Kill {
         id: String,
@@ -170,6 +177,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::State { id } => {
             println!("{}", cli::state(&rt, &id)?);
+            0
+        }
+        Command::Update { resources, id } => {
+            cli::update(&rt, &id, &resources)?;
             0
         }
         Command::Kill { id, signal, all } => {

@@ -884,3 +884,61 @@ fn a_new_user_namespace_without_id_maps_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("uidMappings"));
     assert!(rt.state_dirs().is_empty());
 }
+
+#[test]
+fn a_cgroup_namespace_hides_the_host_cgroup_path() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, cg) = bundle("grep -E ':(memory|pids):' /proc/self/cgroup");
+    edit(&mut b, |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "cgroup"}));
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("cgns"));
+    assert_eq!(code, 0, "{err}");
+    for line in out.lines() {
+        assert!(
+            line.ends_with(":/"),
+            "the container should see itself at its cgroup root: {out}"
+        );
+    }
+    assert!(!out.contains(&cg));
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn seccomp_argument_conditions_deny_only_matching_calls() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    // socket(AF_INET6, ...) is denied; AF_INET and AF_NETLINK sockets still work.
+    let (mut b, _) = bundle(
+        "wget -q -O- http://[::1]:1/ 2>&1; ip -o link show lo | cut -d: -f2; wget -q -O- http://127.0.0.1:1/ 2>&1; true",
+    );
+    edit(&mut b, |c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{
+                "names": ["socket"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 97,
+                "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]
+            }]
+        });
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("secarg"));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert!(lines[0].contains("Address family not supported"), "{out}");
+    assert_eq!(lines[1], "lo", "{out}");
+    // The socket is created; connecting fails (loopback is down in a fresh network namespace).
+    assert!(
+        lines[2].contains("can't connect"),
+        "an AF_INET socket must work: {out}"
+    );
+}

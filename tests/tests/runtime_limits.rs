@@ -98,3 +98,36 @@ fn a_process_over_its_memory_limit_is_killed() {
     assert!(!out.contains("survived"));
     assert!(cgroup_dirs(&cg).is_empty());
 }
+
+#[test]
+fn update_changes_the_limits_of_a_running_container() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, cg) = limited("exec sleep 60", json!({"pids": {"limit": 20}}));
+    let id = unique_name("upd");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let max = std::path::Path::new("/sys/fs/cgroup/pids")
+        .join(cg.trim_start_matches('/'))
+        .join("pids.max");
+    assert_eq!(
+        std::fs::read_to_string(&max).expect("pids.max").trim(),
+        "20"
+    );
+    let res = b.path().join("resources.json");
+    std::fs::write(&res, json!({"pids": {"limit": 5}}).to_string()).expect("write");
+    rt.ok(&["update", "--resources", &res.to_string_lossy(), &id]);
+    assert_eq!(std::fs::read_to_string(&max).expect("pids.max").trim(), "5");
+    std::fs::write(&res, "{not json").expect("write");
+    let bad = rt.output(&["update", "--resources", &res.to_string_lossy(), &id]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&max).expect("pids.max").trim(), "5");
+    rt.ok(&["delete", "--force", &id]);
+}

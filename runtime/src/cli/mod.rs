@@ -53,6 +53,25 @@ pub fn kill(rt: &Runtime, id: &str, signal: Option<&str>, all: bool) -> Result<(
     rt.kill(id, sig, all)
 }
 
+/// `update --resources FILE ID`: FILE holds `linux.resources` as JSON (`-` for stdin), as with runc.
+pub fn update(rt: &Runtime, id: &str, resources: &Path) -> Result<(), ContainerError> {
+    let text = if resources == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(resources)
+    }
+    .map_err(|source| ContainerError::Io {
+        path: resources.to_path_buf(),
+        source,
+    })?;
+    let res: oci_spec::runtime::LinuxResources =
+        serde_json::from_str(&text).map_err(|source| oci::OciError::Spec {
+            path: resources.to_path_buf(),
+            source,
+        })?;
+    rt.update(id, &res)
+}
+
 /// `delete [--force] ID`
 pub fn delete(rt: &Runtime, id: &str, force: bool) -> Result<(), ContainerError> {
     rt.delete(id, force)

@@ -552,6 +552,28 @@ impl Runtime {
         dir.write_exit_status(status)
     }
 
+    /// Changes the resource limits of a created or running container (runc `update`; CRI
+    /// UpdateContainerResources), and keeps them in the saved config so `exec` and a later reader see them.
+    pub fn update(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), ContainerError> {
+        let (dir, rec) = self.open(id)?;
+        let _lock = dir.lock(id, LOCK_WAIT)?;
+        if !matches!(dir.status(&rec), Status::Created | Status::Running) {
+            return Err(ContainerError::NotRunning(id.into()));
+        }
+        let cg = cgroups::create_manager(&rec.cgroup_root, &rec.cgroups_path)?;
+        cg.apply(resources)?;
+        let path = dir.path(state::CONFIG_COPY);
+        let mut spec = oci::load_spec(&path)?;
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_resources(Some(resources.clone()));
+        spec.set_linux(Some(linux));
+        state::write_json_atomic(&path, &spec)
+    }
+
     /// The cgroup manager of a container, e.g. for stats and OOM reports.
     pub fn cgroup(&self, id: &str) -> Result<Box<dyn CgroupManager>, ContainerError> {
         let (_, rec) = self.open(id)?;
