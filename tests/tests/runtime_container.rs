@@ -942,3 +942,85 @@ fn seccomp_argument_conditions_deny_only_matching_calls() {
         "an AF_INET socket must work: {out}"
     );
 }
+
+#[test]
+fn lifecycle_hooks_run_at_their_stages_with_the_state_on_stdin() {
+    if !require_privileged(&["/bin/busybox", "sh"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let out = tempfile::tempdir().expect("dir");
+    let dir = out.path().to_string_lossy().into_owned();
+    let (mut b, _) = bundle("exec sleep 60");
+    let hook = |target: String| json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {target}")]});
+    edit(&mut b, |c| {
+        c["hooks"] = json!({
+            "createRuntime": [hook(format!("{dir}/createRuntime.json"))],
+            "createContainer": [hook(format!("{dir}/createContainer.json"))],
+            // Runs inside the container, after pivot_root: the path is in its rootfs.
+            "startContainer": [hook("/tmp/startContainer.json".into())],
+            "poststart": [hook(format!("{dir}/poststart.json"))],
+            "poststop": [hook(format!("{dir}/poststop.json"))]
+        });
+    });
+    let read = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .expect("state json")
+    };
+    let id = unique_name("hook");
+    rt.ok(&["create", "--bundle", &b.path().to_string_lossy(), &id]);
+    let pid = serde_json::from_str::<serde_json::Value>(&rt.ok(&["state", &id])).expect("state")
+        ["pid"]
+        .clone();
+    let created = read(out.path().join("createRuntime.json"));
+    assert_eq!(
+        (created["id"].as_str(), &created["pid"]),
+        (Some(id.as_str()), &pid)
+    );
+    assert_eq!(created["status"], "creating");
+    assert_eq!(read(out.path().join("createContainer.json"))["pid"], pid);
+    assert!(!out.path().join("poststart.json").exists());
+
+    rt.ok(&["start", &id]);
+    assert_eq!(read(out.path().join("poststart.json"))["status"], "running");
+    wait_for("startContainer", Duration::from_secs(10), || {
+        b.rootfs()
+            .join("tmp/startContainer.json")
+            .exists()
+            .then_some(())
+    });
+    rt.ok(&["delete", "--force", &id]);
+    let stopped = read(out.path().join("poststop.json"));
+    assert_eq!(
+        (stopped["status"].as_str(), stopped["id"].as_str()),
+        (Some("stopped"), Some(id.as_str()))
+    );
+}
+
+#[test]
+fn a_failing_create_runtime_hook_fails_create_and_leaves_nothing() {
+    if !require_privileged(&["/bin/busybox", "sh"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, cg) = bundle("true");
+    edit(&mut b, |c| {
+        c["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network >&2; exit 3"]}]});
+    });
+    let out = rt.output(&[
+        "create",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &unique_name("hookf"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("createRuntime") && stderr.contains("no network"),
+        "{stderr}"
+    );
+    assert!(rt.state_dirs().is_empty());
+    assert!(cgroup_dirs(&cg).is_empty());
+}

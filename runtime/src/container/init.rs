@@ -156,6 +156,10 @@ pub(crate) struct InitArgs<'a> {
     pub(crate) console: Option<RawFd>,
     pub(crate) seccomp: &'a SeccompProgram,
     pub(crate) report: &'a Reporter,
+    /// The state hooks get (PID filled in by the init); the read end of the runtime's "go" pipe when the
+    /// createRuntime/prestart hooks must run before `pivot_root`.
+    pub(crate) state: super::State,
+    pub(crate) go: Option<RawFd>,
 }
 
 /// The container's init: filesystem, hostname, sysctls, then the process; blocks on `exec.fifo` until `start`.
@@ -174,7 +178,31 @@ fn init_steps(a: &InitArgs<'_>) -> Result<std::convert::Infallible, Failed> {
     // `start` writes one byte into the FIFO that the read below waits for.
     // SAFETY: the runtime passed this fd for the init to own; nothing else in this process uses it.
     let mut fifo = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(a.fifo) };
-    rootfs::prepare(a.spec, a.plan)?;
+    let hooks = a.spec.hooks().clone().unwrap_or_default();
+    let mut state = a.state.clone();
+    // Before pivot_root, /proc is still the host's: its "self" is our host PID, which hooks are given.
+    state.pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_string_lossy().parse().ok())
+        .unwrap_or(0);
+    let mut before_pivot = || -> Result<(), Failed> {
+        if let Some(go) = a.go {
+            a.report.hooks(state.pid);
+            let mut byte = [0u8; 1];
+            // SAFETY: borrowing the inherited pipe fd for one read; it stays open (and is O_CLOEXEC).
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(go) };
+            if !matches!(nix::unistd::read(fd, &mut byte), Ok(1)) {
+                return Err("the runtime's createRuntime hooks failed".into());
+            }
+        }
+        let json = serde_json::to_string(&state).unwrap_or_default();
+        super::hooks::run(
+            hooks.create_container().as_deref().unwrap_or_default(),
+            &json,
+            "createContainer",
+        )
+    };
+    rootfs::prepare(a.spec, a.plan, &mut before_pivot)?;
     if let Some(h) = a.spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
     }
@@ -204,6 +232,13 @@ fn init_steps(a: &InitArgs<'_>) -> Result<std::convert::Infallible, Failed> {
     fifo.read_exact(&mut byte)
         .map_err(|e| format!("waiting for start: {e}"))?;
     drop(fifo);
+    state.status = super::Status::Running;
+    let json = serde_json::to_string(&state).unwrap_or_default();
+    super::hooks::run(
+        hooks.start_container().as_deref().unwrap_or_default(),
+        &json,
+        "startContainer",
+    )?;
     Err(finish_process(&process, a.seccomp, &cmd))
 }
 

@@ -4,6 +4,7 @@
 //! Ref: OCI runtime spec runtime.md (lifecycle and operations); runc where the spec is silent (the `exec.fifo`
 //! that holds a created container before `start`, error messages, `delete` of a created container).
 
+mod hooks;
 mod init;
 mod process;
 mod rootfs;
@@ -385,8 +386,16 @@ impl Runtime {
             unshare: CloneFlags::empty(),
             userns_go: None,
         };
+        let hooks = spec.hooks().clone().unwrap_or_default();
+        let runtime_hooks: Vec<oci_spec::runtime::Hook> = hooks
+            .create_runtime()
+            .iter()
+            .chain(hooks.prestart().iter())
+            .flatten()
+            .cloned()
+            .collect();
         let mut userns_go = None;
-        if ns.creates(LinuxNamespaceType::User) {
+        if ns.creates(LinuxNamespaceType::User) || !runtime_hooks.is_empty() {
             let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
             joins.userns_go = Some(r);
             userns_go = Some(w);
@@ -406,7 +415,9 @@ impl Runtime {
         let (listener, reporter) = sync::channel().map_err(sys("pipe"))?;
         let console_fd: Option<RawFd> = console.as_ref().map(|c| c.as_raw_fd());
         let fifo_fd = fifo_file.as_raw_fd();
+        let go_fd: Option<RawFd> = joins.userns_go.as_ref().map(|fd| fd.as_raw_fd());
         let keep: Vec<RawFd> = console_fd.into_iter().chain([fifo_fd]).collect();
+        let base_state = self.state_of(dir, &rec);
         let stage1 = init::spawn(&joins, Some(cgroup.as_ref()), &keep, &reporter, || {
             init::container_init(init::InitArgs {
                 spec,
@@ -415,6 +426,8 @@ impl Runtime {
                 console: console_fd,
                 seccomp,
                 report: &reporter,
+                state: base_state.clone(),
+                go: go_fd.filter(|_| !runtime_hooks.is_empty()),
             })
         })
         .map_err(sys("fork"))?;
@@ -423,7 +436,20 @@ impl Runtime {
         drop(joins);
         drop(fifo_file);
         let linux = spec.linux().clone().unwrap_or_default();
-        let mut write_maps = |pid: Pid| -> Result<(), String> {
+        let mut on_request = |kind: &str, pid: Pid| -> Result<(), String> {
+            let go = userns_go
+                .as_ref()
+                .ok_or("unexpected request from the init")?;
+            if kind == "hooks" {
+                // createRuntime, then the deprecated prestart, in the runtime's namespaces.
+                let mut st = base_state.clone();
+                st.pid = pid.as_raw();
+                st.status = Status::Creating;
+                let json = serde_json::to_string(&st).unwrap_or_default();
+                hooks::run(&runtime_hooks, &json, "createRuntime/prestart")?;
+                nix::unistd::write(go, &[1]).map_err(|e| format!("resuming the init: {e}"))?;
+                return Ok(());
+            }
             let map = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
                 m.iter()
                     .flatten()
@@ -438,13 +464,10 @@ impl Runtime {
                 fs::write(&path, &text)
                     .map_err(|e| format!("writing {path} ({}): {e}", text.trim()))?;
             }
-            let go = userns_go
-                .take()
-                .ok_or("user namespace maps requested twice")?;
-            nix::unistd::write(&go, &[1]).map_err(|e| format!("resuming stage 1: {e}"))?;
+            nix::unistd::write(go, &[1]).map_err(|e| format!("resuming stage 1: {e}"))?;
             Ok(())
         };
-        let outcome = listener.wait(id, &mut write_maps);
+        let outcome = listener.wait(id, &mut on_request);
         let _ = nix::sys::wait::waitpid(stage1, None);
         if let Some(pid) = outcome.pid {
             rec.pid = pid.as_raw();
@@ -531,7 +554,9 @@ impl Runtime {
         drop(file);
         let _ = fs::remove_file(&fifo);
         tracing::info!(container = %id, "started");
-        Ok(self.state_of(&dir, &rec))
+        let state = self.state_of(&dir, &rec);
+        self.run_hooks_logged(&dir, &state, "poststart", |h| h.poststart().clone());
+        Ok(state)
     }
 
     /// The container's OCI state.
@@ -647,6 +672,9 @@ impl Runtime {
         if !wait_gone(rec.pid, Duration::from_secs(10)) {
             errors.push(format!("init {} did not die after SIGKILL", rec.pid));
         }
+        let mut stopped = self.state_of(&dir, &rec);
+        stopped.status = Status::Stopped;
+        self.run_hooks_logged(&dir, &stopped, "poststop", |h| h.poststop().clone());
         match cg {
             Ok(cg) => {
                 if let Err(e) = destroy_cgroup(cg.as_ref()) {
@@ -663,6 +691,26 @@ impl Runtime {
             Ok(())
         } else {
             Err(ContainerError::Cleanup(errors.join("; ")))
+        }
+    }
+
+    /// Runs poststart/poststop hooks from the saved config; per the spec their failures are only warnings.
+    fn run_hooks_logged(
+        &self,
+        dir: &StateDir,
+        state: &State,
+        stage: &str,
+        pick: impl Fn(&oci_spec::runtime::Hooks) -> Option<Vec<oci_spec::runtime::Hook>>,
+    ) {
+        let Ok(spec) = oci::load_spec(&dir.path(state::CONFIG_COPY)) else {
+            return;
+        };
+        let Some(list) = spec.hooks().as_ref().and_then(pick) else {
+            return;
+        };
+        let json = serde_json::to_string(state).unwrap_or_default();
+        if let Err(e) = hooks::run(&list, &json, stage) {
+            tracing::warn!(container = %state.id, "{e}");
         }
     }
 
@@ -782,7 +830,9 @@ impl Runtime {
         .map_err(sys("fork"))?;
         drop(reporter);
         drop(console);
-        let outcome = listener.wait(id, &mut |_| Err("unexpected user namespace request".into()));
+        let outcome = listener.wait(id, &mut |_, _| {
+            Err("unexpected request from the exec'd process".into())
+        });
         let _ = nix::sys::wait::waitpid(stage1, None);
         if let Some(err) = outcome.error {
             return Err(ContainerError::Init(err));

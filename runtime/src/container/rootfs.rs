@@ -461,7 +461,12 @@ fn create_devices(spec: &Spec, plan: &RootfsPlan) -> Result<(), Failed> {
 }
 
 /// Everything up to and including `pivot_root`; afterwards `/` is the container's root.
-pub(crate) fn prepare(spec: &Spec, plan: &RootfsPlan) -> Result<(), Failed> {
+/// `before_pivot` runs once the mounts are in place (the createRuntime/createContainer hooks).
+pub(crate) fn prepare(
+    spec: &Spec,
+    plan: &RootfsPlan,
+    before_pivot: &mut dyn FnMut() -> Result<(), Failed>,
+) -> Result<(), Failed> {
     let linux = spec.linux().clone().unwrap_or_default();
     let prop = linux.rootfs_propagation().clone().unwrap_or_default();
     // Ref: runc prepareRoot: default rslave so nothing we mount leaks to the host, rprivate when asked.
@@ -495,6 +500,7 @@ pub(crate) fn prepare(spec: &Spec, plan: &RootfsPlan) -> Result<(), Failed> {
         create_devices(spec, plan)?;
     }
 
+    before_pivot()?;
     // Ref: runc pivotRoot: pivot onto itself, then lazily detach the old root stacked underneath.
     nix::unistd::chdir(&plan.rootfs).map_err(|e| err("chdir rootfs", e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| err("pivot_root", e))?;

@@ -43,6 +43,11 @@ impl Reporter {
         self.send("userns", &pid.to_string());
     }
 
+    /// The init's namespaces exist: run the createRuntime/prestart hooks (with the init's host PID).
+    pub(crate) fn hooks(&self, pid: i32) {
+        self.send("hooks", &pid.to_string());
+    }
+
     pub(crate) fn ready(&self) {
         self.send("ready", "");
     }
@@ -74,11 +79,12 @@ pub(crate) fn channel() -> nix::Result<(Listener, Reporter)> {
 
 impl Listener {
     /// Reads until "ready", an error or end of file (every writer gone). Warnings are logged; a "userns" request
-    /// runs `on_userns` (which writes the ID maps and lets stage 1 go on).
+    /// (write the ID maps) or "hooks" request (run createRuntime hooks) runs `on_request`, which then lets the
+    /// child go on.
     pub(crate) fn wait(
         self,
         what: &str,
-        on_userns: &mut dyn FnMut(Pid) -> Result<(), String>,
+        on_request: &mut dyn FnMut(&str, Pid) -> Result<(), String>,
     ) -> Outcome {
         let mut out = Outcome::default();
         for line in BufReader::new(self.file).lines() {
@@ -87,13 +93,13 @@ impl Listener {
             match kind {
                 "pid" => out.pid = text.trim().parse().ok().map(Pid::from_raw),
                 "warn" => tracing::warn!(container = %what, "{text}"),
-                "userns" => {
+                "userns" | "hooks" => {
                     let pid = text
                         .trim()
                         .parse()
                         .map(Pid::from_raw)
                         .unwrap_or(Pid::from_raw(0));
-                    if let Err(e) = on_userns(pid) {
+                    if let Err(e) = on_request(kind, pid) {
                         out.error = Some(e);
                         break;
                     }

@@ -309,7 +309,7 @@ impl SandboxManager {
             source,
         })?;
         drop(reporter);
-        let outcome = listener.wait(&cfg.id, &mut |_| {
+        let outcome = listener.wait(&cfg.id, &mut |_, _| {
             Err("unexpected user namespace request".into())
         });
         let _ = nix::sys::wait::waitpid(stage1, None);
