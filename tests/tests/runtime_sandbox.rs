@@ -483,3 +483,57 @@ fn pod_sysctls_apply_to_every_container_of_the_pod() {
     assert!(err.to_string().contains("vm.swappiness"), "{err}");
     assert!(!pods.dir.path().join(&bad.id).exists());
 }
+
+#[test]
+fn the_log_shim_reopens_its_file_after_rotation() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let pods = Pods::new();
+    let (pod, _) = pods.sandbox("rotate", false);
+    let mut bundles = Vec::new();
+    let log = pods.run(
+        &pod,
+        "chatty",
+        "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.02; done",
+        &mut bundles,
+    );
+    wait_for("first lines", Duration::from_secs(10), || {
+        (log_entries(&log).len() >= 3).then_some(())
+    });
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    pods.mgr
+        .reopen_container_log(&pod, "chatty")
+        .expect("reopen");
+    wait_for("lines in the new file", Duration::from_secs(10), || {
+        (log_entries(&log).len() >= 3).then_some(())
+    });
+    let old: Vec<String> = log_entries(&rotated).into_iter().map(|e| e.2).collect();
+    let new: Vec<String> = log_entries(&log).into_iter().map(|e| e.2).collect();
+    // Nothing lost or repeated at the seam: the new file continues where the old one stopped.
+    let last_old: u32 = old
+        .last()
+        .and_then(|l| l.strip_prefix("line"))
+        .and_then(|n| n.parse().ok())
+        .expect("n");
+    let first_new: u32 = new[0]
+        .strip_prefix("line")
+        .and_then(|n| n.parse().ok())
+        .expect("n");
+    assert_eq!(
+        first_new,
+        last_old + 1,
+        "old ends {:?}, new starts {:?}",
+        old.last(),
+        new.first()
+    );
+    pods.mgr
+        .stop_container(&pod, "chatty", Duration::ZERO)
+        .expect("stop");
+    let err = pods
+        .mgr
+        .reopen_container_log(&pod, "chatty")
+        .expect_err("stopped");
+    assert!(err.to_string().contains("not running"), "{err}");
+}

@@ -658,6 +658,41 @@ impl SandboxManager {
         })
     }
 
+    /// Makes the container's log shim reopen its log file (CRI ReopenContainerLog): after the caller renamed the
+    /// file for rotation, new output goes to a new file at the configured path.
+    pub fn reopen_container_log(&self, sandbox_id: &str, id: &str) -> Result<(), SandboxError> {
+        validate_id(id)?;
+        let path = self
+            .dir(sandbox_id)
+            .join(BUNDLES_DIR)
+            .join(id)
+            .join(shim::SHIM_PID_FILE);
+        let pid: i32 = fs::read_to_string(&path)
+            .map_err(io_err(&path))?
+            .trim()
+            .parse()
+            .map_err(|e| SandboxError::Io {
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
+        // Only a running container has a shim to ask.
+        let st = self
+            .runtime(sandbox_id)
+            .state(id)
+            .map_err(Self::container_err(sandbox_id, id))?;
+        if st.status != Status::Running {
+            return Err(Self::container_err(sandbox_id, id)(
+                ContainerError::NotRunning(id.into()),
+            ));
+        }
+        nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|source| {
+            SandboxError::Sys {
+                what: format!("signal log shim {pid}"),
+                source,
+            }
+        })
+    }
+
     /// CPU and memory usage of a container, from its cgroup.
     pub fn container_stats(
         &self,

@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
@@ -60,9 +61,32 @@ pub fn run_shim(
     std::process::exit(code)
 }
 
+/// Set by SIGUSR1: reopen the log file (CRI ReopenContainerLog, after the kubelet rotated it).
+static REOPEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_reopen(_: libc::c_int) {
+    REOPEN.store(true, Ordering::SeqCst);
+}
+
+/// The file in the container's bundle directory holding the shim's PID.
+pub(crate) const SHIM_PID_FILE: &str = "shim.pid";
+
 fn detached(rt: &Runtime, id: &str, bundle: &Path, log_path: &Path) -> Result<(), ContainerError> {
     nix::unistd::setsid().map_err(sys("setsid"))?;
     become_subreaper()?;
+    let handler = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(request_reopen),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &handler) }
+        .map_err(sys("sigaction"))?;
+    let pid_file = bundle.join(SHIM_PID_FILE);
+    fs::write(&pid_file, std::process::id().to_string()).map_err(|source| ContainerError::Io {
+        path: pid_file,
+        source,
+    })?;
     // Our stdout is the starter's pipe: keep it aside for the one-line report.
     let report = std::io::stdout()
         .as_fd()
@@ -77,7 +101,7 @@ fn detached(rt: &Runtime, id: &str, bundle: &Path, log_path: &Path) -> Result<()
         Ok((init, streams, log)) => {
             let _ = writeln!(report, "ok {init}");
             drop(report);
-            pump(rt, id, init, streams, log)
+            pump(rt, id, init, streams, log, log_path)
         }
         Err(e) => {
             let _ = writeln!(report, "error {}", e.to_string().replace('\n', " "));
@@ -146,6 +170,7 @@ fn pump(
     init: Pid,
     streams: Streams,
     mut log: File,
+    log_path: &Path,
 ) -> Result<(), ContainerError> {
     let mut open = [true, true];
     let mut exit: Option<ExitStatus> = None;
@@ -153,6 +178,16 @@ fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     let [(out_fd, mut out_s), (err_fd, mut err_s)] = streams;
     loop {
+        if REOPEN.swap(false, Ordering::SeqCst) {
+            match fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)
+            {
+                Ok(f) => log = f,
+                Err(e) => tracing::warn!(container = %id, "reopening {}: {e}", log_path.display()),
+            }
+        }
         while let Ok(ws) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             let (pid, code, signal) = match ws {
                 WaitStatus::Exited(p, c) => (p, c, None),
