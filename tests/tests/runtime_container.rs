@@ -1024,3 +1024,65 @@ fn a_failing_create_runtime_hook_fails_create_and_leaves_nothing() {
     assert!(rt.state_dirs().is_empty());
     assert!(cgroup_dirs(&cg).is_empty());
 }
+
+#[test]
+fn configured_devices_appear_with_their_mode_and_owner() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) =
+        bundle("stat -c '%F %t:%T %a %u:%g' /dev/myfull; head -c 4 /dev/myfull | wc -c");
+    edit(&mut b, |c| {
+        c["linux"]["devices"] = json!([
+            {"path": "/dev/myfull", "type": "c", "major": 1, "minor": 7, "fileMode": 0o640, "uid": 0, "gid": 10}
+        ]);
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("dev"));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines, ["character special file 1:7 640 0:10", "4"], "{out}");
+}
+
+#[test]
+fn oom_score_adj_is_applied_and_a_refused_negative_value_is_only_a_warning() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("cat /proc/self/oom_score_adj");
+    edit(&mut b, |c| c["process"]["oomScoreAdj"] = json!(500));
+    let (code, out, err) = rt.run(&b, &unique_name("oom"));
+    assert_eq!((code, out.trim()), (0, "500"), "{err}");
+    // Lowering below the caller's value needs CAP_SYS_RESOURCE, which root lacks on these machines.
+    edit(&mut b, |c| c["process"]["oomScoreAdj"] = json!(-999));
+    let (code, out, err) = rt.run(&b, &unique_name("oom"));
+    assert_eq!(code, 0, "{err}");
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").expect("own");
+    let got: i32 = out.trim().parse().expect("number");
+    assert!(
+        got == -999
+            || (got == own.trim().parse::<i32>().expect("n") && err.contains("oom_score_adj")),
+        "{out} {err}"
+    );
+}
+
+#[test]
+fn seccomp_also_applies_without_no_new_privileges() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("mkdir /tmp/denied 2>&1; grep NoNewPrivs /proc/self/status");
+    edit(&mut b, |c| {
+        c["process"]["noNewPrivileges"] = json!(false);
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+        });
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("secnnp"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t0"), "{out}");
+}

@@ -168,9 +168,40 @@ pub(crate) fn apply_no_new_privs(process: &Process) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Installs the filters with seccomp(2) directly: seccompiler's `apply_filter` would also set no_new_privs, which
+/// the spec leaves to `noNewPrivileges`. Without it the kernel requires CAP_SYS_ADMIN, still held at this point.
 pub(crate) fn apply_seccomp(program: &SeccompProgram) -> Result<(), Failed> {
+    #[repr(C)]
+    struct SockFprog {
+        len: libc::c_ushort,
+        filter: *const seccompiler::sock_filter,
+    }
     for filter in &program.filters {
-        seccompiler::apply_filter(filter).map_err(|e| format!("installing seccomp filter: {e}"))?;
+        let len = libc::c_ushort::try_from(filter.len()).map_err(|_| {
+            format!(
+                "seccomp filter of {} instructions is too long",
+                filter.len()
+            )
+        })?;
+        let prog = SockFprog {
+            len,
+            filter: filter.as_ptr(),
+        };
+        // SAFETY: prog points at a live, correctly sized BPF program for the duration of the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0 as libc::c_uint,
+                &prog as *const SockFprog,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "installing seccomp filter: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     Ok(())
 }
