@@ -46,6 +46,10 @@ enum Command {
     Start { id: String },
     /// Print a container's OCI state as JSON.
     State { id: String },
+    /// Freeze every process of a container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
     /// Change a container's resource limits.
     Update {
         /// A JSON file with `linux.resources` (`-` reads stdin).
@@ -177,6 +181,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::State { id } => {
             println!("{}", cli::state(&rt, &id)?);
+            0
+        }
+        Command::Pause { id } => {
+            cli::pause(&rt, &id)?;
+            0
+        }
+        Command::Resume { id } => {
+            cli::resume(&rt, &id)?;
             0
         }
         Command::Update { resources, id } => {

@@ -131,3 +131,51 @@ fn update_changes_the_limits_of_a_running_container() {
     assert_eq!(std::fs::read_to_string(&max).expect("pids.max").trim(), "5");
     rt.ok(&["delete", "--force", &id]);
 }
+
+#[test]
+fn pause_freezes_and_resume_thaws_a_container() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (b, cg) = limited("exec sleep 60", json!({}));
+    let id = unique_name("pause");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer")
+        .join(cg.trim_start_matches('/'))
+        .join("freezer.state");
+    let status = || {
+        let v: serde_json::Value = serde_json::from_str(&rt.ok(&["state", &id])).expect("state");
+        v["status"].as_str().unwrap_or_default().to_string()
+    };
+    rt.ok(&["pause", &id]);
+    assert_eq!(status(), "paused");
+    assert_eq!(
+        std::fs::read_to_string(&freezer).expect("freezer").trim(),
+        "FROZEN"
+    );
+    let again = rt.output(&["pause", &id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already paused"));
+    rt.ok(&["resume", &id]);
+    assert_eq!(status(), "running");
+    assert_eq!(
+        std::fs::read_to_string(&freezer).expect("freezer").trim(),
+        "THAWED"
+    );
+    let not_paused = rt.output(&["resume", &id]);
+    assert!(String::from_utf8_lossy(&not_paused.stderr).contains("container not paused"));
+    rt.ok(&["pause", &id]);
+    let refused = rt.output(&["delete", &id]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not stopped: paused"));
+    rt.ok(&["delete", "--force", &id]);
+    assert!(
+        cgroup_dirs(&cg).is_empty(),
+        "a paused container must still be cleaned up"
+    );
+}

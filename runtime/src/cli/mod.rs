@@ -72,6 +72,16 @@ pub fn update(rt: &Runtime, id: &str, resources: &Path) -> Result<(), ContainerE
     rt.update(id, &res)
 }
 
+/// `pause ID`
+pub fn pause(rt: &Runtime, id: &str) -> Result<(), ContainerError> {
+    rt.pause(id)
+}
+
+/// `resume ID`
+pub fn resume(rt: &Runtime, id: &str) -> Result<(), ContainerError> {
+    rt.resume(id)
+}
+
 /// `delete [--force] ID`
 pub fn delete(rt: &Runtime, id: &str, force: bool) -> Result<(), ContainerError> {
     rt.delete(id, force)

@@ -54,6 +54,10 @@ pub enum ContainerError {
     Busy(String),
     #[error("container not running")]
     NotRunning(String),
+    #[error("container {0} is already paused")]
+    Paused(String),
+    #[error("container not paused")]
+    NotPaused(String),
     #[error("cannot start an already running container")]
     AlreadyRunning(String),
     #[error("cannot start a container that has stopped")]
@@ -527,7 +531,9 @@ impl Runtime {
         let rec = dir.read_record(id)?;
         match dir.status(&rec) {
             Status::Created => {}
-            Status::Running => return Err(ContainerError::AlreadyRunning(id.into())),
+            Status::Running | Status::Paused => {
+                return Err(ContainerError::AlreadyRunning(id.into()))
+            }
             Status::Stopped => return Err(ContainerError::StartStopped(id.into())),
             Status::Creating => return Err(ContainerError::Busy(id.into())),
         }
@@ -599,6 +605,34 @@ impl Runtime {
         state::write_json_atomic(&path, &spec)
     }
 
+    /// Freezes every process of a running container (cgroup freezer), as `runc pause`.
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let (dir, rec) = self.open(id)?;
+        let _lock = dir.lock(id, LOCK_WAIT)?;
+        match dir.status(&rec) {
+            Status::Running | Status::Created => {}
+            Status::Paused => return Err(ContainerError::Paused(id.into())),
+            _ => return Err(ContainerError::NotRunning(id.into())),
+        }
+        let cg = cgroups::create_manager(&rec.cgroup_root, &rec.cgroups_path)?;
+        cg.freeze(true)?;
+        let flag = dir.path(state::PAUSED_FILE);
+        fs::write(&flag, b"").map_err(|source| ContainerError::Io { path: flag, source })
+    }
+
+    /// Thaws a paused container, as `runc resume`.
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let (dir, rec) = self.open(id)?;
+        let _lock = dir.lock(id, LOCK_WAIT)?;
+        if dir.status(&rec) != Status::Paused {
+            return Err(ContainerError::NotPaused(id.into()));
+        }
+        let cg = cgroups::create_manager(&rec.cgroup_root, &rec.cgroups_path)?;
+        cg.freeze(false)?;
+        let flag = dir.path(state::PAUSED_FILE);
+        fs::remove_file(&flag).map_err(|source| ContainerError::Io { path: flag, source })
+    }
+
     /// The cgroup manager of a container, e.g. for stats and OOM reports.
     pub fn cgroup(&self, id: &str) -> Result<Box<dyn CgroupManager>, ContainerError> {
         let (_, rec) = self.open(id)?;
@@ -612,7 +646,7 @@ impl Runtime {
     pub fn kill(&self, id: &str, signal: Signal, all: bool) -> Result<(), ContainerError> {
         let (dir, rec) = self.open(id)?;
         match dir.status(&rec) {
-            Status::Created | Status::Running => {}
+            Status::Created | Status::Running | Status::Paused => {}
             _ => return Err(ContainerError::NotRunning(id.into())),
         }
         if all {
@@ -653,11 +687,17 @@ impl Runtime {
             Err(e) => return Err(e),
         };
         let status = dir.status(&rec);
-        if matches!(status, Status::Running | Status::Creating) && !force {
+        if matches!(status, Status::Running | Status::Creating | Status::Paused) && !force {
             return Err(ContainerError::NotStopped {
                 id: id.into(),
                 status,
             });
+        }
+        if status == Status::Paused {
+            // A frozen task only dies once thawed.
+            if let Ok(cg) = cgroups::create_manager(&rec.cgroup_root, &rec.cgroups_path) {
+                let _ = cg.freeze(false);
+            }
         }
         let mut errors = Vec::new();
         let cg = cgroups::create_manager(&rec.cgroup_root, &rec.cgroups_path);

@@ -17,6 +17,7 @@ pub(crate) const STATE_FILE: &str = "state.json";
 pub(crate) const FIFO_FILE: &str = "exec.fifo";
 pub(crate) const CONFIG_COPY: &str = "config.json";
 pub(crate) const EXIT_FILE: &str = "exit.json";
+pub(crate) const PAUSED_FILE: &str = "paused";
 const LOCK_FILE: &str = "lock";
 
 /// A container's lifecycle status. Ref: OCI runtime spec runtime.md#state.
@@ -26,6 +27,8 @@ pub enum Status {
     Creating,
     Created,
     Running,
+    /// Frozen by `pause` (runc's extra status; the OCI spec has no pause operation).
+    Paused,
     Stopped,
 }
 
@@ -35,6 +38,7 @@ impl std::fmt::Display for Status {
             Self::Creating => "creating",
             Self::Created => "created",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopped => "stopped",
         })
     }
@@ -232,6 +236,8 @@ impl StateDir {
             Status::Stopped
         } else if self.path(FIFO_FILE).exists() {
             Status::Created
+        } else if self.path(PAUSED_FILE).exists() {
+            Status::Paused
         } else {
             Status::Running
         }

@@ -735,7 +735,14 @@ impl SandboxManager {
                 .map(|s| s.status == Status::Stopped)
                 .unwrap_or(true)
         };
-        if matches!(st.status, Status::Running | Status::Created) {
+        if st.status == Status::Paused {
+            // Frozen tasks cannot act on SIGTERM (nor die of SIGKILL) until thawed.
+            let _ = rt.resume(id);
+        }
+        if matches!(
+            st.status,
+            Status::Running | Status::Created | Status::Paused
+        ) {
             if !grace.is_zero() {
                 let _ = rt.kill(id, Signal::SIGTERM, false);
                 wait_until(grace, || stopped(&rt));
