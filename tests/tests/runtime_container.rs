@@ -1086,3 +1086,31 @@ fn seccomp_also_applies_without_no_new_privileges() {
     assert!(out.contains("Operation not permitted"), "{out}");
     assert!(out.contains("NoNewPrivs:\t0"), "{out}");
 }
+
+#[test]
+fn a_missing_cwd_is_created_and_home_comes_from_etc_passwd() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("pwd; echo $HOME");
+    edit(&mut b, |c| {
+        c["process"]["cwd"] = json!("/work/dir");
+        c["root"]["readonly"] = json!(true);
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("cwd"));
+    assert_eq!(code, 0, "{err}");
+    // uid 0 is root:/root in the fixture's /etc/passwd.
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["/work/dir", "/root"]);
+    edit(&mut b, |c| {
+        c["process"]["user"] = json!({"uid": 4242, "gid": 4242});
+        c["process"]["env"] = json!(["PATH=/bin"]);
+    });
+    let (code, out, err) = rt.run(&b, &unique_name("cwd"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["/work/dir", "/"],
+        "an unknown uid gets HOME=/"
+    );
+}

@@ -216,6 +216,8 @@ fn init_steps(a: &InitArgs<'_>) -> Result<std::convert::Infallible, Failed> {
         }
     }
     rootfs::apply_sysctls(a.spec)?;
+    // Ref: runc creates a missing cwd (before the root may become read-only); Kubernetes' workingDir relies on it.
+    let _ = std::fs::create_dir_all(process.cwd());
     if let Some(sock) = a.console {
         let size = process
             .console_size()

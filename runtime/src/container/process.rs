@@ -244,7 +244,11 @@ fn cstring(s: &str) -> Result<CString, Failed> {
 pub(crate) fn prepare_command(process: &Process) -> Result<Command, Failed> {
     let args = process.args().clone().unwrap_or_default();
     let first = args.first().ok_or("process.args is empty")?;
-    let env = process.env().clone().unwrap_or_default();
+    let mut env = process.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        // Ref: runc sets HOME from the container's /etc/passwd entry of the uid, or "/" (Kubernetes relies on it).
+        env.push(format!("HOME={}", home_of(process.user().uid())));
+    }
     let path_var = env
         .iter()
         .find_map(|e| e.strip_prefix("PATH="))
@@ -275,6 +279,18 @@ pub(crate) fn prepare_command(process: &Process) -> Result<Command, Failed> {
         argv: args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?,
         envp: env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?,
     })
+}
+
+/// The home directory of `uid` in the container's /etc/passwd (read after pivot_root), or "/".
+fn home_of(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[2].parse() == Ok(uid))
+        .map(|f| f[5].to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".to_string())
 }
 
 fn is_executable(p: &Path) -> bool {
