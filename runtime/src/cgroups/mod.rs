@@ -100,10 +100,22 @@ impl Placeholder {
 impl CgroupManager for Placeholder {
     fn create(&self) -> Result<(), CgroupError> {
         for (_, dir) in &self.dirs {
-            fs::create_dir_all(dir).map_err(|source| CgroupError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            // A sibling's destroy may remove a shared empty parent while we create below it: retry.
+            let mut attempt = 0;
+            loop {
+                match fs::create_dir_all(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 10 => {
+                        attempt += 1
+                    }
+                    Err(source) => {
+                        return Err(CgroupError::Io {
+                            path: dir.clone(),
+                            source,
+                        })
+                    }
+                }
+            }
         }
         Ok(())
     }

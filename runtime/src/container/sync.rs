@@ -91,7 +91,12 @@ impl Listener {
             let Ok(line) = line else { break };
             let (kind, text) = line.split_once(' ').unwrap_or((line.as_str(), ""));
             match kind {
-                "pid" => out.pid = text.trim().parse().ok().map(Pid::from_raw),
+                "pid" => {
+                    out.pid = text.trim().parse().ok().map(Pid::from_raw);
+                    if out.ready {
+                        break;
+                    }
+                }
                 "warn" => tracing::warn!(container = %what, "{text}"),
                 "userns" | "hooks" => {
                     let pid = text
@@ -110,7 +115,10 @@ impl Listener {
                 }
                 "ready" => {
                     out.ready = true;
-                    break;
+                    // Stage 2 can report before stage 1 has sent its PID: wait for both.
+                    if out.pid.is_some() {
+                        break;
+                    }
                 }
                 _ => {}
             }
