@@ -12,9 +12,9 @@ pub mod oci;
 mod sandbox;
 
 pub use container::{
-    become_subreaper, block_forwarded_signals, console_pair, parse_signal, proxy_terminal,
-    reap_children, receive_pty, wait_forwarding, Console, ContainerError, CreateOptions,
-    ExecOptions, ExitStatus, Runtime, State, Status,
+    become_subreaper, block_forwarded_signals, console_pair, copy_window_size, parse_signal,
+    proxy_terminal, reap_children, receive_pty, wait_forwarding, Console, ContainerError,
+    CreateOptions, ExecOptions, ExitStatus, RawTerminal, Runtime, State, Status,
 };
 pub use sandbox::{
     run_shim, ContainerConfig, ContainerInfo, CriLogStream, ExecResult, SandboxConfig,

@@ -1114,3 +1114,27 @@ fn a_missing_cwd_is_created_and_home_comes_from_etc_passwd() {
         "an unknown uid gets HOME=/"
     );
 }
+
+#[test]
+fn a_foreground_terminal_gets_the_callers_window_size() {
+    if !require_privileged(&["/bin/busybox", "script", "stty"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (mut b, _) = bundle("stty size");
+    edit(&mut b, |c| c["process"]["terminal"] = json!(true));
+    // `script` gives the runtime a terminal of its own; stty sizes it first.
+    let inner = format!(
+        "stty rows 31 cols 97; {} --root {} run --bundle {} {}",
+        windlass_tests::workspace_binary("windlass-runtime").display(),
+        rt.root().display(),
+        b.path().display(),
+        unique_name("winsz")
+    );
+    let out = windlass_tests::run_ok(std::process::Command::new("script").args([
+        "-qec",
+        &inner,
+        "/dev/null",
+    ]));
+    assert!(out.contains("31 97"), "{out:?}");
+}

@@ -4,12 +4,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use serde::Serialize;
 
 use crate::container::{
-    become_subreaper, block_forwarded_signals, console_pair, parse_signal, proxy_terminal,
-    receive_pty, wait_forwarding, Console, ContainerError, CreateOptions, ExecOptions, Runtime,
-    Status,
+    become_subreaper, block_forwarded_signals, console_pair, copy_window_size, parse_signal,
+    proxy_terminal, receive_pty, wait_forwarding, Console, ContainerError, CreateOptions,
+    ExecOptions, RawTerminal, Runtime, Status,
 };
 use crate::oci;
 
@@ -171,15 +173,15 @@ pub fn run(
         (console_for(console_socket), None)
     };
     let st = rt.create_from(id, b, CreateOptions { pid_file, console })?;
-    let output = match &local {
+    let (output, master, _raw) = match &local {
         Some(l) => match receive_pty(l) {
-            Ok(master) => proxy_terminal(master),
+            Ok(master) => attach_terminal(master),
             Err(e) => {
                 let _ = rt.delete(id, true);
                 return Err(e);
             }
         },
-        None => None,
+        None => (None, None, None),
     };
     if let Err(e) = rt.start(id) {
         let _ = rt.delete(id, true);
@@ -187,7 +189,7 @@ pub fn run(
     }
     let Some(sfd) = sfd else { return Ok(0) };
     let pid = nix::unistd::Pid::from_raw(st.pid);
-    let result = wait_forwarding(pid, &sfd);
+    let result = wait_forwarding(pid, &sfd, master.as_ref().map(|m| m.as_fd()));
     if let Ok(exit) = &result {
         let _ = rt.record_exit(id, exit);
     }
@@ -199,6 +201,21 @@ pub fn run(
     let exit = result?;
     deleted?;
     Ok(exit.code)
+}
+
+type Attached = (
+    Option<std::thread::JoinHandle<()>>,
+    Option<OwnedFd>,
+    Option<RawTerminal>,
+);
+
+/// Sizes the pty like our terminal, puts our terminal in raw mode and starts copying; keeps a handle on the
+/// master for later resizes.
+fn attach_terminal(master: OwnedFd) -> Attached {
+    copy_window_size(master.as_fd());
+    let resize = master.try_clone().ok();
+    let raw = RawTerminal::enable();
+    (proxy_terminal(master), resize, raw)
 }
 
 /// Arguments of `exec`.
@@ -244,12 +261,12 @@ pub fn exec(rt: &Runtime, id: &str, a: ExecArgs) -> Result<i32, ContainerError> 
             pid_file: a.pid_file,
         },
     )?;
-    let output = match &local {
-        Some(l) => proxy_terminal(receive_pty(l)?),
-        None => None,
+    let (output, master, _raw) = match &local {
+        Some(l) => attach_terminal(receive_pty(l)?),
+        None => (None, None, None),
     };
     let Some(sfd) = sfd else { return Ok(0) };
-    let exit = wait_forwarding(pid, &sfd)?;
+    let exit = wait_forwarding(pid, &sfd, master.as_ref().map(|m| m.as_fd()))?;
     if let Some(out) = output {
         let _ = out.join();
     }

@@ -29,7 +29,7 @@ use crate::cgroups::{self, CgroupError, CgroupManager};
 use crate::oci::{self, Bundle, Namespaces, OciError, SeccompProgram};
 use state::{now_rfc3339, reap_if_child, Record, StateDir};
 pub use state::{ExitStatus, State, Status};
-pub use tty::proxy_terminal;
+pub use tty::{copy_window_size, proxy_terminal, RawTerminal};
 // For the sandbox holder, which reuses the two-stage spawn.
 pub(crate) use init::{close_fds_except, spawn, Joins};
 pub(crate) use process::Failed;
@@ -955,7 +955,8 @@ pub fn reap_children() -> Vec<(Pid, i32)> {
 
 /// The signals a foreground `run`/`exec` passes on to the container. Ref: runc's signal handler forwards all
 /// signals; SIGCHLD is ours, and SIGWINCH resizes the terminal instead.
-const FORWARDED: [Signal; 8] = [
+const FORWARDED: [Signal; 9] = [
+    Signal::SIGWINCH,
     Signal::SIGHUP,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -983,9 +984,13 @@ pub fn block_forwarded_signals() -> Result<nix::sys::signalfd::SignalFd, Contain
 
 /// Waits for `pid` (our child or, as subreaper, grandchild), forwarding signals from `sfd` to it and reaping any
 /// other child meanwhile. Returns its exit code, 128 + signal when killed.
+///
+/// With `tty` (the pty master of a foreground terminal), SIGWINCH resizes the pty to our terminal's size instead of
+/// being forwarded.
 pub fn wait_forwarding(
     pid: Pid,
     sfd: &nix::sys::signalfd::SignalFd,
+    tty: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<ExitStatus, ContainerError> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     loop {
@@ -1025,7 +1030,11 @@ pub fn wait_forwarding(
         match sfd.read_signal() {
             Ok(Some(info)) => {
                 let signo = info.ssi_signo as i32;
-                if signo != Signal::SIGCHLD as i32 {
+                if signo == Signal::SIGWINCH as i32 && tty.is_some() {
+                    if let Some(master) = tty {
+                        tty::copy_window_size(master);
+                    }
+                } else if signo != Signal::SIGCHLD as i32 {
                     if let Ok(sig) = Signal::try_from(signo) {
                         let _ = send_signal(pid, sig);
                     }

@@ -67,6 +67,46 @@ pub(crate) fn setup_console(socket: RawFd, size: Option<(u16, u16)>) -> Result<(
     Ok(())
 }
 
+/// Gives the pty `master` the window size of our stdin's terminal (if stdin is one).
+pub fn copy_window_size(master: std::os::fd::BorrowedFd<'_>) {
+    // SAFETY: winsize is plain old data; TIOCGWINSZ fills it, TIOCSWINSZ reads it; both fds are valid.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0 {
+            libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+        }
+    }
+}
+
+/// Our stdin in raw mode while a foreground terminal is proxied (keys go to the container unprocessed, as with
+/// runc); the previous mode comes back on drop.
+pub struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// None when stdin is not a terminal.
+    pub fn enable() -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
 /// Receives a pty master sent by [`setup_console`].
 pub(crate) fn recv_master(socket: RawFd) -> std::io::Result<OwnedFd> {
     let mut buf = [0u8; 4096];
