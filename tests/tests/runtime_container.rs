@@ -1138,3 +1138,37 @@ fn a_foreground_terminal_gets_the_callers_window_size() {
     ]));
     assert!(out.contains("31 97"), "{out:?}");
 }
+
+#[test]
+fn a_cgroup_in_use_by_another_container_is_refused_without_harming_it() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let rt = RuntimeCli::new();
+    let (first, cg) = bundle("exec sleep 60");
+    let id = unique_name("cgu");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &first.path().to_string_lossy(),
+        &id,
+    ]);
+    let (mut second, _) = bundle("true");
+    edit(&mut second, |c| c["linux"]["cgroupsPath"] = json!(cg));
+    let out = rt.output(&[
+        "create",
+        "--bundle",
+        &second.path().to_string_lossy(),
+        &unique_name("cgu"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already in use"),
+        "{out:?}"
+    );
+    assert_eq!(rt.status(&id).as_deref(), Some("running"));
+    assert!(!cgroup_dirs(&cg).is_empty());
+    assert_eq!(rt.state_dirs(), vec![id.clone()]);
+    rt.ok(&["delete", "--force", &id]);
+}

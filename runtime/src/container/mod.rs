@@ -77,6 +77,8 @@ pub enum ContainerError {
     },
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error("cgroup {} is already in use by other processes", .0.display())]
+    CgroupInUse(PathBuf),
     #[error("{what}: {source}")]
     Sys {
         what: String,
@@ -295,8 +297,9 @@ impl Runtime {
             None => SeccompProgram::default(),
         };
         let dir = StateDir::create(&self.root, id)?;
+        let mut owns_cgroup = false;
         let result = dir.lock(id, LOCK_WAIT).and_then(|lock| {
-            self.create_locked(id, &dir, &bundle, opts, terminal, &seccomp)
+            self.create_locked(id, &dir, &bundle, opts, &seccomp, &mut owns_cgroup)
                 .map(|s| (s, lock))
         });
         match result {
@@ -309,10 +312,13 @@ impl Runtime {
                         wait_gone(rec.pid, Duration::from_secs(5));
                     }
                 }
+                // Only a cgroup this call set up is ours to empty and remove (never one found in use).
                 let cgroups_path = self.cgroups_path_of(id, &bundle.spec);
-                if let Ok(cg) = cgroups::create_manager(&self.cgroup_root, &cgroups_path) {
-                    kill_cgroup(cg.as_ref());
-                    let _ = destroy_cgroup(cg.as_ref());
+                if owns_cgroup {
+                    if let Ok(cg) = cgroups::create_manager(&self.cgroup_root, &cgroups_path) {
+                        kill_cgroup(cg.as_ref());
+                        let _ = destroy_cgroup(cg.as_ref());
+                    }
                 }
                 let _ = fs::remove_dir_all(&dir.dir);
                 Err(e)
@@ -334,10 +340,15 @@ impl Runtime {
         dir: &StateDir,
         bundle: &Bundle,
         opts: CreateOptions,
-        terminal: bool,
         seccomp: &SeccompProgram,
+        owns_cgroup: &mut bool,
     ) -> Result<State, ContainerError> {
         let spec = &bundle.spec;
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
         let ns = Namespaces::of(spec);
         let cgroups_path = self.cgroups_path_of(id, spec);
         let mut rec = Record {
@@ -362,6 +373,11 @@ impl Runtime {
         state::write_json_atomic(&dir.path(state::CONFIG_COPY), spec)?;
 
         let cgroup = cgroups::create_manager(&self.cgroup_root, &cgroups_path)?;
+        // Ref: runc refuses a cgroup that already has processes (another container's, most likely).
+        if !cgroup.pids().unwrap_or_default().is_empty() {
+            return Err(ContainerError::CgroupInUse(cgroups_path));
+        }
+        *owns_cgroup = true;
         cgroup.create()?;
         if let Some(res) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
             cgroup.apply(res)?;
