@@ -537,3 +537,30 @@ fn the_log_shim_reopens_its_file_after_rotation() {
         .expect_err("stopped");
     assert!(err.to_string().contains("not running"), "{err}");
 }
+
+#[test]
+fn a_duplicate_container_name_in_a_sandbox_is_refused_and_the_first_keeps_running() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let pods = Pods::new();
+    let (pod, _) = pods.sandbox("dup", false);
+    let mut bundles = Vec::new();
+    let log = pods.run(&pod, "one", "echo first; exec sleep 60", &mut bundles);
+    let b = Bundle::busybox(&["true"]).expect("bundle");
+    let err = pods
+        .mgr
+        .create_container(
+            &pod,
+            &ContainerConfig {
+                id: "one".into(),
+                bundle: b.path().to_path_buf(),
+                log_path: pods.log_path("other"),
+            },
+        )
+        .expect_err("duplicate");
+    assert!(err.to_string().contains("exists"), "{err}");
+    let st = pods.mgr.container_status(&pod, "one").expect("status");
+    assert_eq!(st.status, Status::Running);
+    assert_eq!(st.log_path.as_deref(), Some(log.as_path()));
+}

@@ -467,12 +467,24 @@ impl SandboxManager {
 
         // The adjusted bundle the shim creates the container from.
         let bdir = self.dir(sandbox_id).join(BUNDLES_DIR).join(&cfg.id);
-        if bdir.exists() {
-            return Err(Self::container_err(sandbox_id, &cfg.id)(
-                ContainerError::Exists(cfg.id.clone()),
-            ));
+        if let Some(parent) = bdir.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        fs::create_dir_all(&bdir).map_err(io_err(&bdir))?;
+        // Atomic: of two concurrent creates of one name, exactly one gets the directory.
+        match fs::create_dir(&bdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(Self::container_err(sandbox_id, &cfg.id)(
+                    ContainerError::Exists(cfg.id.clone()),
+                ))
+            }
+            Err(e) => {
+                return Err(SandboxError::Io {
+                    path: bdir,
+                    source: e,
+                })
+            }
+        }
         let result = self.spawn_shim(sandbox_id, cfg, &bdir, spec);
         if result.is_err() {
             let _ = fs::remove_dir_all(&bdir);
