@@ -1086,3 +1086,49 @@ pub fn receive_pty(local: &UnixStream) -> Result<OwnedFd, ContainerError> {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_with_or_without_sig_and_by_number() {
+        assert_eq!(parse_signal("KILL").ok(), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("sigterm").ok(), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGUSR1").ok(), Some(Signal::SIGUSR1));
+        assert_eq!(parse_signal("9").ok(), Some(Signal::SIGKILL));
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("99").is_err());
+    }
+
+    #[test]
+    fn ids_are_restricted_to_a_safe_alphabet() {
+        for good in ["a", "web-1", "pod_x.y+z", "A9"] {
+            assert!(validate_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "x\0"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_state_directory_refuses_a_second_container_of_the_same_id() {
+        let root = tempfile::tempdir().expect("dir");
+        StateDir::create(root.path(), "c1").expect("first");
+        let err = StateDir::create(root.path(), "c1").expect_err("second");
+        assert_eq!(err.to_string(), "container with id exists: c1");
+    }
+
+    #[test]
+    fn a_missing_state_is_reported_as_not_existing() {
+        let root = tempfile::tempdir().expect("dir");
+        let rt = Runtime::new(root.path(), root.path());
+        assert_eq!(
+            rt.state("nope").expect_err("missing").to_string(),
+            "container does not exist"
+        );
+        assert!(rt.list().expect("list").is_empty());
+        rt.delete("nope", true)
+            .expect("force delete of nothing is fine");
+    }
+}
