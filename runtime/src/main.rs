@@ -129,6 +129,12 @@ struct RunArgs {
 struct ExecCmd {
     #[arg(short, long)]
     tty: bool,
+    /// Run as `uid[:gid]` instead of the container's user.
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Additional group IDs (repeatable).
+    #[arg(short = 'g', long = "additional-gids")]
+    additional_gids: Vec<u32>,
     #[arg(short, long = "env")]
     env: Vec<String>,
     #[arg(long)]
@@ -230,6 +236,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 args: a.command,
                 env: a.env,
                 cwd: a.cwd,
+                user: a.user,
+                additional_gids: a.additional_gids,
                 tty: a.tty,
                 process: a.process,
                 detach: a.detach,

@@ -741,6 +741,21 @@ fn exec_takes_a_whole_process_json_and_a_tty() {
         out.lines().collect::<Vec<_>>(),
         ["65534", "from-json", "/www", "CapEff:\t0000000000000000"]
     );
+    let as_user = rt.ok(&[
+        "exec",
+        "--user",
+        "65534:65534",
+        "-g",
+        "7",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "id -u; id -G",
+    ]);
+    assert_eq!(as_user.lines().collect::<Vec<_>>(), ["65534", "65534 7"]);
+    let bad = rt.output(&["exec", "--user", "nobody", &id, "--", "true"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("uid[:gid]"));
     let tty = rt.ok(&["exec", "--tty", &id, "--", "tty"]);
     assert!(tty.trim().starts_with("/dev/pts/"), "{tty:?}");
     rt.ok(&["delete", "--force", &id]);

@@ -218,12 +218,27 @@ fn attach_terminal(master: OwnedFd) -> Attached {
     (proxy_terminal(master), resize, raw)
 }
 
+/// Parses runc's `--user uid[:gid]` (numeric, as runc without a passwd lookup).
+fn parse_user(text: &str) -> Result<(u32, Option<u32>), ContainerError> {
+    let bad = || oci::OciError::Invalid(format!("--user {text:?}: want uid[:gid] (numbers)"));
+    let (u, g) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let uid = u.parse().map_err(|_| bad())?;
+    let gid = g.map(|g| g.parse().map_err(|_| bad())).transpose()?;
+    Ok((uid, gid))
+}
+
 /// Arguments of `exec`.
 #[derive(Debug, Default)]
 pub struct ExecArgs {
     pub args: Vec<String>,
     pub env: Vec<String>,
     pub cwd: Option<PathBuf>,
+    /// `uid[:gid]`
+    pub user: Option<String>,
+    pub additional_gids: Vec<u32>,
     pub tty: bool,
     pub process: Option<PathBuf>,
     pub detach: bool,
@@ -249,6 +264,7 @@ pub fn exec(rt: &Runtime, id: &str, a: ExecArgs) -> Result<i32, ContainerError> 
     } else {
         (console_for(a.console_socket), None)
     };
+    let user = a.user.as_deref().map(parse_user).transpose()?;
     let pid = rt.exec(
         id,
         ExecOptions {
@@ -256,6 +272,8 @@ pub fn exec(rt: &Runtime, id: &str, a: ExecArgs) -> Result<i32, ContainerError> 
             args: a.args,
             env: a.env,
             cwd: a.cwd,
+            user,
+            additional_gids: a.additional_gids,
             tty,
             console,
             pid_file: a.pid_file,

@@ -123,6 +123,9 @@ pub struct ExecOptions {
     pub args: Vec<String>,
     pub env: Vec<String>,
     pub cwd: Option<PathBuf>,
+    /// `uid[:gid]` instead of the container's user (runc `exec --user`).
+    pub user: Option<(u32, Option<u32>)>,
+    pub additional_gids: Vec<u32>,
     pub tty: bool,
     pub console: Console,
     pub pid_file: Option<PathBuf>,
@@ -817,6 +820,17 @@ impl Runtime {
                     p.set_cwd(cwd.clone());
                 }
                 p.set_terminal(Some(opts.tty));
+                if let Some((uid, gid)) = opts.user {
+                    let mut user = p.user().clone();
+                    user.set_uid(uid);
+                    user.set_gid(gid.unwrap_or(0));
+                    user.set_additional_gids(Some(opts.additional_gids.clone()));
+                    p.set_user(user);
+                } else if !opts.additional_gids.is_empty() {
+                    let mut user = p.user().clone();
+                    user.set_additional_gids(Some(opts.additional_gids.clone()));
+                    p.set_user(user);
+                }
                 p
             }
         };
