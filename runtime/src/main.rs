@@ -46,6 +46,12 @@ enum Command {
     Start { id: String },
     /// Print a container's OCI state as JSON.
     State { id: String },
+    /// List a container's processes.
+    Ps {
+        id: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        format: ListFormat,
+    },
     /// Freeze every process of a container.
     Pause { id: String },
     /// Thaw a paused container.
@@ -187,6 +193,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::State { id } => {
             println!("{}", cli::state(&rt, &id)?);
+            0
+        }
+        Command::Ps { id, format } => {
+            print!("{}", cli::ps(&rt, &id, format == ListFormat::Json)?);
             0
         }
         Command::Pause { id } => {

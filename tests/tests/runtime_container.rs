@@ -611,6 +611,19 @@ fn exec_runs_in_the_containers_namespaces_with_its_environment() {
     );
     let procs = std::fs::read_to_string(cgroup_dirs(&cg)[0].join("cgroup.procs")).expect("procs");
     assert!(!procs.trim().is_empty());
+    let state: serde_json::Value = serde_json::from_str(&rt.ok(&["state", &id])).expect("state");
+    let pids: Vec<i64> =
+        serde_json::from_str(&rt.ok(&["ps", "--format", "json", &id])).expect("pids");
+    assert_eq!(
+        pids,
+        [state["pid"].as_i64().expect("pid")],
+        "only the init runs now"
+    );
+    let table = rt.ok(&["ps", &id]);
+    assert!(
+        table.starts_with("UID") && table.contains("sleep 60"),
+        "{table}"
+    );
     let code = rt
         .output(&["exec", &id, "--", "sh", "-c", "exit 3"])
         .status

@@ -74,6 +74,41 @@ pub fn update(rt: &Runtime, id: &str, resources: &Path) -> Result<(), ContainerE
     rt.update(id, &res)
 }
 
+/// `ps ID [--format table|json]`: the container's processes (host PIDs), as runc: JSON is the PID list, the
+/// table is `ps -ef` filtered to them.
+pub fn ps(rt: &Runtime, id: &str, json: bool) -> Result<String, ContainerError> {
+    let pids: Vec<i32> = rt
+        .cgroup(id)?
+        .pids()?
+        .into_iter()
+        .map(|p| p.as_raw())
+        .collect();
+    if json {
+        return Ok(serde_json::to_string(&pids).unwrap_or_default() + "\n");
+    }
+    let out = std::process::Command::new("ps")
+        .arg("-ef")
+        .output()
+        .map_err(|source| ContainerError::Io {
+            path: "ps".into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let mut result = lines.next().map(|h| format!("{h}\n")).unwrap_or_default();
+    for line in lines {
+        let pid = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(|p| pids.contains(&p)) {
+            result += line;
+            result.push('\n');
+        }
+    }
+    Ok(result)
+}
+
 /// `pause ID`
 pub fn pause(rt: &Runtime, id: &str) -> Result<(), ContainerError> {
     rt.pause(id)
