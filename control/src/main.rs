@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "windlass-control", version, about = "Windlass control (not yet implemented)")]
+#[command(
+    name = "windlass-control",
+    version,
+    about = "Windlass control (not yet implemented)"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {

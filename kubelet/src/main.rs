@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "windlass-kubelet", version, about = "Windlass kubelet (not yet implemented)")]
+#[command(
+    name = "windlass-kubelet",
+    version,
+    about = "Windlass kubelet (not yet implemented)"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {

@@ -1,12 +1,119 @@
-//! `windlass-proxy`: not yet written; exits non-zero so nothing mistakes it for a working component.
+//! `windlass-proxy`: Kubernetes Services on nftables. Parses flags, installs logging, maps errors to exit codes.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use ipnet::Ipv4Net;
+use windlass_proxy::{Conntrack, FileSource, Nft, RulesetConfig, RunConfig, SyncTiming};
 
 #[derive(Parser)]
-#[command(name = "windlass-proxy", version, about = "Windlass proxy (not yet implemented)")]
-struct Cli {}
+#[command(
+    name = "windlass-proxy",
+    version,
+    about = "Windlass service proxy (nftables)"
+)]
+struct Cli {
+    /// Kubeconfig of the API server to watch Services and EndpointSlices on.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local). Defaults to the host name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The cluster's pod CIDR: ClusterIP traffic from outside it is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: Ipv4Net,
+    /// CIDRs of the node addresses NodePorts answer on (comma-separated); default: every local address.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Ipv4Net>,
+    /// Where `/metrics` is served.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// Where `/healthz` is served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Remove the proxy's nftables table and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Follow a JSON List of Services and EndpointSlices instead of an API server (labs and tests).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    services_file: Option<PathBuf>,
+    /// Quiet time after a change before the rules are synced (milliseconds), so bursts apply as one transaction.
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
+    /// Minimum time between two syncs (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    min_sync_period_ms: u64,
+    /// Period of the full resync that repairs drift (seconds).
+    #[arg(long, default_value_t = 3600)]
+    resync_period_s: u64,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("windlass-proxy is not implemented yet")
+fn node_name(cli: &Cli) -> anyhow::Result<String> {
+    if let Some(n) = &cli.node_name {
+        return Ok(n.clone());
+    }
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("--node-name not given and the host name is unreadable")?;
+    Ok(h.trim().to_lowercase())
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let nft = Nft::default();
+    if cli.cleanup {
+        windlass_proxy::cleanup(&nft).context("cannot delete the proxy's nftables table")?;
+        tracing::info!(table = windlass_proxy::TABLE, "cleaned up");
+        return Ok(());
+    }
+    let source: Box<dyn windlass_proxy::ServiceSource> = match (&cli.services_file, &cli.kubeconfig)
+    {
+        (Some(path), _) => Box::new(FileSource {
+            path: path.clone(),
+            poll: Duration::from_millis(100),
+        }),
+        (None, _) => anyhow::bail!(
+            "watching an API server is not implemented yet (the kube-rs ServiceSource is pending); \
+             use --services-file"
+        ),
+    };
+    let config = RunConfig {
+        ruleset: RulesetConfig {
+            node_name: node_name(&cli)?,
+            cluster_cidr: cli.cluster_cidr,
+            nodeport_addresses: cli.nodeport_addresses.clone(),
+        },
+        nft,
+        conntrack: Conntrack::default(),
+        metrics_addr: cli.metrics_bind_address,
+        healthz_addr: cli.healthz_bind_address,
+        timing: SyncTiming {
+            debounce: Duration::from_millis(cli.debounce_ms),
+            min_sync_period: Duration::from_millis(cli.min_sync_period_ms),
+            resync_period: Duration::from_secs(cli.resync_period_s.max(1)),
+        },
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(windlass_proxy::run(config, source))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

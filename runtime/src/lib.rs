@@ -4,7 +4,6 @@
 //! network/IPC/UTS namespaces and the pod cgroup, CRI-format logs), `cgroups/` (v1 and v2 managers behind one
 //! trait), `image/` (registry pulls, content store, layer unpacking, overlay root filesystems), `oci/` (config.json
 //! loading and validation), `cli/` (the runc-compatible commands behind the `windlass-runtime` binary).
-
 //!
 //! Process model (see `container/init.rs`): `create` forks stage 1, which joins the container's cgroup and any
 //! namespaces given by path, creates the rest (a new user namespace first, with its ID maps written by the runtime),
@@ -20,6 +19,7 @@
 pub mod cgroups;
 pub mod cli;
 mod container;
+pub mod image;
 pub mod oci;
 mod sandbox;
 

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use windlass_runtime::{cli, Runtime};
 
+mod image_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "windlass-runtime",
@@ -90,6 +92,8 @@ enum Command {
     },
     /// Run a process in a running container.
     Exec(ExecCmd),
+    /// Manage images: pull, list, inspect, rm, gc, import, export.
+    Image(image_cmd::ImageArgs),
     /// Internal: a sandbox container's log shim (started by the sandbox library, not by users).
     #[command(hide = true)]
     Shim {
@@ -160,7 +164,14 @@ struct ExecCmd {
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let filter = if cli.debug { "debug" } else { "warn" };
+    // runc-like commands log warnings only; image pulls report progress at info.
+    let filter = if cli.debug {
+        "debug"
+    } else if matches!(cli.command, Command::Image(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
     );
@@ -229,6 +240,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         )?,
         Command::List { format, quiet } => {
             print!("{}", cli::list(&rt, format == ListFormat::Json, quiet)?);
+            0
+        }
+        Command::Image(args) => {
+            image_cmd::run(args)?;
             0
         }
         Command::Shim {

@@ -13,8 +13,15 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod bench;
 pub mod bundle;
+pub mod cgroup;
+pub mod cni;
+pub mod image_fixture;
+pub mod lab;
 pub mod netns;
+pub mod proxy_lab;
+pub mod registry;
 pub mod runtime;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.

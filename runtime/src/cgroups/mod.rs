@@ -1,229 +1,135 @@
-//! PLACEHOLDER cgroup manager so the container code builds and its tests run; the `cgroups` branch replaces this
-//! file with the real v1/v2 managers behind the same trait and factory.
+//! Container cgroups on cgroup v1 and v2, behind one [`CgroupManager`] trait chosen once by [`create_manager`].
 //!
-//! It creates the cgroup directory in each v1 hierarchy (or the one v2 directory), moves tasks in, applies the
-//! memory, pids and cpu limits, and removes the directories (and the empty parents it created) again.
+//! A manager is a pure function of `(cgroup_root, cgroups_path)`: it keeps no state of its own, so a restarted
+//! runtime or kubelet rebuilds it from the container's OCI `cgroupsPath` and can still read stats, list pids
+//! and destroy. Which parent directories `create` made is recorded on the directories themselves (see
+//! `fs.rs`: the sticky bit marks them), and `destroy` removes the container's cgroup and the empty parents so
+//! marked, stopping at the first parent somebody else made or another container still uses.
+//!
+//! Lifecycle as the container code drives it: `create_manager(root, cgroupsPath)` → `create` →
+//! `apply(linux.resources)` → `add_task(init pid)` before the init execs the user's process → `stats`, `freeze`,
+//! `pids` while it runs → after it exits `oom_killed` (to report `OOMKilled`) → SIGKILL whatever `pids` still
+//! lists → `destroy`.
+//!
+//! Why not `cgroups-rs` (the issue asked for it; 0.3.4 and 0.5.1 were read): its hierarchies cannot be pointed at a
+//! cgroup root other than the host's. `hierarchies::V2::new`, `is_cgroup2_unified_mode`,
+//! `cgroup::supported_controllers` and every `Hierarchy::root_control_group`/`parent_control_group` hard-code
+//! `/sys/fs/cgroup` (`UNIFIED_MOUNTPOINT`), and `V1::new` reads `/proc/self/mountinfo`, so neither version can be
+//! unit-tested on a temp-dir fixture nor run several nodes side by side. Its `Controller::create` logs and swallows
+//! `mkdir` errors and uses `create_dir_all`, which hides which parents it made — exactly what `destroy` needs. Its
+//! single controllers could be aimed at a directory, but their readers swallow errors too (`MemController::
+//! memory_stat` turns every unreadable file into 0, so a destroyed cgroup reads as an idle one), and the hierarchy
+//! work (parents, cpuset propagation, v2 `subtree_control`, removal) would be ours anyway. What remains is one value
+//! per control file, so it lives here, with the conversions runc uses, each cited.
+//!
+//! Layouts: v1 `<root>/<controller>/<path>` for every mounted hierarchy; v2 `<root>/<path>`. A hybrid host (v1
+//! controllers plus an empty cgroup2 mount at `<root>/unified`) is driven as v1.
 
-use std::fs;
-use std::io;
+mod error;
+#[cfg(any(test, feature = "test-utils"))]
+mod fake;
+mod fs;
+mod plan;
+mod stats;
+#[cfg(test)]
+mod tests;
+mod v1;
+mod v2;
+
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use nix::unistd::Pid;
-use oci_spec::runtime::LinuxResources;
+pub use error::CgroupError;
+#[cfg(any(test, feature = "test-utils"))]
+pub use fake::{FakeCgroupManager, FakeCgroupState};
+pub use stats::CgroupStats;
 
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    #[error("cgroup {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("cgroup path {0} must be absolute and stay inside the cgroup root")]
-    BadPath(PathBuf),
-}
-
-/// Usage figures for the kubelet.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CgroupStats {
-    pub cpu_usage_ns: u64,
-    pub memory_usage_bytes: u64,
-    pub memory_working_set_bytes: u64,
-    pub pids: u64,
-}
-
+/// One container's cgroup. Every method works on a manager rebuilt by [`create_manager`] after a restart.
 pub trait CgroupManager: Send + Sync + std::fmt::Debug {
+    /// Makes the cgroup in every controller (v1) or the unified tree (v2), marking the parents it had to make.
+    /// Idempotent; on failure it removes what it made.
     fn create(&self) -> Result<(), CgroupError>;
-    fn add_task(&self, pid: Pid) -> Result<(), CgroupError>;
-    fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError>;
+    /// Moves a process (all its threads) into the cgroup.
+    fn add_task(&self, pid: nix::unistd::Pid) -> Result<(), CgroupError>;
+    /// Applies OCI `linux.resources`. Everything is validated, and every control file checked, before the
+    /// first write.
+    fn apply(&self, resources: &oci_spec::runtime::LinuxResources) -> Result<(), CgroupError>;
+    /// CPU, memory (usage, working set, rss), pids and OOM-kill counters.
     fn stats(&self) -> Result<CgroupStats, CgroupError>;
+    /// Whether the kernel's OOM killer killed a process of this cgroup because of its memory limit. Read it
+    /// before [`destroy`](CgroupManager::destroy): the counters go with the cgroup.
     fn oom_killed(&self) -> Result<bool, CgroupError>;
-    fn pids(&self) -> Result<Vec<Pid>, CgroupError>;
+    /// Processes in the cgroup and its child cgroups.
+    fn pids(&self) -> Result<Vec<nix::unistd::Pid>, CgroupError>;
+    /// Freezes (true) or thaws (false) every process, waiting until the kernel reports the new state.
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError>;
+    /// Removes the cgroup (and child cgroups) and the empty parents `create` made, without killing anything:
+    /// a cgroup that still has processes fails with `EBUSY` after brief retries. Every failure is reported in
+    /// [`CgroupError::Destroy`]. Destroying a cgroup that is already gone succeeds.
     fn destroy(&self) -> Result<(), CgroupError>;
 }
 
+/// The cgroup version of a host (or fixture).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum CgroupVersion {
+    /// Per-controller hierarchies; also hybrid hosts (v1 controllers plus a cgroup2 mount at `unified/`).
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+impl std::fmt::Display for CgroupVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        })
+    }
+}
+
+/// Tells v1 from v2 by the layout under `cgroup_root` (`/sys/fs/cgroup` on a host): a v2 root has
+/// `cgroup.controllers`; a v1 root is a directory of controller hierarchies.
+pub fn detect_version(cgroup_root: &Path) -> Result<CgroupVersion, CgroupError> {
+    if cgroup_root.join("cgroup.controllers").is_file() {
+        Ok(CgroupVersion::V2)
+    } else if v1::has_hierarchies(cgroup_root) {
+        Ok(CgroupVersion::V1)
+    } else {
+        Err(CgroupError::NoCgroupFs {
+            root: cgroup_root.to_path_buf(),
+        })
+    }
+}
+
+/// The manager for the cgroup at `cgroups_path` (an OCI `linux.cgroupsPath`, taken relative to `cgroup_root`
+/// whether or not it starts with `/`) on whatever cgroup version `cgroup_root` has.
 pub fn create_manager(
     cgroup_root: &Path,
     cgroups_path: &Path,
 ) -> Result<Box<dyn CgroupManager>, CgroupError> {
-    let rel = cgroups_path
-        .strip_prefix("/")
-        .map_err(|_| CgroupError::BadPath(cgroups_path.to_path_buf()))?;
-    if rel.as_os_str().is_empty()
-        || rel
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(CgroupError::BadPath(cgroups_path.to_path_buf()));
-    }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CgroupError::Io { path, source }
+    let rel = fs::normalize_cgroups_path(cgroups_path)?;
+    let version = detect_version(cgroup_root)?;
+    announce_backend(cgroup_root, version);
+    Ok(match version {
+        CgroupVersion::V1 => Box::new(v1::V1Manager::new(cgroup_root, rel)?),
+        CgroupVersion::V2 => Box::new(v2::V2Manager::new(cgroup_root, rel)),
+    })
+}
+
+/// Logs the chosen backend at `info` once per cgroup root (the factory runs once per container).
+fn announce_backend(root: &Path, version: CgroupVersion) {
+    static ANNOUNCED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let first = match ANNOUNCED.lock() {
+        Ok(mut seen) => seen
+            .get_or_insert_with(HashSet::new)
+            .insert(root.to_path_buf()),
+        Err(_) => true,
     };
-    let mut hierarchies = Vec::new();
-    if cgroup_root.join("cgroup.controllers").exists() {
-        hierarchies.push(cgroup_root.to_path_buf());
+    let hybrid = version == CgroupVersion::V1 && root.join("unified/cgroup.controllers").is_file();
+    if first {
+        tracing::info!(root = %root.display(), %version, hybrid, "cgroup backend chosen");
     } else {
-        for entry in fs::read_dir(cgroup_root).map_err(io(cgroup_root))? {
-            let entry = entry.map_err(io(cgroup_root))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            // cpuset needs cpus/mems copied into each new level; the real manager handles it.
-            if is_dir && !matches!(name.as_str(), "cpuset" | "unified" | "systemd") {
-                hierarchies.push(entry.path());
-            }
-        }
-    }
-    hierarchies.sort();
-    Ok(Box::new(Placeholder {
-        dirs: hierarchies
-            .iter()
-            .map(|h| (h.clone(), h.join(rel)))
-            .collect(),
-    }))
-}
-
-#[derive(Debug)]
-struct Placeholder {
-    /// (hierarchy root, cgroup dir) per hierarchy.
-    dirs: Vec<(PathBuf, PathBuf)>,
-}
-
-impl Placeholder {
-    fn write(dir: &Path, file: &str, value: &str) -> Result<bool, CgroupError> {
-        let path = dir.join(file);
-        if !path.exists() {
-            return Ok(false);
-        }
-        fs::write(&path, value).map_err(|source| CgroupError::Io { path, source })?;
-        Ok(true)
-    }
-}
-
-impl CgroupManager for Placeholder {
-    fn create(&self) -> Result<(), CgroupError> {
-        for (_, dir) in &self.dirs {
-            // A sibling's destroy may remove a shared empty parent while we create below it: retry.
-            let mut attempt = 0;
-            loop {
-                match fs::create_dir_all(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 10 => {
-                        attempt += 1
-                    }
-                    Err(source) => {
-                        return Err(CgroupError::Io {
-                            path: dir.clone(),
-                            source,
-                        })
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn add_task(&self, pid: Pid) -> Result<(), CgroupError> {
-        for (_, dir) in &self.dirs {
-            Self::write(dir, "cgroup.procs", &pid.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn apply(&self, r: &LinuxResources) -> Result<(), CgroupError> {
-        for (_, dir) in &self.dirs {
-            if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
-                if !Self::write(dir, "memory.limit_in_bytes", &limit.to_string())? {
-                    Self::write(dir, "memory.max", &limit.to_string())?;
-                }
-            }
-            if let Some(pids) = r.pids().as_ref().map(|p| p.limit()) {
-                let v = if pids > 0 {
-                    pids.to_string()
-                } else {
-                    "max".into()
-                };
-                Self::write(dir, "pids.max", &v)?;
-            }
-            if let Some(cpu) = r.cpu() {
-                if let Some(p) = cpu.period() {
-                    Self::write(dir, "cpu.cfs_period_us", &p.to_string())?;
-                }
-                if let Some(q) = cpu.quota() {
-                    Self::write(dir, "cpu.cfs_quota_us", &q.to_string())?;
-                }
-                if let Some(s) = cpu.shares() {
-                    Self::write(dir, "cpu.shares", &s.to_string())?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn stats(&self) -> Result<CgroupStats, CgroupError> {
-        Ok(CgroupStats::default())
-    }
-
-    fn oom_killed(&self) -> Result<bool, CgroupError> {
-        for (_, dir) in &self.dirs {
-            let text = fs::read_to_string(dir.join("memory.oom_control"))
-                .or_else(|_| fs::read_to_string(dir.join("memory.events")))
-                .unwrap_or_default();
-            if text
-                .lines()
-                .any(|l| l.starts_with("oom_kill ") && !l.ends_with(" 0"))
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    fn pids(&self) -> Result<Vec<Pid>, CgroupError> {
-        let mut out = Vec::new();
-        for (_, dir) in &self.dirs {
-            if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-                out.extend(
-                    text.lines()
-                        .filter_map(|l| l.trim().parse().ok())
-                        .map(Pid::from_raw),
-                );
-            }
-        }
-        out.sort();
-        out.dedup();
-        Ok(out)
-    }
-
-    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        for (_, dir) in &self.dirs {
-            Self::write(
-                dir,
-                "freezer.state",
-                if frozen { "FROZEN" } else { "THAWED" },
-            )?;
-        }
-        Ok(())
-    }
-
-    fn destroy(&self) -> Result<(), CgroupError> {
-        let mut first_err = None;
-        for (root, dir) in &self.dirs {
-            if dir.exists() {
-                if let Err(source) = fs::remove_dir(dir) {
-                    first_err.get_or_insert(CgroupError::Io {
-                        path: dir.clone(),
-                        source,
-                    });
-                    continue;
-                }
-            }
-            // Empty parents go too (rmdir refuses non-empty ones, so a sibling's parent stays).
-            let mut d = dir.parent();
-            while let Some(p) = d {
-                if p == root.as_path() || !p.starts_with(root) || fs::remove_dir(p).is_err() {
-                    break;
-                }
-                d = p.parent();
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        tracing::debug!(root = %root.display(), %version, hybrid, "cgroup backend chosen");
     }
 }

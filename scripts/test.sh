@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every Windlass check and test, privileged tests included, as CI does: formatting, clippy, then the whole
+# test suite with WINDLASS_REQUIRE_PRIVILEGED=1 (a privileged test that cannot run fails instead of skipping).
+# Needs root on a Debian/Ubuntu host with a Rust toolchain; installs the packages it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+scripts/install-deps.sh
+
+export WINDLASS_REQUIRE_PRIVILEGED=1
+export CARGO_TERM_COLOR=never
+# 2-core CI: keep test threads modest, privileged tests spawn processes and namespaces of their own.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries the end-to-end tests start)"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked --no-fail-fast

@@ -1,0 +1,290 @@
+//! Same-run benchmark of the proxy's nftables sync against upstream kube-proxy's rulesets (issue 8).
+//!
+//! Everything runs inside a network namespace this program creates (`ip netns add`); nothing touches the root
+//! namespace. For 1k/5k/10k Services × 5 endpoints it measures: windlass-proxy's full sync (compute + render + one
+//! `nft -f` transaction), loading the equivalent upstream nftables-mode ruleset (per-Service and per-endpoint
+//! chains) with `nft -f`, and the upstream iptables-mode ruleset with `iptables-restore`; then, with 10k Services
+//! loaded, the time from one endpoint change to rules applied (windlass incremental sync). Prints Markdown.
+//!
+//! Usage: `bench-proxy [RUNS] [--skip-upstream-10k]` (as root).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use windlass_proxy::{
+    Conntrack, Endpoint, EndpointPort, EndpointSliceInfo, Metrics, Model, ModelEvent, Nft,
+    Protocol, Proxier, RulesetConfig, Service, ServiceName, ServicePort, SliceKey, SyncKind,
+    TrafficPolicy,
+};
+use windlass_tests::bench::{markdown_table, Samples};
+use windlass_tests::netns::NetnsGuard;
+use windlass_tests::unique_name;
+
+const ENDPOINTS: usize = 5;
+
+fn svc_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i as u32)
+}
+
+fn ep_ip(i: usize, e: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * ENDPOINTS + e) as u32 + 2)
+}
+
+fn model(n: usize, ready_mask: impl Fn(usize, usize) -> bool) -> Model {
+    let mut m = Model::new();
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..n {
+        let name = ServiceName::new("bench", &format!("svc-{i}"));
+        services.push(Service {
+            name: name.clone(),
+            cluster_ips: vec![svc_ip(i)],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
+            affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            health_check_node_port: None,
+        });
+        slices.push((
+            SliceKey {
+                namespace: "bench".into(),
+                name: format!("svc-{i}-abc"),
+            },
+            EndpointSliceInfo {
+                service: name,
+                ports: vec![EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+                endpoints: (0..ENDPOINTS)
+                    .map(|e| Endpoint {
+                        address: ep_ip(i, e),
+                        ready: ready_mask(i, e),
+                        serving: true,
+                        terminating: false,
+                        node_name: Some("n1".into()),
+                    })
+                    .collect(),
+            },
+        ));
+    }
+    m.apply(ModelEvent::Replace { services, slices });
+    m
+}
+
+/// Upstream kube-proxy nftables mode: service-ips vmap → per-Service chain → numgen vmap → per-endpoint chain.
+fn upstream_nft(n: usize) -> String {
+    let mut s = String::from(
+        "add table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {\n",
+    );
+    s.push_str(" map service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n");
+    s.push_str(" chain mark-for-masquerade { meta mark set meta mark | 0x4000 }\n");
+    s.push_str(" chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n");
+    s.push_str(" chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services }\n");
+    for i in 0..n {
+        let mut vm = Vec::new();
+        for e in 0..ENDPOINTS {
+            let _ = write!(
+                s,
+                " chain endpoint-{i}-{e} {{\n  ip saddr {ip} jump mark-for-masquerade\n  meta l4proto tcp dnat to {ip}:8080\n }}\n",
+                ip = ep_ip(i, e)
+            );
+            vm.push(format!("{e} : goto endpoint-{i}-{e}"));
+        }
+        let _ = write!(
+            s,
+            " chain service-{i} {{\n  ip daddr {ip} tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade\n  numgen random mod {ENDPOINTS} vmap {{ {} }}\n }}\n",
+            vm.join(", "),
+            ip = svc_ip(i)
+        );
+    }
+    s.push_str("}\n");
+    let elems: Vec<String> = (0..n)
+        .map(|i| format!("{} . tcp . 80 : goto service-{i}", svc_ip(i)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "add element ip kube-proxy service-ips {{ {} }}",
+        elems.join(", ")
+    );
+    s
+}
+
+/// Upstream kube-proxy iptables mode (nat table): KUBE-SERVICES → KUBE-SVC-* (statistic random) → KUBE-SEP-*.
+fn upstream_iptables(n: usize) -> String {
+    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    let mut rules = String::from("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+    for i in 0..n {
+        let _ = writeln!(chains, ":KUBE-SVC-{i:08X} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/svc-{i}:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-{i:08X}",
+            svc_ip(i)
+        );
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SVC-{i:08X} ! -s 10.244.0.0/16 -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ",
+            svc_ip(i)
+        );
+        for e in 0..ENDPOINTS {
+            let _ = writeln!(chains, ":KUBE-SEP-{i:08X}{e} - [0:0]");
+            let left = ENDPOINTS - e;
+            if left > 1 {
+                let _ = writeln!(
+                    rules,
+                    "-A KUBE-SVC-{i:08X} -m statistic --mode random --probability {:.11} -j KUBE-SEP-{i:08X}{e}",
+                    1.0 / left as f64
+                );
+            } else {
+                let _ = writeln!(rules, "-A KUBE-SVC-{i:08X} -j KUBE-SEP-{i:08X}{e}");
+            }
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SEP-{i:08X}{e} -s {ip}/32 -j KUBE-MARK-MASQ\n-A KUBE-SEP-{i:08X}{e} -p tcp -m tcp -j DNAT --to-destination {ip}:8080",
+                ip = ep_ip(i, e)
+            );
+        }
+    }
+    format!("{chains}{rules}COMMIT\n")
+}
+
+fn run_stdin(ns: &NetnsGuard, argv: &[&str], input: &str) -> Duration {
+    let t = Instant::now();
+    let mut child = ns
+        .command(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_string();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = w.join();
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let skip_10k_upstream = std::env::args().any(|a| a == "--skip-upstream-10k");
+    let ns = NetnsGuard::new(&unique_name("pxb")).expect("bench netns");
+    let nft = Nft::new(vec![
+        "ip".into(),
+        "netns".into(),
+        "exec".into(),
+        ns.name().into(),
+        "nft".into(),
+    ]);
+    let config = RulesetConfig {
+        node_name: "n1".into(),
+        cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+        nodeport_addresses: vec![],
+    };
+    let mut out = String::new();
+    let mut all: BTreeMap<usize, Vec<Samples>> = BTreeMap::new();
+    for n in [1000, 5000, 10_000] {
+        let m = model(n, |_, _| true);
+        let mut ours = Samples::new(&format!("windlass full sync, {n} svc"));
+        for _ in 0..runs {
+            let mut p = Proxier::new(
+                config.clone(),
+                nft.clone(),
+                Conntrack::default(),
+                Arc::new(Metrics::new()),
+            );
+            let r = p.sync(&m, SyncKind::Rebuild).expect("windlass sync");
+            ours.push(r.took);
+        }
+        let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+        let up_runs = if n >= 5000 { 1 } else { runs };
+        let mut up_nft = Samples::new(&format!("upstream nftables mode `nft -f`, {n} svc"));
+        if !(n == 10_000 && skip_10k_upstream) {
+            let text = upstream_nft(n);
+            for _ in 0..up_runs {
+                up_nft.push(run_stdin(&ns, &["nft", "-f", "-"], &text));
+            }
+            let _ = run_stdin(
+                &ns,
+                &["nft", "-f", "-"],
+                "add table ip kube-proxy\ndelete table ip kube-proxy\n",
+            );
+        }
+        let mut up_ipt = Samples::new(&format!(
+            "upstream iptables mode `iptables-restore`, {n} svc"
+        ));
+        let text = upstream_iptables(n);
+        for _ in 0..up_runs {
+            up_ipt.push(run_stdin(&ns, &["iptables-restore", "-w"], &text));
+        }
+        let _ = run_stdin(&ns, &["iptables-restore", "-w"], "*nat\nCOMMIT\n");
+        let _ = run_stdin(&ns, &["nft", "-f", "-"], "flush ruleset\n");
+        eprintln!(
+            "{n}: ours {:.0} ms, upstream nft {:.0} ms, iptables {:.0} ms",
+            ours.median(),
+            up_nft.median(),
+            up_ipt.median()
+        );
+        all.insert(n, vec![ours, up_nft, up_ipt]);
+    }
+    for (n, rows) in &all {
+        let _ = writeln!(
+            out,
+            "\n### Full sync, {n} Services × {ENDPOINTS} endpoints\n"
+        );
+        let refs: Vec<&Samples> = rows.iter().filter(|s| !s.millis.is_empty()).collect();
+        out.push_str(&markdown_table(&refs, &rows[0]));
+    }
+
+    // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back.
+    let n = 10_000;
+    let base = model(n, |_, _| true);
+    let changed = model(n, |i, e| !(i == 4242 && e == 3));
+    let mut p = Proxier::new(
+        config.clone(),
+        nft.clone(),
+        Conntrack::default(),
+        Arc::new(Metrics::new()),
+    );
+    p.sync(&base, SyncKind::Rebuild).expect("initial sync");
+    let mut inc = Samples::new("windlass one endpoint change, 10k svc (compute + diff + nft)");
+    let mut bytes = 0;
+    for r in 0..(runs * 10).max(20) {
+        let m = if r % 2 == 0 { &changed } else { &base };
+        let rep = p.sync(m, SyncKind::Incremental).expect("incremental sync");
+        bytes = rep.script_bytes;
+        inc.push(rep.took);
+    }
+    let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
+    for _ in 0..runs {
+        resync.push(p.sync(&base, SyncKind::Resync).expect("resync").took);
+    }
+    let _ = writeln!(
+        out,
+        "\n### With {n} Services loaded (script of one change: {bytes} bytes)\n"
+    );
+    out.push_str(&markdown_table(&[&inc, &resync], &inc));
+    let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+    println!("{out}");
+}
