@@ -1,6 +1,5 @@
-//! Resource limits from `linux.resources`, applied through the cgroup manager and visible to the container.
-//! (Written against `CgroupManager`; on this branch a placeholder v1/v2 manager backs it until the cgroups branch
-//! is merged.)
+//! Resource limits from `linux.resources`, applied through the cgroup manager and visible to the container,
+//! and pause/resume through the freezer.
 
 use serde_json::json;
 use windlass_tests::bundle::Bundle;

@@ -564,3 +564,28 @@ fn a_duplicate_container_name_in_a_sandbox_is_refused_and_the_first_keeps_runnin
     assert_eq!(st.status, Status::Running);
     assert_eq!(st.log_path.as_deref(), Some(log.as_path()));
 }
+
+#[test]
+fn container_stats_report_cpu_and_memory_of_a_busy_container() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let pods = Pods::new();
+    let (pod, _) = pods.sandbox("stats", false);
+    let mut bundles = Vec::new();
+    // Hold ~8 MiB in a shell variable and burn some CPU.
+    pods.run(
+        &pod,
+        "busy",
+        "x=$(head -c 8000000 /dev/zero | tr '\\0' a); echo held; while true; do :; done",
+        &mut bundles,
+    );
+    let stats = wait_for("cpu and memory usage", Duration::from_secs(20), || {
+        let s = pods.mgr.container_stats(&pod, "busy").expect("stats");
+        (s.cpu_usage_ns > 50_000_000 && s.memory_working_set_bytes > 8_000_000).then_some(s)
+    });
+    assert!(
+        stats.memory_usage_bytes >= stats.memory_working_set_bytes,
+        "{stats:?}"
+    );
+}
