@@ -23,6 +23,7 @@ pub mod lab;
 pub mod netns;
 pub mod proxy_lab;
 pub mod registry;
+pub mod runtime;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.
 pub const REQUIRE_PRIVILEGED_ENV: &str = "WINDLASS_REQUIRE_PRIVILEGED";
