@@ -5,6 +5,7 @@
 # Usage: scripts/bench-images.sh [RUNS] [OUT.md]     (default 10 runs, BENCHMARKS-images.md)
 #        BENCH_TMPFS=1 puts every tool's store on a tmpfs: on a shared, busy disk the writeback of other
 #        processes dominates (and fsync makes whoever calls it pay for it); tmpfs measures the pull pipeline.
+#        WINDLASS_FLAGS adds flags to `windlass-runtime image pull` (e.g. `--max-concurrent-layers 1`).
 # Needs root, docker-registry, skopeo, umoci, busybox-static (podman optional); builds windlass in release mode.
 # Everything lives in a temp dir; the registry listens on 127.0.0.1 only and is killed on exit.
 set -euo pipefail
@@ -110,7 +111,8 @@ settle() { sync; sleep 0.3; }
 declare -a T_W T_S T_P
 run_windlass() {
     settle; local t; t=$(date +%s%N)
-    "$WINDLASS" image pull --store "$1/windlass" --insecure-registry "$ADDR" "$REF" >/dev/null 2>"$1/windlass.err"
+    # shellcheck disable=SC2086 # WINDLASS_FLAGS is a list of extra pull flags
+    "$WINDLASS" image pull --store "$1/windlass" --insecure-registry "$ADDR" ${WINDLASS_FLAGS:-} "$REF" >/dev/null 2>"$1/windlass.err"
     T_W+=("$(ms "$t")")
 }
 run_skopeo() {
