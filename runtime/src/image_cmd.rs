@@ -28,6 +28,9 @@ enum ImageCommand {
         /// Extra PEM CA certificate to trust for registry TLS; repeatable.
         #[arg(long = "ca-cert")]
         ca_certs: Vec<PathBuf>,
+        /// Layers downloaded and unpacked at once.
+        #[arg(long, default_value_t = 3)]
+        max_concurrent_layers: usize,
         reference: String,
     },
     /// List images in the store.
@@ -63,10 +66,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             insecure_registries,
             auth_file,
             ca_certs,
+            max_concurrent_layers,
             reference,
         } => {
             let mut opts = PullOptions {
                 insecure_registries,
+                max_concurrent_layers,
                 ..Default::default()
             };
             if let Some(path) = auth_file {

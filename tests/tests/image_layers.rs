@@ -177,6 +177,7 @@ fn layer_metadata_links_and_whiteouts_are_unpacked_in_overlay_form() {
         b"#!/bin/sh\n",
         Some(("user.origin", b"windlass")),
     );
+    file("usr/bin/open", 0o777, 0, b"", None);
     file("etc/.wh.removed", 0o644, 0, b"", None);
     file("opaque/.wh..wh..opq", 0o644, 0, b"", None);
     file(
@@ -214,6 +215,13 @@ fn layer_metadata_links_and_whiteouts_are_unpacked_in_overlay_form() {
         1_600_000_000,
         "directory mtimes are set after their children"
     );
+    let mode = |p: &str| fs::metadata(layer.join(p)).expect(p).permissions().mode() & 0o7777;
+    assert_eq!(
+        mode("usr/bin/open"),
+        0o777,
+        "the umask does not narrow layer modes"
+    );
+    assert_eq!(mode("opaque/kept"), 0o600);
     let link = fs::metadata(layer.join("usr/bin/tool-link")).expect("hard link");
     assert_eq!(link.ino(), tool.ino(), "hard link shares the inode");
     assert_eq!(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{
@@ -532,10 +532,13 @@ impl Store {
                 self.layer_task(&client, reference, layer, diff_id, opts, (i + 1, total))
             })
             .collect();
-        let results: Vec<(bool, u64, bool)> = futures_util::stream::iter(tasks)
+        // Wait for every started layer even after one fails: an unpack runs on a blocking thread that cannot be
+        // cancelled, and returning early would leave its temp directory behind while the caller looks.
+        let outcomes: Vec<Result<(bool, u64, bool), PullError>> = futures_util::stream::iter(tasks)
             .buffer_unordered(opts.max_concurrent_layers.max(1))
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let results = outcomes.into_iter().collect::<Result<Vec<_>, _>>()?;
         let mut layers_unpacked = 0;
         for (got, n, unpacked) in results {
             downloaded += usize::from(got);

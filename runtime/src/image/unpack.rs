@@ -141,7 +141,8 @@ pub fn unpack_layer(
 
 /// Applies a tar stream to the (empty, private) directory `root`; returns the diffID of the stream.
 pub(crate) fn unpack_stream(reader: impl Read, root: &Path) -> Result<UnpackStats, UnpackError> {
-    let mut hashing = HashingReader::new(reader);
+    // tar reads 512-byte headers; buffer the decompressed stream so each is not a separate decoder call.
+    let mut hashing = HashingReader::new(io::BufReader::with_capacity(128 * 1024, reader));
     let mut entries = 0u64;
     {
         let mut archive = tar::Archive::new(&mut hashing);
@@ -149,6 +150,9 @@ pub(crate) fn unpack_stream(reader: impl Read, root: &Path) -> Result<UnpackStat
             root,
             known_dirs: HashSet::new(),
             dir_times: Vec::new(),
+            // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+            ids: unsafe { (libc::geteuid(), libc::getegid()) },
+            umask: current_umask(),
         };
         for entry in archive.entries().map_err(UnpackError::Stream)? {
             let entry = entry.map_err(UnpackError::Stream)?;
@@ -173,6 +177,18 @@ struct Unpacker<'a> {
     /// Relative paths checked (or created) as real directories; dropped when something replaces them.
     known_dirs: HashSet<PathBuf>,
     dir_times: Vec<(PathBuf, (i64, i64))>,
+    /// Our effective uid/gid: new files already carry them, so chown is skipped when the entry matches.
+    ids: (u32, u32),
+    umask: u32,
+}
+
+fn current_umask() -> u32 {
+    // SAFETY: umask cannot fail; it is set back to the value it returned straight away.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old
+    }
 }
 
 /// The entry path as relative components, refusing absolute paths and `..`.
@@ -302,6 +318,7 @@ impl Unpacker<'_> {
         let dir = self.ensure_parents(parents, &name_for_errors)?;
         let abs = dir.join(last);
         let rel: PathBuf = comps.iter().collect();
+        let file_mode = header.mode().unwrap_or(0o644) & 0o7777;
         match kind {
             EntryType::Directory => {
                 self.clear(&abs, &rel, true)?;
@@ -311,14 +328,24 @@ impl Unpacker<'_> {
                 self.known_dirs.insert(rel.clone());
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.clear(&abs, &rel, false)?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&abs)
-                    .map_err(io_at("create", &abs))?;
+                // O_EXCL|O_NOFOLLOW: never open what an earlier entry left there (it may be a symlink that
+                // points out); only when something exists is it removed and the create retried.
+                let create = || {
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(file_mode & 0o777)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&abs)
+                };
+                let mut file = match create() {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.clear(&abs, &rel, false)?;
+                        create()
+                    }
+                    other => other,
+                }
+                .map_err(io_at("create", &abs))?;
                 io::copy(&mut entry, &mut file).map_err(io_at("write", &abs))?;
             }
             EntryType::Symlink => {
@@ -439,10 +466,20 @@ impl Unpacker<'_> {
             entry: name_for_errors.clone(),
             what: format!("gid {gid} out of range"),
         })?;
-        lchown(&abs, Some(uid), Some(gid)).map_err(io_at("chown", &abs))?;
-        if kind != EntryType::Symlink {
-            let mode = header.mode().unwrap_or(0o644) & 0o7777;
-            fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
+        let chowned = (uid, gid) != self.ids;
+        if chowned {
+            lchown(&abs, Some(uid), Some(gid)).map_err(io_at("chown", &abs))?;
+        }
+        // A new regular file already has its permission bits unless the umask took some, chown cleared
+        // set-id bits, or it has set-id/sticky bits open(2) does not apply.
+        let created_exact = matches!(
+            kind,
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
+        ) && !chowned
+            && file_mode & 0o7000 == 0
+            && file_mode & self.umask == 0;
+        if kind != EntryType::Symlink && !created_exact {
+            fs::set_permissions(&abs, fs::Permissions::from_mode(file_mode))
                 .map_err(io_at("chmod", &abs))?;
         }
         for (name, value) in xattrs {
