@@ -1,0 +1,386 @@
+//! The kubelet's CNI client against Debian's reference plugins, in a "node" network namespace (where the kubelet
+//! and so its plugins run) and a "pod" namespace (the sandbox). Nothing here touches the root namespace.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use windlass_kubelet::cni::{
+    CniClient, CniError, CniSettings, NetworkConfigList, ProcessExec, RuntimeConf,
+};
+use windlass_tests::netns::NetnsGuard;
+use windlass_tests::{require_privileged, unique_name, TempDir};
+
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A node namespace, a pod namespace, and the kubelet's dirs (conf dir, root dir, IPAM data dir).
+struct Lab {
+    node: NetnsGuard,
+    pod: NetnsGuard,
+    conf_dir: TempDir,
+    root_dir: TempDir,
+    ipam_dir: TempDir,
+    bin_dir: TempDir,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let lab = Self {
+            node: NetnsGuard::new(&unique_name("kn")).expect("node netns"),
+            pod: NetnsGuard::new(&unique_name("kp")).expect("pod netns"),
+            conf_dir: tempfile::tempdir().expect("tempdir"),
+            root_dir: tempfile::tempdir().expect("tempdir"),
+            ipam_dir: tempfile::tempdir().expect("tempdir"),
+            bin_dir: tempfile::tempdir().expect("tempdir"),
+        };
+        // The pod namespace starts with lo down, as a fresh sandbox does; the loopback network brings it up.
+        lab.pod
+            .exec(&["ip", "link", "set", "lo", "down"])
+            .expect("lo down");
+        lab
+    }
+
+    /// Writes `10-test.conflist`: bridge (with host-local IPAM in 10.244.7.0/24) then `extra` plugins.
+    fn write_conflist(&self, ipam_subnet: &str, extra: &[serde_json::Value]) -> PathBuf {
+        let mut plugins = vec![serde_json::json!({
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "subnet": ipam_subnet,
+                "dataDir": self.ipam_dir.path(),
+                "routes": [{"dst": "0.0.0.0/0"}]
+            }
+        })];
+        plugins.extend(extra.iter().cloned());
+        let conf =
+            serde_json::json!({"cniVersion": "1.0.0", "name": "windlass-test", "plugins": plugins});
+        let path = self.conf_dir.path().join("10-test.conflist");
+        std::fs::write(&path, serde_json::to_vec_pretty(&conf).expect("json")).expect("write conf");
+        path
+    }
+
+    /// A plugin script in our own bin dir (searched before the reference plugins).
+    fn write_plugin(&self, name: &str, script: &str) {
+        let path = self.bin_dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write plugin");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    fn client(&self) -> CniClient {
+        let bin_path = format!("{}:{REFERENCE_PLUGINS}", self.bin_dir.path().display());
+        let settings = CniSettings::new(self.conf_dir.path(), &bin_path, self.root_dir.path());
+        // The kubelet runs in the node namespace; its plugins inherit it.
+        let exec = ProcessExec::wrapped(vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.node.name().into(),
+        ]);
+        CniClient::new(settings, exec)
+    }
+
+    fn runtime_conf(&self, ifname: &str) -> RuntimeConf {
+        RuntimeConf {
+            container_id: format!("sandbox-{}", self.pod.name()),
+            netns: self.pod.path(),
+            ifname: ifname.into(),
+            args: vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), "default".into()),
+                ("K8S_POD_NAME".into(), "nginx-pod".into()),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn node_links(&self) -> Vec<String> {
+        links(&self.node)
+    }
+
+    fn pod_links(&self) -> Vec<String> {
+        links(&self.pod)
+    }
+
+    /// Addresses host-local has handed out (one file per IP in `<dataDir>/<network>/`).
+    fn reserved_ips(&self) -> Vec<String> {
+        let dir = self.ipam_dir.path().join("windlass-test");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+            .collect()
+    }
+
+    fn cache_files(&self) -> Vec<PathBuf> {
+        let dir = self.root_dir.path().join("cni/results");
+        std::fs::read_dir(dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn links(ns: &NetnsGuard) -> Vec<String> {
+    let out = ns.exec(&["ip", "-j", "link", "show"]).expect("ip link");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn pod_addresses(ns: &NetnsGuard, ifname: &str) -> Vec<String> {
+    let out = ns
+        .exec(&["ip", "-j", "-4", "addr", "show", "dev", ifname])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything() {
+    if !require_privileged(&["ip", "busybox", "iptables-save", "/usr/lib/cni/bridge"]) {
+        return;
+    }
+    let lab = Lab::new();
+    lab.write_conflist(
+        "10.244.7.0/24",
+        &[serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": false})],
+    );
+    let client = lab.client();
+    let net = client.network().expect("network config");
+    let lo = NetworkConfigList::loopback("1.0.0");
+    let mut rt = lab.runtime_conf("eth0");
+    rt.capability_args.insert(
+        "portMappings".into(),
+        serde_json::json!([{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]),
+    );
+    let rt_lo = lab.runtime_conf("lo");
+
+    let rtm = runtime();
+    rtm.block_on(client.add(&lo, &rt_lo)).expect("loopback ADD");
+    let result = rtm.block_on(client.add(&net, &rt)).expect("ADD");
+
+    let ips = result.ips_for("eth0");
+    assert_eq!(ips.len(), 1, "one IPv4 for eth0 in {:?}", result.raw);
+    let ip = ips[0].to_string();
+    assert!(ip.starts_with("10.244.7."), "{ip} from the subnet");
+    assert_eq!(pod_addresses(&lab.pod, "eth0"), vec![ip.clone()]);
+    assert!(lab
+        .pod
+        .exec(&["ip", "-j", "addr", "show", "lo"])
+        .expect("lo")
+        .contains("\"UP\""));
+    assert_eq!(lab.reserved_ips(), vec![ip.clone()]);
+    // The node reaches the pod through the bridge.
+    lab.node
+        .exec(&["busybox", "ping", "-c1", "-W1", &ip])
+        .expect("node pings the pod");
+    // portmap got the port mapping (and only it declared the capability).
+    let rules = lab
+        .node
+        .exec(&["iptables-save", "-t", "nat"])
+        .expect("iptables-save");
+    assert!(
+        rules.contains("--dport 18080"),
+        "hostPort rule in:\n{rules}"
+    );
+    assert_eq!(lab.cache_files().len(), 2, "eth0 and lo results cached");
+
+    // CHECK is exercised in check_passes_after_add_and_fails_once_the_pod_interface_is_gone: Debian's portmap
+    // 1.1.1 fails its own CHECK on an IPv4-only result ("could not check ipv6 dnat").
+
+    let veths_before: Vec<_> = lab
+        .node_links()
+        .into_iter()
+        .filter(|l| l.starts_with("veth"))
+        .collect();
+    assert_eq!(
+        veths_before.len(),
+        1,
+        "one veth in the node: {veths_before:?}"
+    );
+
+    rtm.block_on(client.del(&net, &rt)).expect("DEL");
+    rtm.block_on(client.del(&lo, &rt_lo)).expect("loopback DEL");
+    assert!(
+        !lab.node_links().iter().any(|l| l.starts_with("veth")),
+        "veth removed: {:?}",
+        lab.node_links()
+    );
+    assert!(!lab.pod_links().contains(&"eth0".to_string()));
+    assert!(
+        lab.reserved_ips().is_empty(),
+        "IP freed: {:?}",
+        lab.reserved_ips()
+    );
+    assert!(
+        lab.cache_files().is_empty(),
+        "cache removed: {:?}",
+        lab.cache_files()
+    );
+    let rules = lab
+        .node
+        .exec(&["iptables-save", "-t", "nat"])
+        .expect("iptables-save");
+    assert!(
+        !rules.contains("--dport 18080"),
+        "hostPort rule gone:\n{rules}"
+    );
+
+    // DEL again (the kubelet retries after a crash) with no cache left is still fine.
+    rtm.block_on(client.del(&net, &rt))
+        .expect("second DEL tolerates the missing cache");
+}
+
+#[test]
+fn check_passes_after_add_and_fails_once_the_pod_interface_is_gone() {
+    if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
+        return;
+    }
+    let lab = Lab::new();
+    lab.write_conflist("10.244.8.0/24", &[]);
+    let client = lab.client();
+    let net = client.network().expect("network config");
+    let rt = lab.runtime_conf("eth0");
+    let rtm = runtime();
+    rtm.block_on(client.add(&net, &rt)).expect("ADD");
+    rtm.block_on(client.check(&net, &rt))
+        .expect("CHECK after ADD");
+    lab.pod
+        .exec(&["ip", "link", "del", "eth0"])
+        .expect("delete eth0");
+    let err = rtm
+        .block_on(client.check(&net, &rt))
+        .expect_err("CHECK must notice");
+    assert!(
+        matches!(
+            err,
+            CniError::Plugin {
+                command: "CHECK",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rtm.block_on(client.del(&net, &rt)).expect("DEL");
+    assert!(lab.reserved_ips().is_empty());
+}
+
+#[test]
+fn a_broken_plugin_config_is_a_clear_error_and_leaves_nothing() {
+    if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
+        return;
+    }
+    let lab = Lab::new();
+    lab.write_conflist("not-a-subnet", &[]);
+    let client = lab.client();
+    let net = client
+        .network()
+        .expect("network config parses; the plugin judges it");
+    let rt = lab.runtime_conf("eth0");
+    let err = runtime()
+        .block_on(client.add(&net, &rt))
+        .expect_err("ADD must fail");
+    // The clean-up DEL meets the same broken config; the ADD's error is the one that explains it.
+    let CniError::Plugin {
+        plugin,
+        command,
+        error,
+        ..
+    } = err.primary()
+    else {
+        panic!("expected the plugin's error object, got {err}");
+    };
+    assert_eq!((plugin.as_str(), *command), ("bridge", "ADD"));
+    assert!(
+        error.msg.contains("not-a-subnet") || error.details.contains("not-a-subnet"),
+        "{error}"
+    );
+    assert!(err.to_string().contains("not-a-subnet"), "{err}");
+    assert!(!lab.node_links().iter().any(|l| l.starts_with("veth")));
+    assert!(!lab.pod_links().contains(&"eth0".to_string()));
+    assert!(lab.cache_files().is_empty());
+    assert!(lab.reserved_ips().is_empty());
+}
+
+#[test]
+fn a_failing_plugin_later_in_the_chain_is_reported_with_code_and_details_and_undone() {
+    if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
+        return;
+    }
+    let lab = Lab::new();
+    lab.write_plugin(
+        "refuse",
+        r#"cat >/dev/null
+if [ "$CNI_COMMAND" = ADD ]; then
+  echo '{"cniVersion":"1.0.0","code":11,"msg":"try again later","details":"quota exhausted"}'
+  exit 1
+fi"#,
+    );
+    lab.write_conflist("10.244.9.0/24", &[serde_json::json!({"type": "refuse"})]);
+    let client = lab.client();
+    let net = client.network().expect("network config");
+    let rt = lab.runtime_conf("eth0");
+    let err = runtime()
+        .block_on(client.add(&net, &rt))
+        .expect_err("ADD must fail");
+    let CniError::Plugin { plugin, error, .. } = err.primary() else {
+        panic!("expected the plugin's error object, got {err}");
+    };
+    assert_eq!(plugin, "refuse");
+    assert_eq!(
+        (error.code, error.msg.as_str(), error.details.as_str()),
+        (11, "try again later", "quota exhausted")
+    );
+    // The bridge plugin's veth and address were undone by the clean-up DEL.
+    assert!(
+        !lab.node_links().iter().any(|l| l.starts_with("veth")),
+        "{:?}",
+        lab.node_links()
+    );
+    assert!(!lab.pod_links().contains(&"eth0".to_string()));
+    assert!(lab.reserved_ips().is_empty(), "{:?}", lab.reserved_ips());
+    assert!(lab.cache_files().is_empty());
+}
+
+#[test]
+fn a_missing_plugin_names_the_search_path() {
+    if !require_privileged(&["ip"]) {
+        return;
+    }
+    let lab = Lab::new();
+    lab.write_conflist(
+        "10.244.10.0/24",
+        &[serde_json::json!({"type": "no-such-plugin"})],
+    );
+    let client = lab.client();
+    let net = client.network().expect("network config");
+    let err = runtime()
+        .block_on(client.add(&net, &lab.runtime_conf("eth0")))
+        .expect_err("ADD must fail");
+    let text = err.to_string();
+    assert!(
+        text.contains("no-such-plugin") && text.contains(REFERENCE_PLUGINS),
+        "{text}"
+    );
+    assert!(lab.reserved_ips().is_empty());
+    assert!(!lab.node_links().iter().any(|l| l.starts_with("veth")));
+}
