@@ -8,3 +8,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cni;
+pub mod dns;
+pub mod env;
+pub mod qos;
+pub mod quantity;
+pub mod restart;
+pub mod status;
