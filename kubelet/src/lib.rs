@@ -14,3 +14,4 @@ pub mod qos;
 pub mod quantity;
 pub mod restart;
 pub mod status;
+pub mod volumes;
