@@ -10,6 +10,7 @@
 pub mod cni;
 pub mod dns;
 pub mod env;
+pub mod probes;
 pub mod qos;
 pub mod quantity;
 pub mod restart;
