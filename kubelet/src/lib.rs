@@ -8,11 +8,14 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cni;
+pub mod config;
 pub mod dns;
 pub mod env;
+pub mod node;
 pub mod probes;
 pub mod qos;
 pub mod quantity;
 pub mod restart;
+pub mod static_pods;
 pub mod status;
 pub mod volumes;
