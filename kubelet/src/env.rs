@@ -344,6 +344,69 @@ pub fn container_env(
     Ok(out)
 }
 
+/// The service environment variables a pod sees (upstream `getServiceEnvVarMap` + `envvars.FromServices`): every
+/// service with a cluster IP in the pod's namespace when `enable_service_links` (the default), and always the
+/// `kubernetes` service of `default` (what in-cluster clients read). For service `my-svc`:
+/// `MY_SVC_SERVICE_HOST`, `MY_SVC_SERVICE_PORT` (first port), `MY_SVC_SERVICE_PORT_<NAME>` per named port, and
+/// the Docker-link style `MY_SVC_PORT`, `MY_SVC_PORT_<port>_<PROTO>{,_PROTO,_PORT,_ADDR}`.
+pub fn service_env(
+    services: &[k8s_openapi::api::core::v1::Service],
+    namespace: &str,
+    enable_service_links: bool,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    // Upstream visits the namespace's services, then lets the master service win for its own name.
+    let mut chosen: BTreeMap<String, &k8s_openapi::api::core::v1::Service> = BTreeMap::new();
+    for svc in services {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or("");
+        let is_master = ns == "default" && name == "kubernetes";
+        if is_master || (enable_service_links && ns == namespace && !chosen.contains_key(name)) {
+            chosen.insert(name.to_string(), svc);
+        }
+    }
+    for (name, svc) in chosen {
+        let Some(spec) = &svc.spec else { continue };
+        let Some(ip) = spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty() && *ip != "None")
+        else {
+            continue;
+        };
+        let prefix = name.to_uppercase().replace('-', "_");
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        out.insert(format!("{prefix}_SERVICE_HOST"), ip.to_string());
+        if let Some(first) = ports.first() {
+            out.insert(format!("{prefix}_SERVICE_PORT"), first.port.to_string());
+        }
+        for p in ports {
+            if let Some(pn) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                out.insert(
+                    format!(
+                        "{prefix}_SERVICE_PORT_{}",
+                        pn.to_uppercase().replace('-', "_")
+                    ),
+                    p.port.to_string(),
+                );
+            }
+        }
+        for (i, p) in ports.iter().enumerate() {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            let url = format!("{}://{ip}:{}", proto.to_lowercase(), p.port);
+            if i == 0 {
+                out.insert(format!("{prefix}_PORT"), url.clone());
+            }
+            let base = format!("{prefix}_PORT_{}_{}", p.port, proto.to_uppercase());
+            out.insert(format!("{base}_PROTO"), proto.to_lowercase());
+            out.insert(format!("{base}_PORT"), p.port.to_string());
+            out.insert(format!("{base}_ADDR"), ip.to_string());
+            out.insert(base, url);
+        }
+    }
+    out
+}
+
 /// `command` and `args` with `$(VAR)` expanded against the container's environment (upstream
 /// `ExpandContainerCommandAndArgs`).
 pub fn expand_command_and_args(container: &Container, env: &Env) -> (Vec<String>, Vec<String>) {
@@ -865,6 +928,67 @@ mod tests {
             field_value(&p, &ctx(), &sel("metadata.uid")).unwrap(),
             "u-1"
         );
+    }
+
+    #[test]
+    fn service_links_and_the_master_service_become_env_vars() {
+        use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+        let svc = |ns: &str, name: &str, ip: &str, ports: Vec<(Option<&str>, i32)>| Service {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(
+                    ports
+                        .into_iter()
+                        .map(|(n, p)| ServicePort {
+                            name: n.map(str::to_string),
+                            port: p,
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let services = vec![
+            svc(
+                "default",
+                "kubernetes",
+                "10.96.0.1",
+                vec![(Some("https"), 443)],
+            ),
+            svc(
+                "shop",
+                "my-db",
+                "10.96.3.4",
+                vec![(Some("sql"), 5432), (None, 9187)],
+            ),
+            svc("shop", "headless", "None", vec![(None, 80)]),
+            svc("other", "elsewhere", "10.96.9.9", vec![(None, 80)]),
+        ];
+        let env = service_env(&services, "shop", true);
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"], "10.96.0.1");
+        assert_eq!(env["KUBERNETES_SERVICE_PORT"], "443");
+        assert_eq!(env["KUBERNETES_SERVICE_PORT_HTTPS"], "443");
+        assert_eq!(env["KUBERNETES_PORT"], "tcp://10.96.0.1:443");
+        assert_eq!(env["KUBERNETES_PORT_443_TCP_ADDR"], "10.96.0.1");
+        assert_eq!(env["MY_DB_SERVICE_HOST"], "10.96.3.4");
+        assert_eq!(env["MY_DB_SERVICE_PORT"], "5432");
+        assert_eq!(env["MY_DB_SERVICE_PORT_SQL"], "5432");
+        assert_eq!(env["MY_DB_PORT_9187_TCP"], "tcp://10.96.3.4:9187");
+        assert_eq!(env["MY_DB_PORT_5432_TCP_PROTO"], "tcp");
+        assert!(!env
+            .keys()
+            .any(|k| k.starts_with("HEADLESS") || k.starts_with("ELSEWHERE")));
+        let no_links = service_env(&services, "shop", false);
+        assert!(no_links.contains_key("KUBERNETES_SERVICE_HOST"));
+        assert!(!no_links.contains_key("MY_DB_SERVICE_HOST"));
     }
 
     #[test]
