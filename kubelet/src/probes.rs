@@ -211,10 +211,11 @@ impl<E: ExecRunner> Prober for NetProber<E> {
                     },
                 },
             };
-            let scheme = h.scheme.as_deref().unwrap_or("HTTP");
-            if !scheme.eq_ignore_ascii_case("HTTP") {
-                return ProbeOutcome::Failure(format!("unsupported probe scheme {scheme}"));
-            }
+            let scheme = match h.scheme.as_deref().unwrap_or("HTTP") {
+                s if s.eq_ignore_ascii_case("HTTP") => Scheme::Http,
+                s if s.eq_ignore_ascii_case("HTTPS") => Scheme::Https,
+                other => return ProbeOutcome::Failure(format!("unsupported probe scheme {other}")),
+            };
             let headers: Vec<(String, String)> = h
                 .http_headers
                 .iter()
@@ -222,7 +223,8 @@ impl<E: ExecRunner> Prober for NetProber<E> {
                 .map(|hd| (hd.name.clone(), hd.value.clone()))
                 .collect();
             let path = h.path.as_deref().unwrap_or("/");
-            return http_get(SocketAddr::new(host, port), path, &headers, timeout).await;
+            return http_get_with(scheme, SocketAddr::new(host, port), path, &headers, timeout)
+                .await;
         }
         if let Some(t) = &probe.tcp_socket {
             let port = match resolve_port(&t.port, &self.ports) {
@@ -268,55 +270,53 @@ pub async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
     }
 }
 
-/// `httpGet` over HTTP/1.1: success on 200–399 within `timeout` (upstream pkg/probe/http). A `Host` header in
-/// `headers` replaces the default; the User-Agent is `kube-probe/<version>` as upstream's.
+/// `http` or `https` for an `httpGet` probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// TLS without certificate verification, as upstream's prober (`InsecureSkipVerify`).
+    Https,
+}
+
+/// `httpGet` over plain HTTP/1.1; see [`http_get_with`].
 pub async fn http_get(
     addr: SocketAddr,
     path: &str,
     headers: &[(String, String)],
     timeout: Duration,
 ) -> ProbeOutcome {
-    let url = format!("http://{addr}{path}");
+    http_get_with(Scheme::Http, addr, path, headers, timeout).await
+}
+
+/// `httpGet`: success on 200–399 within `timeout` (upstream pkg/probe/http). A `Host` header in `headers`
+/// replaces the default; the User-Agent is `kube-probe/<version>` as upstream's.
+pub async fn http_get_with(
+    scheme: Scheme,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> ProbeOutcome {
+    let url = match scheme {
+        Scheme::Http => format!("http://{addr}{path}"),
+        Scheme::Https => format!("https://{addr}{path}"),
+    };
     let run = async {
-        let stream = tokio::net::TcpStream::connect(addr)
+        let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("Get \"{url}\": dial tcp {addr}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("Get \"{url}\": {e}"))?;
-        let conn = tokio::spawn(conn);
-        let mut req = hyper::Request::get(path)
-            .header(
-                "User-Agent",
-                concat!("kube-probe/windlass-", env!("CARGO_PKG_VERSION")),
-            )
-            .header("Accept", "*/*");
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            req = req.header("Host", addr.to_string());
+        match scheme {
+            Scheme::Http => request(tcp, &url, addr, path, headers).await,
+            Scheme::Https => {
+                let connector = tokio_rustls::TlsConnector::from(insecure_tls_config()?);
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("Get \"{url}\": tls: {e}"))?;
+                request(tls, &url, addr, path, headers).await
+            }
         }
-        for (k, v) in headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let req = req
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("Get \"{url}\": {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("Get \"{url}\": {e}"))?;
-        let status = resp.status().as_u16();
-        // Upstream reads at most 10 KiB of the body for the event message.
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        conn.abort();
-        let mut text = String::from_utf8_lossy(&body[..body.len().min(10 * 1024)]).into_owned();
-        text.truncate(text.trim_end().len());
-        Ok::<_, String>((status, text))
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok((status, _))) if (200..400).contains(&status) => ProbeOutcome::Success,
@@ -325,6 +325,114 @@ pub async fn http_get(
         Err(_) => ProbeOutcome::Failure(format!(
             "Get \"{url}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
         )),
+    }
+}
+
+async fn request<S>(
+    stream: S,
+    url: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let conn = tokio::spawn(conn);
+    let mut req = hyper::Request::get(path)
+        .header(
+            "User-Agent",
+            concat!("kube-probe/windlass-", env!("CARGO_PKG_VERSION")),
+        )
+        .header("Accept", "*/*");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("Host", addr.to_string());
+    }
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let status = resp.status().as_u16();
+    // Upstream reads at most 10 KiB of the body for the event message.
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    conn.abort();
+    let mut text = String::from_utf8_lossy(&body[..body.len().min(10 * 1024)]).into_owned();
+    text.truncate(text.trim_end().len());
+    Ok((status, text))
+}
+
+/// A TLS client that accepts any server certificate (signatures are still checked), like upstream's probes.
+fn insecure_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -755,6 +863,85 @@ mod tests {
             matches!(out, ProbeOutcome::Failure(ref m) if m.contains("dial tcp")),
             "{out:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn https_probes_accept_a_self_signed_certificate() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args(["-subj", "/CN=pod"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let certs = vec![CertificateDer::from_pem_file(&cert).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    continue;
+                };
+                let mut buf = vec![0u8; 4096];
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                let code = if String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ") {
+                    200
+                } else {
+                    500
+                };
+                let resp =
+                    format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            http_get_with(Scheme::Https, addr, "/ok", &[], t).await,
+            ProbeOutcome::Success
+        );
+        assert!(matches!(
+            http_get_with(Scheme::Https, addr, "/bad", &[], t).await,
+            ProbeOutcome::Failure(ref m) if m.contains("statuscode: 500")
+        ));
+        // Plain HTTP to a TLS port fails rather than hangs.
+        assert!(matches!(
+            http_get(addr, "/ok", &[], t).await,
+            ProbeOutcome::Failure(_)
+        ));
+        task.abort();
     }
 
     #[tokio::test]
