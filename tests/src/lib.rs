@@ -16,6 +16,7 @@ pub use tempfile::TempDir;
 pub mod bench;
 pub mod bundle;
 pub mod cgroup;
+pub mod cni_lab;
 pub mod netns;
 
 /// The environment variable CI sets: privileged tests must then fail, never skip, when they cannot run.

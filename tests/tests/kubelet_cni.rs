@@ -1,150 +1,30 @@
 //! The kubelet's CNI client against Debian's reference plugins, in a "node" network namespace (where the kubelet
 //! and so its plugins run) and a "pod" namespace (the sandbox). Nothing here touches the root namespace.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-
 use windlass_kubelet::cni::{
     CniClient, CniError, CniSettings, NetworkConfigList, ProcessExec, RuntimeConf,
 };
-use windlass_tests::netns::NetnsGuard;
-use windlass_tests::{require_privileged, unique_name, TempDir};
+use windlass_tests::cni_lab::{ipv4_addresses, CniLab, REFERENCE_PLUGINS};
+use windlass_tests::require_privileged;
 
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
-
-/// A node namespace, a pod namespace, and the kubelet's dirs (conf dir, root dir, IPAM data dir).
-struct Lab {
-    node: NetnsGuard,
-    pod: NetnsGuard,
-    conf_dir: TempDir,
-    root_dir: TempDir,
-    ipam_dir: TempDir,
-    bin_dir: TempDir,
+/// The kubelet's CNI client as it runs inside the lab's node namespace.
+fn client(lab: &CniLab) -> CniClient {
+    let settings = CniSettings::new(lab.conf_dir.path(), &lab.bin_path(), lab.root_dir.path());
+    CniClient::new(settings, ProcessExec::wrapped(lab.node_wrapper()))
 }
 
-impl Lab {
-    fn new() -> Self {
-        let lab = Self {
-            node: NetnsGuard::new(&unique_name("kn")).expect("node netns"),
-            pod: NetnsGuard::new(&unique_name("kp")).expect("pod netns"),
-            conf_dir: tempfile::tempdir().expect("tempdir"),
-            root_dir: tempfile::tempdir().expect("tempdir"),
-            ipam_dir: tempfile::tempdir().expect("tempdir"),
-            bin_dir: tempfile::tempdir().expect("tempdir"),
-        };
-        // The pod namespace starts with lo down, as a fresh sandbox does; the loopback network brings it up.
-        lab.pod
-            .exec(&["ip", "link", "set", "lo", "down"])
-            .expect("lo down");
-        lab
+fn runtime_conf(lab: &CniLab, ifname: &str) -> RuntimeConf {
+    RuntimeConf {
+        container_id: format!("sandbox-{}", lab.pod.name()),
+        netns: lab.pod.path(),
+        ifname: ifname.into(),
+        args: vec![
+            ("IgnoreUnknown".into(), "1".into()),
+            ("K8S_POD_NAMESPACE".into(), "default".into()),
+            ("K8S_POD_NAME".into(), "nginx-pod".into()),
+        ],
+        ..Default::default()
     }
-
-    /// Writes `10-test.conflist`: bridge (with host-local IPAM in 10.244.7.0/24) then `extra` plugins.
-    fn write_conflist(&self, ipam_subnet: &str, extra: &[serde_json::Value]) -> PathBuf {
-        let mut plugins = vec![serde_json::json!({
-            "type": "bridge",
-            "bridge": "cni0",
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "subnet": ipam_subnet,
-                "dataDir": self.ipam_dir.path(),
-                "routes": [{"dst": "0.0.0.0/0"}]
-            }
-        })];
-        plugins.extend(extra.iter().cloned());
-        let conf =
-            serde_json::json!({"cniVersion": "1.0.0", "name": "windlass-test", "plugins": plugins});
-        let path = self.conf_dir.path().join("10-test.conflist");
-        std::fs::write(&path, serde_json::to_vec_pretty(&conf).expect("json")).expect("write conf");
-        path
-    }
-
-    /// A plugin script in our own bin dir (searched before the reference plugins).
-    fn write_plugin(&self, name: &str, script: &str) {
-        let path = self.bin_dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write plugin");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-
-    fn client(&self) -> CniClient {
-        let bin_path = format!("{}:{REFERENCE_PLUGINS}", self.bin_dir.path().display());
-        let settings = CniSettings::new(self.conf_dir.path(), &bin_path, self.root_dir.path());
-        // The kubelet runs in the node namespace; its plugins inherit it.
-        let exec = ProcessExec::wrapped(vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            self.node.name().into(),
-        ]);
-        CniClient::new(settings, exec)
-    }
-
-    fn runtime_conf(&self, ifname: &str) -> RuntimeConf {
-        RuntimeConf {
-            container_id: format!("sandbox-{}", self.pod.name()),
-            netns: self.pod.path(),
-            ifname: ifname.into(),
-            args: vec![
-                ("IgnoreUnknown".into(), "1".into()),
-                ("K8S_POD_NAMESPACE".into(), "default".into()),
-                ("K8S_POD_NAME".into(), "nginx-pod".into()),
-            ],
-            ..Default::default()
-        }
-    }
-
-    fn node_links(&self) -> Vec<String> {
-        links(&self.node)
-    }
-
-    fn pod_links(&self) -> Vec<String> {
-        links(&self.pod)
-    }
-
-    /// Addresses host-local has handed out (one file per IP in `<dataDir>/<network>/`).
-    fn reserved_ips(&self) -> Vec<String> {
-        let dir = self.ipam_dir.path().join("windlass-test");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-            .collect()
-    }
-
-    fn cache_files(&self) -> Vec<PathBuf> {
-        let dir = self.root_dir.path().join("cni/results");
-        std::fs::read_dir(dir)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default()
-    }
-}
-
-fn links(ns: &NetnsGuard) -> Vec<String> {
-    let out = ns.exec(&["ip", "-j", "link", "show"]).expect("ip link");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
-    v.as_array()
-        .expect("array")
-        .iter()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-        .collect()
-}
-
-fn pod_addresses(ns: &NetnsGuard, ifname: &str) -> Vec<String> {
-    let out = ns
-        .exec(&["ip", "-j", "-4", "addr", "show", "dev", ifname])
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter_map(|a| a["local"].as_str().map(str::to_string))
-        .collect()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -159,20 +39,20 @@ fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything(
     if !require_privileged(&["ip", "busybox", "iptables-save", "/usr/lib/cni/bridge"]) {
         return;
     }
-    let lab = Lab::new();
-    lab.write_conflist(
+    let lab = CniLab::new().expect("lab");
+    lab.write_bridge_conflist(
         "10.244.7.0/24",
         &[serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": false})],
-    );
-    let client = lab.client();
+    ).expect("conflist");
+    let client = client(&lab);
     let net = client.network().expect("network config");
     let lo = NetworkConfigList::loopback("1.0.0");
-    let mut rt = lab.runtime_conf("eth0");
+    let mut rt = runtime_conf(&lab, "eth0");
     rt.capability_args.insert(
         "portMappings".into(),
         serde_json::json!([{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]),
     );
-    let rt_lo = lab.runtime_conf("lo");
+    let rt_lo = runtime_conf(&lab, "lo");
 
     let rtm = runtime();
     rtm.block_on(client.add(&lo, &rt_lo)).expect("loopback ADD");
@@ -182,7 +62,7 @@ fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything(
     assert_eq!(ips.len(), 1, "one IPv4 for eth0 in {:?}", result.raw);
     let ip = ips[0].to_string();
     assert!(ip.starts_with("10.244.7."), "{ip} from the subnet");
-    assert_eq!(pod_addresses(&lab.pod, "eth0"), vec![ip.clone()]);
+    assert_eq!(ipv4_addresses(&lab.pod, "eth0"), vec![ip.clone()]);
     assert!(lab
         .pod
         .exec(&["ip", "-j", "addr", "show", "lo"])
@@ -255,11 +135,12 @@ fn check_passes_after_add_and_fails_once_the_pod_interface_is_gone() {
     if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
         return;
     }
-    let lab = Lab::new();
-    lab.write_conflist("10.244.8.0/24", &[]);
-    let client = lab.client();
+    let lab = CniLab::new().expect("lab");
+    lab.write_bridge_conflist("10.244.8.0/24", &[])
+        .expect("conflist");
+    let client = client(&lab);
     let net = client.network().expect("network config");
-    let rt = lab.runtime_conf("eth0");
+    let rt = runtime_conf(&lab, "eth0");
     let rtm = runtime();
     rtm.block_on(client.add(&net, &rt)).expect("ADD");
     rtm.block_on(client.check(&net, &rt))
@@ -289,13 +170,14 @@ fn a_broken_plugin_config_is_a_clear_error_and_leaves_nothing() {
     if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
         return;
     }
-    let lab = Lab::new();
-    lab.write_conflist("not-a-subnet", &[]);
-    let client = lab.client();
+    let lab = CniLab::new().expect("lab");
+    lab.write_bridge_conflist("not-a-subnet", &[])
+        .expect("conflist");
+    let client = client(&lab);
     let net = client
         .network()
         .expect("network config parses; the plugin judges it");
-    let rt = lab.runtime_conf("eth0");
+    let rt = runtime_conf(&lab, "eth0");
     let err = runtime()
         .block_on(client.add(&net, &rt))
         .expect_err("ADD must fail");
@@ -326,7 +208,7 @@ fn a_failing_plugin_later_in_the_chain_is_reported_with_code_and_details_and_und
     if !require_privileged(&["ip", "/usr/lib/cni/bridge"]) {
         return;
     }
-    let lab = Lab::new();
+    let lab = CniLab::new().expect("lab");
     lab.write_plugin(
         "refuse",
         r#"cat >/dev/null
@@ -334,11 +216,13 @@ if [ "$CNI_COMMAND" = ADD ]; then
   echo '{"cniVersion":"1.0.0","code":11,"msg":"try again later","details":"quota exhausted"}'
   exit 1
 fi"#,
-    );
-    lab.write_conflist("10.244.9.0/24", &[serde_json::json!({"type": "refuse"})]);
-    let client = lab.client();
+    )
+    .expect("plugin");
+    lab.write_bridge_conflist("10.244.9.0/24", &[serde_json::json!({"type": "refuse"})])
+        .expect("conflist");
+    let client = client(&lab);
     let net = client.network().expect("network config");
-    let rt = lab.runtime_conf("eth0");
+    let rt = runtime_conf(&lab, "eth0");
     let err = runtime()
         .block_on(client.add(&net, &rt))
         .expect_err("ADD must fail");
@@ -366,15 +250,16 @@ fn a_missing_plugin_names_the_search_path() {
     if !require_privileged(&["ip"]) {
         return;
     }
-    let lab = Lab::new();
-    lab.write_conflist(
+    let lab = CniLab::new().expect("lab");
+    lab.write_bridge_conflist(
         "10.244.10.0/24",
         &[serde_json::json!({"type": "no-such-plugin"})],
-    );
-    let client = lab.client();
+    )
+    .expect("conflist");
+    let client = client(&lab);
     let net = client.network().expect("network config");
     let err = runtime()
-        .block_on(client.add(&net, &lab.runtime_conf("eth0")))
+        .block_on(client.add(&net, &runtime_conf(&lab, "eth0")))
         .expect_err("ADD must fail");
     let text = err.to_string();
     assert!(
