@@ -189,6 +189,7 @@ mod tests {
             reason: String::new(),
             message: String::new(),
             restart_count: 0,
+            spec_hash: String::new(),
         }
     }
 

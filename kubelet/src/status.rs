@@ -67,6 +67,9 @@ pub struct RuntimeContainer {
     /// How many times this container had been started before this instance (upstream keeps it in the container's
     /// labels; the runtime stores whatever the kubelet gave it at creation).
     pub restart_count: i32,
+    /// [`crate::sync::container_hash`] of the spec this instance was created from (upstream keeps it in a
+    /// container label); empty when unknown, which never counts as a change.
+    pub spec_hash: String,
 }
 
 /// Why the kubelet's last attempt to start a container failed (upstream `reasonCache`).
@@ -743,6 +746,7 @@ mod tests {
             reason: String::new(),
             message: String::new(),
             restart_count: n as i32,
+            spec_hash: String::new(),
         }
     }
 

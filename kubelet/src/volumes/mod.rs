@@ -3,7 +3,7 @@
 //! Everything a pod's volumes need lives under `<root-dir>/pods/<uid>/volumes/<plugin>/<name>` (upstream's
 //! layout, e.g. `kubernetes.io~empty-dir`), so teardown needs only the pod UID — a kubelet restarted after a pod
 //! was deleted can still clean up. configMap/secret/downwardAPI/projected content goes through the
-//! [`atomic_writer`], so calling [`VolumeManager::setup`] again on resync updates them atomically.
+//! atomic writer ([`write_atomic`]), so calling [`VolumeManager::setup`] again on resync updates them atomically.
 
 mod atomic_writer;
 mod host_path;
