@@ -21,6 +21,8 @@
 //!   `CrashLoopBackOff` back-off — all as upstream computes them.
 //! - [`qos`], [`quantity`]: QoS classes, cgroup layout, OCI resources, `oom_score_adj`; resource quantities.
 //! - [`env`](mod@env), [`dns`]: container environment and `$(VAR)` expansion; resolv.conf, hosts, hostname.
+//! - [`mounts`]: a container's bind mounts (volumeMounts with subPath, `/etc/hosts`, resolv.conf, hostname,
+//!   termination log).
 //! - [`volumes`]: emptyDir, hostPath, configMap, secret, downwardAPI, projected (atomic writer).
 //! - [`probes`]: liveness/readiness/startup probe workers.
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
@@ -32,6 +34,7 @@ pub mod cni;
 pub mod config;
 pub mod dns;
 pub mod env;
+pub mod mounts;
 pub mod node;
 pub mod probes;
 pub mod qos;
