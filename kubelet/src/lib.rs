@@ -25,6 +25,7 @@
 //!   termination log).
 //! - [`volumes`]: emptyDir, hostPath, configMap, secret, downwardAPI, projected (atomic writer).
 //! - [`probes`]: liveness/readiness/startup probe workers.
+//! - [`events`]: Events with upstream's aggregation of repeats.
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
 
 // Tests may unwrap: a panic there is a test failure with its message.
@@ -34,6 +35,7 @@ pub mod cni;
 pub mod config;
 pub mod dns;
 pub mod env;
+pub mod events;
 pub mod mounts;
 pub mod node;
 pub mod probes;
