@@ -24,6 +24,7 @@
 //! - [`mounts`]: a container's bind mounts (volumeMounts with subPath, `/etc/hosts`, resolv.conf, hostname,
 //!   termination log).
 //! - [`volumes`]: emptyDir, hostPath, configMap, secret, downwardAPI, projected (atomic writer).
+//! - [`pull`]: imagePullPolicy decisions and imagePullSecrets credential matching.
 //! - [`probes`]: liveness/readiness/startup probe workers.
 //! - [`events`]: Events with upstream's aggregation of repeats.
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
@@ -39,6 +40,7 @@ pub mod events;
 pub mod mounts;
 pub mod node;
 pub mod probes;
+pub mod pull;
 pub mod qos;
 pub mod quantity;
 pub mod restart;
