@@ -8,7 +8,7 @@
 //! | [`cni::PluginExec`] | running CNI plugins ([`cni::ProcessExec`], optionally via `ip netns exec`) | — (done) |
 //! | [`env::ConfigSource`] | env `configMapKeyRef`/`secretKeyRef`/`envFrom`; configMap/secret volumes | the API watch cache ([`env::MapSource`] in tests) |
 //! | [`volumes::TokenSource`] | projected service-account tokens | the API client's TokenRequest ([`volumes::NoTokens`] until then) |
-//! | [`probes::ExecRunner`] | `exec` probes | the runtime's exec ([`probes::NoExec`] until then) |
+//! | [`probes::ExecRunner`] | `exec` probes and lifecycle hooks | the runtime's exec ([`probes::NoExec`] until then) |
 //! | [`probes::Prober`] | probe workers | [`probes::NetProber`] (HTTP/HTTPS/TCP + `ExecRunner`) |
 //!
 //! The runtime's state enters as plain data: [`status::RuntimeContainer`] (one container instance) and
@@ -25,6 +25,7 @@
 //!   termination log).
 //! - [`volumes`]: emptyDir, hostPath, configMap, secret, downwardAPI, projected (atomic writer).
 //! - [`pull`]: imagePullPolicy decisions and imagePullSecrets credential matching.
+//! - [`lifecycle`]: postStart/preStop hooks, grace periods and the stop signal.
 //! - [`probes`]: liveness/readiness/startup probe workers.
 //! - [`events`]: Events with upstream's aggregation of repeats.
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod dns;
 pub mod env;
 pub mod events;
+pub mod lifecycle;
 pub mod mounts;
 pub mod node;
 pub mod probes;

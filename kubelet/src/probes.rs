@@ -297,6 +297,23 @@ pub async fn http_get_with(
     headers: &[(String, String)],
     timeout: Duration,
 ) -> ProbeOutcome {
+    match http_status(scheme, addr, path, headers, timeout).await {
+        Ok((status, _)) if (200..400).contains(&status) => ProbeOutcome::Success,
+        Ok((status, body)) => ProbeOutcome::Failure(format!(
+            "HTTP probe failed with statuscode: {status} {body}"
+        )),
+        Err(e) => ProbeOutcome::Failure(e),
+    }
+}
+
+/// One GET within `timeout`: the status code and up to 10 KiB of body, or why there was no response.
+pub async fn http_status(
+    scheme: Scheme,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let url = match scheme {
         Scheme::Http => format!("http://{addr}{path}"),
         Scheme::Https => format!("https://{addr}{path}"),
@@ -319,10 +336,8 @@ pub async fn http_get_with(
         }
     };
     match tokio::time::timeout(timeout, run).await {
-        Ok(Ok((status, _))) if (200..400).contains(&status) => ProbeOutcome::Success,
-        Ok(Ok((status, body))) => ProbeOutcome::Failure(format!("HTTP probe failed with statuscode: {status} {body}")),
-        Ok(Err(e)) => ProbeOutcome::Failure(e),
-        Err(_) => ProbeOutcome::Failure(format!(
+        Ok(r) => r,
+        Err(_) => Err(format!(
             "Get \"{url}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
         )),
     }
