@@ -100,6 +100,22 @@ pub struct StatusInput<'a> {
     pub now: Timestamp,
 }
 
+/// The readiness and startup maps of [`StatusInput`] from the probe workers' current status per container
+/// (containers without that probe are left out, so they count as ready/started once running).
+pub fn probe_maps(
+    probes: &HashMap<String, crate::probes::ProbeStatus>,
+) -> (HashMap<String, bool>, HashMap<String, bool>) {
+    let readiness = probes
+        .iter()
+        .filter_map(|(name, s)| s.ready.map(|r| (name.clone(), r)))
+        .collect();
+    let startup = probes
+        .iter()
+        .filter_map(|(name, s)| s.started.map(|r| (name.clone(), r)))
+        .collect();
+    (readiness, startup)
+}
+
 /// `Completed` for exit 0, `Error` otherwise, unless the runtime gave a reason (e.g. `OOMKilled`).
 pub fn terminated_reason(exit_code: i32, runtime_reason: &str) -> String {
     if !runtime_reason.is_empty() {
@@ -830,6 +846,26 @@ mod tests {
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "ContainersReady").status, "True");
         assert_eq!(cond(&s, "Initialized").status, "True");
+    }
+
+    #[test]
+    fn an_unstarted_container_is_neither_started_nor_ready() {
+        let p = pod(&["web"], &[], "Always");
+        let probes = HashMap::from([(
+            "web".to_string(),
+            crate::probes::ProbeStatus {
+                started: Some(false),
+                ready: None,
+                needs_restart: None,
+            },
+        )]);
+        let (readiness, startup) = probe_maps(&probes);
+        let mut f = Fixture::new();
+        f.readiness = readiness;
+        f.startup = startup;
+        let s = f.status(&p, &[inst("web", 0, RuntimeState::Running, 0)]);
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!((cs.started, cs.ready), (Some(false), false));
     }
 
     #[test]

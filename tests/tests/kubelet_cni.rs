@@ -1,11 +1,14 @@
 //! The kubelet's CNI client against Debian's reference plugins, in a "node" network namespace (where the kubelet
 //! and so its plugins run) and a "pod" namespace (the sandbox). Nothing here touches the root namespace.
 
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
 use windlass_kubelet::cni::{
     CniClient, CniError, CniSettings, NetworkConfigList, ProcessExec, RuntimeConf,
 };
 use windlass_tests::cni_lab::{ipv4_addresses, CniLab, REFERENCE_PLUGINS};
-use windlass_tests::require_privileged;
+use windlass_tests::{require_privileged, wait_for, ChildGuard};
 
 /// The kubelet's CNI client as it runs inside the lab's node namespace.
 fn client(lab: &CniLab) -> CniClient {
@@ -36,7 +39,13 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything() {
-    if !require_privileged(&["ip", "busybox", "iptables-save", "/usr/lib/cni/bridge"]) {
+    if !require_privileged(&[
+        "ip",
+        "busybox",
+        "iptables-save",
+        "timeout",
+        "/usr/lib/cni/bridge",
+    ]) {
         return;
     }
     let lab = CniLab::new().expect("lab");
@@ -47,11 +56,16 @@ fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything(
     let client = client(&lab);
     let net = client.network().expect("network config");
     let lo = NetworkConfigList::loopback("1.0.0");
-    let mut rt = runtime_conf(&lab, "eth0");
-    rt.capability_args.insert(
-        "portMappings".into(),
-        serde_json::json!([{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]),
-    );
+    // The seed example pod, with a hostPort so portmap has work to do.
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "nginx-pod", "namespace": "default", "uid": "u-1"},
+        "spec": {"containers": [{"name": "nginx", "image": "busybox",
+                                 "ports": [{"containerPort": 80, "hostPort": 18080}]}]}
+    }))
+    .expect("pod");
+    let sandbox_id = format!("sandbox-{}", lab.pod.name());
+    let rt = RuntimeConf::for_pod(&pod, &sandbox_id, &lab.pod.path(), None);
     let rt_lo = runtime_conf(&lab, "lo");
 
     let rtm = runtime();
@@ -82,6 +96,35 @@ fn add_gives_the_pod_a_reachable_ip_with_its_host_port_and_del_frees_everything(
         rules.contains("--dport 18080"),
         "hostPort rule in:\n{rules}"
     );
+    // And it forwards: the node reaches the pod's port 80 through hostPort 18080 on its bridge address.
+    let www = tempfile::tempdir().expect("www");
+    std::fs::write(www.path().join("index.html"), "hello from the pod\n").expect("index");
+    let _httpd = ChildGuard::spawn(
+        lab.pod
+            .command("busybox")
+            .args(["httpd", "-f", "-p", "80", "-h"])
+            .arg(www.path()),
+    )
+    .expect("httpd");
+    let body = wait_for(
+        "the pod through its hostPort",
+        Duration::from_secs(10),
+        || {
+            lab.node
+                .exec(&[
+                    "timeout",
+                    "2",
+                    "busybox",
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                    "http://10.244.7.1:18080/",
+                ])
+                .ok()
+        },
+    );
+    assert_eq!(body, "hello from the pod\n");
     assert_eq!(lab.cache_files().len(), 2, "eth0 and lo results cached");
 
     // CHECK is exercised in check_passes_after_add_and_fails_once_the_pod_interface_is_gone: Debian's portmap

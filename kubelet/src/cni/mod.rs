@@ -140,6 +140,79 @@ pub struct RuntimeConf {
     pub capability_args: Map<String, Value>,
 }
 
+impl RuntimeConf {
+    /// The attachment of `pod`'s sandbox as containerd's CRI plugin builds it: interface `eth0`, `CNI_ARGS`
+    /// `IgnoreUnknown=1;K8S_POD_NAMESPACE;K8S_POD_NAME;K8S_POD_INFRA_CONTAINER_ID;K8S_POD_UID`, the
+    /// `portMappings` capability from every container port with a `hostPort`, and the `dns` capability from the
+    /// pod's resolver settings.
+    pub fn for_pod(
+        pod: &k8s_openapi::api::core::v1::Pod,
+        sandbox_id: &str,
+        netns: &Path,
+        dns: Option<&crate::dns::ResolvConf>,
+    ) -> Self {
+        let meta = &pod.metadata;
+        let args = vec![
+            ("IgnoreUnknown".to_string(), "1".to_string()),
+            (
+                "K8S_POD_NAMESPACE".to_string(),
+                meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            ),
+            (
+                "K8S_POD_NAME".to_string(),
+                meta.name.clone().unwrap_or_default(),
+            ),
+            (
+                "K8S_POD_INFRA_CONTAINER_ID".to_string(),
+                sandbox_id.to_string(),
+            ),
+            (
+                "K8S_POD_UID".to_string(),
+                meta.uid.clone().unwrap_or_default(),
+            ),
+        ];
+        let mut capability_args = Map::new();
+        let mappings: Vec<Value> = pod
+            .spec
+            .iter()
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|p| p.host_port.is_some_and(|h| h > 0))
+            .map(|p| {
+                let mut m = serde_json::json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
+                });
+                if let Some(ip) = p.host_ip.as_deref().filter(|ip| !ip.is_empty()) {
+                    m["hostIP"] = Value::String(ip.to_string());
+                }
+                m
+            })
+            .collect();
+        if !mappings.is_empty() {
+            capability_args.insert("portMappings".into(), Value::Array(mappings));
+        }
+        if let Some(d) = dns {
+            capability_args.insert(
+                "dns".into(),
+                serde_json::json!({"servers": d.nameservers, "searches": d.searches, "options": d.options}),
+            );
+        }
+        Self {
+            container_id: sandbox_id.to_string(),
+            netns: netns.to_path_buf(),
+            ifname: "eth0".into(),
+            args,
+            capability_args,
+        }
+    }
+}
+
 /// A successful ADD's result (SPEC.md "Success" section); `raw` is what the last plugin printed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CniResult {
@@ -535,6 +608,57 @@ mod tests {
         );
         assert!(portmap["runtimeConfig"].get("dns").is_none());
         assert_eq!(portmap["prevResult"]["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn a_pod_attachment_carries_its_identity_host_ports_and_dns() {
+        use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
+        let pod = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("nginx-pod".into()),
+                namespace: Some("default".into()),
+                uid: Some("u1".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "web".into(),
+                    ports: Some(vec![
+                        ContainerPort {
+                            container_port: 80,
+                            host_port: Some(8080),
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            container_port: 53,
+                            protocol: Some("UDP".into()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let dns = crate::dns::ResolvConf {
+            nameservers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        };
+        let rt = RuntimeConf::for_pod(&pod, "sb1", Path::new("/run/netns/p"), Some(&dns));
+        assert_eq!(rt.ifname, "eth0");
+        assert_eq!(rt.container_id, "sb1");
+        let args: Vec<String> = rt.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(
+            args.join(";"),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=nginx-pod;K8S_POD_INFRA_CONTAINER_ID=sb1;K8S_POD_UID=u1"
+        );
+        assert_eq!(
+            rt.capability_args["portMappings"],
+            serde_json::json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}])
+        );
+        assert_eq!(rt.capability_args["dns"]["servers"][0], "10.96.0.10");
     }
 
     #[test]
