@@ -108,8 +108,17 @@ fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config: Config = Cli::parse().into();
+    let mut config: Config = Cli::parse().into();
     config.validate()?;
+    if config.node_ip.is_none() {
+        config.node_ip = windlass_kubelet::node::detect_node_ip(std::path::Path::new("/proc"));
+        match config.node_ip {
+            Some(ip) => {
+                tracing::info!(%ip, "--node-ip not given; using the default route's address")
+            }
+            None => tracing::warn!("--node-ip not given and no address found to use"),
+        }
+    }
     tracing::info!(node = %config.node_name, root_dir = %config.root_dir.display(), "windlass-kubelet configured");
 
     if let Some(dir) = &config.pod_manifest_path {

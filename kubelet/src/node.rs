@@ -201,6 +201,39 @@ impl NodeFacts {
     }
 }
 
+/// The interface of the IPv4 default route, from `<proc>/net/route` (the first line whose destination and mask
+/// are 0), as upstream picks the node IP when `--node-ip` is not given.
+pub fn default_route_interface(proc_root: &Path) -> Option<String> {
+    let table = std::fs::read_to_string(proc_root.join("net/route")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    })
+}
+
+/// The node IP when `--node-ip` is not given: the first IPv4 address of the default-route interface, else of
+/// any up, non-loopback interface (upstream `ChooseHostInterface`).
+pub fn detect_node_ip(proc_root: &Path) -> Option<std::net::IpAddr> {
+    let addrs: Vec<(String, std::net::Ipv4Addr)> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| {
+            !a.flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+        })
+        .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+        .filter_map(|a| {
+            let ip = a.address?.as_sockaddr_in()?.ip();
+            Some((a.interface_name, ip))
+        })
+        .collect();
+    let preferred = default_route_interface(proc_root);
+    addrs
+        .iter()
+        .find(|(name, _)| Some(name) == preferred.as_ref())
+        .or_else(|| addrs.first())
+        .map(|(_, ip)| std::net::IpAddr::V4(*ip))
+}
+
 /// The kubelet's own settings that go into the Node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -697,6 +730,25 @@ mod tests {
             .map(|n| next_lease_attempt(n).as_millis() as u64)
             .collect();
         assert_eq!(retries, vec![200, 400, 800, 1600, 3200, 6400, 7000]);
+    }
+
+    #[test]
+    fn the_default_route_interface_comes_from_proc_net_route() {
+        let (_d, roots) = fixture(MEMINFO, "0 0 0 1/1 1\n");
+        std::fs::create_dir_all(roots.proc_root.join("net")).unwrap();
+        std::fs::write(
+            roots.proc_root.join("net/route"),
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+             eth1\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+             eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            default_route_interface(&roots.proc_root).as_deref(),
+            Some("eth0")
+        );
+        std::fs::write(roots.proc_root.join("net/route"), "Iface\tDestination\n").unwrap();
+        assert_eq!(default_route_interface(&roots.proc_root), None);
     }
 
     #[test]
