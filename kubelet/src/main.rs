@@ -1,16 +1,149 @@
-//! `windlass-kubelet`: not yet written; exits non-zero so nothing mistakes it for a working component.
+//! `windlass-kubelet`: parses the flag contract from issue 6, checks it, and reports what it found. The pod
+//! lifecycle is not wired to the runtime and API server yet, so it then exits non-zero rather than pretend to run.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use std::process::ExitCode;
 
 use clap::Parser;
+use windlass_kubelet::config::{default_node_name, defaults, Config, ConfigError};
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "windlass-kubelet",
     version,
-    about = "Windlass kubelet (not yet implemented)"
+    about = "Windlass kubelet: runs the pods bound to this node"
 )]
-struct Cli {}
+struct Cli {
+    /// Kubeconfig for the API server.
+    #[arg(long, default_value = defaults::KUBECONFIG)]
+    kubeconfig: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The node's InternalIP address.
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// State, pod volumes and logs.
+    #[arg(long, default_value = defaults::ROOT_DIR)]
+    root_dir: PathBuf,
+    /// Parent cgroup of `kubepods` in every hierarchy.
+    #[arg(long, default_value = defaults::CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// CNI plugin search path (colon-separated).
+    #[arg(long, default_value = defaults::CNI_BIN_DIR)]
+    cni_bin_dir: String,
+    /// Directory of CNI network configurations (the lexically first one is used).
+    #[arg(long, default_value = defaults::CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// Most pods this node runs.
+    #[arg(long, default_value_t = defaults::MAX_PODS)]
+    max_pods: u32,
+    /// Cluster DNS server(s) for ClusterFirst pods (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', default_value = defaults::CLUSTER_DNS)]
+    cluster_dns: Vec<IpAddr>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = defaults::CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Directory of static pod manifests.
+    #[arg(long)]
+    pod_manifest_path: Option<PathBuf>,
+    /// A registry (HOST:PORT) reached over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Kubelet API (HTTPS) port.
+    #[arg(long, default_value_t = defaults::PORT)]
+    port: u16,
+    /// Health check port on loopback.
+    #[arg(long, default_value_t = defaults::HEALTHZ_PORT)]
+    healthz_port: u16,
+    /// Resolver configuration given to pods with dnsPolicy Default.
+    #[arg(long, default_value = defaults::RESOLV_CONF)]
+    resolv_conf: PathBuf,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("windlass-kubelet is not implemented yet")
+impl From<Cli> for Config {
+    fn from(c: Cli) -> Self {
+        Config {
+            kubeconfig: c.kubeconfig,
+            node_name: c.node_name.unwrap_or_else(default_node_name),
+            node_ip: c.node_ip,
+            root_dir: c.root_dir,
+            cgroup_root: c.cgroup_root,
+            cni_bin_dirs: std::env::split_paths(&c.cni_bin_dir).collect(),
+            cni_conf_dir: c.cni_conf_dir,
+            max_pods: c.max_pods,
+            cluster_dns: c.cluster_dns,
+            cluster_domain: c.cluster_domain,
+            pod_manifest_path: c.pod_manifest_path,
+            insecure_registries: c.insecure_registries,
+            port: c.port,
+            healthz_port: c.healthz_port,
+            resolv_conf: c.resolv_conf,
+        }
+    }
+}
+
+/// Exit codes: 2 for flags that cannot work (as clap's usage errors), 1 for anything else.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("windlass-kubelet: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config: Config = Cli::parse().into();
+    config.validate()?;
+    if config.node_ip.is_none() {
+        config.node_ip = windlass_kubelet::node::detect_node_ip(std::path::Path::new("/proc"));
+        match config.node_ip {
+            Some(ip) => {
+                tracing::info!(%ip, "--node-ip not given; using the default route's address")
+            }
+            None => tracing::warn!("--node-ip not given and no address found to use"),
+        }
+    }
+    tracing::info!(node = %config.node_name, root_dir = %config.root_dir.display(), "windlass-kubelet configured");
+
+    if let Some(dir) = &config.pod_manifest_path {
+        let found = windlass_kubelet::static_pods::load_dir(
+            dir,
+            &config.node_name,
+            jiff::Timestamp::now(),
+        )?;
+        for p in &found.pods {
+            tracing::info!(
+                pod = p.pod.metadata.name.as_deref().unwrap_or(""),
+                source = %p.source.display(),
+                "static pod manifest"
+            );
+        }
+        for e in &found.errors {
+            tracing::warn!(error = %e, "static pod manifest skipped");
+        }
+    }
+    match windlass_kubelet::cni::load_first(&config.cni_conf_dir) {
+        Ok(net) => tracing::info!(network = %net.name, file = %net.source.display(), "CNI network"),
+        Err(e) => tracing::warn!(error = %e, "no CNI network yet; the node would report NotReady"),
+    }
+    anyhow::bail!(
+        "windlass-kubelet is not wired to the container runtime and API server yet: flags, static pod manifests \
+         and the CNI configuration were checked, but no pods can be run"
+    )
 }

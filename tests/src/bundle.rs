@@ -42,11 +42,7 @@ pub fn busybox_rootfs(rootfs: &Path) -> io::Result<()> {
 /// The default OCI runtime config for a bundle, shaped like `runc spec`'s output: new pid, ipc, uts, mount and
 /// network namespaces, the default mounts, masked and read-only paths, and runc's default capabilities.
 pub fn default_config(args: &[&str]) -> Value {
-    let caps = json!([
-        "CAP_AUDIT_WRITE",
-        "CAP_KILL",
-        "CAP_NET_BIND_SERVICE"
-    ]);
+    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -103,7 +99,9 @@ pub struct Bundle {
 impl Bundle {
     /// A busybox bundle whose process runs `args`.
     pub fn busybox(args: &[&str]) -> io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("windlass-bundle-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("windlass-bundle-")
+            .tempdir()?;
         busybox_rootfs(&dir.path().join("rootfs"))?;
         let bundle = Self {
             dir,

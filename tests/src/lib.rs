@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bundle;
 pub mod cgroup;
 pub mod cni;
+pub mod cni_lab;
 pub mod control;
 pub mod image_fixture;
 pub mod lab;
@@ -80,7 +81,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(v) = condition() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -14,7 +14,9 @@ impl NetnsGuard {
     pub fn new(name: &str) -> io::Result<Self> {
         let status = Command::new("ip").args(["netns", "add", name]).status()?;
         if !status.success() {
-            return Err(io::Error::other(format!("ip netns add {name} failed: {status}")));
+            return Err(io::Error::other(format!(
+                "ip netns add {name} failed: {status}"
+            )));
         }
         let guard = Self {
             name: name.to_string(),
@@ -54,6 +56,8 @@ impl NetnsGuard {
 
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
     }
 }
