@@ -401,3 +401,358 @@ impl Zone {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, EndpointPort, ServicePort, TrafficPolicy};
+
+    fn service(ns: &str, name: &str, ips: &[[u8; 4]], ports: &[(&str, Protocol, u16)]) -> Service {
+        Service {
+            name: ServiceName::new(ns, name),
+            cluster_ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
+            ports: ports
+                .iter()
+                .map(|(n, p, port)| ServicePort {
+                    name: n.to_string(),
+                    protocol: *p,
+                    port: *port,
+                    node_port: None,
+                })
+                .collect(),
+            affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            health_check_node_port: None,
+        }
+    }
+
+    fn slice(
+        ns: &str,
+        name: &str,
+        svc: &str,
+        ports: &[(&str, Protocol, u16)],
+        eps: &[([u8; 4], bool)],
+    ) -> (SliceKey, EndpointSliceInfo) {
+        (
+            SliceKey {
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            EndpointSliceInfo {
+                service: ServiceName::new(ns, svc),
+                ports: ports
+                    .iter()
+                    .map(|(n, p, port)| EndpointPort {
+                        name: n.to_string(),
+                        protocol: *p,
+                        port: *port,
+                    })
+                    .collect(),
+                endpoints: eps
+                    .iter()
+                    .map(|(o, ready)| Endpoint {
+                        address: Ipv4Addr::from(*o),
+                        ready: *ready,
+                        serving: *ready,
+                        terminating: false,
+                        node_name: None,
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    /// shop/web: ClusterIP 10.96.0.20 with named ports http/TCP 80 and dns/UDP 53;
+    /// shop/db: headless with two ready endpoints and one not ready, port pg/TCP 5432.
+    fn fixture() -> (Zone, Arc<ZoneData>) {
+        let mut m = DnsModel::new();
+        m.apply(&ModelEvent::Replace {
+            services: vec![
+                service(
+                    "shop",
+                    "web",
+                    &[[10, 96, 0, 20]],
+                    &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)],
+                ),
+                service("shop", "db", &[], &[("pg", Protocol::Tcp, 5432)]),
+            ],
+            slices: vec![
+                slice(
+                    "shop",
+                    "web-1",
+                    "web",
+                    &[("http", Protocol::Tcp, 8080)],
+                    &[([10, 244, 1, 5], true)],
+                ),
+                slice(
+                    "shop",
+                    "db-1",
+                    "db",
+                    &[("pg", Protocol::Tcp, 15432)],
+                    &[
+                        ([10, 244, 1, 7], true),
+                        ([10, 244, 2, 8], true),
+                        ([10, 244, 2, 9], false),
+                    ],
+                ),
+            ],
+        });
+        (
+            Zone::new("cluster.local", 30).expect("valid domain"),
+            m.snapshot(),
+        )
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).expect("valid name")
+    }
+
+    fn a_records(ans: &ZoneAnswer) -> Vec<Ipv4Addr> {
+        match ans {
+            ZoneAnswer::Found { answers, .. } => answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("expected records, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_ip_service_name_resolves_to_its_cluster_ip_with_the_zone_ttl() {
+        let (z, d) = fixture();
+        let ans = z.lookup(&d, &name("web.shop.svc.cluster.local."), RecordType::A);
+        assert_eq!(a_records(&ans), vec![Ipv4Addr::new(10, 96, 0, 20)]);
+        let ZoneAnswer::Found { answers, .. } = ans else {
+            unreachable!()
+        };
+        assert_eq!(answers[0].ttl, 30);
+        assert_eq!(answers[0].name, name("web.shop.svc.cluster.local."));
+    }
+
+    #[test]
+    fn a_headless_service_name_resolves_to_its_ready_endpoints_only() {
+        let (z, d) = fixture();
+        let ans = z.lookup(&d, &name("db.shop.svc.cluster.local."), RecordType::A);
+        assert_eq!(
+            a_records(&ans),
+            vec![Ipv4Addr::new(10, 244, 1, 7), Ipv4Addr::new(10, 244, 2, 8)]
+        );
+    }
+
+    #[test]
+    fn srv_of_a_named_port_points_at_the_service_name_and_port() {
+        let (z, d) = fixture();
+        let ans = z.lookup(
+            &d,
+            &name("_http._tcp.web.shop.svc.cluster.local."),
+            RecordType::SRV,
+        );
+        let ZoneAnswer::Found {
+            answers,
+            additionals,
+        } = ans
+        else {
+            panic!("expected SRV")
+        };
+        assert_eq!(answers.len(), 1);
+        let RData::SRV(srv) = &answers[0].data else {
+            panic!("not SRV")
+        };
+        assert_eq!(srv.port, 80);
+        assert_eq!(srv.target, name("web.shop.svc.cluster.local."));
+        assert_eq!(additionals.len(), 1);
+        // The wrong protocol is no such name.
+        assert_eq!(
+            z.lookup(
+                &d,
+                &name("_http._udp.web.shop.svc.cluster.local."),
+                RecordType::SRV
+            ),
+            ZoneAnswer::NxDomain
+        );
+        let udp = z.lookup(
+            &d,
+            &name("_dns._udp.web.shop.svc.cluster.local."),
+            RecordType::SRV,
+        );
+        assert!(matches!(udp, ZoneAnswer::Found { ref answers, .. } if answers.len() == 1));
+    }
+
+    #[test]
+    fn srv_of_a_headless_service_lists_each_ready_endpoint_with_its_target_port() {
+        let (z, d) = fixture();
+        let ans = z.lookup(
+            &d,
+            &name("_pg._tcp.db.shop.svc.cluster.local."),
+            RecordType::SRV,
+        );
+        let ZoneAnswer::Found {
+            answers,
+            additionals,
+        } = ans
+        else {
+            panic!("expected SRV")
+        };
+        let targets: Vec<(String, u16)> = answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(s) => Some((s.target.to_ascii(), s.port)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                ("10-244-1-7.db.shop.svc.cluster.local.".to_string(), 15432),
+                ("10-244-2-8.db.shop.svc.cluster.local.".to_string(), 15432)
+            ]
+        );
+        assert_eq!(additionals.len(), 2);
+        // The targets resolve.
+        let ep = z.lookup(
+            &d,
+            &name("10-244-2-8.db.shop.svc.cluster.local."),
+            RecordType::A,
+        );
+        assert_eq!(a_records(&ep), vec![Ipv4Addr::new(10, 244, 2, 8)]);
+        // A not-ready endpoint has no name.
+        assert_eq!(
+            z.lookup(
+                &d,
+                &name("10-244-2-9.db.shop.svc.cluster.local."),
+                RecordType::A
+            ),
+            ZoneAnswer::NxDomain
+        );
+    }
+
+    #[test]
+    fn a_pod_name_resolves_to_the_address_it_spells() {
+        let (z, d) = fixture();
+        let ans = z.lookup(
+            &d,
+            &name("10-244-3-4.shop.pod.cluster.local."),
+            RecordType::A,
+        );
+        assert_eq!(a_records(&ans), vec![Ipv4Addr::new(10, 244, 3, 4)]);
+        for bad in [
+            "10-244-3.shop.pod.cluster.local.",
+            "10-244-3-400.shop.pod.cluster.local.",
+        ] {
+            assert_eq!(
+                z.lookup(&d, &name(bad), RecordType::A),
+                ZoneAnswer::NxDomain,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_names_in_the_cluster_domain_are_nxdomain() {
+        let (z, d) = fixture();
+        for n in [
+            "nope.shop.svc.cluster.local.",
+            "web.other.svc.cluster.local.",
+            "shop.svc.cluster.local.",
+            "_nope._tcp.web.shop.svc.cluster.local.",
+            "a.b.c.d.e.f.cluster.local.",
+        ] {
+            assert_eq!(
+                z.lookup(&d, &name(n), RecordType::A),
+                ZoneAnswer::NxDomain,
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_aaaa_query_for_an_ipv4_service_is_nodata_not_nxdomain() {
+        let (z, d) = fixture();
+        let ans = z.lookup(&d, &name("web.shop.svc.cluster.local."), RecordType::AAAA);
+        assert_eq!(
+            ans,
+            ZoneAnswer::Found {
+                answers: vec![],
+                additionals: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn names_match_case_insensitively_and_answers_keep_the_asked_case() {
+        let (z, d) = fixture();
+        let q = name("WeB.ShOp.SVC.Cluster.LOCAL.");
+        let ans = z.lookup(&d, &q, RecordType::A);
+        assert_eq!(a_records(&ans), vec![Ipv4Addr::new(10, 96, 0, 20)]);
+        let ZoneAnswer::Found { answers, .. } = ans else {
+            unreachable!()
+        };
+        assert_eq!(answers[0].name.to_ascii(), "WeB.ShOp.SVC.Cluster.LOCAL.");
+    }
+
+    #[test]
+    fn search_path_expansions_of_a_short_name_find_only_the_right_suffix() {
+        // A pod in "shop" with `search shop.svc.cluster.local svc.cluster.local cluster.local` and ndots:5 asks
+        // these in order for "web" and for "web.shop"; the first existing one must be the Service.
+        let (z, d) = fixture();
+        let q = |s: &str| z.lookup(&d, &name(s), RecordType::A);
+        assert_eq!(
+            a_records(&q("web.shop.svc.cluster.local.")),
+            vec![Ipv4Addr::new(10, 96, 0, 20)]
+        );
+        assert_eq!(q("web.shop.shop.svc.cluster.local."), ZoneAnswer::NxDomain);
+        assert_eq!(
+            a_records(&q("web.shop.svc.cluster.local.")),
+            vec![Ipv4Addr::new(10, 96, 0, 20)]
+        );
+        // A fully qualified name tried with a suffix appended is not found, so the resolver falls back to it.
+        assert_eq!(
+            q("web.shop.svc.cluster.local.shop.svc.cluster.local."),
+            ZoneAnswer::NxDomain
+        );
+        assert_eq!(q("example.com.svc.cluster.local."), ZoneAnswer::NxDomain);
+        assert_eq!(q("example.com.cluster.local."), ZoneAnswer::NxDomain);
+        // ... and the bare outside name is not ours: it is forwarded.
+        assert_eq!(q("example.com."), ZoneAnswer::NotInZone);
+        assert_eq!(q("local."), ZoneAnswer::NotInZone);
+    }
+
+    #[test]
+    fn deleting_a_service_removes_its_name_from_the_next_snapshot() {
+        let (z, d) = fixture();
+        let mut m = DnsModel::new();
+        m.apply(&ModelEvent::ServiceUpsert(service(
+            "a",
+            "s",
+            &[[10, 96, 1, 1]],
+            &[],
+        )));
+        let before = m.snapshot();
+        m.apply(&ModelEvent::ServiceDelete(ServiceName::new("a", "s")));
+        let after = m.snapshot();
+        let q = name("s.a.svc.cluster.local.");
+        assert_eq!(
+            a_records(&z.lookup(&before, &q, RecordType::A)),
+            vec![Ipv4Addr::new(10, 96, 1, 1)]
+        );
+        assert_eq!(z.lookup(&after, &q, RecordType::A), ZoneAnswer::NxDomain);
+        drop(d);
+    }
+
+    #[test]
+    fn a_custom_cluster_domain_is_honoured() {
+        let (_, d) = fixture();
+        let z = Zone::new("corp.example", 5).expect("valid domain");
+        let ans = z.lookup(&d, &name("web.shop.svc.corp.example."), RecordType::A);
+        assert_eq!(a_records(&ans), vec![Ipv4Addr::new(10, 96, 0, 20)]);
+        assert_eq!(
+            z.lookup(&d, &name("web.shop.svc.cluster.local."), RecordType::A),
+            ZoneAnswer::NotInZone
+        );
+    }
+}
