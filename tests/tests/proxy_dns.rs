@@ -505,3 +505,38 @@ fn the_server_answers_over_tcp_too() {
     .expect("pod thread");
     assert_eq!(udp_tail, vec![10, 96, 0, 20]);
 }
+
+#[test]
+fn srv_records_name_the_service_port_and_each_headless_pod() {
+    if !require_privileged(&["ip", "busybox"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let srv = |name: &str| {
+        let out = lab
+            .pod
+            .command("busybox")
+            .args(["nslookup", "-type=srv", name, DNS_IP])
+            .output()
+            .expect("run busybox nslookup");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = srv("_http._tcp.web.shop.svc.cluster.local");
+    assert!(
+        out.contains("service = 0 100 80 web.shop.svc.cluster.local"),
+        "{out}"
+    );
+    let out = srv("_pg._tcp.db.shop.svc.cluster.local");
+    for target in ["10-244-1-7", "10-244-2-8"] {
+        assert!(
+            out.contains(&format!(
+                "service = 0 100 5432 {target}.db.shop.svc.cluster.local"
+            )),
+            "{out}"
+        );
+    }
+    assert!(!out.contains("10-244-2-9"), "not-ready pod listed: {out}");
+    // The headless targets resolve to their pods.
+    let out = lab.nslookup("10-244-2-8.db.shop.svc.cluster.local");
+    assert_eq!(addresses(&out), vec!["10.244.2.8"], "{out}");
+}
