@@ -338,3 +338,58 @@ pub async fn serve(
 
 /// DNS names and record types as [`Zone::lookup`] takes them, so callers need not depend on hickory directly.
 pub use hickory_server::proto::rr::{Name as DnsName, RecordType as DnsRecordType};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Service, ServiceName, TrafficPolicy};
+    use hickory_server::proto::rr::{Name, RecordType};
+
+    struct Fixed(Vec<ModelEvent>);
+
+    impl ServiceSource for Fixed {
+        fn run(self: Box<Self>, events: Sender<ModelEvent>) -> Result<(), SourceError> {
+            for ev in self.0 {
+                let _ = events.send(ev);
+            }
+            Ok(())
+        }
+    }
+
+    fn svc(name: &str) -> Service {
+        Service {
+            name: ServiceName::new("ns", name),
+            cluster_ips: vec![std::net::Ipv4Addr::new(10, 96, 0, 1)],
+            ports: vec![],
+            affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            health_check_node_port: None,
+        }
+    }
+
+    #[test]
+    fn the_tee_passes_every_event_on_and_publishes_the_resulting_zone() {
+        let events = vec![
+            ModelEvent::ServiceUpsert(svc("a")),
+            ModelEvent::ServiceUpsert(svc("b")),
+            ModelEvent::ServiceDelete(ServiceName::new("ns", "a")),
+        ];
+        let (tx, rx) = zone_channel();
+        let tee = Box::new(DnsTee {
+            inner: Box::new(Fixed(events.clone())),
+            zone: tx,
+        });
+        let (out_tx, out_rx) = mpsc::channel();
+        tee.run(out_tx).expect("tee runs");
+        assert_eq!(out_rx.try_iter().collect::<Vec<_>>(), events);
+        let zone = Zone::new("cluster.local", DEFAULT_TTL).expect("domain");
+        let data = rx.borrow().clone();
+        let q = |n: &str| zone.lookup(&data, &Name::from_ascii(n).expect("name"), RecordType::A);
+        assert_eq!(q("a.ns.svc.cluster.local."), ZoneAnswer::NxDomain);
+        assert!(
+            matches!(q("b.ns.svc.cluster.local."), ZoneAnswer::Found { ref answers, .. } if answers.len() == 1)
+        );
+    }
+}
