@@ -85,11 +85,19 @@ fn slice(
     )
 }
 
-/// shop/web (ClusterIP 10.96.0.20, port http 80) and shop/db (headless: two ready pods, one not ready).
+/// Ready pods of shop/big, a headless Service whose A answer does not fit 512 bytes.
+const BIG: u8 = 60;
+
+/// shop/web (ClusterIP 10.96.0.20, port http 80), shop/db (headless: two ready pods, one not ready) and shop/big
+/// (headless, [`BIG`] ready pods).
 fn static_model() -> DnsModel {
     let mut m = DnsModel::new();
+    let big: Vec<(Ipv4Addr, bool)> = (1..=BIG)
+        .map(|i| (Ipv4Addr::new(10, 244, 9, i), true))
+        .collect();
     m.apply(&ModelEvent::Replace {
         services: vec![
+            service("shop", "big", None, &[("http", 80)]),
             service(
                 "shop",
                 "web",
@@ -99,6 +107,7 @@ fn static_model() -> DnsModel {
             service("shop", "db", None, &[("pg", 5432)]),
         ],
         slices: vec![
+            slice("shop", "big", ("http", 8080), &big),
             slice(
                 "shop",
                 "web",
@@ -539,4 +548,48 @@ fn srv_records_name_the_service_port_and_each_headless_pod() {
     // The headless targets resolve to their pods.
     let out = lab.nslookup("10-244-2-8.db.shop.svc.cluster.local");
     assert_eq!(addresses(&out), vec!["10.244.2.8"], "{out}");
+}
+
+/// Sends an A query for `name` over UDP (no EDNS, so 512 bytes at most) and over TCP from the pod; returns
+/// (UDP truncation bit, UDP answer count, TCP answer count).
+fn udp_and_tcp_answer_counts(lab: &Lab, name: &'static str) -> (bool, u16, u16) {
+    let ns = lab.pod.path();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.send_to(&a_query(9, name), (DNS_IP, 53)).expect("send");
+        let mut buf = [0u8; 4096];
+        let n = s.recv(&mut buf).expect("recv");
+        assert!(n <= 512, "UDP answer of {n} bytes without EDNS");
+        let tc = buf[2] & 0x02 != 0;
+        let udp_answers = u16::from_be_bytes([buf[6], buf[7]]);
+        let mut t = TcpStream::connect((DNS_IP, 53)).expect("connect over TCP");
+        t.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let q = a_query(10, name);
+        t.write_all(&(q.len() as u16).to_be_bytes()).expect("write");
+        t.write_all(&q).expect("write");
+        let mut len = [0u8; 2];
+        t.read_exact(&mut len).expect("read length");
+        let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+        t.read_exact(&mut r).expect("read response");
+        (tc, udp_answers, u16::from_be_bytes([r[6], r[7]]))
+    })
+    .join()
+    .expect("pod thread")
+}
+
+#[test]
+fn a_headless_answer_too_big_for_udp_is_truncated_and_complete_over_tcp() {
+    if !require_privileged(&["ip", "busybox"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let (tc, udp_answers, tcp_answers) =
+        udp_and_tcp_answer_counts(&lab, "big.shop.svc.cluster.local");
+    assert!(tc, "the UDP answer must carry the TC bit");
+    assert!(udp_answers < u16::from(BIG));
+    assert_eq!(tcp_answers, u16::from(BIG));
 }
