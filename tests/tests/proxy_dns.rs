@@ -170,10 +170,10 @@ struct DnsServer {
 }
 
 impl DnsServer {
-    fn start(node: &NetnsGuard, model: &DnsModel) -> Self {
+    fn start(node: &NetnsGuard, model: &DnsModel, resolv_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let resolv: PathBuf = dir.path().join("resolv.conf");
-        std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
+        std::fs::write(&resolv, resolv_conf).expect("write resolv.conf");
         let (zone_tx, zone_rx) = dns::zone_channel();
         zone_tx.send_replace(model.snapshot());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -245,6 +245,12 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with_upstream("nameserver 127.0.0.1\n")
+    }
+
+    /// A lab whose DNS server forwards to the resolvers named by `resolv_conf` (the fake upstream listens on
+    /// 127.0.0.1:53).
+    fn with_upstream(resolv_conf: &str) -> Self {
         let node = NetnsGuard::new(&unique_name("dnsn")).expect("node netns");
         let pod = NetnsGuard::new(&unique_name("dnsp")).expect("pod netns");
         let host_if = unique_name("dnv");
@@ -277,7 +283,7 @@ impl Lab {
         for argv in pod_setup {
             pod.exec(argv).expect("pod netns setup");
         }
-        let server = DnsServer::start(&node, &static_model());
+        let server = DnsServer::start(&node, &static_model(), resolv_conf);
         let lab = Self {
             server,
             pod,
@@ -592,4 +598,34 @@ fn a_headless_answer_too_big_for_udp_is_truncated_and_complete_over_tcp() {
     assert!(tc, "the UDP answer must carry the TC bit");
     assert!(udp_answers < u16::from(BIG));
     assert_eq!(tcp_answers, u16::from(BIG));
+}
+
+#[test]
+fn an_outside_name_is_servfail_when_the_upstream_does_not_answer() {
+    if !require_privileged(&["ip", "busybox"]) {
+        return;
+    }
+    // Nothing listens on 127.0.0.9:53 in the node namespace.
+    let lab = Lab::with_upstream("nameserver 127.0.0.9\noptions timeout:1 attempts:1\n");
+    // (busybox nslookup retries on SERVFAIL until it gives up, so ask with a plain socket.)
+    let ns = lab.pod.path();
+    let (rcode, took) = std::thread::spawn(move || {
+        enter(&ns);
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let start = std::time::Instant::now();
+        s.send_to(&a_query(11, "outside.example"), (DNS_IP, 53))
+            .expect("send");
+        let mut buf = [0u8; 512];
+        s.recv(&mut buf).expect("an answer, not silence");
+        (buf[3] & 0x0f, start.elapsed())
+    })
+    .join()
+    .expect("pod thread");
+    assert_eq!(rcode, 2, "SERVFAIL");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The cluster zone still answers.
+    let out = lab.nslookup("web.shop.svc.cluster.local");
+    assert_eq!(addresses(&out), vec!["10.96.0.20"], "{out}");
 }

@@ -38,6 +38,10 @@ pub use zone::{DnsModel, Zone, ZoneAnswer, ZoneData};
 pub const DEFAULT_TTL: u32 = 30;
 /// Entries the forwarding cache holds (CoreDNS's `cache` plugin defaults to 9984; a node-local server needs few).
 pub const CACHE_SIZE: u64 = 1024;
+/// How long a forwarded query may take before the client gets SERVFAIL. Stub resolvers give up after a few
+/// seconds (busybox and musl ~5 s in total; glibc 5 s per try), so an upstream that never answers must turn into an
+/// answer within that, not silence (CoreDNS's `forward` plugin likewise gives up on a read after 2 s).
+const FORWARD_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle before the connection is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -216,7 +220,16 @@ impl Handler {
                 let Some(fwd) = &self.forwarder else {
                     return Reply::code(ResponseCode::Refused);
                 };
-                match fwd.resolver.lookup(qname.clone(), qtype).await {
+                let lookup = tokio::time::timeout(
+                    FORWARD_DEADLINE,
+                    fwd.resolver.lookup(qname.clone(), qtype),
+                )
+                .await;
+                let Ok(lookup) = lookup else {
+                    debug!(name = %qname, "upstream did not answer in time");
+                    return Reply::code(ResponseCode::ServFail);
+                };
+                match lookup {
                     Ok(lookup) => Reply {
                         code: ResponseCode::NoError,
                         authoritative: false,
