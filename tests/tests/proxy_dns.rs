@@ -350,6 +350,10 @@ fn a_pod_resolves_a_service_name_to_its_cluster_ip_with_busybox_nslookup() {
     // Case does not matter.
     let out = lab.nslookup("WEB.Shop.SVC.cluster.local");
     assert_eq!(addresses(&out), vec!["10.96.0.20"], "{out}");
+    assert!(
+        out.contains("Name:\tWEB.Shop.SVC.cluster.local"),
+        "answer keeps the asked case: {out}"
+    );
     // A pod name spells its address.
     let out = lab.nslookup("10-244-7-9.shop.pod.cluster.local");
     assert_eq!(addresses(&out), vec!["10.244.7.9"], "{out}");

@@ -188,7 +188,8 @@ impl Handler {
         let Ok(info) = request.request_info() else {
             return Reply::code(ResponseCode::FormErr);
         };
-        let qname = info.query.name().into();
+        // The original spelling: answers repeat the name as asked (clients using 0x20 case randomisation check it).
+        let qname = info.query.original().name().clone();
         let qtype = info.query.query_type();
         let data = self.data.borrow().clone();
         match self.zone.lookup(&data, &qname, qtype) {
