@@ -5,6 +5,7 @@
 //! [`Proxier`] diffs and applies them as atomic `nft -f` transactions; [`SyncLoop`] coalesces events into syncs;
 //! [`run`] wires these to the HTTP endpoints (`/healthz`, `/metrics`, health-check node ports).
 
+pub mod dns;
 mod http;
 mod kube_source;
 mod metrics;

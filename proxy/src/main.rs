@@ -53,6 +53,19 @@ struct Cli {
     /// Period of the full resync that repairs drift (seconds).
     #[arg(long, default_value_t = 3600)]
     resync_period_s: u64,
+    /// Serve cluster DNS on this address, UDP and TCP (the cluster DNS ClusterIP, e.g. 10.96.0.10:53, assigned
+    /// on the node). Without it no DNS server runs.
+    #[arg(long)]
+    dns_bind_address: Option<SocketAddr>,
+    /// The cluster domain DNS answers for.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// TTL of cluster DNS records (seconds); 30 like CoreDNS's kubernetes plugin.
+    #[arg(long, default_value_t = windlass_proxy::dns::DEFAULT_TTL)]
+    dns_ttl: u32,
+    /// resolv.conf naming the upstream resolvers other names are forwarded to (the node's own).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    dns_upstream_resolv_conf: PathBuf,
 }
 
 fn node_name(cli: &Cli) -> anyhow::Result<String> {
@@ -71,7 +84,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(table = windlass_proxy::TABLE, "cleaned up");
         return Ok(());
     }
-    let source: Box<dyn windlass_proxy::ServiceSource> = match &cli.services_file {
+    let mut source: Box<dyn windlass_proxy::ServiceSource> = match &cli.services_file {
         Some(path) => {
             tracing::info!(path = %path.display(), "source: services file");
             Box::new(FileSource {
@@ -86,6 +99,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     };
+    // Cluster DNS follows the same watcher: the source is teed into the DNS server's model.
+    let mut dns = None;
+    if let Some(bind) = cli.dns_bind_address {
+        let (tx, rx) = windlass_proxy::dns::zone_channel();
+        source = Box::new(windlass_proxy::dns::DnsTee {
+            inner: source,
+            zone: tx,
+        });
+        let config = windlass_proxy::dns::DnsConfig {
+            bind,
+            cluster_domain: cli.cluster_domain.clone(),
+            ttl: cli.dns_ttl,
+            upstream_resolv_conf: Some(cli.dns_upstream_resolv_conf.clone()),
+        };
+        dns = Some((config, rx));
+    }
     let config = RunConfig {
         ruleset: RulesetConfig {
             node_name: node_name(&cli)?,
@@ -103,7 +132,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         },
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    rt.block_on(windlass_proxy::run(config, source))?;
+    rt.block_on(async move {
+        let proxy = windlass_proxy::run(config, source);
+        match dns {
+            None => proxy.await.map_err(anyhow::Error::from),
+            Some((dns_config, rx)) => tokio::select! {
+                r = proxy => r.map_err(anyhow::Error::from),
+                r = windlass_proxy::dns::serve(dns_config, rx) => {
+                    r.context("cluster DNS stopped").and(Err(anyhow::anyhow!("cluster DNS stopped")))
+                }
+            },
+        }
+    })?;
     Ok(())
 }
 
