@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use windlass_runtime::image::{Credentials, PullOptions, Store, DEFAULT_STORE_ROOT};
+use windlass_runtime::image::{
+    BundleOptions, ContainerProcessSpec, Credentials, PullOptions, Store, DEFAULT_STORE_ROOT,
+};
 
 #[derive(Args, Debug)]
 pub struct ImageArgs {
@@ -56,6 +58,27 @@ enum ImageCommand {
     },
     /// Export an image as an OCI image layout directory, or a tar when OUT ends in `.tar`.
     Export { image: String, out: PathBuf },
+    /// Make an OCI bundle from an image: mount its root filesystem at BUNDLE/rootfs (copy-on-write, leased to ID)
+    /// and write BUNDLE/config.json with the image's process, ready for `windlass-runtime run --bundle BUNDLE`.
+    Bundle {
+        image: String,
+        /// The container ID the root filesystem is made (and the image leased) for.
+        id: String,
+        bundle: PathBuf,
+        /// Join this network namespace (e.g. `/run/netns/NAME`) instead of creating one.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Extra environment, `KEY=VALUE`; repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Replaces the image's Cmd (after `--`), as a Kubernetes container's `args`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Undo `image bundle`: unmount the root filesystem, drop the container's layer and lease.
+    Unbundle { id: String, bundle: PathBuf },
 }
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
@@ -148,6 +171,35 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             let r = store.export(&image, &out)?;
             println!("{} -> {}", r.reference, out.display());
         }
+        ImageCommand::Bundle {
+            image,
+            id,
+            bundle,
+            netns,
+            hostname,
+            env,
+            args,
+        } => {
+            let env = env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                    None => anyhow::bail!("--env {kv}: expected KEY=VALUE"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let options = BundleOptions {
+                container: ContainerProcessSpec {
+                    args,
+                    env,
+                    ..Default::default()
+                },
+                network_namespace: netns,
+                hostname,
+            };
+            store.create_bundle(&image, &id, &bundle, &options)?;
+            println!("{}", bundle.display());
+        }
+        ImageCommand::Unbundle { id, bundle } => store.remove_bundle(&id, &bundle)?,
     }
     Ok(())
 }

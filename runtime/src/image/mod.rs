@@ -3,6 +3,7 @@
 
 mod archive;
 mod auth;
+mod bundle;
 mod config;
 mod digest;
 mod process;
@@ -13,6 +14,7 @@ mod unpack;
 
 pub use archive::ArchiveError;
 pub use auth::{AuthError, Credentials};
+pub use bundle::{BundleError, BundleOptions};
 pub use config::{host_architecture, ExecConfig, ImageConfig, RootFs};
 pub use digest::DigestError;
 pub use process::{expand, process_spec, ContainerProcessSpec, ProcessSpec, ProcessSpecError};
