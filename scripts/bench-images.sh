@@ -2,7 +2,7 @@
 # Pull + unpack of one multi-layer image from a local registry: Windlass vs `skopeo copy` + `umoci unpack`
 # (vs `podman pull` into its own overlay storage when podman works here), interleaved in one run.
 #
-# Usage: scripts/bench-images.sh [RUNS] [OUT.md]     (default 10 runs, BENCHMARKS-images.md)
+# Usage: scripts/bench-images.sh [RUNS] [OUT.md]     (default 10 runs, a file given as OUT; results are in BENCHMARKS.md)
 #        BENCH_TMPFS=1 puts every tool's store on a tmpfs: on a shared, busy disk the writeback of other
 #        processes dominates (and fsync makes whoever calls it pay for it); tmpfs measures the pull pipeline.
 #        WINDLASS_FLAGS adds flags to `windlass-runtime image pull` (e.g. `--max-concurrent-layers 1`).
@@ -11,7 +11,7 @@
 set -euo pipefail
 
 RUNS=${1:-10}
-OUT=${2:-BENCHMARKS-images.md}
+OUT=${2:-bench-images.md}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/windlass-bench-images.XXXXXX)
 REG_PID=""

@@ -1,7 +1,7 @@
 //! Applying scripts with the `nft` tool: one `nft -f -` run is one atomic kernel transaction.
 //!
 //! Text through `nft -f` was measured against JSON through the same tool (`nft -j -f`, which is what the `nftables`
-//! crate drives): see BENCHMARKS-proxy.md. Nothing here lists the table; the sync path only writes.
+//! crate drives): see the proxy section of BENCHMARKS.md. Nothing here lists the table; the sync path only writes.
 
 use std::ffi::OsString;
 use std::io::Write;
