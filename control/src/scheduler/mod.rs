@@ -12,10 +12,12 @@ mod algorithm;
 mod cache;
 mod pod;
 mod quantity;
+mod queue;
 
 pub use algorithm::{FitError, Placement, ScheduleError, Scheduler};
 pub use cache::{Cache, TAINT_NOT_READY, TAINT_UNREACHABLE, TAINT_UNSCHEDULABLE};
 pub use pod::PodRequest;
+pub use queue::{backoff_for, SchedulingQueue};
 
 /// Pod or node data the scheduler cannot use (the API server's validation would normally have rejected it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
