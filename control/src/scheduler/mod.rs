@@ -5,17 +5,23 @@
 //!   selectors, tolerations, controlling owner).
 //! - [`Scheduler`]: filters then scores (see `algorithm` for plugin order, weights and `percentageOfNodesToScore`).
 //!
-//! The algorithm is a pure library with no I/O; the API-watching loop that feeds it and binds through
-//! `pods/binding` sits on top of it.
+//! - [`SchedulingQueue`]: FIFO with upstream's backoff and retry-on-cluster-change.
+//! - [`schedule_one`]: one cycle (pop, schedule, assume, bind, event) against the [`ClusterApi`] trait.
+//!
+//! The algorithm is a pure library with no I/O. Not written yet: the loop that watches nodes and pods through the
+//! API server (kube-rs reflectors), keeps the cache and queue current and implements `ClusterApi` with
+//! `pods/binding` and `events`.
 
 mod algorithm;
 mod cache;
+mod driver;
 mod pod;
 mod quantity;
 mod queue;
 
 pub use algorithm::{FitError, Placement, ScheduleError, Scheduler};
 pub use cache::{Cache, TAINT_NOT_READY, TAINT_UNREACHABLE, TAINT_UNSCHEDULABLE};
+pub use driver::{schedule_one, ClusterApi, CycleOutcome};
 pub use pod::PodRequest;
 pub use queue::{backoff_for, SchedulingQueue};
 
