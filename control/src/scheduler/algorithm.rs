@@ -329,14 +329,16 @@ fn filter(pod: &PodRequest, n: &NodeInfo, index: usize) -> Option<Reject> {
         return Some(Reject::NodeName);
     }
     // TaintToleration: the first NoSchedule/NoExecute taint no toleration covers.
-    for (ti, t) in n.taints.iter().enumerate() {
-        if (t.effect == "NoSchedule" || t.effect == "NoExecute")
-            && !pod
-                .tolerations
-                .iter()
-                .any(|tol| tolerates(tol, &t.key, &t.value, &t.effect))
-        {
-            return Some(Reject::Taint(index as u32, ti as u32));
+    if n.has_hard_taints {
+        for (ti, t) in n.taints.iter().enumerate() {
+            if (t.effect == "NoSchedule" || t.effect == "NoExecute")
+                && !pod
+                    .tolerations
+                    .iter()
+                    .any(|tol| tolerates(tol, &t.key, &t.value, &t.effect))
+            {
+                return Some(Reject::Taint(index as u32, ti as u32));
+            }
         }
     }
     // NodeAffinity: nodeSelector and required terms (ORed) must both match.
@@ -380,6 +382,9 @@ fn filter(pod: &PodRequest, n: &NodeInfo, index: usize) -> Option<Reject> {
 }
 
 fn intolerable_prefer_no_schedule(pod: &PodRequest, n: &NodeInfo) -> i64 {
+    if !n.has_soft_taints {
+        return 0;
+    }
     n.taints
         .iter()
         .filter(|t| t.effect == "PreferNoSchedule")

@@ -34,6 +34,10 @@ pub(crate) struct NodeInfo {
     pub(crate) unschedulable: bool,
     /// Spec taints plus the not-ready/unreachable taint derived from the Ready condition.
     pub(crate) taints: Vec<NodeTaint>,
+    /// Whether any taint is NoSchedule/NoExecute (filtered) or PreferNoSchedule (scored), so the common untainted
+    /// node skips both loops.
+    pub(crate) has_hard_taints: bool,
+    pub(crate) has_soft_taints: bool,
     pub(crate) allocatable: Resources,
     pub(crate) allowed_pods: i64,
     pub(crate) requested: Resources,
@@ -171,6 +175,10 @@ impl Cache {
         n.present = true;
         n.labels = node.metadata.labels.clone().unwrap_or_default();
         n.unschedulable = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        n.has_hard_taints = taints
+            .iter()
+            .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute");
+        n.has_soft_taints = taints.iter().any(|t| t.effect == "PreferNoSchedule");
         n.taints = taints;
         n.allocatable = allocatable;
         n.allowed_pods = allowed_pods;
@@ -187,6 +195,8 @@ impl Cache {
             n.present = false;
             n.labels.clear();
             n.taints.clear();
+            n.has_hard_taints = false;
+            n.has_soft_taints = false;
         }
     }
 
