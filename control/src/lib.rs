@@ -6,6 +6,7 @@
 
 mod api;
 pub mod pki;
+pub mod scheduler;
 pub mod store;
 
 pub use api::{serve, ApiConfig, ServeError, User};
