@@ -105,6 +105,9 @@ fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The workspace enables both of rustls's crypto backends (ring here, aws-lc-rs through reqwest), so rustls
+    // cannot pick one by itself: choose ring for the whole process before any TLS client or server is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

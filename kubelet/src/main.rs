@@ -87,6 +87,9 @@ impl From<Cli> for Config {
 
 /// Exit codes: 2 for flags that cannot work (as clap's usage errors), 1 for anything else.
 fn main() -> ExitCode {
+    // The workspace enables both of rustls's crypto backends (ring here, aws-lc-rs through reqwest), so rustls
+    // cannot pick one by itself: choose ring for the whole process before any TLS client or server is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -652,7 +652,11 @@ mod tests {
             "MemTotal: 8000000 kB\nMemAvailable: 50000 kB\n",
             "0 0 0 1/4000000 1\n",
         );
-        let f = NodeFacts::read(&roots).unwrap();
+        let mut f = NodeFacts::read(&roots).unwrap();
+        // The test is about memory and PID pressure: fix the file system numbers so the host's own disk
+        // (statvfs of the temp dir) cannot turn DiskPressure on.
+        f.fs_bytes = 100 << 30;
+        f.fs_available_bytes = 50 << 30;
         let not_ready = Readiness {
             not_ready: Some("container runtime network not ready: cni config uninitialized".into()),
         };

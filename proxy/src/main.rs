@@ -148,6 +148,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // The workspace enables both of rustls's crypto backends (ring here, aws-lc-rs through reqwest), so rustls
+    // cannot pick one by itself: choose ring for the whole process before any TLS client or server is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -165,3 +165,9 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// Chooses rustls's ring backend for this test process. The workspace enables both of rustls's crypto backends
+/// (ring, and aws-lc-rs through reqwest), and then rustls panics rather than pick one for a TLS client.
+pub fn install_rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

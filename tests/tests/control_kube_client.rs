@@ -14,6 +14,7 @@ use windlass_tests::require_privileged;
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn client(cp: &ControlPlane) -> Client {
+    windlass_tests::install_rustls_provider();
     let kubeconfig =
         kube::config::Kubeconfig::read_from(cp.kubeconfig()).expect("read admin.kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
