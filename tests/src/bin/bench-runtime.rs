@@ -164,13 +164,28 @@ fn time_run(bin: &Path, root: &Path, bundle: &Path, id: &str) -> Result<Duration
 
 fn time_lifecycle(bin: &Path, root: &Path, bundle: &Path, id: &str) -> Result<Duration, String> {
     let start = Instant::now();
-    checked(
-        runtime_cmd(bin, root)
-            .arg("create")
-            .arg("--bundle")
-            .arg(bundle)
-            .arg(id),
-    )?;
+    // The created container inherits create's stdio and holds it until it exits: a pipe here would make waiting
+    // for create's output wait for the container, which waits for `start`. Give it files instead.
+    let stderr = tempfile::tempfile().map_err(|e| format!("stderr file: {e}"))?;
+    let status = runtime_cmd(bin, root)
+        .arg("create")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg(id)
+        .stderr(
+            stderr
+                .try_clone()
+                .map_err(|e| format!("stderr file: {e}"))?,
+        )
+        .status()
+        .map_err(|e| format!("create {id}: {e}"))?;
+    if !status.success() {
+        let mut msg = String::new();
+        let mut f = stderr;
+        let _ = std::io::Seek::rewind(&mut f);
+        let _ = std::io::Read::read_to_string(&mut f, &mut msg);
+        return Err(format!("create {id} exited {status}: {msg}"));
+    }
     checked(runtime_cmd(bin, root).args(["start", id]))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
