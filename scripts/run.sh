@@ -20,7 +20,9 @@ POD_ID=demo-httpd
 REGISTRY=127.0.0.1:${WINDLASS_DEMO_REGISTRY_PORT:-35000}
 API_PORT=${WINDLASS_DEMO_API_PORT:-6443}
 POD_SUBNET=10.244.0.0/24
-BIN="$REPO/target/release"
+# WINDLASS_BUILD_PROFILE=debug reuses the test build (faster to build, slower to run).
+PROFILE=${WINDLASS_BUILD_PROFILE:-release}
+BIN="$REPO/target/$PROFILE"
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -54,8 +56,9 @@ if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 log "installing packages"
 scripts/install-deps.sh
 
-log "building (release)"
-cargo build --release --locked -p windlass-control -p windlass-runtime -p windlass-cni --bins
+log "building ($PROFILE)"
+if [ "$PROFILE" = release ]; then build_flags=(--release); else build_flags=(); fi
+cargo build "${build_flags[@]}" --locked -p windlass-control -p windlass-runtime -p windlass-cni --bins
 
 stop
 mkdir -p "$STATE" "$RUNTIME_ROOT"
