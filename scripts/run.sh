@@ -28,6 +28,11 @@ log() { printf '\n== %s\n' "$*"; }
 
 stop() {
   log "stopping an earlier demo (if any)"
+  # Stop with whichever build started it.
+  local BIN=$BIN
+  for dir in "$BIN" "$REPO/target/release" "$REPO/target/debug"; do
+    if [ -x "$dir/windlass-runtime" ]; then BIN=$dir; break; fi
+  done
   if [ -x "$BIN/windlass-runtime" ]; then
     "$BIN/windlass-runtime" --root "$RUNTIME_ROOT" delete --force "$POD_ID" 2>/dev/null || true
     "$BIN/windlass-runtime" image --store "$STATE/images" unbundle "$POD_ID" "$STATE/bundle" 2>/dev/null || true
