@@ -125,6 +125,24 @@ impl EtcdCluster {
     }
 
     async fn launch(size: usize, snapshot: Option<&Path>, tls: bool) -> Self {
+        // `free_port` releases the port before etcd binds it, so a test running in parallel can take it first:
+        // then start the whole cluster again on fresh ports (bounded).
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_launch(size, snapshot, tls).await {
+                Ok(cluster) => return cluster,
+                Err(_) if attempt < ATTEMPTS => {
+                    eprintln!("etcd fixture: a port was taken, retrying on fresh ports ({attempt}/{ATTEMPTS})");
+                }
+                Err(log) => panic!(
+                    "etcd members kept losing their ports to other processes; last log:\n{log}"
+                ),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    async fn try_launch(size: usize, snapshot: Option<&Path>, tls: bool) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("windlass-etcd-")
             .tempdir()
@@ -173,9 +191,9 @@ impl EtcdCluster {
             _dir: dir,
         };
         for i in 0..size {
-            cluster.wait_ready(i).await;
+            cluster.wait_ready(i).await?;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// Options for the fixture's own short-lived probe clients.
@@ -198,7 +216,8 @@ impl EtcdCluster {
     }
 
     /// Waits until member `i` answers a linearizable read (so it has a leader).
-    async fn wait_ready(&self, i: usize) {
+    /// Fails with the member's log when it could not bind its port (see [`EtcdCluster::launch`]).
+    async fn wait_ready(&self, i: usize) -> Result<(), String> {
         let m = &self.members[i];
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -214,7 +233,11 @@ impl EtcdCluster {
             .await
             .is_some();
             if ok {
-                return;
+                return Ok(());
+            }
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            if log.contains("address already in use") {
+                return Err(log);
             }
             if Instant::now() > deadline {
                 panic!(
@@ -277,7 +300,9 @@ impl EtcdCluster {
             self.tls.as_ref(),
         );
         self.members[i].process = Some(guard);
-        self.wait_ready(i).await;
+        if let Err(log) = self.wait_ready(i).await {
+            panic!("etcd member {i} could not bind its ports again after a restart; log:\n{log}");
+        }
     }
 
     /// SIGKILLs member `i` (as a crash or power loss would stop it).
