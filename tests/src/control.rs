@@ -1,7 +1,6 @@
 //! A `windlass-control serve` instance for a test: its own data directory and loopback port, killed on drop, and
 //! helpers to drive the real `kubectl` against it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -16,13 +15,7 @@ pub struct ControlPlane {
     extra_args: Vec<String>,
 }
 
-/// A free loopback port (the OS picks one; it is released just before the server binds it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("pick a free loopback port")
-}
+use crate::free_port;
 
 impl ControlPlane {
     /// Starts a server on a fresh data directory and waits until it answers.

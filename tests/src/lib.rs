@@ -171,3 +171,45 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 pub fn install_rustls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// A loopback TCP port for a server a test starts, free when this returns.
+///
+/// Ports come from 20000–31999, below the kernel's default ephemeral range (32768–60999): a port picked by
+/// binding port 0 is ephemeral, and between our check and the server's own bind an outgoing connection or another
+/// test's bind(0) can take it. Each call in a process gets a different port (a process-wide counter, started at a
+/// pid-derived offset so concurrent test binaries start apart).
+pub fn free_port() -> u16 {
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(FIRST + offset).expect("ports stay below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let a = free_port();
+        let b = free_port();
+        assert_ne!(a, b);
+        for p in [a, b] {
+            assert!((20_000..32_000).contains(&p), "{p}");
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("the port is free");
+        }
+    }
+}

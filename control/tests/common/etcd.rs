@@ -4,7 +4,6 @@
 #![allow(dead_code)] // Each test binary uses a different part of this fixture.
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,11 +99,7 @@ impl Certs {
     }
 }
 
-/// A free loopback TCP port (the listener is closed at once; etcd binds it right after).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
-    listener.local_addr().expect("local address").port()
-}
+use windlass_tests::free_port;
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader and serves linearizable reads on every
