@@ -100,6 +100,17 @@ impl RuntimeCli {
         )
     }
 
+    /// `run --detach`: starts the container in the background and fails the test if that fails.
+    pub fn run_detached(&self, bundle: &Bundle, id: &str) {
+        self.ok(&[
+            "run",
+            "--detach",
+            "--bundle",
+            &bundle.path().to_string_lossy(),
+            id,
+        ]);
+    }
+
     /// The `status` field of `state ID`, or None if the command fails.
     pub fn status(&self, id: &str) -> Option<String> {
         let out = self.output(&["state", id]);

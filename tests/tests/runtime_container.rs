@@ -482,13 +482,7 @@ fn kill_delivers_signals_by_name_and_number() {
     let rt = RuntimeCli::new();
     let (b, _) = bundle("trap 'echo got-usr1 > /tmp/sig' USR1; while true; do sleep 0.05; done");
     let id = unique_name("sig");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     // The trap must be installed before the signal: wait for the loop's first sleep.
     wait_for("the shell loop", Duration::from_secs(10), || {
         let out = rt.output(&["exec", &id, "--", "ps", "-o", "args"]);
@@ -567,13 +561,7 @@ fn exec_runs_in_the_containers_namespaces_with_its_environment() {
         c["process"]["env"] = json!(["PATH=/bin", "A=1"])
     });
     let id = unique_name("exec");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     wait_for("marker", Duration::from_secs(10), || {
         rt.output(&["exec", &id, "--", "cat", "/tmp/marker"])
             .status
@@ -730,13 +718,7 @@ fn exec_takes_a_whole_process_json_and_a_tty() {
     let rt = RuntimeCli::new();
     let (b, _) = bundle("exec sleep 60");
     let id = unique_name("proc");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     let process = b.path().join("process.json");
     std::fs::write(
         &process,
@@ -866,13 +848,7 @@ fn a_user_namespace_maps_container_root_to_an_unprivileged_host_uid() {
     // exec joins the user namespace too.
     edit(&mut b, |c| c["process"]["args"] = json!(["sleep", "60"]));
     let id = unique_name("userns");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     let out = rt.ok(&[
         "exec",
         &id,
@@ -1175,13 +1151,7 @@ fn a_cgroup_in_use_by_another_container_is_refused_without_harming_it() {
     let rt = RuntimeCli::new();
     let (first, cg) = bundle("exec sleep 60");
     let id = unique_name("cgu");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &first.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&first, &id);
     let (mut second, _) = bundle("true");
     edit(&mut second, |c| c["linux"]["cgroupsPath"] = json!(cg));
     let out = rt.output(&[

@@ -24,13 +24,7 @@ fn the_pids_limit_stops_a_fork_bomb() {
     let rt = RuntimeCli::new();
     let (b, cg) = limited("exec sleep 60", json!({"pids": {"limit": 8}}));
     let id = unique_name("pids");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     // busybox sh gives up when a fork fails, so the bomb runs in an exec'd shell while PID 1 lives on.
     let bomb = rt.output(&[
         "exec",
@@ -106,13 +100,7 @@ fn update_changes_the_limits_of_a_running_container() {
     let rt = RuntimeCli::new();
     let (b, cg) = limited("exec sleep 60", json!({"pids": {"limit": 20}}));
     let id = unique_name("upd");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     let max = std::path::Path::new("/sys/fs/cgroup/pids")
         .join(cg.trim_start_matches('/'))
         .join("pids.max");
@@ -139,13 +127,7 @@ fn pause_freezes_and_resume_thaws_a_container() {
     let rt = RuntimeCli::new();
     let (b, cg) = limited("exec sleep 60", json!({}));
     let id = unique_name("pause");
-    rt.ok(&[
-        "run",
-        "--detach",
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    rt.run_detached(&b, &id);
     let freezer = std::path::Path::new("/sys/fs/cgroup/freezer")
         .join(cg.trim_start_matches('/'))
         .join("freezer.state");
