@@ -28,6 +28,7 @@
 //! - [`lifecycle`]: postStart/preStop hooks, grace periods and the stop signal.
 //! - [`probes`]: liveness/readiness/startup probe workers.
 //! - [`events`]: Events with upstream's aggregation of repeats.
+//! - [`layout`]: sandbox/container IDs, their labels and log paths (shared by pod workers and the kubelet API).
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
 
 // Tests may unwrap: a panic there is a test failure with its message.
@@ -38,6 +39,7 @@ pub mod config;
 pub mod dns;
 pub mod env;
 pub mod events;
+pub mod layout;
 pub mod lifecycle;
 pub mod mounts;
 pub mod node;
