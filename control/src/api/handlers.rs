@@ -43,6 +43,21 @@ pub(crate) async fn dispatch(
         )),
         (&Method::POST, None, None) => create(state, &ctx, &t).await,
         (&Method::POST, Some(n), Some("binding")) => bind(state, &ctx, &t, n).await,
+        (&Method::POST, Some(n), Some("token")) => {
+            let body = if ctx
+                .content_type
+                .starts_with("application/vnd.kubernetes.protobuf")
+            {
+                super::protobuf::decode_token_request(&ctx.body)?
+            } else {
+                serde_json::from_slice(&ctx.body).map_err(|e| {
+                    ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+                })?
+            };
+            let ns = ns_of(&t).unwrap_or("default");
+            let out = super::sa_token::create_token(state, ns, n, body).await?;
+            Ok(json_response(201, &out))
+        }
         (&Method::PUT, Some(n), _) => update(state, &ctx, &t, n).await,
         (&Method::PATCH, Some(n), _) => patch(state, &ctx, &t, n).await,
         (&Method::DELETE, Some(n), None) => delete(state, &ctx, &t, n).await,
