@@ -451,6 +451,7 @@ pub(crate) async fn create_token(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is its failure message
 mod tests {
     use super::*;
 
