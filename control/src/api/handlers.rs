@@ -481,11 +481,16 @@ pub(crate) async fn create_object(
     if dry {
         return Ok((obj, warnings));
     }
-    let kv = state
-        .store
-        .create(&key, to_stored(&obj))
-        .await
-        .map_err(|e| ApiError::from_store(kind, &name, e))?;
+    // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
+    let stored = if kind.kind == "Event" {
+        state
+            .store
+            .create_with_ttl(&key, to_stored(&obj), state.config.event_ttl)
+            .await
+    } else {
+        state.store.create(&key, to_stored(&obj)).await
+    };
+    let kv = stored.map_err(|e| ApiError::from_store(kind, &name, e))?;
     Ok((object_of(&kv)?, warnings))
 }
 

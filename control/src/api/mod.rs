@@ -62,6 +62,8 @@ pub struct ApiConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Where to append one JSON line per request (user, verb, resource, code).
     pub audit_log: Option<PathBuf>,
+    /// How long Events are kept (upstream `--event-ttl`, 1 h).
+    pub event_ttl: std::time::Duration,
 }
 
 /// Shared server state.
