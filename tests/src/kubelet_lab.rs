@@ -339,6 +339,16 @@ fn unmount_under(root: &Path) {
 impl Drop for KubeletLab {
     fn drop(&mut self) {
         self.kubelet.take();
+        // A failing test (or WINDLASS_TEST_LOGS=1) shows what the kubelet said.
+        if std::thread::panicking() || std::env::var("WINDLASS_TEST_LOGS").is_ok_and(|v| v == "1") {
+            let log = self.kubelet_log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- kubelet log ({}) tail ---\n{}",
+                self.node_name,
+                lines[lines.len().saturating_sub(200)..].join("\n")
+            );
+        }
         // Whatever the kubelet left running: sandboxes (containers, holders, netns pins, cgroups) through the
         // runtime library, then any root filesystem still mounted.
         let mgr = windlass_runtime::SandboxManager::new(
