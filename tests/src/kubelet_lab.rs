@@ -186,6 +186,19 @@ impl KubeletLab {
         self.kubelet.take();
     }
 
+    /// Sends the kubelet SIGTERM and waits (bounded) for it to exit; its exit status.
+    pub fn stop_kubelet(&mut self) -> std::process::ExitStatus {
+        let mut child = self.kubelet.take().expect("kubelet running").into_inner();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM the kubelet");
+        wait_for(
+            "the kubelet to exit after SIGTERM",
+            Duration::from_secs(15),
+            || child.try_wait().ok().flatten(),
+        )
+    }
+
     /// The kubelet's log so far.
     pub fn kubelet_log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()

@@ -274,7 +274,7 @@ fn config_map_reaches_the_container_as_env_and_as_a_volume() {
 }
 
 #[test]
-fn restarted_kubelet_adopts_a_running_pod_without_restarting_it() {
+fn kubelet_stopped_with_sigterm_and_restarted_adopts_its_running_pod_without_restarting_it() {
     if !require_privileged(TOOLS) {
         return;
     }
@@ -293,7 +293,12 @@ fn restarted_kubelet_adopts_a_running_pod_without_restarting_it() {
         .unwrap_or_default()
         .to_string();
 
-    lab.kill_kubelet();
+    // SIGTERM: the kubelet exits cleanly and leaves its pods running, as upstream's does.
+    let status = lab.stop_kubelet();
+    assert!(
+        status.success(),
+        "kubelet exit status after SIGTERM: {status}"
+    );
     serves_page(&lab, &ip);
     let restarted = Instant::now();
     lab.start_kubelet();
@@ -343,4 +348,126 @@ fn restarted_kubelet_adopts_a_running_pod_without_restarting_it() {
         Duration::from_secs(10),
         || (lab.sandbox_dirs().is_empty() && lab.ip_reservations().is_empty()).then_some(()),
     );
+}
+
+#[test]
+fn missing_image_shows_err_image_pull_then_image_pull_back_off() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    let missing = lab.image.replace("test/httpd:v1", "test/nothing:v1");
+    lab.apply(&pod_manifest(
+        &lab,
+        "nopull",
+        &format!("  containers:\n  - name: app\n    image: {missing}\n"),
+    ));
+    let seen = std::cell::RefCell::new(Vec::<String>::new());
+    lab.wait_pod(
+        "nopull",
+        "in ImagePullBackOff",
+        Duration::from_secs(60),
+        |p| {
+            let reason = container_status(p, "app")["state"]["waiting"]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut seen = seen.borrow_mut();
+            if seen.last() != Some(&reason) {
+                seen.push(reason.clone());
+            }
+            reason == "ImagePullBackOff"
+        },
+    );
+    assert!(
+        seen.borrow().iter().any(|r| r == "ErrImagePull"),
+        "reasons seen: {:?}",
+        seen.borrow()
+    );
+    let pod = lab.pod("nopull").expect("pod");
+    assert_eq!(pod["status"]["phase"], "Pending");
+    let events = lab
+        .control
+        .kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    let events: Value = serde_json::from_str(&events).expect("events json");
+    let failed = events["items"].as_array().is_some_and(|items| {
+        items.iter().any(|e| {
+            e["involvedObject"]["name"] == "nopull"
+                && e["reason"] == "Failed"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("Failed to pull image"))
+        })
+    });
+    assert!(failed, "a Failed event names the pull: {events}");
+}
+
+#[test]
+fn failing_liveness_probe_restarts_the_container_and_readiness_gates_ready() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    // `web` serves on 80 and is ready by httpGet; `sick` is never ready (nothing on 81) and its liveness exec
+    // probe fails, so it is restarted.
+    lab.apply(&pod_manifest(
+        &lab,
+        "probed",
+        &format!(
+            "  containers:\n  - name: web\n    image: {image}\n    readinessProbe:\n      httpGet: {{port: 80, path: /}}\n      periodSeconds: 1\n  - name: sick\n    image: {image}\n    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n    readinessProbe:\n      tcpSocket: {{port: 81}}\n      periodSeconds: 1\n    livenessProbe:\n      exec: {{command: [\"cat\", \"/tmp/healthy\"]}}\n      periodSeconds: 1\n      failureThreshold: 2\n",
+            image = lab.image
+        ),
+    ));
+    let pod = lab.wait_pod(
+        "probed",
+        "with sick restarted by its liveness probe",
+        Duration::from_secs(90),
+        |p| {
+            container_status(p, "web")["ready"] == true
+                && container_status(p, "sick")["restartCount"]
+                    .as_i64()
+                    .is_some_and(|n| n >= 1)
+        },
+    );
+    assert_eq!(container_status(&pod, "sick")["ready"], false);
+    let cond = |t: &str| {
+        pod["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+            .map(|c| c["status"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(cond("Ready"), "False", "{pod}");
+    assert_eq!(cond("ContainersReady"), "False", "{pod}");
+    assert_eq!(pod["status"]["phase"], "Running");
+}
+
+#[test]
+fn init_containers_run_to_completion_in_order_before_the_app_starts() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    // Each init container appends to a shared emptyDir; the app reports what it found.
+    lab.apply(&pod_manifest(
+        &lab,
+        "inits",
+        &format!(
+            "  restartPolicy: Never\n  initContainers:\n  - name: first\n    image: {image}\n    command: [\"sh\", \"-c\", \"echo -n one >> /work/order\"]\n    volumeMounts: [{{name: work, mountPath: /work}}]\n  - name: second\n    image: {image}\n    command: [\"sh\", \"-c\", \"echo -n ,two >> /work/order\"]\n    volumeMounts: [{{name: work, mountPath: /work}}]\n  containers:\n  - name: app\n    image: {image}\n    command: [\"sh\", \"-c\", \"cat /work/order > /dev/termination-log\"]\n    volumeMounts: [{{name: work, mountPath: /work}}]\n  volumes:\n  - name: work\n    emptyDir: {{}}\n",
+            image = lab.image
+        ),
+    ));
+    let pod = lab.wait_pod("inits", "Succeeded", Duration::from_secs(90), |p| {
+        p["status"]["phase"] == "Succeeded"
+    });
+    let app = container_status(&pod, "app");
+    assert_eq!(app["state"]["terminated"]["message"], "one,two", "{app}");
+    let inits = pod["status"]["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(inits.len(), 2, "{pod}");
+    for i in &inits {
+        assert_eq!(i["state"]["terminated"]["reason"], "Completed", "{i}");
+    }
 }

@@ -28,7 +28,13 @@ impl Workers {
     fn dispatch(&mut self, uid: &str, pod: Option<Pod>) {
         if let Some(tx) = self.senders.get(uid) {
             if !tx.is_closed() {
-                tx.send_replace(pod);
+                // The worker always reads the newest object, but is woken only by changes that matter to a
+                // sync (upstream `podsDifferSemantically`): not by the status patches the kubelet itself makes.
+                tx.send_if_modified(|cur| {
+                    let wake = differs(cur.as_ref(), pod.as_ref());
+                    *cur = pod;
+                    wake
+                });
                 return;
             }
         }
@@ -54,6 +60,23 @@ impl Workers {
                 Err(_) => {}
             }
         }
+    }
+}
+
+/// Whether `new` differs from `old` in anything but status and bookkeeping metadata.
+fn differs(old: Option<&Pod>, new: Option<&Pod>) -> bool {
+    match (old, new) {
+        (Some(a), Some(b)) => {
+            let (ma, mb) = (&a.metadata, &b.metadata);
+            a.spec != b.spec
+                || ma.labels != mb.labels
+                || ma.annotations != mb.annotations
+                || ma.deletion_timestamp != mb.deletion_timestamp
+                || ma.deletion_grace_period_seconds != mb.deletion_grace_period_seconds
+                || ma.uid != mb.uid
+        }
+        (None, None) => false,
+        _ => true,
     }
 }
 
@@ -155,5 +178,38 @@ async fn adopt_or_clean(shared: &Arc<Shared>, workers: &mut Workers, listed: &Ha
                 workers.dispatch(&uid, None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+
+    fn pod(node: &str, phase: &str) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_only_changes_do_not_wake_a_pod_worker() {
+        let a = pod("n1", "Pending");
+        let mut b = pod("n1", "Running");
+        b.metadata.resource_version = Some("7".into());
+        assert!(!differs(Some(&a), Some(&b)));
+        let mut deleting = a.clone();
+        deleting.metadata.deletion_grace_period_seconds = Some(30);
+        assert!(differs(Some(&a), Some(&deleting)));
+        assert!(differs(Some(&a), None));
+        assert!(differs(Some(&a), Some(&pod("n2", "Pending"))));
     }
 }

@@ -225,9 +225,40 @@ impl PodRuntime {
         Ok(out)
     }
 
+    /// The sandboxes of one pod: IDs are `<uid>-<attempt>` ([`layout::sandbox_id`]), so only those are read,
+    /// and their labels must agree.
+    pub fn pod_sandboxes(&self, uid: &str) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        let dir = layout::sandboxes_dir(&self.root_dir);
+        let prefix = format!("{uid}-");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(attempt) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if attempt.parse::<u32>().is_err() {
+                continue;
+            }
+            match self.sandboxes.sandbox(&name) {
+                Ok(sb) if sb.labels.get(layout::LABEL_POD_UID).map(String::as_str) == Some(uid) => {
+                    out.push(sb)
+                }
+                Ok(_) | Err(windlass_runtime::SandboxError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
     /// The pod's sandboxes and container instances as the runtime and the records say.
     pub fn pod_view(&self, uid: &str) -> Result<PodView, RuntimeError> {
-        let sandboxes = self.sandboxes_by_pod()?.remove(uid).unwrap_or_default();
+        let sandboxes = self.pod_sandboxes(uid)?;
         let mut view = PodView {
             sandboxes: Vec::new(),
             containers: Vec::new(),

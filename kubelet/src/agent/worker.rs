@@ -1131,7 +1131,7 @@ impl PodWorker {
         let labels = blocking({
             let rt = rt.clone();
             let uid = uid.clone();
-            move || Ok(rt.sandboxes_by_pod()?.remove(&uid).unwrap_or_default())
+            move || rt.pod_sandboxes(&uid)
         })
         .await
         .unwrap_or_default();
@@ -1227,7 +1227,10 @@ impl PodWorker {
             return;
         }
         match api::patch_status(&self.shared.client, pod, &status).await {
-            Ok(()) => self.last_status = Some(status),
+            Ok(()) => {
+                tracing::debug!(pod = %self.uid, phase = ?status.phase, "status patched");
+                self.last_status = Some(status);
+            }
             Err(e) => tracing::warn!(pod = %self.uid, error = %e, "status update failed"),
         }
     }
