@@ -30,10 +30,12 @@
 //! - [`events`]: Events with upstream's aggregation of repeats.
 //! - [`layout`]: sandbox/container IDs, their labels and log paths (shared by pod workers and the kubelet API).
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
+//! - [`agent`]: the running kubelet that wires all of the above to the API server, the runtime and CNI.
 
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod cni;
 pub mod config;
 pub mod dns;

@@ -1,5 +1,5 @@
-//! `windlass-kubelet`: parses the flag contract from issue 6, checks it, and reports what it found. The pod
-//! lifecycle is not wired to the runtime and API server yet, so it then exits non-zero rather than pretend to run.
+//! `windlass-kubelet`: parses the flag contract from issue 6, checks it, and runs the node agent
+//! ([`windlass_kubelet::agent`]) until SIGTERM or SIGINT. Pods keep running when it exits, as upstream's do.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use windlass_kubelet::config::{default_node_name, defaults, Config, ConfigError};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "windlass-kubelet",
     version,
@@ -61,10 +61,23 @@ struct Cli {
     /// Resolver configuration given to pods with dnsPolicy Default.
     #[arg(long, default_value = defaults::RESOLV_CONF)]
     resolv_conf: PathBuf,
+    /// The `windlass-runtime` executable (default: next to this program, else from PATH).
+    #[arg(long)]
+    runtime_binary: Option<PathBuf>,
 }
 
-impl From<Cli> for Config {
-    fn from(c: Cli) -> Self {
+/// `windlass-runtime` next to the running executable, else the bare name for PATH lookup.
+fn default_runtime_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("windlass-runtime")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("windlass-runtime"))
+}
+
+impl From<&Cli> for Config {
+    fn from(c: &Cli) -> Self {
+        let c = c.clone();
         Config {
             kubeconfig: c.kubeconfig,
             node_name: c.node_name.unwrap_or_else(default_node_name),
@@ -110,8 +123,10 @@ fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut config: Config = Cli::parse().into();
+    let cli = Cli::parse();
+    let mut config: Config = (&cli).into();
     config.validate()?;
     if config.node_ip.is_none() {
         config.node_ip = windlass_kubelet::node::detect_node_ip(std::path::Path::new("/proc"));
@@ -143,10 +158,35 @@ fn run() -> anyhow::Result<()> {
     }
     match windlass_kubelet::cni::load_first(&config.cni_conf_dir) {
         Ok(net) => tracing::info!(network = %net.name, file = %net.source.display(), "CNI network"),
-        Err(e) => tracing::warn!(error = %e, "no CNI network yet; the node would report NotReady"),
+        Err(e) => {
+            tracing::warn!(error = %e, "no CNI network yet; the node reports NotReady until one appears")
+        }
     }
-    anyhow::bail!(
-        "windlass-kubelet is not wired to the container runtime and API server yet: flags, static pod manifests \
-         and the CNI configuration were checked, but no pods can be run"
-    )
+    let agent = windlass_kubelet::agent::AgentConfig {
+        config,
+        runtime_binary: cli.runtime_binary.unwrap_or_else(default_runtime_binary),
+        cgroup_mount: PathBuf::from(windlass_kubelet::agent::DEFAULT_CGROUP_MOUNT),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch SIGTERM");
+                        let _ = tokio::signal::ctrl_c().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            }
+        };
+        windlass_kubelet::agent::run(agent, shutdown).await
+    })?;
+    // Blocking runtime calls in flight are not waited for: what they leave is found again at the next start.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
 }

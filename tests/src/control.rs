@@ -13,6 +13,8 @@ pub struct ControlPlane {
     pub port: u16,
     child: Option<ChildGuard>,
     extra_args: Vec<String>,
+    /// The network namespace (`ip netns` name) the server and kubectl run in; `None` for the test's own.
+    netns: Option<String>,
     /// The etcd member the server stores into when the suite runs on the etcd backend (dropped after the server).
     _etcd: Option<crate::etcd_member::EtcdMember>,
 }
@@ -35,12 +37,23 @@ impl ControlPlane {
     /// Like [`ControlPlane::start`], with extra `serve` arguments computed from the data directory (e.g. a token
     /// file written there).
     pub fn start_with(extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
+        Self::start_in(None, extra_args)
+    }
+
+    /// Starts a server inside the network namespace `netns` (an `ip netns` name, e.g. a node namespace the
+    /// test created), listening on that namespace's loopback; [`ControlPlane::kubectl_cmd`] runs kubectl there.
+    pub fn start_in_netns(netns: &str) -> Self {
+        Self::start_in(Some(netns.to_string()), |_| Vec::new())
+    }
+
+    fn start_in(netns: Option<String>, extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-control-")
             .tempdir()
             .expect("temp data dir");
         let mut extra_args = extra_args(dir.path());
-        let etcd = store_backend_is_etcd().then(crate::etcd_member::EtcdMember::start);
+        // The etcd member listens on the test's own loopback, so only servers there use it.
+        let etcd = (netns.is_none() && store_backend_is_etcd()).then(crate::etcd_member::EtcdMember::start);
         if let Some(e) = &etcd {
             extra_args.extend(["--etcd-servers".to_string(), e.client_url.clone()]);
         }
@@ -49,6 +62,7 @@ impl ControlPlane {
             port: free_port(),
             child: None,
             extra_args,
+            netns,
             _etcd: etcd,
         };
         cp.spawn();
@@ -75,7 +89,7 @@ impl ControlPlane {
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         let child = ChildGuard::spawn(
-            Command::new(workspace_binary("windlass-control"))
+            self.command(workspace_binary("windlass-control"))
                 .args(["serve", "--bind-address", "127.0.0.1", "--secure-port"])
                 .arg(self.port.to_string())
                 .arg("--data-dir")
@@ -103,8 +117,10 @@ impl ControlPlane {
                         self.log()
                     );
                 }
+                // Inside another namespace the port is not reachable from here; kubectl (run there) tells.
                 if !kubeconfig.exists()
-                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                    || (self.netns.is_none()
+                        && std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
                 {
                     return None;
                 }
@@ -112,6 +128,18 @@ impl ControlPlane {
                 out.status.success().then_some(())
             },
         );
+    }
+
+    /// `program` as a command in the server's network namespace (`ip netns exec`) when it has one.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
     }
 
     /// Stops the server (SIGKILL) and starts it again on the same data directory and port.
@@ -136,7 +164,7 @@ impl ControlPlane {
             None => PathBuf::from("kubectl"),
             Some(v) => kubectl_version_path(v),
         };
-        let mut c = Command::new(bin);
+        let mut c = self.command(bin);
         c.env("KUBECONFIG", self.kubeconfig())
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("HOME", self.dir.path())

@@ -21,6 +21,7 @@ pub mod cni_lab;
 pub mod control;
 pub mod etcd_member;
 pub mod image_fixture;
+pub mod kubelet_lab;
 pub mod lab;
 pub mod netns;
 pub mod proxy_lab;

@@ -26,6 +26,8 @@ pub struct Registry {
     /// `127.0.0.1:<port>`.
     pub addr: String,
     pub tls: Option<RegistryTls>,
+    /// The `ip netns` name the registry listens in, if not the test's own namespace.
+    netns: Option<String>,
 }
 
 fn free_port() -> io::Result<u16> {
@@ -91,15 +93,32 @@ fn make_certs(dir: &Path) -> PathBuf {
 impl Registry {
     /// A plain-HTTP registry (pull with `--insecure-registry`).
     pub fn start() -> io::Result<Self> {
-        Self::launch(None)
+        Self::launch(None, None)
+    }
+
+    /// A plain-HTTP registry on the loopback of network namespace `netns` (an `ip netns` name), for a node that
+    /// lives there; [`Registry::push`] then runs skopeo in that namespace too.
+    pub fn start_in_netns(netns: &str) -> io::Result<Self> {
+        Self::launch(None, Some(netns.to_string()))
+    }
+
+    fn command(netns: Option<&str>, program: &str) -> Command {
+        match netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+        }
     }
 
     /// A registry serving TLS with a fresh CA and requiring `user`/`password` (htpasswd, bcrypt).
     pub fn start_tls_auth(user: &str, password: &str) -> io::Result<Self> {
-        Self::launch(Some((user, password)))
+        Self::launch(Some((user, password)), None)
     }
 
-    fn launch(auth: Option<(&str, &str)>) -> io::Result<Self> {
+    fn launch(auth: Option<(&str, &str)>, netns: Option<String>) -> io::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("windlass-registry-")
             .tempdir()?;
@@ -132,21 +151,31 @@ impl Registry {
         fs::write(&config_path, config)?;
         let log = fs::File::create(dir.path().join("registry.log"))?;
         let child = ChildGuard::spawn(
-            Command::new("docker-registry")
+            Self::command(netns.as_deref(), "docker-registry")
                 .arg("serve")
                 .arg(&config_path)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log),
         )?;
-        wait_for("the registry to listen", Duration::from_secs(20), || {
-            TcpStream::connect(&addr).ok()
-        });
+        wait_for(
+            "the registry to listen",
+            Duration::from_secs(20),
+            || match &netns {
+                None => TcpStream::connect(&addr).ok().map(drop),
+                Some(ns) => crate::lab::in_netns(&Path::new("/run/netns").join(ns), || {
+                    TcpStream::connect(&addr).ok().map(drop)
+                })
+                .ok()
+                .flatten(),
+            },
+        );
         Ok(Self {
             _child: child,
             dir,
             addr,
             tls,
+            netns,
         })
     }
 
@@ -170,7 +199,7 @@ impl Registry {
     /// Pushes `oci:<layout>:<tag>` to `<addr>/<repo_tag>` with skopeo (Docker schema2 when `v2s2`; `--all` so
     /// an index is pushed with every manifest).
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str, v2s2: bool) {
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = Self::command(self.netns.as_deref(), "skopeo");
         cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
         if v2s2 {
             cmd.args(["--format", "v2s2"]);

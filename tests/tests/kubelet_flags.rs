@@ -1,12 +1,13 @@
-//! The `windlass-kubelet` flag contract scripts and the lab rely on (issue 6). The binary is not wired to the
-//! runtime and API server yet, so it must say so and exit non-zero after checking its flags.
+//! The `windlass-kubelet` flag contract scripts and the lab rely on (issue 6). With every flag given but no
+//! reachable API server (a kubeconfig that does not exist), it must check its flags, then fail naming the
+//! kubeconfig. The running kubelet is covered end to end in `kubelet_e2e.rs`.
 
 use std::process::Command;
 
 use windlass_tests::workspace_binary;
 
 #[test]
-fn every_contract_flag_is_accepted_and_the_unwired_kubelet_says_so() {
+fn every_contract_flag_is_accepted_and_a_missing_kubeconfig_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).expect("mkdir");
@@ -53,12 +54,13 @@ fn every_contract_flag_is_accepted_and_the_unwired_kubelet_says_so() {
             "127.0.0.1:5001",
         ])
         .args(["--port", "20250", "--healthz-port", "20248"])
+        .args(["--runtime-binary", "/usr/bin/true"])
         .output()
         .expect("run windlass-kubelet");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("not wired to the container runtime and API server"),
+        stderr.contains("kubeconfig /nonexistent/kubeconfig"),
         "{stderr}"
     );
     assert!(stderr.contains("web-node-a"), "static pod found: {stderr}");

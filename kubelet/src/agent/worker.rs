@@ -1,0 +1,1237 @@
+//! One pod's worker: syncs the runtime towards the pod's spec whenever the pod changes, a probe result changes,
+//! or a resync is due, and tears everything down when the pod is deleted.
+//!
+//! Ref: upstream `pod_workers.go` (`managePodLoop`), `kubelet.go` (`SyncPod`, `SyncTerminatingPod`,
+//! `SyncTerminatedPod`), `kuberuntime_manager.go` (`SyncPod`: kill → sandbox → init container → containers) and
+//! `kuberuntime_container.go` (`startContainer`, `killContainer`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use windlass_runtime::image::{BundleOptions, ContainerProcessSpec, PullOptions};
+use windlass_runtime::{ContainerConfig, SandboxConfig};
+
+use super::api;
+use super::runtime::{
+    api_container_id, ContainerRecord, PodRuntime, PodView, RuntimeError, SandboxRecord,
+};
+use super::Shared;
+use crate::cni::RuntimeConf;
+use crate::env::{self, PodContext};
+use crate::events::{self, reasons as ev, EventType};
+use crate::lifecycle::{self, HookTarget, StopReason};
+use crate::mounts::{self, MountSpec, PodFiles};
+use crate::probes::{ContainerProbes, ExecRunner, NetProber, ProbeStatus};
+use crate::restart::{crash_loop_message, BackOff};
+use crate::status::{self, latest, reasons, RuntimeState, StatusInput, WaitingReason};
+use crate::sync::{compute_pod_actions, container_hash};
+use crate::volumes::{MountedVolume, NoTokens};
+use crate::{dns, layout, pull, qos};
+
+/// How often a pod is resynced when nothing else wakes its worker (upstream relists every second and resyncs
+/// every minute; a short period here keeps exited containers and their restarts prompt).
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// Runs commands in a pod's containers for exec probes and hooks. Container IDs are the API's
+/// (`windlass://<sandbox>/<container>`).
+pub(crate) struct SandboxExec {
+    rt: PodRuntime,
+}
+
+fn split_api_id(id: &str) -> Option<(String, String)> {
+    let rest = id.strip_prefix("windlass://")?;
+    let (sb, c) = rest.split_once('/')?;
+    Some((sb.to_string(), c.to_string()))
+}
+
+impl ExecRunner for SandboxExec {
+    async fn exec(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<i32, String> {
+        let (sb, cid) = split_api_id(container_id)
+            .ok_or_else(|| format!("unknown container {container_id}"))?;
+        let rt = self.rt.clone();
+        let cmd = cmd.to_vec();
+        let result =
+            tokio::task::spawn_blocking(move || rt.sandboxes.exec_sync(&sb, &cid, &cmd, timeout))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        if result.timed_out {
+            return Err(format!("command timed out after {timeout:?}"));
+        }
+        Ok(result.exit_code)
+    }
+}
+
+/// Why a container could not be started this sync (shown as its waiting reason).
+struct StartFailure {
+    reason: &'static str,
+    message: String,
+}
+
+impl StartFailure {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+pub(crate) struct PodWorker {
+    shared: Arc<Shared>,
+    uid: String,
+    pod_rx: watch::Receiver<Option<Pod>>,
+    exec: Arc<SandboxExec>,
+    backoff: BackOff,
+    image_backoff: BackOff,
+    /// When each image's last pull failed (its back-off window starts there).
+    image_backoff_since: HashMap<String, Instant>,
+    /// Last start failure per container name.
+    reasons: HashMap<String, WaitingReason>,
+    /// Probe workers per running container instance (API container ID) → (container name, workers).
+    probes: HashMap<String, (String, ContainerProbes)>,
+    probe_changed: Arc<Notify>,
+    last_status: Option<PodStatus>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RuntimeError> + Send + 'static,
+) -> Result<T, RuntimeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RuntimeError::Join(e.to_string()))?
+}
+
+fn pod_name(pod: &Pod) -> (&str, &str) {
+    (
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// A jiff timestamp in the past as a tokio instant (for back-off windows that start when a container exited).
+fn instant_of(ts: Timestamp) -> Instant {
+    let ago = Timestamp::now().duration_since(ts).unsigned_abs();
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+fn bind_mount(m: &MountSpec) -> serde_json::Value {
+    let mut options = vec!["rbind".to_string(), m.propagation.to_string()];
+    if m.read_only {
+        options.push("ro".into());
+    }
+    serde_json::json!({
+        "destination": m.destination,
+        "type": "bind",
+        "source": m.source,
+        "options": options,
+    })
+}
+
+/// Upstream's (containerd's) default capability set for containers.
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+fn capabilities(c: &Container) -> Vec<String> {
+    let sc = c.security_context.as_ref();
+    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+    let norm = |s: &str| {
+        let up = s.to_uppercase();
+        if up.starts_with("CAP_") {
+            up
+        } else {
+            format!("CAP_{up}")
+        }
+    };
+    if let Some(cs) = sc.and_then(|s| s.capabilities.as_ref()) {
+        for d in cs.drop.iter().flatten() {
+            if d.eq_ignore_ascii_case("ALL") {
+                caps.clear();
+            } else {
+                let d = norm(d);
+                caps.retain(|x| *x != d);
+            }
+        }
+        for a in cs.add.iter().flatten() {
+            let a = norm(a);
+            if !caps.contains(&a) {
+                caps.push(a);
+            }
+        }
+    }
+    caps
+}
+
+/// Applies the kubelet's parts of the container's OCI config to the bundle the image store wrote: mounts,
+/// resources, capabilities, read-only root, the pod's shared PID namespace handled by the runtime.
+fn edit_config(
+    bundle: &std::path::Path,
+    pod: &Pod,
+    c: &Container,
+    mounts: &[MountSpec],
+) -> Result<(), StartFailure> {
+    let path = bundle.join("config.json");
+    let fail = |e: String| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e);
+    let text = std::fs::read(&path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    // Kubelet mounts replace any default mount at the same destination (e.g. a volume at /dev/shm).
+    let dests: Vec<&str> = mounts.iter().map(|m| m.destination.as_str()).collect();
+    if let Some(list) = spec["mounts"].as_array_mut() {
+        list.retain(|m| !dests.contains(&m["destination"].as_str().unwrap_or_default()));
+        list.extend(mounts.iter().map(bind_mount));
+    }
+    let resources = qos::container_resources(c)
+        .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string()))?;
+    spec["linux"]["resources"] =
+        serde_json::to_value(&resources).map_err(|e| fail(e.to_string()))?;
+    let sc = c.security_context.as_ref();
+    let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
+    let caps = if privileged {
+        spec["process"]["capabilities"]["bounding"].clone()
+    } else {
+        serde_json::json!(capabilities(c))
+    };
+    if !privileged {
+        for set in ["bounding", "effective", "permitted"] {
+            spec["process"]["capabilities"][set] = caps.clone();
+        }
+    }
+    if sc
+        .and_then(|s| s.read_only_root_filesystem)
+        .unwrap_or(false)
+    {
+        spec["root"]["readonly"] = true.into();
+    }
+    if sc.and_then(|s| s.allow_privilege_escalation) == Some(false) {
+        spec["process"]["noNewPrivileges"] = true.into();
+    }
+    // A negative score needs CAP_SYS_RESOURCE, which some hosts lack: keep the inherited score there rather than
+    // fail the pod (the qos module documents why).
+    let oom = qos::container_oom_score_adj(pod, c, 0);
+    if oom >= 0 {
+        spec["process"]["oomScoreAdj"] = oom.into();
+    }
+    spec["process"]["terminal"] = c.tty.unwrap_or(false).into();
+    let out = serde_json::to_vec_pretty(&spec).map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&path, out).map_err(|e| fail(format!("{}: {e}", path.display())))
+}
+
+impl PodWorker {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        uid: String,
+        pod_rx: watch::Receiver<Option<Pod>>,
+    ) -> Self {
+        let exec = Arc::new(SandboxExec {
+            rt: shared.rt.clone(),
+        });
+        Self {
+            shared,
+            uid,
+            pod_rx,
+            exec,
+            backoff: BackOff::default(),
+            image_backoff: BackOff::default(),
+            image_backoff_since: HashMap::new(),
+            reasons: HashMap::new(),
+            probes: HashMap::new(),
+            probe_changed: Arc::new(Notify::new()),
+            last_status: None,
+        }
+    }
+
+    /// The worker loop: returns once the pod is torn down.
+    pub(crate) async fn run(mut self) {
+        let mut next = Duration::ZERO;
+        let mut first = true;
+        loop {
+            if !first {
+                let notify = self.probe_changed.clone();
+                tokio::select! {
+                    changed = self.pod_rx.changed() => {
+                        if changed.is_err() {
+                            return; // the manager is gone (kubelet shutting down)
+                        }
+                    }
+                    _ = tokio::time::sleep(next) => {}
+                    _ = notify.notified() => {}
+                }
+            }
+            first = false;
+            let pod = self.pod_rx.borrow_and_update().clone();
+            let span = tracing::info_span!("pod", uid = %self.uid);
+            let _enter = span.enter();
+            drop(_enter);
+            match pod {
+                None => {
+                    self.terminate(None).await;
+                    return;
+                }
+                Some(p) if p.metadata.deletion_timestamp.is_some() => {
+                    self.terminate(Some(&p)).await;
+                    if let Err(e) = api::delete_pod(&self.shared.client, &p).await {
+                        tracing::warn!(pod = %self.uid, error = %e, "final pod deletion failed");
+                    }
+                    return;
+                }
+                Some(p) => {
+                    next = match self.sync(&p).await {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(pod = %self.uid, error = %e, "pod sync failed");
+                            RESYNC
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    async fn view(&self) -> Result<PodView, RuntimeError> {
+        let rt = self.shared.rt.clone();
+        let uid = self.uid.clone();
+        blocking(move || rt.pod_view(&uid)).await
+    }
+
+    fn pod_context(&self, pod_ips: &[String]) -> PodContext {
+        PodContext {
+            node_name: self.shared.cfg.node_name.clone(),
+            host_ips: vec![self.shared.node_ip.clone()],
+            pod_ips: pod_ips.to_vec(),
+            node_allocatable: self
+                .shared
+                .allocatable
+                .read()
+                .map(|a| a.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Probe workers for running containers that have probes; gone or stopped containers lose theirs.
+    fn refresh_probes(&mut self, pod: &Pod, view: &PodView) {
+        let running: HashMap<&str, &crate::status::RuntimeContainer> = view
+            .containers
+            .iter()
+            .filter(|c| c.state == RuntimeState::Running)
+            .map(|c| (c.id.as_str(), c))
+            .collect();
+        self.probes
+            .retain(|id, _| running.contains_key(id.as_str()));
+        let Some(spec) = &pod.spec else { return };
+        let pod_ip: Option<IpAddr> = view.ips.first().and_then(|ip| ip.parse().ok());
+        for (id, rc) in running {
+            if self.probes.contains_key(id) {
+                continue;
+            }
+            let Some(c) = spec.containers.iter().find(|c| c.name == rc.name) else {
+                continue;
+            };
+            if c.liveness_probe.is_none()
+                && c.readiness_probe.is_none()
+                && c.startup_probe.is_none()
+            {
+                continue;
+            }
+            let Some(ip) = pod_ip else { continue };
+            let prober = NetProber {
+                pod_ip: ip,
+                container_id: id.to_string(),
+                ports: c.ports.clone().unwrap_or_default(),
+                exec: self.exec.clone(),
+            };
+            let started = rc.started_at.map(instant_of).unwrap_or_else(Instant::now);
+            let probes = ContainerProbes::spawn(c, Arc::new(prober), started);
+            let mut rx = probes.watch();
+            let notify = self.probe_changed.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    notify.notify_one();
+                }
+            });
+            self.probes
+                .insert(id.to_string(), (rc.name.clone(), probes));
+        }
+    }
+
+    fn probe_statuses(&self, view: &PodView) -> HashMap<String, ProbeStatus> {
+        let mut out = HashMap::new();
+        for (id, (name, probes)) in &self.probes {
+            // Only the newest instance of a container speaks for it.
+            if latest(&view.containers, name).is_some_and(|c| &c.id == id) {
+                out.insert(name.clone(), probes.status());
+            }
+        }
+        out
+    }
+
+    /// One sync; returns when the next one is due at the latest.
+    async fn sync(&mut self, pod: &Pod) -> Result<Duration, RuntimeError> {
+        let mut next = RESYNC;
+        let view = self.view().await?;
+        self.refresh_probes(pod, &view);
+        let probe_status = self.probe_statuses(&view);
+        let actions = compute_pod_actions(pod, &view.sandboxes, &view.containers, &probe_status);
+        tracing::debug!(pod = %self.uid, ?actions, "sync");
+
+        if actions.kill_pod {
+            self.kill_pod(Some(pod), &view, StopReason::Other).await;
+        } else {
+            for (id, why) in &actions.containers_to_kill {
+                let reason = if why.message.contains("liveness") {
+                    StopReason::LivenessProbe
+                } else if why.message.contains("startup") {
+                    StopReason::StartupProbe
+                } else {
+                    StopReason::Other
+                };
+                self.shared.event(
+                    &events::pod_ref(pod, Some(&why.name)),
+                    EventType::Normal,
+                    ev::KILLING,
+                    &format!("Stopping container {}", why.name),
+                );
+                self.probes.remove(id);
+                self.kill_container(Some(pod), &view, id, reason).await;
+            }
+        }
+
+        let sandbox_id = if actions.create_sandbox {
+            match self.create_sandbox(pod, actions.attempt).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    self.shared.event(
+                        &events::pod_ref(pod, None),
+                        EventType::Warning,
+                        ev::FAILED_CREATE_POD_SANDBOX,
+                        &format!("Failed to create pod sandbox: {e}"),
+                    );
+                    None
+                }
+            }
+        } else if actions.kill_pod {
+            None
+        } else {
+            actions.sandbox_id.clone()
+        };
+
+        if let Some(sandbox_id) = sandbox_id {
+            let view = if actions.create_sandbox {
+                self.view().await?
+            } else {
+                view
+            };
+            match self.prepare_pod(pod, &view.ips).await {
+                Ok((files, volumes)) => {
+                    let to_start: Vec<(Container, bool)> = match actions.next_init_container {
+                        Some(i) => pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.init_containers.as_ref())
+                            .and_then(|ics| ics.get(i))
+                            .map(|c| vec![(c.clone(), true)])
+                            .unwrap_or_default(),
+                        None => actions
+                            .containers_to_start
+                            .iter()
+                            .filter_map(|&i| pod.spec.as_ref()?.containers.get(i).cloned())
+                            .map(|c| (c, false))
+                            .collect(),
+                    };
+                    for (c, init) in to_start {
+                        if let Some(wait) = self
+                            .start_container(pod, &view, &sandbox_id, &c, init, &files, &volumes)
+                            .await
+                        {
+                            next = next.min(wait);
+                        }
+                    }
+                }
+                Err(f) => {
+                    self.shared.event(
+                        &events::pod_ref(pod, None),
+                        EventType::Warning,
+                        ev::FAILED_MOUNT,
+                        &f.message,
+                    );
+                    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                        self.reasons.insert(
+                            c.name.clone(),
+                            WaitingReason {
+                                reason: f.reason.into(),
+                                message: f.message.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+
+        let view = self.view().await?;
+        self.refresh_probes(pod, &view);
+        self.update_status(pod, &view, false).await;
+        Ok(next)
+    }
+
+    /// Pod files (`/etc/hosts`, resolv.conf, hostname) and volumes, refreshed every sync (configMap and
+    /// secret volumes follow their objects).
+    async fn prepare_pod(
+        &self,
+        pod: &Pod,
+        ips: &[String],
+    ) -> Result<(PodFiles, Vec<MountedVolume>), StartFailure> {
+        let source = api::config_source(&self.shared.client, pod)
+            .await
+            .map_err(|e| {
+                StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+            })?;
+        let pod_dir = self.shared.rt.pod_dir(&self.uid);
+        let hosts = dns::hosts_file(
+            pod,
+            ips,
+            &self.shared.cfg.cluster_domain,
+            &self.shared.node_hosts,
+        );
+        let resolv = dns::pod_resolv_conf(pod, &self.shared.dns).render();
+        let hostname = dns::hostname_file(pod, &self.shared.cfg.cluster_domain);
+        let ctx = self.pod_context(ips);
+        let volumes = self.shared.volumes.clone();
+        let pod = pod.clone();
+        tokio::task::spawn_blocking(move || {
+            let files =
+                mounts::write_pod_files(&pod_dir, &hosts, &resolv, &hostname).map_err(|e| {
+                    StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+                })?;
+            let vols = volumes.setup(&pod, &ctx, &source, &NoTokens).map_err(|e| {
+                StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+            })?;
+            Ok((files, vols))
+        })
+        .await
+        .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?
+    }
+
+    /// Creates the sandbox (pod cgroup, namespaces) and attaches it to the pod network through CNI; undone on
+    /// failure. Returns its ID.
+    async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) -> Result<String, String> {
+        let (ns, name) = pod_name(pod);
+        let id = layout::sandbox_id(&self.uid, attempt);
+        let qos_class = qos::pod_qos(pod);
+        let spec = pod.spec.clone().unwrap_or_default();
+        let labels = HashMap::from([
+            (layout::LABEL_POD_NAME.to_string(), name.to_string()),
+            (layout::LABEL_POD_NAMESPACE.to_string(), ns.to_string()),
+            (layout::LABEL_POD_UID.to_string(), self.uid.clone()),
+            (
+                layout::LABEL_SANDBOX_ATTEMPT.to_string(),
+                attempt.to_string(),
+            ),
+        ]);
+        let sysctls: HashMap<String, String> = spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.sysctls.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.name, s.value))
+            .collect();
+        let cfg = SandboxConfig {
+            id: id.clone(),
+            hostname: dns::hostname_and_domain(pod, &self.shared.cfg.cluster_domain).0,
+            cgroup_parent: qos::pod_cgroup(&self.shared.cfg.cgroup_root, qos_class, &self.uid),
+            resources: qos::pod_resources(pod).ok(),
+            share_pid: spec.share_process_namespace.unwrap_or(false),
+            sysctls,
+            labels,
+            annotations: HashMap::new(),
+        };
+        let rt = self.shared.rt.clone();
+        let info = blocking(move || Ok(rt.sandboxes.create_sandbox(&cfg)?))
+            .await
+            .map_err(|e| e.to_string())?;
+        let net = self
+            .shared
+            .cni
+            .network()
+            .map_err(|e| format!("network plugin not ready: {e}"));
+        let resolv = dns::pod_resolv_conf(pod, &self.shared.dns);
+        let attached = match net {
+            Ok(net) => {
+                let rc = RuntimeConf::for_pod(pod, &id, &info.netns_path, Some(&resolv));
+                self.shared
+                    .cni
+                    .add(&net, &rc)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e),
+        };
+        let result = match attached {
+            Ok(r) => r,
+            Err(e) => {
+                let rt = self.shared.rt.clone();
+                let (uid, sid) = (self.uid.clone(), id.clone());
+                let _ = blocking(move || Ok(rt.remove_sandbox(&uid, &sid))).await;
+                return Err(e);
+            }
+        };
+        let ips: Vec<String> = result
+            .ips_for("eth0")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let rt = self.shared.rt.clone();
+        let (uid, sid) = (self.uid.clone(), id.clone());
+        blocking(move || rt.write_sandbox_record(&uid, &sid, &SandboxRecord { ips }))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(pod = %self.uid, sandbox = %id, "sandbox ready");
+        Ok(id)
+    }
+
+    /// Makes sure the container's image is in the store per its pull policy; the image's digest reference.
+    async fn ensure_image(&mut self, pod: &Pod, c: &Container) -> Result<String, StartFailure> {
+        let image = c.image.clone().unwrap_or_default();
+        let store = self.shared.rt.images.clone();
+        let img = image.clone();
+        let present = tokio::task::spawn_blocking(move || store.get(&img).ok())
+            .await
+            .ok()
+            .flatten();
+        let must_pull =
+            pull::should_pull(&image, c.image_pull_policy.as_deref(), present.is_some())
+                .map_err(|m| StartFailure::new(reasons::ERR_IMAGE_NEVER_PULL, m))?;
+        if !must_pull {
+            if let Some(r) = present {
+                return Ok(r.repo_digest());
+            }
+        }
+        let key = format!("{}_{image}", self.uid);
+        if let Some(at) = self.image_backoff_since.get(&key) {
+            if self.image_backoff.remaining(&key, *at).is_some() {
+                return Err(StartFailure::new(
+                    reasons::IMAGE_PULL_BACK_OFF,
+                    pull::image_pull_back_off_message(&image),
+                ));
+            }
+        }
+        let container_ref = events::pod_ref(pod, Some(&c.name));
+        self.shared.event(
+            &container_ref,
+            EventType::Normal,
+            ev::PULLING,
+            &format!("Pulling image \"{image}\""),
+        );
+        let opts = PullOptions {
+            insecure_registries: self.shared.cfg.insecure_registries.clone(),
+            credentials: api::pull_credentials(&self.shared.client, pod).await,
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        match self.shared.rt.images.pull(&image, &opts).await {
+            Ok(outcome) => {
+                self.image_backoff.forget(&key);
+                self.image_backoff_since.remove(&key);
+                self.shared.event(
+                    &container_ref,
+                    EventType::Normal,
+                    ev::PULLED,
+                    &format!(
+                        "Successfully pulled image \"{image}\" in {:.3}s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
+                Ok(outcome.record.repo_digest())
+            }
+            Err(e) => {
+                self.image_backoff.next(&key);
+                self.image_backoff_since.insert(key, Instant::now());
+                let message = format!("Failed to pull image \"{image}\": {e}");
+                self.shared
+                    .event(&container_ref, EventType::Warning, ev::FAILED, &message);
+                Err(StartFailure::new(reasons::ERR_IMAGE_PULL, message))
+            }
+        }
+    }
+
+    /// Starts one container unless it is backing off; returns how soon to look again when it is.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_container(
+        &mut self,
+        pod: &Pod,
+        view: &PodView,
+        sandbox_id: &str,
+        c: &Container,
+        init: bool,
+        files: &PodFiles,
+        volumes: &[MountedVolume],
+    ) -> Option<Duration> {
+        let (ns, name) = pod_name(pod);
+        let key = BackOff::key(name, ns, &self.uid, &c.name);
+        let previous = latest(&view.containers, &c.name);
+        if let Some(prev) = previous.filter(|p| p.state == RuntimeState::Exited) {
+            let finished = prev
+                .finished_at
+                .map(instant_of)
+                .unwrap_or_else(Instant::now);
+            if let Some(wait) = self.backoff.remaining(&key, finished) {
+                let delay = self.backoff.current(&key).unwrap_or(wait);
+                let message = crash_loop_message(delay, &c.name, name, ns, &self.uid);
+                self.shared.event(
+                    &events::pod_ref(pod, Some(&c.name)),
+                    EventType::Warning,
+                    ev::BACK_OFF,
+                    "Back-off restarting failed container",
+                );
+                self.reasons.insert(
+                    c.name.clone(),
+                    WaitingReason {
+                        reason: reasons::CRASH_LOOP_BACK_OFF.into(),
+                        message,
+                    },
+                );
+                return Some(wait);
+            }
+            self.backoff.next(&key);
+        }
+        let restart = previous.map(|p| p.restart_count + 1).unwrap_or(0).max(0) as u32;
+        match self
+            .create_and_start(pod, view, sandbox_id, c, init, restart, files, volumes)
+            .await
+        {
+            Ok(()) => {
+                self.reasons.remove(&c.name);
+                None
+            }
+            Err(f) => {
+                let backing_off = f.reason == reasons::IMAGE_PULL_BACK_OFF;
+                if !backing_off {
+                    tracing::warn!(pod = %self.uid, container = %c.name, reason = f.reason, error = %f.message, "container not started");
+                }
+                if f.reason != reasons::ERR_IMAGE_PULL && !backing_off {
+                    self.shared.event(
+                        &events::pod_ref(pod, Some(&c.name)),
+                        EventType::Warning,
+                        ev::FAILED,
+                        &format!("Error: {}", f.message),
+                    );
+                }
+                self.reasons.insert(
+                    c.name.clone(),
+                    WaitingReason {
+                        reason: f.reason.into(),
+                        message: f.message,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_and_start(
+        &mut self,
+        pod: &Pod,
+        view: &PodView,
+        sandbox_id: &str,
+        c: &Container,
+        init: bool,
+        restart: u32,
+        files: &PodFiles,
+        volumes: &[MountedVolume],
+    ) -> Result<(), StartFailure> {
+        let (ns, name) = pod_name(pod);
+        let image_ref = self.ensure_image(pod, c).await?;
+        let image = c.image.clone().unwrap_or_default();
+        let cid = layout::container_id(&c.name, restart);
+        let ctx = self.pod_context(&view.ips);
+        let services = self.services(ns).await;
+        let source = api::config_source(&self.shared.client, pod)
+            .await
+            .map_err(|e| {
+                StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+            })?;
+        let enable_links = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let service_env = env::service_env(&services, ns, enable_links);
+        let resolved = env::container_env(pod, c, &ctx, &source, &service_env).map_err(|e| {
+            StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+        })?;
+        if !resolved.invalid_keys.is_empty() {
+            self.shared.event(
+                &events::pod_ref(pod, Some(&c.name)),
+                EventType::Warning,
+                ev::INVALID_ENV_VAR_NAMES,
+                &format!(
+                    "Keys [{}] from the EnvFrom were skipped since they are invalid environment variable names.",
+                    resolved.invalid_keys.join(", ")
+                ),
+            );
+        }
+        let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        let sc = c.security_context.as_ref();
+        let to_u32 = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
+        let process = ContainerProcessSpec {
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            env: resolved.env.vars().to_vec(),
+            working_dir: c.working_dir.clone(),
+            run_as_user: to_u32(
+                sc.and_then(|s| s.run_as_user)
+                    .or(pod_sc.and_then(|s| s.run_as_user)),
+            ),
+            run_as_group: to_u32(
+                sc.and_then(|s| s.run_as_group)
+                    .or(pod_sc.and_then(|s| s.run_as_group)),
+            ),
+        };
+        let pod_dir = self.shared.rt.pod_dir(&self.uid);
+        let mut mounts =
+            mounts::container_mounts(c, volumes, &resolved.env, Some(files)).map_err(|e| {
+                StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
+            })?;
+        let term = mounts::termination_log_mount(&pod_dir, c, &cid)
+            .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?;
+        mounts.push(term);
+        let root = self.shared.cfg.root_dir.clone();
+        let log_path = layout::container_log_path(&root, ns, name, &self.uid, &c.name, restart);
+        let rt = self.shared.rt.clone();
+        let bundle = rt.bundle_dir(&self.uid, sandbox_id, &cid);
+        let record = ContainerRecord {
+            hash: container_hash(c),
+            image: image.clone(),
+            image_ref,
+            started_at: String::new(),
+            init,
+        };
+        let (uid, sid, cid2, pod2, c2) = (
+            self.uid.clone(),
+            sandbox_id.to_string(),
+            cid.clone(),
+            pod.clone(),
+            c.clone(),
+        );
+        let created = tokio::task::spawn_blocking(move || -> Result<(), StartFailure> {
+            let create_err = |m: String| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, m);
+            if let Some(parent) = log_path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| create_err(format!("{}: {e}", parent.display())))?;
+            }
+            std::fs::create_dir_all(&bundle)
+                .map_err(|e| create_err(format!("{}: {e}", bundle.display())))?;
+            let lease = PodRuntime::lease_id(&sid, &cid2);
+            let options = BundleOptions {
+                container: process,
+                network_namespace: None,
+                hostname: None,
+            };
+            rt.images
+                .create_bundle(&image, &lease, &bundle, &options)
+                .map_err(|e| create_err(e.to_string()))?;
+            let undo = |rt: &PodRuntime| {
+                let _ = rt.images.remove_bundle(&lease, &bundle);
+                let _ = rt.images.release(&lease);
+                let _ = std::fs::remove_dir_all(&bundle);
+            };
+            if let Err(f) = edit_config(&bundle, &pod2, &c2, &mounts) {
+                undo(&rt);
+                return Err(f);
+            }
+            rt.write_container_record(&uid, &sid, &cid2, &record)
+                .map_err(|e| create_err(e.to_string()))?;
+            let cfg = ContainerConfig {
+                id: cid2.clone(),
+                bundle: bundle.clone(),
+                log_path,
+            };
+            if let Err(e) = rt.sandboxes.create_container(&sid, &cfg) {
+                undo(&rt);
+                return Err(create_err(e.to_string()));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?;
+        created?;
+        let cref = events::pod_ref(pod, Some(&c.name));
+        self.shared.event(
+            &cref,
+            EventType::Normal,
+            ev::CREATED,
+            &format!("Created container: {}", c.name),
+        );
+        let rt = self.shared.rt.clone();
+        let (uid, sid, cid2) = (self.uid.clone(), sandbox_id.to_string(), cid.clone());
+        let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let now = Timestamp::now().to_string();
+            rt.sandboxes
+                .start_container(&sid, &cid2)
+                .map_err(|e| e.to_string())?;
+            let mut record = rt
+                .container_record(&uid, &sid, &cid2)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            record.started_at = now;
+            rt.write_container_record(&uid, &sid, &cid2, &record)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| StartFailure::new(reasons::RUN_CONTAINER_ERROR, e.to_string()))?;
+        if let Err(e) = started {
+            // A container that never ran is removed, so the next attempt starts clean.
+            let rt = self.shared.rt.clone();
+            let (uid, sid, cid2) = (self.uid.clone(), sandbox_id.to_string(), cid.clone());
+            let _ = blocking(move || rt.remove_container(&uid, &sid, &cid2)).await;
+            return Err(StartFailure::new(reasons::RUN_CONTAINER_ERROR, e));
+        }
+        self.shared.event(
+            &cref,
+            EventType::Normal,
+            ev::STARTED,
+            &format!("Started container {}", c.name),
+        );
+        tracing::info!(pod = %self.uid, container = %c.name, restart, "container started");
+        self.remove_old_instances(view, sandbox_id, &c.name, restart)
+            .await;
+        if let Some(handler) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+            if let Some(ip) = view.ips.first().and_then(|ip| ip.parse().ok()) {
+                let target = HookTarget {
+                    pod_ip: ip,
+                    container_id: api_container_id(sandbox_id, &cid),
+                    container: c.clone(),
+                    exec: self.exec.clone(),
+                };
+                let grace = lifecycle::grace_period(pod, c, StopReason::Other);
+                if let Err(msg) = lifecycle::run_hook(handler, &target, grace).await {
+                    self.shared
+                        .event(&cref, EventType::Warning, ev::FAILED_POST_START_HOOK, &msg);
+                    // Upstream kills a container whose postStart hook failed.
+                    let rt = self.shared.rt.clone();
+                    let sid = sandbox_id.to_string();
+                    let _ = blocking(move || rt.stop_container(&sid, &cid, grace)).await;
+                    return Err(StartFailure::new("PostStartHookError", msg));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the new instance and the one before it (for `kubectl logs --previous`); older ones go.
+    async fn remove_old_instances(
+        &self,
+        view: &PodView,
+        sandbox_id: &str,
+        name: &str,
+        restart: u32,
+    ) {
+        let old: Vec<(String, String)> = view
+            .containers
+            .iter()
+            .filter(|c| {
+                c.name == name && c.restart_count >= 0 && (c.restart_count as u32) + 1 < restart
+            })
+            .filter(|c| c.state == RuntimeState::Exited)
+            .filter_map(|c| view.locations.get(&c.id).cloned())
+            .collect();
+        let _ = sandbox_id;
+        if old.is_empty() {
+            return;
+        }
+        let rt = self.shared.rt.clone();
+        let uid = self.uid.clone();
+        let _ = blocking(move || {
+            for (sb, cid) in old {
+                if let Err(e) = rt.remove_container(&uid, &sb, &cid) {
+                    tracing::warn!(container = %cid, error = %e, "removing an old container instance failed");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    async fn services(&self, _ns: &str) -> Vec<k8s_openapi::api::core::v1::Service> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+            kube::Api::all(self.shared.client.clone());
+        match api.list(&Default::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list services for the service environment");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Stops one container instance: preStop hook, then the stop signal with what is left of the grace period.
+    async fn kill_container(
+        &self,
+        pod: Option<&Pod>,
+        view: &PodView,
+        api_id: &str,
+        reason: StopReason,
+    ) {
+        let Some((sb, cid)) = view.locations.get(api_id).cloned() else {
+            return;
+        };
+        let name = layout::parse_container_id(&cid)
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default();
+        let spec = pod.and_then(|p| {
+            p.spec.as_ref().and_then(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+                    .find(|c| c.name == name)
+                    .cloned()
+            })
+        });
+        let mut grace = Duration::from_secs(2);
+        if let (Some(pod), Some(c)) = (pod, spec.as_ref()) {
+            grace = lifecycle::grace_period(pod, c, reason);
+            if let Some(ip) = view.ips.first().and_then(|ip| ip.parse().ok()) {
+                let target = HookTarget {
+                    pod_ip: ip,
+                    container_id: api_id.to_string(),
+                    container: c.clone(),
+                    exec: self.exec.clone(),
+                };
+                let (left, err) = lifecycle::pre_stop(&target, grace).await;
+                if let Some(msg) = err {
+                    self.shared.event(
+                        &events::pod_ref(pod, Some(&c.name)),
+                        EventType::Warning,
+                        ev::FAILED_PRE_STOP_HOOK,
+                        &msg,
+                    );
+                }
+                grace = left;
+            }
+        }
+        let rt = self.shared.rt.clone();
+        if let Err(e) = blocking(move || rt.stop_container(&sb, &cid, grace)).await {
+            tracing::warn!(pod = %self.uid, container = %name, error = %e, "stopping container failed");
+        }
+    }
+
+    /// Stops every running container (in parallel, each with its grace period) and every sandbox, and detaches
+    /// the sandboxes from the network. Sandboxes stay on disk (their containers' statuses count restarts).
+    async fn kill_pod(&mut self, pod: Option<&Pod>, view: &PodView, reason: StopReason) {
+        let running: Vec<String> = view
+            .containers
+            .iter()
+            .filter(|c| matches!(c.state, RuntimeState::Running | RuntimeState::Created))
+            .map(|c| c.id.clone())
+            .collect();
+        if let Some(p) = pod {
+            for id in &running {
+                if let Some((_, cid)) = view.locations.get(id) {
+                    if let Some((name, _)) = layout::parse_container_id(cid) {
+                        self.shared.event(
+                            &events::pod_ref(p, Some(name)),
+                            EventType::Normal,
+                            ev::KILLING,
+                            &format!("Stopping container {name}"),
+                        );
+                    }
+                }
+            }
+        }
+        // Stop containers concurrently so their grace periods overlap, as upstream's killContainersWithSyncResult.
+        futures_util::future::join_all(
+            running
+                .iter()
+                .map(|id| self.kill_container(pod, view, id, reason)),
+        )
+        .await;
+        self.probes.clear();
+        for sb in view.sandboxes.iter().filter(|s| s.ready) {
+            self.detach_network(pod, &sb.id).await;
+            let rt = self.shared.rt.clone();
+            let id = sb.id.clone();
+            if let Err(e) =
+                blocking(move || Ok(rt.sandboxes.stop_sandbox(&id, Duration::ZERO)?)).await
+            {
+                tracing::warn!(pod = %self.uid, sandbox = %sb.id, error = %e, "stopping sandbox failed");
+            }
+        }
+    }
+
+    /// CNI DEL for a sandbox (idempotent; a missing network config is logged).
+    async fn detach_network(&self, pod: Option<&Pod>, sandbox_id: &str) {
+        let net = match self.shared.cni.network() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(pod = %self.uid, error = %e, "no CNI network to detach from");
+                return;
+            }
+        };
+        let netns: PathBuf = crate::layout::sandboxes_dir(&self.shared.cfg.root_dir)
+            .join(sandbox_id)
+            .join("netns");
+        let fallback = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some(self.uid.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let rc = RuntimeConf::for_pod(pod.unwrap_or(&fallback), sandbox_id, &netns, None);
+        if let Err(e) = self.shared.cni.del(&net, &rc).await {
+            tracing::warn!(pod = %self.uid, sandbox = %sandbox_id, error = %e, "CNI DEL failed");
+        }
+    }
+
+    /// Tears the pod down completely: containers (with their grace periods), network, sandboxes, bundles and
+    /// image leases, volumes, the pod directory and logs.
+    async fn terminate(&mut self, pod: Option<&Pod>) {
+        let view = match self.view().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(pod = %self.uid, error = %e, "cannot read the pod's runtime state");
+                return;
+            }
+        };
+        if !view.sandboxes.is_empty() {
+            tracing::info!(pod = %self.uid, "terminating pod");
+        }
+        self.kill_pod(pod, &view, StopReason::PodTermination).await;
+        // Names for the log directory: from the pod, else from the sandbox labels.
+        let rt = self.shared.rt.clone();
+        let uid = self.uid.clone();
+        let labels = blocking({
+            let rt = rt.clone();
+            let uid = uid.clone();
+            move || rt.pod_sandboxes(&uid)
+        })
+        .await
+        .unwrap_or_default();
+        let names = pod
+            .map(|p| {
+                let (ns, n) = pod_name(p);
+                (ns.to_string(), n.to_string())
+            })
+            .or_else(|| {
+                labels.first().map(|sb| {
+                    (
+                        sb.labels
+                            .get(layout::LABEL_POD_NAMESPACE)
+                            .cloned()
+                            .unwrap_or_default(),
+                        sb.labels
+                            .get(layout::LABEL_POD_NAME)
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                })
+            });
+        // Sandboxes that were not ready were not detached by kill_pod.
+        for sb in view.sandboxes.iter().filter(|s| !s.ready) {
+            self.detach_network(pod, &sb.id).await;
+        }
+        let volumes = self.shared.volumes.clone();
+        let root = self.shared.cfg.root_dir.clone();
+        let ids: Vec<String> = labels.iter().map(|s| s.id.clone()).collect();
+        let result = blocking(move || {
+            let mut errors = Vec::new();
+            for id in ids {
+                errors.extend(rt.remove_sandbox(&uid, &id));
+            }
+            if let Err(e) = volumes.teardown(&uid) {
+                errors.push(e.to_string());
+            }
+            let pod_dir = rt.pod_dir(&uid);
+            if errors.is_empty() {
+                if let Err(e) = std::fs::remove_dir_all(&pod_dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        errors.push(format!("{}: {e}", pod_dir.display()));
+                    }
+                }
+                if let Some((ns, name)) = names {
+                    let _ = std::fs::remove_dir_all(layout::pod_log_dir(&root, &ns, &name, &uid));
+                }
+            }
+            Ok(errors)
+        })
+        .await;
+        match result {
+            Ok(errors) if errors.is_empty() => {
+                tracing::info!(pod = %self.uid, "pod removed from the node")
+            }
+            Ok(errors) => {
+                tracing::warn!(pod = %self.uid, errors = %errors.join("; "), "pod teardown incomplete")
+            }
+            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "pod teardown failed"),
+        }
+        if let Ok(mut rec) = self.shared.events.lock() {
+            rec.forget_object(&self.uid);
+        }
+    }
+
+    /// Computes the pod's status and patches it when it differs from what the API (or our last patch) has.
+    async fn update_status(&mut self, pod: &Pod, view: &PodView, terminal: bool) {
+        let probe_status = self.probe_statuses(view);
+        let (readiness, startup) = status::probe_maps(&probe_status);
+        // Reasons only matter for containers not running now.
+        let reasons: HashMap<String, WaitingReason> = self
+            .reasons
+            .iter()
+            .filter(|(name, _)| {
+                latest(&view.containers, name).is_none_or(|c| c.state != RuntimeState::Running)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let host_ips = vec![self.shared.node_ip.clone()];
+        let input = StatusInput {
+            pod,
+            containers: &view.containers,
+            pod_ips: &view.ips,
+            host_ips: &host_ips,
+            reasons: &reasons,
+            readiness: &readiness,
+            startup: &startup,
+            pod_is_terminal: terminal,
+            now: Timestamp::now(),
+        };
+        let status = status::generate_pod_status(&input);
+        if pod.status.as_ref() == Some(&status) || self.last_status.as_ref() == Some(&status) {
+            return;
+        }
+        match api::patch_status(&self.shared.client, pod, &status).await {
+            Ok(()) => {
+                tracing::debug!(pod = %self.uid, phase = ?status.phase, "status patched");
+                self.last_status = Some(status);
+            }
+            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "status update failed"),
+        }
+    }
+}
