@@ -30,6 +30,7 @@
 //! - [`events`]: Events with upstream's aggregation of repeats.
 //! - [`layout`]: sandbox/container IDs, their labels and log paths (shared by pod workers and the kubelet API).
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
+//! - [`server`]: the kubelet API (logs, exec, attach, stats, healthz, metrics) over HTTPS, authorised by the API server.
 
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -48,6 +49,7 @@ pub mod pull;
 pub mod qos;
 pub mod quantity;
 pub mod restart;
+pub mod server;
 pub mod static_pods;
 pub mod status;
 pub mod sync;
