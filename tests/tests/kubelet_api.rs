@@ -863,3 +863,69 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         "{err}"
     );
 }
+
+#[test]
+fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
+    if !require_privileged(&["/bin/busybox", "kubectl"]) {
+        return;
+    }
+    let mut node = Node::start();
+    let uid = register(&node, "pf");
+    let sb = node.pod("pf", &uid);
+    node.run(
+        &sb,
+        "pf",
+        &uid,
+        "app",
+        0,
+        "mkdir -p /www && echo served-from-pod > /www/index.html && echo listening && exec httpd -f -p 127.0.0.1:8080 -h /www",
+    );
+    node.wait_log("pf", &uid, "app", 0, "listening");
+    let kubeconfig = node.cp.kubeconfig();
+    let (response, refused) = node.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("config");
+        let client = kube::Client::try_from(config).expect("client");
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, NS);
+        // httpd may need a moment after its first log line: retry the whole forward briefly.
+        let mut response = String::new();
+        for _ in 0..50 {
+            let mut pf = pods.portforward("pf", &[8080]).await.expect("port-forward");
+            let mut stream = pf.take_stream(8080).expect("stream");
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET /index.html HTTP/1.0\r\nHost: pf\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+            drop(stream);
+            pf.abort();
+            response = String::from_utf8_lossy(&buf).into_owned();
+            if response.contains("served-from-pod") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A port nothing listens on: the error channel says so.
+        let mut pf = pods
+            .portforward("pf", &[9].to_vec())
+            .await
+            .expect("port-forward");
+        let err = pf.take_error(9).expect("error channel");
+        let refused = tokio::time::timeout(Duration::from_secs(10), err)
+            .await
+            .expect("error in time")
+            .unwrap_or_default();
+        pf.abort();
+        (response, refused)
+    });
+    assert!(
+        response.starts_with("HTTP/1.") && response.contains("served-from-pod"),
+        "{response:?}"
+    );
+    assert!(refused.contains("error forwarding port 9"), "{refused:?}");
+}

@@ -6,6 +6,7 @@
 //! | `/containerLogs/{ns}/{pod}/{container}` | CRI logs decoded; `follow`, `tailLines`, `sinceSeconds`, `sinceTime`, `timestamps`, `previous`, `limitBytes` |
 //! | `/exec/{ns}/{pod}[/{uid}]/{container}` | a process in the container over WebSocket (`v5`/`v4.channel.k8s.io`), with or without a tty |
 //! | `/attach/{ns}/{pod}[/{uid}]/{container}` | the container's output over the same channels (output only: the log shim owns stdin) |
+//! | `/portForward/{ns}/{pod}[/{uid}]` | `?ports=` to the pod's localhost over WebSocket channels (the `kube` crate's protocol) |
 //! | `/stats/summary` | node and pod CPU/memory (Summary API) |
 //! | `/healthz`, `/metrics` | liveness; Prometheus text |
 //!
@@ -19,6 +20,7 @@ mod auth;
 mod exec;
 mod logs;
 mod pods;
+mod portforward;
 mod stats;
 mod tls;
 
@@ -368,10 +370,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
             exec(state, req, ns, pod, container, true).await
         }
-        ["portForward", ..] => text(
-            StatusCode::NOT_IMPLEMENTED,
-            "port-forward is not implemented by windlass-kubelet yet",
-        ),
+        ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
+            let (ns, pod) = (ns.to_string(), pod.to_string());
+            port_forward(state, req, ns, pod).await
+        }
         _ => text(StatusCode::NOT_FOUND, format!("404 page not found: {path}")),
     }
 }
@@ -448,27 +450,10 @@ async fn exec(
     container: String,
     attach: bool,
 ) -> Response<Body> {
-    let upgrade = header_str(&req, "upgrade").to_ascii_lowercase();
-    if upgrade != "websocket" {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{} needs a WebSocket upgrade with the v5.channel.k8s.io or v4.channel.k8s.io protocol (SPDY is not \
-                 supported; kubectl 1.30 and later use WebSocket)",
-                if attach { "attach" } else { "exec" }
-            ),
-        );
-    }
-    let Some(protocol) = exec::negotiate(header_str(&req, "sec-websocket-protocol")) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "no supported channel protocol offered (want v5.channel.k8s.io or v4.channel.k8s.io)",
-        );
+    let (protocol, key) = match websocket_handshake(&req, if attach { "attach" } else { "exec" }) {
+        Ok(h) => h,
+        Err(r) => return r,
     };
-    let key = header_str(&req, "sec-websocket-key").to_string();
-    if key.is_empty() || header_str(&req, "sec-websocket-version") != "13" {
-        return text(StatusCode::BAD_REQUEST, "bad WebSocket handshake");
-    }
     let query = query_pairs(&req);
     let params = if attach {
         let mut q = query.clone();
@@ -529,6 +514,40 @@ async fn exec(
             exec::session(ws, protocol, mgr, sandbox_id, container_id, params).await;
         }
     });
+    switching_protocols(protocol, &key)
+}
+
+/// Checks a WebSocket upgrade request and picks the channel protocol; `(protocol, Sec-WebSocket-Key)`.
+#[allow(clippy::result_large_err)]
+fn websocket_handshake(
+    req: &Request<Incoming>,
+    what: &str,
+) -> Result<(&'static str, String), Response<Body>> {
+    let upgrade = header_str(req, "upgrade").to_ascii_lowercase();
+    if upgrade != "websocket" {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{what} needs a WebSocket upgrade with the v5.channel.k8s.io or v4.channel.k8s.io protocol (SPDY is \
+                 not supported; kubectl 1.30 and later use WebSocket for exec and attach)"
+            ),
+        ));
+    }
+    let Some(protocol) = exec::negotiate(header_str(req, "sec-websocket-protocol")) else {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "no supported channel protocol offered (want v5.channel.k8s.io or v4.channel.k8s.io)",
+        ));
+    };
+    let key = header_str(req, "sec-websocket-key").to_string();
+    if key.is_empty() || header_str(req, "sec-websocket-version") != "13" {
+        return Err(text(StatusCode::BAD_REQUEST, "bad WebSocket handshake"));
+    }
+    Ok((protocol, key))
+}
+
+/// The 101 answer to an accepted WebSocket handshake.
+fn switching_protocols(protocol: &'static str, key: &str) -> Response<Body> {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -543,4 +562,57 @@ async fn exec(
         HeaderValue::from_static(protocol),
     );
     r
+}
+
+async fn port_forward(
+    state: &Arc<State>,
+    mut req: Request<Incoming>,
+    ns: String,
+    pod: String,
+) -> Response<Body> {
+    let (protocol, key) = match websocket_handshake(&req, "port-forward") {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let ports = match portforward::parse_ports(&query_pairs(&req)) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    let mgr = state.config.sandboxes.clone();
+    let found = {
+        let (ns, pod) = (ns.clone(), pod.clone());
+        tokio::task::spawn_blocking(move || pods::find_pod(&mgr, &ns, &pod)).await
+    };
+    let pod_info = match found {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return lookup_response(&e),
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let Some(sandbox) = pod_info
+        .sandboxes
+        .iter()
+        .rev()
+        .find(|s| s.state == windlass_runtime::SandboxState::Ready)
+    else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("pod {ns}/{pod} has no running sandbox"),
+        );
+    };
+    let netns = sandbox.netns_path.clone();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let name = format!("{ns}/{pod}");
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        portforward::session(ws, protocol, netns, name, ports).await;
+    });
+    switching_protocols(protocol, &key)
 }
