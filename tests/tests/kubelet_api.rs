@@ -911,10 +911,7 @@ fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // A port nothing listens on: the error channel says so.
-        let mut pf = pods
-            .portforward("pf", &[9].to_vec())
-            .await
-            .expect("port-forward");
+        let mut pf = pods.portforward("pf", &[9]).await.expect("port-forward");
         let err = pf.take_error(9).expect("error channel");
         let refused = tokio::time::timeout(Duration::from_secs(10), err)
             .await
