@@ -1,8 +1,10 @@
 //! First-start PKI: a cluster CA, the API server's serving certificate and an admin client certificate, plus
 //! `admin.kubeconfig`, so `windlass-control serve --data-dir DIR` needs no other flag (as `kubeadm init` does).
 //!
-//! Layout under the data directory: `pki/ca.{crt,key}`, `pki/apiserver.{crt,key}`, `pki/admin.{crt,key}`
-//! (keys mode 0600), and `admin.kubeconfig` (rewritten on every start so it names the current address).
+//! Layout under the data directory: `pki/ca.{crt,key}`, `pki/apiserver.{crt,key}`, `pki/admin.{crt,key}`,
+//! `pki/apiserver-kubelet-client.{crt,key}` (the API server's identity towards kubelets, CN
+//! `kube-apiserver-kubelet-client` in `system:masters`, as kubeadm issues it) (keys mode 0600), and
+//! `admin.kubeconfig` (rewritten on every start so it names the current address).
 //! Existing files are reused: the CA is created once and never replaced.
 
 use std::io::Write;
@@ -36,6 +38,9 @@ pub enum PkiError {
     },
 }
 
+/// The user name of the API server's client certificate towards kubelets (kubeadm's name).
+pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
+
 /// Paths of the PEM files the server needs.
 #[derive(Clone, Debug)]
 pub struct PkiPaths {
@@ -46,6 +51,9 @@ pub struct PkiPaths {
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
     pub admin_kubeconfig: PathBuf,
+    /// The client certificate the API server presents to kubelets (logs, exec, port-forward).
+    pub kubelet_client_cert: PathBuf,
+    pub kubelet_client_key: PathBuf,
 }
 
 impl PkiPaths {
@@ -59,6 +67,8 @@ impl PkiPaths {
             admin_cert: pki.join("admin.crt"),
             admin_key: pki.join("admin.key"),
             admin_kubeconfig: data_dir.join("admin.kubeconfig"),
+            kubelet_client_cert: pki.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: pki.join("apiserver-kubelet-client.key"),
         }
     }
 }
@@ -181,6 +191,15 @@ pub fn ensure(
         write(&paths.admin_cert, &admin_cert, 0o644)?;
         // The CA certificate last: its presence marks the set as complete.
         write(&paths.ca_cert, &ca_cert.pem(), 0o644)?;
+    }
+    if !paths.kubelet_client_cert.exists() || !paths.kubelet_client_key.exists() {
+        // Also for a data directory made before this certificate existed: issue it from the CA.
+        let ca_pem = read(&paths.ca_cert)?;
+        let ca_key = KeyPair::from_pem(&read(&paths.ca_key)?).map_err(gen("CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(gen("CA"))?;
+        let (cert, key) = client_cert(&issuer, KUBELET_CLIENT_USER, &["system:masters"])?;
+        write(&paths.kubelet_client_key, &key, 0o600)?;
+        write(&paths.kubelet_client_cert, &cert, 0o644)?;
     }
     let kubeconfig = kubeconfig(
         server_url,

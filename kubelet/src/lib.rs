@@ -31,6 +31,7 @@
 //! - [`layout`]: sandbox/container IDs, their labels and log paths (shared by pod workers and the kubelet API).
 //! - [`node`], [`static_pods`], [`config`]: the Node object and Lease, static pod manifests and mirror pods, flags.
 //! - [`agent`]: the running kubelet that wires all of the above to the API server, the runtime and CNI.
+//! - [`server`]: the kubelet API (logs, exec, attach, stats, healthz, metrics) over HTTPS, authorised by the API server.
 
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -50,6 +51,7 @@ pub mod pull;
 pub mod qos;
 pub mod quantity;
 pub mod restart;
+pub mod server;
 pub mod static_pods;
 pub mod status;
 pub mod sync;

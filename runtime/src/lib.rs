@@ -29,6 +29,6 @@ pub use container::{
     CreateOptions, ExecOptions, ExitStatus, RawTerminal, Runtime, State, Status,
 };
 pub use sandbox::{
-    run_shim, ContainerConfig, ContainerInfo, CriLogStream, ExecResult, SandboxConfig,
-    SandboxError, SandboxInfo, SandboxManager, SandboxState,
+    resize_terminal, run_shim, ContainerConfig, ContainerInfo, CriLogStream, ExecProcess,
+    ExecResult, ExecSpec, SandboxConfig, SandboxError, SandboxInfo, SandboxManager, SandboxState,
 };

@@ -35,12 +35,25 @@ pub(crate) async fn dispatch(
             let (obj, _) = read(state, &t, n).await?;
             Ok(json_response(200, &scale_of(t.kind, &obj)?))
         }
-        (&Method::POST, None, None) if t.kind.kind == "SelfSubjectAccessReview" => {
+        (&Method::POST, None, None)
+            if matches!(
+                t.kind.kind,
+                "SelfSubjectAccessReview" | "SubjectAccessReview"
+            ) =>
+        {
             self_subject_access_review(state, &ctx, &t).await
         }
-        (_, _, _) if t.kind.kind == "SelfSubjectAccessReview" => Err(ApiError::method_not_allowed(
-            "selfsubjectaccessreviews only supports create",
-        )),
+        (_, _, _)
+            if matches!(
+                t.kind.kind,
+                "SelfSubjectAccessReview" | "SubjectAccessReview"
+            ) =>
+        {
+            Err(ApiError::method_not_allowed(format!(
+                "{} only supports create",
+                t.kind.plural
+            )))
+        }
         (&Method::POST, None, None) => create(state, &ctx, &t).await,
         (&Method::POST, Some(n), Some("binding")) => bind(state, &ctx, &t, n).await,
         (&Method::POST, Some(n), Some("token")) => {
@@ -69,7 +82,8 @@ pub(crate) async fn dispatch(
     }
 }
 
-/// `kubectl auth can-i`: evaluates the requested attributes for the caller.
+/// `kubectl auth can-i` (SelfSubjectAccessReview): evaluates the requested attributes for the caller;
+/// SubjectAccessReview: for the user and groups in `spec` (what kubelets ask about their API's callers).
 async fn self_subject_access_review(
     state: &State,
     ctx: &Ctx,
@@ -112,7 +126,33 @@ async fn self_subject_access_review(
             vec![Cause::required("spec.resourceAttributes")],
         ));
     };
-    let allowed = super::rbac::authorize(state, &ctx.user, &attrs).await?;
+    let subject = if t.kind.kind == "SubjectAccessReview" {
+        let user = str_at("/spec/user");
+        let mut groups: Vec<String> = review
+            .pointer("/spec/groups")
+            .and_then(Value::as_array)
+            .map(|g| {
+                g.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if user.is_empty() && groups.is_empty() {
+            return Err(ApiError::invalid(
+                t.kind,
+                "",
+                vec![Cause::required("spec.user")],
+            ));
+        }
+        // Ref: upstream adds system:authenticated for any named user in SAR evaluation via the authenticator;
+        // callers pass the groups they saw, so keep them as given.
+        groups.dedup();
+        super::User { name: user, groups }
+    } else {
+        ctx.user.clone()
+    };
+    let allowed = super::rbac::authorize(state, &subject, &attrs).await?;
     review["status"] = json!({"allowed": allowed});
     if allowed {
         review["status"]["reason"] = json!("allowed by RBAC");

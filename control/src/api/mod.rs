@@ -22,6 +22,7 @@ mod auth;
 mod bootstrap;
 mod discovery;
 mod handlers;
+mod kubelet_proxy;
 mod objects;
 mod openapi;
 mod patch;
@@ -80,6 +81,8 @@ pub(crate) struct State {
     pub audit: Option<std::sync::Mutex<std::fs::File>>,
     /// Signs and verifies service-account tokens.
     pub sa_tokens: sa_token::TokenSigner,
+    /// TLS towards kubelets (the API server's kubelet client certificate), for the proxied pod subresources.
+    pub kubelet_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Query parameters of a request (last value wins).
@@ -226,6 +229,28 @@ pub(crate) async fn handle(
         }
         return error_response(&ApiError::unauthorized());
     };
+    // Logs, exec, attach and port-forward stream (and may upgrade the connection): proxied without reading a body.
+    if let Some((ns, name, sub)) = kubelet_proxy::target(&path) {
+        let method = parts.method.clone();
+        let user_name = user.name.clone();
+        let attrs = rbac::Attributes {
+            verb: if sub == "log" { "get" } else { "create" }.into(),
+            group: String::new(),
+            resource: "pods".into(),
+            subresource: Some(sub.clone()),
+            namespace: Some(ns.clone()),
+            name: Some(name.clone()),
+            path: None,
+        };
+        let req = Request::from_parts(parts, body);
+        let resp = kubelet_proxy::handle(state.clone(), req, user, ns, name, sub).await;
+        let code = resp.status().as_u16();
+        tracing::debug!(user = %user_name, verb = %method, path = %path, code, "request");
+        if let Some(audit) = &state.audit {
+            audit_line(audit, &user_name, &method, &path, Some(&attrs), code);
+        }
+        return resp;
+    }
     let limited = http_body_util::Limited::new(body, MAX_BODY);
     let body = match limited.collect().await {
         Ok(b) => b.to_bytes(),
@@ -344,6 +369,16 @@ async fn route(state: &Arc<State>, ctx: Ctx) -> Routed {
             }
             return Err((e, Some(attrs)));
         }
+        Err(e) => {
+            return Err((
+                ApiError::internal(format!("cannot authorize: {e}")),
+                Some(attrs),
+            ))
+        }
+    }
+    match rbac::node_restriction(state, &ctx.user, &attrs, &ctx.body).await {
+        Ok(None) => {}
+        Ok(Some(why)) => return Err((ApiError::forbidden(why), Some(attrs))),
         Err(e) => {
             return Err((
                 ApiError::internal(format!("cannot authorize: {e}")),

@@ -205,6 +205,88 @@ pub(crate) async fn authorize(
     Ok(false)
 }
 
+/// The node a kubelet's credentials name (`system:node:<name>` in group `system:nodes`), as upstream's Node
+/// authorizer and NodeRestriction admission recognise kubelets.
+pub(crate) fn node_of(user: &User) -> Option<&str> {
+    let node = user.name.strip_prefix("system:node:")?;
+    (!node.is_empty() && user.groups.iter().any(|g| g == "system:nodes")).then_some(node)
+}
+
+/// NodeRestriction (Ref: `plugin/pkg/admission/noderestriction`): a kubelet may write only its own Node and
+/// Lease, and only pods bound to it (mirror pods it creates, statuses, deletions). Returns why a request is refused.
+/// Reads are left to RBAC here (upstream's Node authorizer also limits secrets and configmaps to those its pods
+/// use; not modelled).
+pub(crate) async fn node_restriction(
+    state: &State,
+    user: &User,
+    a: &Attributes,
+    body: &[u8],
+) -> Result<Option<String>, StoreError> {
+    let Some(node) = node_of(user) else {
+        return Ok(None);
+    };
+    if a.path.is_some() || !a.group.is_empty() && a.group != "coordination.k8s.io" {
+        return Ok(None);
+    }
+    if matches!(a.verb.as_str(), "get" | "list" | "watch") {
+        return Ok(None);
+    }
+    let body_obj: Option<Value> = serde_json::from_slice(body).ok();
+    let named = a.name.clone().or_else(|| {
+        body_obj
+            .as_ref()
+            .and_then(|b| b.pointer("/metadata/name"))
+            .and_then(Value::as_str)
+            .map(String::from)
+    });
+    let refuse = |why: String| Ok(Some(format!("node \"{node}\" is not allowed to {why}")));
+    match (a.group.as_str(), a.resource.as_str()) {
+        ("", "nodes") if named.as_deref() != Some(node) => {
+            refuse(format!("modify node \"{}\"", named.unwrap_or_default()))
+        }
+        ("coordination.k8s.io", "leases")
+            if a.namespace.as_deref() == Some("kube-node-lease")
+                && named.as_deref() != Some(node) =>
+        {
+            refuse(format!("modify lease \"{}\"", named.unwrap_or_default()))
+        }
+        ("", "pods") if a.verb == "create" && a.subresource.is_none() => {
+            let bound = body_obj
+                .as_ref()
+                .and_then(|b| b.pointer("/spec/nodeName"))
+                .and_then(Value::as_str);
+            if bound == Some(node) {
+                Ok(None)
+            } else {
+                refuse("create pods not bound to itself".into())
+            }
+        }
+        ("", "pods") => {
+            let (Some(ns), Some(name)) = (a.namespace.as_deref(), a.name.as_deref()) else {
+                return refuse(format!("{} pods across the cluster", a.verb));
+            };
+            let Some(kind) = resources::find("", "v1", "pods") else {
+                return Ok(None);
+            };
+            let bound = match state.store.get(&kind.key(Some(ns), name)).await?.0 {
+                Some(kv) => object_of(&kv).ok().and_then(|o| {
+                    o.pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                }),
+                // Missing: the handler answers 404.
+                None => return Ok(None),
+            };
+            if bound.as_deref() == Some(node) {
+                Ok(None)
+            } else {
+                refuse(format!("{} pod {ns}/{name} bound to another node", a.verb))
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
 const READ: [&str; 3] = ["get", "list", "watch"];
 const WRITE: [&str; 7] = [
     "create",
@@ -286,6 +368,43 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
                 json!([{"apiGroups": ["authorization.k8s.io"],
             "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]}]),
             ),
+        ),
+        // Ref: bootstrappolicy `NodeRules()`; bound to group system:nodes below (upstream leaves that to the Node
+        // authorizer), with `node_restriction` keeping each kubelet to its own Node, Lease and pods.
+        (
+            "clusterroles",
+            role(
+                "system:node",
+                json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews", "localsubjectaccessreviews"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["services"], "verbs": READ},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["create", "get", "list", "watch", "patch", "update"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch", "update"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+            {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch", "update"]},
+            {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": READ},
+            {"apiGroups": [""], "resources": ["persistentvolumeclaims", "persistentvolumes", "endpoints"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch", "delete"]}]),
+            ),
+        ),
+        // Ref: bootstrappolicy `system:kubelet-api-admin`: full use of the kubelet API (bind it to monitoring or
+        // operators; the API server's own kubelet client is in system:masters).
+        (
+            "clusterroles",
+            role(
+                "system:kubelet-api-admin",
+                json!([
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "proxy"]},
+            {"apiGroups": [""], "resources": ["nodes/log", "nodes/metrics", "nodes/proxy", "nodes/stats"], "verbs": ["*"]}]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            binding("system:node", "system:node", "system:nodes"),
         ),
         (
             "clusterrolebindings",

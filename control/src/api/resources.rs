@@ -153,7 +153,7 @@ use k8s_openapi::api::{
     apps::v1 as apps, coordination::v1 as coord, core::v1 as core, discovery::v1 as disc,
 };
 
-static POD_SUBS: [Subresource; 2] = [
+static POD_SUBS: [Subresource; 6] = [
     status("", "v1", "Pod"),
     Subresource {
         name: "binding",
@@ -161,6 +161,35 @@ static POD_SUBS: [Subresource; 2] = [
         version: "v1",
         kind: "Binding",
         verbs: &["create"],
+    },
+    // Proxied to the node's kubelet (`kubelet_proxy`), as upstream lists them.
+    Subresource {
+        name: "log",
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        verbs: &["get"],
+    },
+    Subresource {
+        name: "exec",
+        group: "",
+        version: "v1",
+        kind: "PodExecOptions",
+        verbs: &["create", "get"],
+    },
+    Subresource {
+        name: "attach",
+        group: "",
+        version: "v1",
+        kind: "PodAttachOptions",
+        verbs: &["create", "get"],
+    },
+    Subresource {
+        name: "portforward",
+        group: "",
+        version: "v1",
+        kind: "PodPortForwardOptions",
+        verbs: &["create", "get"],
     },
 ];
 static SERVICE_ACCOUNT_SUBS: [Subresource; 1] = [Subresource {
@@ -177,7 +206,7 @@ static DEPLOY_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "Deployment"
 static RS_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "ReplicaSet")];
 
 /// Every kind served, in discovery order.
-pub(crate) static KINDS: [ResourceKind; 18] = [
+pub(crate) static KINDS: [ResourceKind; 19] = [
     kind!(core::Namespace, "", "v1", "Namespace", "namespaces", "namespace", false,
         short: &["ns"], cat: &[], sub: &NAMESPACE_SUBS, prefix: "namespaces", create_on_update: false),
     kind!(core::Pod, "", "v1", "Pod", "pods", "pod", true,
@@ -228,6 +257,23 @@ pub(crate) static KINDS: [ResourceKind; 18] = [
         store_prefix: "selfsubjectaccessreviews",
         normalize: normalize::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
         schema: schema::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
+        create_on_update: false,
+    },
+    // Not stored: whether another user may do something (kubelets authorizing their API's callers).
+    ResourceKind {
+        group: "authorization.k8s.io",
+        version: "v1",
+        kind: "SubjectAccessReview",
+        plural: "subjectaccessreviews",
+        singular: "subjectaccessreview",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: &["create"],
+        subresources: &[],
+        store_prefix: "subjectaccessreviews",
+        normalize: normalize::<k8s_openapi::api::authorization::v1::SubjectAccessReview>,
+        schema: schema::<k8s_openapi::api::authorization::v1::SubjectAccessReview>,
         create_on_update: false,
     },
 ];

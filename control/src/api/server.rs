@@ -153,7 +153,14 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         )),
         None => None,
     };
+    let kubelet_tls = Arc::new(
+        super::kubelet_proxy::client_config(&paths).map_err(|message| ServeError::Tls {
+            path: paths.kubelet_client_cert.display().to_string(),
+            message,
+        })?,
+    );
     let state = Arc::new(State {
+        kubelet_tls,
         store,
         openapi: openapi::render(),
         alloc_lock: tokio::sync::Mutex::new(()),
@@ -201,7 +208,11 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
                 async move { Ok::<_, std::convert::Infallible>(super::handle(state, req, user).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+            // With upgrades: exec/attach/port-forward switch the connection to WebSocket.
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

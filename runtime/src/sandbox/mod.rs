@@ -10,6 +10,7 @@
 mod crilog;
 mod holder;
 mod shim;
+mod stream_exec;
 
 use std::collections::HashMap;
 use std::fs;
@@ -30,6 +31,7 @@ use crate::container::{self, ContainerError, ExitStatus, Runtime, Status};
 use crate::oci::{self, OciError};
 pub use crilog::CriLogStream;
 pub use shim::run_shim;
+pub use stream_exec::{resize_terminal, ExecProcess, ExecSpec};
 
 const SANDBOX_FILE: &str = "sandbox.json";
 const NETNS_FILE: &str = "netns";
