@@ -12,7 +12,7 @@ use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{json, Value};
 use windlass_control::controllers::{Context, ControllersConfig, CONTROLLERS};
 use windlass_tests::control::ControlPlane;
-use windlass_tests::{require_privileged, wait_for};
+use windlass_tests::{require_privileged, wait_for, workspace_binary};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -27,7 +27,20 @@ struct Lab {
 impl Lab {
     fn start(ready_after: Duration) -> Self {
         windlass_tests::install_rustls_provider();
-        let cp = ControlPlane::start();
+        // When `serve` runs controllers itself, it must not run these too (two ReplicaSet controllers would
+        // both create pods): this process runs them, with the test's timing.
+        let help = std::process::Command::new(workspace_binary("windlass-control"))
+            .args(["serve", "--help"])
+            .output()
+            .expect("windlass-control serve --help");
+        let own_controllers = String::from_utf8_lossy(&help.stdout).contains("--controllers");
+        let cp = ControlPlane::start_with(|_| {
+            if own_controllers {
+                vec!["--controllers=-replicaset,-deployment,-garbagecollector,-namespace".into()]
+            } else {
+                Vec::new()
+            }
+        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -685,4 +698,55 @@ fn deleting_a_namespace_removes_everything_in_it_and_then_the_namespace() {
     }
     // Other namespaces are untouched.
     lab.kubectl(&["get", "namespace", "default"]);
+}
+
+#[test]
+fn scaling_a_deployment_mid_rollout_spreads_the_new_replicas_proportionally() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let lab = Lab::start(Duration::from_millis(100));
+    lab.kubectl(&[
+        "create",
+        "deployment",
+        "mid",
+        "--image=busybox:v1",
+        "--replicas=4",
+    ]);
+    lab.kubectl(&["rollout", "status", "deployment/mid", "--timeout=60s"]);
+    // v2 never becomes ready: with 4 replicas, surge 1 and unavailable 1 the rollout stops at 3 old + 2 new.
+    lab.kubectl(&["set", "image", "deployment/mid", "busybox=never-ready:v2"]);
+    let sizes = |lab: &Lab| -> (i64, i64) {
+        let sets = lab.json(&["get", "replicasets", "-l", "app=mid"]);
+        let mut old_new = (0, 0);
+        for rs in sets["items"].as_array().into_iter().flatten() {
+            let n = rs["spec"]["replicas"].as_i64().unwrap_or(0);
+            if rs["spec"]["template"]["spec"]["containers"][0]["image"] == "busybox:v1" {
+                old_new.0 = n;
+            } else {
+                old_new.1 = n;
+            }
+        }
+        old_new
+    };
+    wait_for("the rollout to stall at 3 old + 2 new", WAIT, || {
+        (sizes(&lab) == (3, 2)).then_some(())
+    });
+    // Scaling to 8 (surge 2: up to 10) adds 5, shared 3:2 like the sets' sizes (upstream rounds 3*10/5, 2*10/5).
+    lab.kubectl(&["scale", "deployment/mid", "--replicas=8"]);
+    wait_for("proportional sizes 6 old + 4 new", WAIT, || {
+        (sizes(&lab) == (6, 4)).then_some(())
+    });
+    lab.wait_pods("default", "app=mid", 10);
+    let sets = lab.json(&["get", "replicasets", "-l", "app=mid"]);
+    for rs in sets["items"].as_array().into_iter().flatten() {
+        assert_eq!(
+            rs["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"],
+            "8"
+        );
+        assert_eq!(
+            rs["metadata"]["annotations"]["deployment.kubernetes.io/max-replicas"],
+            "10"
+        );
+    }
 }
