@@ -593,7 +593,7 @@ fn foreground_deletion_removes_the_dependents_before_the_deployment() {
     ]);
     lab.wait_pods("default", "app=fg", 3);
     // Watch the deployment while it is deleted: it must still exist (with the foregroundDeletion finalizer)
-    // until its ReplicaSet and pods are gone.
+    // while its pods do.
     let seen = Arc::new(Mutex::new(Vec::<(bool, usize)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
@@ -603,24 +603,21 @@ fn foreground_deletion_removes_the_dependents_before_the_deployment() {
                 Api::namespaced(client.clone(), "default");
             let pods: Api<Pod> = Api::namespaced(client, "default");
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let d = deps.get_opt("fg").await.ok().flatten();
+                // Pods first: a deployment seen afterwards existed while that many pods did.
                 let n = pods
                     .list(&ListParams::default().labels("app=fg"))
                     .await
                     .map(|l| l.items.len())
                     .unwrap_or(0);
-                if let Some(d) = d {
+                if let Ok(Some(d)) = deps.get_opt("fg").await {
                     let fg = d.finalizers().iter().any(|f| f == "foregroundDeletion");
                     seen.lock().unwrap_or_else(|p| p.into_inner()).push((fg, n));
-                } else {
-                    seen.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((false, usize::MAX));
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };
+    // kubectl waits until the deployment is gone; by then its pods and ReplicaSet must be gone too.
     lab.kubectl(&[
         "delete",
         "deployment",
@@ -628,22 +625,71 @@ fn foreground_deletion_removes_the_dependents_before_the_deployment() {
         "--cascade=foreground",
         "--timeout=60s",
     ]);
-    lab.wait_gone("the deployment", &["get", "deployment", "fg", "-o", "name"]);
+    let pods_left = lab.pods("default", "app=fg").len();
+    let sets_left = lab.kubectl(&["get", "replicasets", "-l", "app=fg", "-o", "name"]);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = lab.rt.block_on(watcher);
-    assert!(lab.pods("default", "app=fg").is_empty());
-    lab.wait_gone(
-        "the ReplicaSet",
-        &["get", "replicasets", "-l", "app=fg", "-o", "name"],
+    assert_eq!(
+        pods_left, 0,
+        "no pod outlives a foreground-deleted deployment"
+    );
+    assert!(
+        sets_left.trim().is_empty(),
+        "nor its ReplicaSet: {sets_left}"
     );
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert!(
         seen.iter().any(|(fg, _)| *fg),
-        "the deployment waited with the foregroundDeletion finalizer"
+        "the deployment waited with the foregroundDeletion finalizer: {seen:?}"
     );
-    // Once the deployment is gone, no pod of it is left (the last sample before its removal).
-    let last_present = seen.iter().rev().find(|(_, n)| *n != usize::MAX);
-    assert!(last_present.is_some());
+}
+
+#[test]
+fn a_recreate_deployment_never_runs_old_and_new_pods_together() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let lab = Lab::start(Duration::from_millis(300));
+    lab.kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "rc"},
+            "spec": {"replicas": 3, "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": {"app": "rc"}},
+                "template": {"metadata": {"labels": {"app": "rc"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox:v1"}]}}}}"#,
+    );
+    lab.kubectl(&["rollout", "status", "deployment/rc", "--timeout=60s"]);
+    let mixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (mixed, stop, client) = (mixed.clone(), stop.clone(), lab.client.clone());
+        lab.rt.spawn(async move {
+            let pods: Api<Pod> = Api::namespaced(client, "default");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(list) = pods.list(&ListParams::default().labels("app=rc")).await {
+                    let images: BTreeSet<String> = list
+                        .items
+                        .iter()
+                        .filter_map(|p| p.spec.as_ref()?.containers[0].image.clone())
+                        .collect();
+                    if images.len() > 1 {
+                        mixed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    lab.kubectl(&["set", "image", "deployment/rc", "c=busybox:v2"]);
+    lab.kubectl(&["rollout", "status", "deployment/rc", "--timeout=60s"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = lab.rt.block_on(sampler);
+    assert!(
+        !mixed.load(std::sync::atomic::Ordering::Relaxed),
+        "old and new pods never coexist"
+    );
+    let pods = lab.wait_pods("default", "app=rc", 3);
+    assert!(pods.iter().all(|p| image_of(p) == "busybox:v2"));
 }
 
 #[test]
