@@ -17,6 +17,9 @@ use crate::store::{KeyValue, ListOptions, StoreError};
 
 /// How many times an update without a client-given resourceVersion retries after losing a race.
 const RETRIES: usize = 8;
+/// Finalizers of the garbage collector (Ref: `metav1.FinalizerOrphanDependents`, `FinalizerDeleteDependents`).
+const FINALIZER_ORPHAN: &str = "orphan";
+const FINALIZER_FOREGROUND: &str = "foregroundDeletion";
 
 pub(crate) async fn dispatch(
     state: &Arc<State>,
@@ -641,7 +644,13 @@ async fn finish_deletion_if_done(
     let no_finalizers = m
         .get("finalizers")
         .and_then(Value::as_array)
-        .is_none_or(Vec::is_empty);
+        .is_none_or(Vec::is_empty)
+        // A namespace also waits for its spec finalizers (`kubernetes`: the namespace controller).
+        && (kind.kind != "Namespace"
+            || obj
+                .pointer("/spec/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty));
     let grace = m
         .get("deletionGracePeriodSeconds")
         .and_then(Value::as_i64)
@@ -895,6 +904,9 @@ async fn bind(
 /// DeleteOptions from the body and query.
 pub(crate) struct DeleteOptions {
     grace: Option<i64>,
+    /// `Orphan` or `Foreground` add the garbage collector's finalizer; `Background` (the default for every kind
+    /// served here) deletes at once and leaves the dependents to the garbage collector.
+    propagation: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
     dry: bool,
@@ -915,19 +927,41 @@ fn delete_options(ctx: &Ctx) -> Result<DeleteOptions, ApiError> {
                 .get("gracePeriodSeconds")
                 .and_then(|g| g.parse().ok())
         });
-    if let Some(p) = body
+    let policy = body
         .get("propagationPolicy")
         .and_then(Value::as_str)
-        .or(ctx.query.get("propagationPolicy"))
-    {
+        .or(ctx.query.get("propagationPolicy"));
+    if let Some(p) = policy {
         if !matches!(p, "Orphan" | "Background" | "Foreground") {
             return Err(ApiError::bad_request(format!(
                 "propagationPolicy {p:?} is invalid: supported values are Orphan, Background, Foreground"
             )));
         }
     }
+    // The deprecated `orphanDependents` (Ref: DeleteOptions): true means Orphan, and it may not contradict the
+    // policy.
+    let orphan_dependents = body
+        .get("orphanDependents")
+        .and_then(Value::as_bool)
+        .or_else(|| {
+            ctx.query
+                .get("orphanDependents")
+                .and_then(|v| v.parse().ok())
+        });
+    let propagation = match (policy, orphan_dependents) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "orphanDependents and propagationPolicy may not both be set".to_string(),
+            ))
+        }
+        (Some(p), None) => Some(p.to_string()),
+        (None, Some(true)) => Some("Orphan".to_string()),
+        (None, Some(false)) => Some("Background".to_string()),
+        (None, None) => None,
+    };
     Ok(DeleteOptions {
         grace,
+        propagation,
         uid: body
             .pointer("/preconditions/uid")
             .and_then(Value::as_str)
@@ -1010,21 +1044,56 @@ pub(crate) async fn delete_object(
         } else {
             0
         };
-        let has_finalizers = m
+        let mut finalizers: Vec<Value> = m
             .get("finalizers")
             .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty());
+            .cloned()
+            .unwrap_or_default();
         let already = m.get("deletionTimestamp").is_some_and(|v| !v.is_null());
+        // Orphan and Foreground propagation are carried out by the garbage collector, which removes its
+        // finalizer when done (Ref: apiserver `deletionFinalizersForGarbageCollection`). The two exclude each
+        // other; a later request may switch between them.
+        let gc_finalizer = match opts.propagation.as_deref() {
+            Some("Orphan") => Some(FINALIZER_ORPHAN),
+            Some("Foreground") => Some(FINALIZER_FOREGROUND),
+            _ => None,
+        };
+        let mut finalizers_changed = false;
+        if let Some(f) = gc_finalizer {
+            let before = finalizers.len();
+            finalizers.retain(|x| {
+                !matches!(x.as_str(), Some(FINALIZER_ORPHAN | FINALIZER_FOREGROUND))
+                    || x.as_str() == Some(f)
+            });
+            if !finalizers.iter().any(|x| x.as_str() == Some(f)) {
+                finalizers.push(json!(f));
+            }
+            finalizers_changed = finalizers.len() != before
+                || m.get("finalizers").and_then(Value::as_array) != Some(&finalizers);
+        } else if opts.propagation.as_deref() == Some("Background") && already {
+            // Background on an object already waiting for the collector: drop the collector's finalizers.
+            let before = finalizers.len();
+            finalizers
+                .retain(|x| !matches!(x.as_str(), Some(FINALIZER_ORPHAN | FINALIZER_FOREGROUND)));
+            finalizers_changed = finalizers.len() != before;
+        }
+        let has_finalizers = !finalizers.is_empty();
         let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
-        if grace > 0 || has_finalizers {
-            if already && current_grace.is_some_and(|g| g <= grace) {
+        if grace > 0 || has_finalizers || finalizers_changed {
+            if already && current_grace.is_some_and(|g| g <= grace) && !finalizers_changed {
                 // Already being deleted with a shorter or equal grace period: nothing changes.
                 return Ok(obj);
             }
             let mut new = obj.clone();
             let mm = meta_mut(&mut new);
-            mm.insert("deletionTimestamp".into(), json!(objects::now_plus(grace)));
-            mm.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            if finalizers_changed {
+                mm.insert("finalizers".into(), json!(finalizers));
+            }
+            // A second request only shortens the grace period; it never moves the deletion later.
+            if !already || current_grace.is_none_or(|g| grace < g) {
+                mm.insert("deletionTimestamp".into(), json!(objects::now_plus(grace)));
+                mm.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            }
             mm.remove("resourceVersion");
             match state
                 .store
@@ -1033,6 +1102,9 @@ pub(crate) async fn delete_object(
             {
                 Ok(kv) => {
                     let updated = object_of(&kv)?;
+                    if !has_finalizers && grace == 0 {
+                        finish_deletion_if_done(state, kind, &updated, &kv).await?;
+                    }
                     if grace > 0 && !has_finalizers {
                         schedule_grace_expiry(
                             state.clone(),
@@ -1077,7 +1149,7 @@ fn schedule_grace_expiry(
 }
 
 /// After a restart: re-arms the grace-period expiry of pods that were being deleted (their deletionTimestamp is
-/// the end of the grace period), and finishes namespaces that were terminating.
+/// the end of the grace period). Terminating namespaces are the namespace controller's to finish.
 pub(crate) async fn resume_deletions(state: &Arc<State>) -> Result<(), StoreError> {
     if let Some(pods) = resources::find("", "v1", "pods") {
         for kv in state
@@ -1115,27 +1187,12 @@ pub(crate) async fn resume_deletions(state: &Arc<State>) -> Result<(), StoreErro
             );
         }
     }
-    if let Some(ns_kind) = resources::find("", "v1", "namespaces") {
-        for kv in state
-            .store
-            .list(&ns_kind.prefix(None), &ListOptions::default())
-            .await?
-            .items
-        {
-            let Ok(obj) = object_of(&kv) else { continue };
-            if obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") {
-                let name = name_of(&obj).to_string();
-                if let Err(e) = delete_namespace(state, ns_kind, &name, obj, &kv).await {
-                    tracing::warn!(namespace = %name, error = %e.message, "cannot resume namespace deletion");
-                }
-            }
-        }
-    }
     Ok(())
 }
 
-/// Namespace deletion: mark it Terminating, then (as the namespace controller would) delete everything in it and
-/// finally the namespace itself.
+/// Namespace deletion: mark it Terminating; the namespace controller deletes everything in it and then removes
+/// its `kubernetes` spec finalizer (`namespaces/<name>/finalize`), after which the namespace goes away (Ref:
+/// namespace registry `Delete`). A namespace without spec finalizers goes at once.
 async fn delete_namespace(
     state: &Arc<State>,
     kind: &ResourceKind,
@@ -1156,32 +1213,17 @@ async fn delete_namespace(
         meta_mut(&mut new).insert("deletionTimestamp".into(), json!(objects::now()));
         meta_mut(&mut new).insert("deletionGracePeriodSeconds".into(), json!(0));
     }
-    new["status"] = json!({"phase": "Terminating"});
+    if new.pointer("/status/phase").and_then(Value::as_str) != Some("Terminating") {
+        new["status"]["phase"] = json!("Terminating");
+    }
+    meta_mut(&mut new).remove("resourceVersion");
     let kv = state
         .store
         .update(&kv.key, kv.mod_revision, to_stored(&new))
         .await
         .map_err(|e| ApiError::from_store(kind, name, e))?;
     let updated = object_of(&kv)?;
-    let state = state.clone();
-    let ns = name.to_string();
-    tokio::spawn(async move {
-        for k in resources::KINDS.iter().filter(|k| k.namespaced) {
-            let Ok(list) = state
-                .store
-                .list(&k.prefix(Some(&ns)), &ListOptions::default())
-                .await
-            else {
-                continue;
-            };
-            for item in list.items {
-                let _ = state.store.delete(&item.key, None).await;
-            }
-        }
-        if let Err(e) = state.store.delete(&kv.key, None).await {
-            tracing::warn!(namespace = %ns, error = %e, "cannot remove terminated namespace");
-        }
-    });
+    finish_deletion_if_done(state, kind, &updated, &kv).await?;
     Ok(updated)
 }
 

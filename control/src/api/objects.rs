@@ -126,6 +126,20 @@ pub(crate) fn prepare_update(
             }
             return;
         }
+        Some("finalize") => {
+            // `namespaces/<name>/finalize` changes `spec.finalizers` only (Ref: namespace `finalizeStrategy`).
+            let finalizers = new.pointer("/spec/finalizers").cloned();
+            *new = old.clone();
+            match finalizers {
+                Some(f) => new["spec"]["finalizers"] = f,
+                None => {
+                    if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                        spec.remove("finalizers");
+                    }
+                }
+            }
+            return;
+        }
         _ => {
             if kind.has_status() {
                 match old.get("status") {

@@ -201,7 +201,17 @@ static SERVICE_ACCOUNT_SUBS: [Subresource; 1] = [Subresource {
 }];
 static NODE_SUBS: [Subresource; 1] = [status("", "v1", "Node")];
 static SERVICE_SUBS: [Subresource; 1] = [status("", "v1", "Service")];
-static NAMESPACE_SUBS: [Subresource; 1] = [status("", "v1", "Namespace")];
+static NAMESPACE_SUBS: [Subresource; 2] = [
+    status("", "v1", "Namespace"),
+    // The namespace controller removes its `kubernetes` spec finalizer here once the namespace is empty.
+    Subresource {
+        name: "finalize",
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        verbs: &["update"],
+    },
+];
 static DEPLOY_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "Deployment")];
 static RS_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "ReplicaSet")];
 

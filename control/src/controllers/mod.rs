@@ -5,6 +5,12 @@
 //! kube-controller-manager does) and a function that runs it until it fails or the process stops. They share one
 //! [`Context`].
 
+mod deployment;
+mod garbage_collector;
+mod namespace;
+mod ownership;
+mod replicaset;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,4 +53,21 @@ pub struct ControllerEntry {
 }
 
 /// Every controller, in start order.
-pub const CONTROLLERS: &[ControllerEntry] = &[];
+pub const CONTROLLERS: &[ControllerEntry] = &[
+    ControllerEntry {
+        name: "replicaset",
+        start: replicaset::start,
+    },
+    ControllerEntry {
+        name: "deployment",
+        start: deployment::start,
+    },
+    ControllerEntry {
+        name: "garbagecollector",
+        start: garbage_collector::start,
+    },
+    ControllerEntry {
+        name: "namespace",
+        start: namespace::start,
+    },
+];
