@@ -103,10 +103,14 @@ struct ServeArgs {
     /// A node whose Lease/status has not changed for this long becomes Ready=Unknown and is tainted.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     node_monitor_grace_period: Duration,
-    /// How long pods without their own toleration stay on a not-ready/unreachable node before eviction
-    /// (upstream's default toleration seconds).
-    #[arg(long, default_value = "300s", value_parser = parse_duration)]
-    pod_eviction_timeout: Duration,
+    /// Toleration seconds for the not-ready NoExecute taint given to new pods without one (how long they stay
+    /// on a node that reports NotReady).
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: u32,
+    /// Toleration seconds for the unreachable NoExecute taint given to new pods without one (how long they stay
+    /// on a node that stopped heartbeating before eviction).
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: u32,
     /// Run the scheduler and controllers only while holding the leader Lease (several processes can share
     /// one etcd).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -241,7 +245,9 @@ async fn manager_options(
         node_cidr_mask_size: args.node_cidr_mask_size,
         node_monitor_period: args.node_monitor_period,
         node_monitor_grace_period: args.node_monitor_grace_period,
-        pod_eviction_timeout: args.pod_eviction_timeout,
+        pod_eviction_timeout: Duration::from_secs(
+            args.default_unreachable_toleration_seconds.into(),
+        ),
     };
     anyhow::ensure!(
         args.node_cidr_mask_size >= config.cluster_cidr.1 && args.node_cidr_mask_size <= 30,
@@ -298,6 +304,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_ports: parse_port_range(&args.service_node_port_range)?,
         token_auth_file: args.token_auth_file.clone(),
         audit_log: args.audit_log_path.clone(),
+        default_toleration_seconds: (
+            args.default_not_ready_toleration_seconds.into(),
+            args.default_unreachable_toleration_seconds.into(),
+        ),
     };
     runtime.block_on(async move {
         // The backend is chosen here, once; `store::open` logs which one.

@@ -61,6 +61,9 @@ pub struct ApiConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Where to append one JSON line per request (user, verb, resource, code).
     pub audit_log: Option<PathBuf>,
+    /// Tolerations for the not-ready and unreachable NoExecute taints given to new pods that have none
+    /// (seconds; upstream's DefaultTolerationSeconds admission, 300 each).
+    pub default_toleration_seconds: (i64, i64),
 }
 
 /// Shared server state.

@@ -42,9 +42,9 @@ pub struct ControllersConfig {
     pub node_monitor_period: Duration,
     /// `--node-monitor-grace-period`: a node silent this long becomes `Ready=Unknown`.
     pub node_monitor_grace_period: Duration,
-    /// `--default-not-ready-toleration-seconds`/`--default-unreachable-toleration-seconds` (upstream's
-    /// DefaultTolerationSeconds admission; the old `--pod-eviction-timeout`): how long a pod without its own
-    /// toleration stays on an unreachable node before eviction.
+    /// How long a pod without its own not-ready/unreachable toleration stays on such a node before eviction
+    /// (`--default-unreachable-toleration-seconds`; the API server gives new pods that toleration, this covers
+    /// pods created without it, like upstream's old `--pod-eviction-timeout`).
     pub pod_eviction_timeout: Duration,
 }
 
