@@ -466,3 +466,84 @@ fn controllers_flag_turns_node_ipam_off_while_the_others_run() {
     assert!(cp.log().contains("\"serviceaccount\""));
     assert!(!cp.log().contains("\"nodeipam\""), "nodeipam never started");
 }
+
+#[test]
+fn the_kubernetes_service_points_at_the_api_server() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let port = cp.port.to_string();
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "endpoints", "kubernetes", "-n", "default"],
+            "{.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"
+        ),
+        format!("127.0.0.1:{port}")
+    );
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &[
+                "get",
+                "endpointslices",
+                "-n",
+                "default",
+                "-l",
+                "kubernetes.io/service-name=kubernetes"
+            ],
+            "{.items[0].endpoints[0].addresses[0]}:{.items[0].ports[0].port}"
+        ),
+        format!("127.0.0.1:{port}")
+    );
+}
+
+#[test]
+fn a_scheduler_without_an_api_server_of_its_own_schedules_through_a_kubeconfig() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    // The API server runs every controller but the scheduler...
+    let cp = ControlPlane::start_with(|_| vec!["--controllers=*,-scheduler".into()]);
+    let log = std::fs::File::create(cp.data_dir().join("scheduler.log")).expect("log");
+    // ...which runs in a second process, against the first one's API.
+    let _scheduler = windlass_tests::ChildGuard::spawn(
+        Command::new(windlass_tests::workspace_binary("windlass-control"))
+            .args([
+                "serve",
+                "--disable-api",
+                "--controllers=scheduler",
+                "--leader-elect=false",
+                "--kubeconfig",
+            ])
+            .arg(cp.kubeconfig())
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    )
+    .expect("start the scheduler-only process");
+    let n = unique_name("k");
+    apply(&cp, &node(&n, "4", "", ""));
+    let ns = namespace(&cp);
+    cp.kubectl_stdin_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, image: busybox}]\n",
+    );
+    let bound = wait_for(
+        "the pod to be bound by the external scheduler",
+        WAIT,
+        || {
+            Some(jsonpath(
+                &cp,
+                &["get", "pod", "p", "-n", &ns],
+                "{.spec.nodeName}",
+            ))
+            .filter(|n| !n.is_empty())
+        },
+    );
+    assert_eq!(bound, n);
+    assert!(
+        !cp.log().contains("starting scheduler"),
+        "the API server's own scheduler stays off"
+    );
+}
