@@ -20,7 +20,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{schedule_one, Cache, ClusterApi, CycleOutcome, Scheduler, SchedulingQueue};
+use super::{Cache, ClusterApi, PodRequest, Scheduler, SchedulingQueue};
 
 /// Our `spec.schedulerName`.
 pub const SCHEDULER_NAME: &str = "default-scheduler";
@@ -263,26 +263,93 @@ impl State {
         self.pods_synced && self.nodes_synced
     }
 
-    /// One scheduling cycle; remembers a successful binding until the watch confirms it.
-    pub(crate) async fn cycle(&mut self, api: &dyn ClusterApi, now: StdInstant) -> CycleOutcome {
-        let out = schedule_one(
-            api,
-            &mut self.scheduler,
-            &mut self.cache,
-            &mut self.queue,
-            &self.pending,
-            now,
-        )
-        .await;
-        if let CycleOutcome::Bound { pod, .. } = &out {
-            if let Some(p) = self.pending.remove(pod) {
+    /// One scheduling cycle with the binding left to the caller (upstream's binding cycle runs in its own
+    /// goroutine, so the next pod is scheduled while the API write is in flight). On success the pod is assumed
+    /// in the cache and returned with its node; the caller binds, then calls [`State::bound`].
+    pub(crate) async fn schedule_next(&mut self, api: &dyn ClusterApi, now: StdInstant) -> Next {
+        let Some(key) = self.queue.pop(now) else {
+            return Next::Idle;
+        };
+        let Some(pod) = self.pending.get(&key) else {
+            self.queue.forget(&key);
+            return Next::Again;
+        };
+        let result = PodRequest::from_pod(pod)
+            .map_err(|e| e.to_string())
+            .and_then(|req| {
+                self.scheduler
+                    .schedule(&self.cache, &req)
+                    .map(|p| (req, p))
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok((req, placement)) => {
+                self.cache.assume(&req, &placement.node);
+                let pod = self.pending.remove(&key).unwrap_or_default();
                 self.assumed
-                    .insert(pod.clone(), p.metadata.uid.unwrap_or_default());
-                self.placed.insert(pod.clone());
+                    .insert(key.clone(), pod.metadata.uid.clone().unwrap_or_default());
+                self.placed.insert(key.clone());
+                Next::Bind {
+                    key,
+                    node: placement.node,
+                    pod: Box::new(pod),
+                }
+            }
+            Err(message) => {
+                tracing::info!(pod = %key, %message, "pod is unschedulable");
+                api.event(pod, "Warning", "FailedScheduling", &message)
+                    .await;
+                self.queue.failed(&key, now);
+                Next::Again
             }
         }
-        out
     }
+
+    /// The outcome of a binding started by [`State::schedule_next`]. A rejected binding releases the assumed
+    /// capacity and parks the pod for retry (upstream `ForgetPod` + requeue), unless the watch has meanwhile
+    /// shown the pod bound or gone.
+    pub(crate) async fn bound(
+        &mut self,
+        api: &dyn ClusterApi,
+        key: String,
+        node: &str,
+        pod: Pod,
+        result: Result<(), String>,
+        now: StdInstant,
+    ) {
+        match result {
+            Ok(()) => {
+                let message = format!("Successfully assigned {key} to {node}");
+                api.event(&pod, "Normal", "Scheduled", &message).await;
+            }
+            Err(e) => {
+                let message = format!("Binding rejected: {e}");
+                tracing::info!(pod = %key, %message, "binding failed");
+                api.event(&pod, "Warning", "FailedScheduling", &message)
+                    .await;
+                if self.assumed.remove(&key).is_some() {
+                    self.placed.remove(&key);
+                    self.cache.remove_pod(&key);
+                    self.pending.insert(key.clone(), pod);
+                    self.queue.failed(&key, now);
+                }
+            }
+        }
+    }
+}
+
+/// What [`State::schedule_next`] did.
+pub(crate) enum Next {
+    /// Nothing is ready in the queue.
+    Idle,
+    /// A pod was handled (failed, or gone meanwhile): look again.
+    Again,
+    /// Bind `pod` to `node`.
+    Bind {
+        key: String,
+        node: String,
+        pod: Box<Pod>,
+    },
 }
 
 enum Watched {
@@ -306,9 +373,14 @@ impl State {
     }
 }
 
+/// Bindings in flight at once: enough to keep the API server's cores busy while the next pods are scheduled.
+const MAX_BINDS_IN_FLIGHT: usize = 32;
+
+type BindResult = (String, String, Box<Pod>, Result<(), String>);
+
 /// Runs the scheduler against the API server until a watch ends (they retry on errors, so normally never).
 pub async fn run(client: kube::Client) -> Result<(), RunError> {
-    let api = ApiCluster::new(client.clone());
+    let api = std::sync::Arc::new(ApiCluster::new(client.clone()));
     let nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|e| Watched::Node(Box::new(e)));
@@ -316,36 +388,44 @@ pub async fn run(client: kube::Client) -> Result<(), RunError> {
         .default_backoff()
         .map(|e| Watched::Pod(Box::new(e)));
     let mut events = std::pin::pin!(futures_util::stream::select(nodes, pods));
+    let mut binds: tokio::task::JoinSet<BindResult> = tokio::task::JoinSet::new();
     let mut state = State::default();
     tracing::info!("scheduler started");
     loop {
         // Take in everything already delivered before deciding, so a burst of pods is queued in one go.
-        let mut first = true;
-        loop {
-            let next = if first && !state.synced() {
-                Some(events.next().await)
-            } else {
-                events.next().now_or_never()
-            };
-            first = false;
-            let Some(item) = next else { break };
+        while let Some(item) = events.next().now_or_never() {
             match item {
                 None => return Err(RunError::WatchEnded("node/pod")),
                 Some(w) => state.on_watched(w),
             }
         }
-        if !state.synced() {
+        while let Some(done) = binds.try_join_next() {
+            if let Ok((key, node, pod, result)) = done {
+                state
+                    .bound(&*api, key, &node, *pod, result, StdInstant::now())
+                    .await;
+            }
+        }
+        let mut idle = true;
+        if state.synced() && binds.len() < MAX_BINDS_IN_FLIGHT {
+            match state.schedule_next(&*api, StdInstant::now()).await {
+                Next::Idle => {}
+                Next::Again => idle = false,
+                Next::Bind { key, node, pod } => {
+                    idle = false;
+                    let api = api.clone();
+                    binds.spawn(async move {
+                        let (ns, name) = key.split_once('/').unwrap_or(("default", key.as_str()));
+                        let result = api.bind(ns, name, &node).await;
+                        (key, node, pod, result)
+                    });
+                }
+            }
+        }
+        if !idle {
             continue;
         }
-        match state.cycle(&api, StdInstant::now()).await {
-            CycleOutcome::Idle => {}
-            CycleOutcome::Bound { pod, node } => {
-                tracing::debug!(%pod, %node, "bound");
-                continue;
-            }
-            CycleOutcome::Failed { .. } => continue,
-        }
-        // Nothing ready: sleep until the next event or the next backoff expiry.
+        // Nothing to do now: sleep until the next event, a finished binding, or the next backoff expiry.
         let wake = state
             .queue
             .next_wakeup()
@@ -357,13 +437,128 @@ pub async fn run(client: kube::Client) -> Result<(), RunError> {
             }
         };
         tokio::select! {
-            item = events.next() => {
-                match item {
-                    None => return Err(RunError::WatchEnded("node/pod")),
-                    Some(w) => state.on_watched(w),
+            item = events.next() => match item {
+                None => return Err(RunError::WatchEnded("node/pod")),
+                Some(w) => state.on_watched(w),
+            },
+            Some(done) = binds.join_next(), if !binds.is_empty() => {
+                if let Ok((key, node, pod, result)) = done {
+                    state.bound(&*api, key, &node, *pod, result, StdInstant::now()).await;
                 }
             }
             _ = timer => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Events(Mutex<Vec<(String, String)>>);
+
+    #[async_trait::async_trait]
+    impl ClusterApi for Events {
+        async fn bind(&self, _: &str, _: &str, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        async fn event(&self, _pod: &Pod, _type: &str, reason: &str, message: &str) {
+            if let Ok(mut e) = self.0.lock() {
+                e.push((reason.into(), message.into()));
+            }
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": name}, "status": {
+            "allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"},
+            "conditions": [{"type": "Ready", "status": "True"}]}}))
+        .expect("node")
+    }
+
+    fn pod(name: &str, node: Option<&str>) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns", "uid": name},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": {"cpu": "600m"}}}]}}))
+        .expect("pod")
+    }
+
+    fn synced() -> State {
+        let mut s = State::default();
+        let now = StdInstant::now();
+        s.on_node_event(Event::InitDone, now);
+        s.on_pod_event(Event::InitDone, now);
+        s.on_node_event(Event::Apply(node("n1")), now);
+        s
+    }
+
+    #[tokio::test]
+    async fn a_stale_unscheduled_update_of_a_pod_being_bound_is_not_scheduled_again() {
+        let api = Events::default();
+        let mut s = synced();
+        let now = StdInstant::now();
+        s.on_pod_event(Event::Apply(pod("a", None)), now);
+        let Next::Bind { key, node, .. } = s.schedule_next(&api, now).await else {
+            panic!("expected a binding");
+        };
+        assert_eq!((key.as_str(), node.as_str()), ("ns/a", "n1"));
+        // The watch delivers an older, still unscheduled version of the pod: ignored.
+        s.on_pod_event(Event::Apply(pod("a", None)), now);
+        assert!(matches!(s.schedule_next(&api, now).await, Next::Idle));
+        // A second pod does not fit next to the assumed one.
+        s.on_pod_event(Event::Apply(pod("b", None)), now);
+        assert!(matches!(s.schedule_next(&api, now).await, Next::Again));
+        let msgs = api.0.lock().expect("events").clone();
+        assert_eq!(
+            msgs,
+            [(
+                "FailedScheduling".to_owned(),
+                "0/1 nodes are available: 1 Insufficient cpu.".to_owned()
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_binding_frees_the_node_and_requeues_the_pod() {
+        let api = Events::default();
+        let mut s = synced();
+        let now = StdInstant::now();
+        s.on_pod_event(Event::Apply(pod("a", None)), now);
+        let Next::Bind { key, node, pod } = s.schedule_next(&api, now).await else {
+            panic!("expected a binding");
+        };
+        s.bound(&api, key, &node, *pod, Err("etcd unavailable".into()), now)
+            .await;
+        assert_eq!(s.cache.pod_count(), 0);
+        assert!(s.pending.contains_key("ns/a"));
+        // Parked until the cluster changes and the backoff passes.
+        s.queue.cluster_changed(now);
+        let later = now + std::time::Duration::from_secs(2);
+        assert!(matches!(
+            s.schedule_next(&api, later).await,
+            Next::Bind { .. }
+        ));
+    }
+
+    #[test]
+    fn pods_bound_elsewhere_count_and_finished_or_deleted_ones_free_their_node() {
+        let mut s = synced();
+        let now = StdInstant::now();
+        s.on_pod_event(Event::Apply(pod("x", Some("n1"))), now);
+        assert_eq!(s.cache.pod_count(), 1);
+        let mut done = pod("x", Some("n1"));
+        done.status = serde_json::from_value(json!({"phase": "Succeeded"})).ok();
+        s.on_pod_event(Event::Apply(done), now);
+        assert_eq!(s.cache.pod_count(), 0);
+        s.on_pod_event(Event::Apply(pod("y", Some("n1"))), now);
+        s.on_pod_event(Event::Delete(pod("y", Some("n1"))), now);
+        assert_eq!(s.cache.pod_count(), 0);
+        // A relist that no longer shows a pod removes it.
+        s.on_pod_event(Event::Apply(pod("z", Some("n1"))), now);
+        s.on_pod_event(Event::Init, now);
+        s.on_pod_event(Event::InitDone, now);
+        assert_eq!(s.cache.pod_count(), 0);
     }
 }
