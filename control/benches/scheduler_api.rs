@@ -5,7 +5,8 @@
 //! `pods/binding` per pod (a store write each, RBAC-checked) and the Scheduled events.
 //!
 //! `cargo bench -p windlass-control --bench scheduler_api` (plain binary). Sizes: `BENCH_NODES` (default
-//! `1000,5000`) and `BENCH_PODS` (default 10000).
+//! `1000,5000`) and `BENCH_PODS` (default 10000); `BENCH_AS_ADMIN=1` runs the scheduler as the admin (a
+//! `system:masters` member: no RBAC evaluation), to see what authorization costs.
 
 use std::time::{Duration, Instant};
 
@@ -119,7 +120,11 @@ async fn run(nodes: usize, pods: usize) {
                 "--leader-elect=false",
                 "--kubeconfig",
             ])
-            .arg(cp.data_dir().join("scheduler.kubeconfig"))
+            .arg(if std::env::var("BENCH_AS_ADMIN").is_ok_and(|v| v == "1") {
+                cp.kubeconfig()
+            } else {
+                cp.data_dir().join("scheduler.kubeconfig")
+            })
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(log),

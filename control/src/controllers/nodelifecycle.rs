@@ -10,9 +10,10 @@
 //! - Ready=False reported by the kubelet: `node.kubernetes.io/not-ready` NoSchedule + NoExecute.
 //! - Ready=True again: those taints are removed (the node is healed).
 //! - Pods on a node with NoExecute taints are deleted once the shortest `tolerationSeconds` of the tolerations
-//!   they use has passed since the taint appeared; an untolerated taint evicts at once; a toleration without
-//!   seconds keeps the pod. Pods with no toleration of their own for not-ready/unreachable get one for
-//!   `--pod-eviction-timeout` (300 s), which upstream's DefaultTolerationSeconds admission plugin adds at create.
+//!   they use has passed since the taint appeared (as this controller observed it); an untolerated taint evicts
+//!   at once; a toleration without seconds keeps the pod. The API server gives new pods the not-ready and
+//!   unreachable tolerations (DefaultTolerationSeconds, 300 s); pods without them are treated as having them
+//!   for `--default-unreachable-toleration-seconds`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use std::time::Instant as StdInstant;
 
 use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Pod};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, ResourceExt};
@@ -32,14 +32,27 @@ pub enum RunError {
     WatchEnded(&'static str),
 }
 
+/// Events remembered for aggregation before the map is cleared (bounds memory).
+const MAX_REMEMBERED_EVENTS: usize = 10_000;
+
+/// (pod uid, reason, message).
+type EventKey = (String, String, String);
+
 /// [`ClusterApi`] over the API server.
 pub struct ApiCluster {
     client: kube::Client,
+    /// Events already recorded, by (pod uid, reason, message): name and count, so a repeat (a pod failing again
+    /// for the same reason) bumps `count`/`lastTimestamp` instead of adding an object, as client-go's
+    /// EventCorrelator does.
+    recorded: std::sync::Mutex<HashMap<EventKey, (String, i32)>>,
 }
 
 impl ApiCluster {
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            recorded: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -76,12 +89,41 @@ impl ClusterApi for ApiCluster {
     async fn event(&self, pod: &Pod, type_: &str, reason: &str, message: &str) {
         let ns = pod.namespace().unwrap_or_else(|| "default".into());
         let name = pod.name_any();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         let now = now_rfc3339();
+        let api: Api<CoreEvent> = Api::namespaced(self.client.clone(), &ns);
+        let (event_name, count) = {
+            let mut seen = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() >= MAX_REMEMBERED_EVENTS {
+                seen.clear();
+            }
+            let entry = seen
+                .entry((uid.clone(), reason.to_owned(), message.to_owned()))
+                .or_insert_with(|| {
+                    (
+                        format!("{name}.{:016x}", uuid::Uuid::new_v4().as_u128() as u64),
+                        0,
+                    )
+                });
+            entry.1 += 1;
+            entry.clone()
+        };
+        if count > 1 {
+            let patch = json!({"count": count, "lastTimestamp": now});
+            tokio::spawn(async move {
+                if let Err(e) = api
+                    .patch(&event_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot update scheduler event");
+                }
+            });
+            return;
+        }
         let ev = json!({
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": format!("{name}.{:016x}", uuid::Uuid::new_v4().as_u128() as u64), "namespace": ns},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
-                "uid": pod.metadata.uid.clone().unwrap_or_default(),
+            "metadata": {"name": event_name, "namespace": ns},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name, "uid": uid,
                 "resourceVersion": pod.metadata.resource_version.clone().unwrap_or_default()},
             "reason": reason, "message": message, "type": type_,
             "source": {"component": SCHEDULER_NAME}, "reportingComponent": SCHEDULER_NAME,
@@ -92,7 +134,6 @@ impl ClusterApi for ApiCluster {
         let Ok(ev) = serde_json::from_value::<CoreEvent>(ev) else {
             return;
         };
-        let api: Api<CoreEvent> = Api::namespaced(self.client.clone(), &ns);
         tokio::spawn(async move {
             if let Err(e) = api.create(&PostParams::default(), &ev).await {
                 tracing::debug!(error = %e, "cannot record scheduler event");
