@@ -1,10 +1,12 @@
 //! `windlass-control`: the Windlass API server.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use windlass_control::controllers::{self, ControllersConfig, LeaseSettings, ManagerOptions};
 use windlass_control::store::{self, embedded::EmbeddedOptions, etcd::EtcdConfig, StoreConfig};
 use windlass_control::ApiConfig;
 
@@ -12,7 +14,7 @@ use windlass_control::ApiConfig;
 #[command(
     name = "windlass-control",
     version,
-    about = "Windlass control plane: a Kubernetes-compatible API server"
+    about = "Windlass control plane: a Kubernetes-compatible API server, scheduler and controllers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,8 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the Kubernetes API over HTTPS (creates certificates and admin.kubeconfig on first start).
-    Serve(ServeArgs),
+    /// Serve the Kubernetes API over HTTPS (creates certificates and admin.kubeconfig on first start), and run
+    /// the scheduler and controllers against it (behind leader election).
+    Serve(Box<ServeArgs>),
     /// Write a kubeconfig with a client certificate for a user (and groups), signed by the cluster CA.
     IssueKubeconfig {
         #[arg(long, default_value = "/var/lib/windlass/control")]
@@ -65,7 +68,7 @@ struct ServeArgs {
     #[arg(long)]
     audit_log_path: Option<PathBuf>,
     /// How long Events are kept (e.g. `1h`, `90s`, Go's `1h0m0s`).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
     event_ttl: std::time::Duration,
     /// etcd endpoints (comma-separated URLs); without it the embedded store in `--data-dir` is used.
     #[arg(long)]
@@ -79,6 +82,85 @@ struct ServeArgs {
     /// Recent store events kept in memory for watches that resume from a past resourceVersion.
     #[arg(long, default_value_t = 5000)]
     watch_history: usize,
+
+    /// Controllers to run, kube-controller-manager style: `*` all, `foo` one, `-foo` all but one. Names:
+    /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`, ...) and
+    /// `scheduler`.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    controllers: Vec<String>,
+    /// Run the scheduler and controllers against the API server in this kubeconfig instead of our own.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Do not serve the API (and open no store): only the scheduler and controllers, against `--kubeconfig`.
+    #[arg(long, requires = "kubeconfig")]
+    disable_api: bool,
+    /// Pod network that node IPAM carves per-node ranges from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// How often node lifecycle checks node heartbeats (Go duration: `5s`, `500ms`, `1m`).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    node_monitor_period: Duration,
+    /// A node whose Lease/status has not changed for this long becomes Ready=Unknown and is tainted.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    node_monitor_grace_period: Duration,
+    /// Toleration seconds for the not-ready NoExecute taint given to new pods without one (how long they stay
+    /// on a node that reports NotReady).
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: u32,
+    /// Toleration seconds for the unreachable NoExecute taint given to new pods without one (how long they stay
+    /// on a node that stopped heartbeating before eviction).
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: u32,
+    /// Run the scheduler and controllers only while holding the leader Lease (several processes can share
+    /// one etcd).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_elect_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_elect_retry_period: Duration,
+    #[arg(long, default_value = "kube-system")]
+    leader_elect_resource_namespace: String,
+    #[arg(long, default_value = "windlass-control")]
+    leader_elect_resource_name: String,
+}
+
+/// A Go-style duration as Kubernetes flags take them: `300ms`, `40s`, `5m`, `1h`, `1m30s`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?} (expected e.g. 500ms, 40s, 5m, 1h30m)");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return Err(err()),
+        };
+        total += Duration::try_from_secs_f64(secs).map_err(|_| err())?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 fn parse_cidr(s: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
@@ -93,7 +175,7 @@ fn parse_cidr(s: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
         .with_context(|| format!("invalid prefix length in {s}"))?;
     anyhow::ensure!(
         (8..=30).contains(&len),
-        "service CIDR prefix length must be between 8 and 30"
+        "CIDR prefix length must be between 8 and 30 in {s}"
     );
     Ok((ip, len))
 }
@@ -120,7 +202,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::IssueKubeconfig {
             data_dir,
             user,
@@ -141,18 +223,96 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .with_context(|| format!("invalid kubeconfig {}", path.display()))?;
+    kube::Client::try_from(config)
+        .with_context(|| format!("cannot build a client from {}", path.display()))
+}
+
+/// The controller manager's settings from the flags; `None` when nothing is enabled.
+async fn manager_options(
+    args: &ServeArgs,
+    controller_kubeconfig: &Path,
+    scheduler_kubeconfig: &Path,
+) -> anyhow::Result<Option<ManagerOptions>> {
+    let enabled = controllers::select(&args.controllers)?;
+    if enabled.is_empty() {
+        return Ok(None);
+    }
+    let config = ControllersConfig {
+        cluster_cidr: parse_cidr(&args.cluster_cidr).context("invalid --cluster-cidr")?,
+        node_cidr_mask_size: args.node_cidr_mask_size,
+        node_monitor_period: args.node_monitor_period,
+        node_monitor_grace_period: args.node_monitor_grace_period,
+        pod_eviction_timeout: Duration::from_secs(
+            args.default_unreachable_toleration_seconds.into(),
+        ),
+    };
+    anyhow::ensure!(
+        args.node_cidr_mask_size >= config.cluster_cidr.1 && args.node_cidr_mask_size <= 30,
+        "--node-cidr-mask-size must be between the --cluster-cidr prefix length and 30"
+    );
+    let lease = args.leader_elect.then(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        // Unique per process, as upstream's `<hostname>_<uuid>`.
+        let mut s = LeaseSettings::new(format!("{host}_{}", uuid::Uuid::new_v4()));
+        s.namespace = args.leader_elect_resource_namespace.clone();
+        s.name = args.leader_elect_resource_name.clone();
+        s.lease_duration = args.leader_elect_lease_duration;
+        s.renew_deadline = args.leader_elect_renew_deadline;
+        s.retry_period = args.leader_elect_retry_period;
+        s
+    });
+    if let Some(l) = &lease {
+        anyhow::ensure!(
+            l.lease_duration > l.renew_deadline && l.renew_deadline > l.retry_period,
+            "leader election needs lease duration > renew deadline > retry period"
+        );
+    }
+    Ok(Some(ManagerOptions {
+        enabled,
+        config,
+        lease,
+        controller_client: client_from(controller_kubeconfig).await?,
+        scheduler_client: client_from(scheduler_kubeconfig).await?,
+    }))
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    if args.disable_api {
+        return runtime.block_on(async move {
+            let kubeconfig = args
+                .kubeconfig
+                .clone()
+                .context("--disable-api needs --kubeconfig")?;
+            match manager_options(&args, &kubeconfig, &kubeconfig).await? {
+                Some(opts) => controllers::run(opts).await?,
+                None => tracing::warn!("--disable-api with no controllers enabled: nothing to do"),
+            }
+            Ok(())
+        });
+    }
     let config = ApiConfig {
         listen: SocketAddr::new(args.bind_address, args.secure_port),
         data_dir: args.data_dir.clone(),
-        tls_sans: args.tls_san,
+        tls_sans: args.tls_san.clone(),
         service_cidr: parse_cidr(&args.service_cluster_ip_range)?,
         node_ports: parse_port_range(&args.service_node_port_range)?,
-        token_auth_file: args.token_auth_file,
-        audit_log: args.audit_log_path,
+        token_auth_file: args.token_auth_file.clone(),
+        audit_log: args.audit_log_path.clone(),
         event_ttl: args.event_ttl,
+        default_toleration_seconds: (
+            args.default_not_ready_toleration_seconds.into(),
+            args.default_unreachable_toleration_seconds.into(),
+        ),
     };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         // The backend is chosen here, once; `store::open` logs which one.
         let store_config = match &args.etcd_servers {
@@ -172,9 +332,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 },
             },
         };
+        // Certificates and the components' kubeconfigs first, so the controllers can connect as soon as the
+        // server listens (their clients retry until then).
+        let url = windlass_control::pki::server_url(config.listen.ip(), config.listen.port());
+        let paths = windlass_control::pki::ensure(&config.data_dir, &config.tls_sans, &url)?;
+        let (cm, sched) = match &args.kubeconfig {
+            Some(k) => (k.clone(), k.clone()),
+            None => (
+                paths.controller_manager_kubeconfig.clone(),
+                paths.scheduler_kubeconfig.clone(),
+            ),
+        };
+        let manager = manager_options(&args, &cm, &sched).await?;
         // Kept alive while serving: the embedded store also answers `snapshot save` through it.
         let opened = store::open(store_config).await?;
-        windlass_control::serve(config, opened.store.clone()).await?;
+        let api = windlass_control::serve(config, opened.store.clone());
+        match manager {
+            None => api.await?,
+            Some(opts) => {
+                tokio::select! {
+                    r = api => r?,
+                    r = controllers::run(opts) => r?,
+                }
+            }
+        }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go_flags() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
 }

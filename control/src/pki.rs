@@ -3,9 +3,12 @@
 //!
 //! Layout under the data directory: `pki/ca.{crt,key}`, `pki/apiserver.{crt,key}`, `pki/admin.{crt,key}`,
 //! `pki/apiserver-kubelet-client.{crt,key}` (the API server's identity towards kubelets, CN
-//! `kube-apiserver-kubelet-client` in `system:masters`, as kubeadm issues it) (keys mode 0600), and
-//! `admin.kubeconfig` (rewritten on every start so it names the current address).
-//! Existing files are reused: the CA is created once and never replaced.
+//! `kube-apiserver-kubelet-client` in `system:masters`, as kubeadm issues it),
+//! `pki/controller-manager.{crt,key}` (CN `system:kube-controller-manager`), `pki/scheduler.{crt,key}` (CN
+//! `system:kube-scheduler`) (keys mode 0600), and `admin.kubeconfig`, `controller-manager.kubeconfig`,
+//! `scheduler.kubeconfig` (rewritten on every start so they name the current address). Existing files are
+//! reused: the CA is created once and never replaced; component certificates missing from an older data
+//! directory are issued from it.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -54,7 +57,17 @@ pub struct PkiPaths {
     /// The client certificate the API server presents to kubelets (logs, exec, port-forward).
     pub kubelet_client_cert: PathBuf,
     pub kubelet_client_key: PathBuf,
+    /// Kubeconfig of the in-process controller manager (user `system:kube-controller-manager`).
+    pub controller_manager_kubeconfig: PathBuf,
+    /// Kubeconfig of the in-process scheduler (user `system:kube-scheduler`).
+    pub scheduler_kubeconfig: PathBuf,
 }
+
+/// The in-process components with their own identity, as kubeadm gives them: (file stem, user / CN).
+const COMPONENTS: [(&str, &str); 2] = [
+    ("controller-manager", "system:kube-controller-manager"),
+    ("scheduler", "system:kube-scheduler"),
+];
 
 impl PkiPaths {
     pub fn new(data_dir: &Path) -> Self {
@@ -69,6 +82,8 @@ impl PkiPaths {
             admin_kubeconfig: data_dir.join("admin.kubeconfig"),
             kubelet_client_cert: pki.join("apiserver-kubelet-client.crt"),
             kubelet_client_key: pki.join("apiserver-kubelet-client.key"),
+            controller_manager_kubeconfig: data_dir.join("controller-manager.kubeconfig"),
+            scheduler_kubeconfig: data_dir.join("scheduler.kubeconfig"),
         }
     }
 }
@@ -209,7 +224,33 @@ pub fn ensure(
         "admin",
     );
     write(&paths.admin_kubeconfig, &kubeconfig, 0o600)?;
+    ensure_components(data_dir, &paths, server_url)?;
     Ok(paths)
+}
+
+/// Issues the controller manager's and scheduler's client certificates if missing and writes their kubeconfigs.
+fn ensure_components(data_dir: &Path, paths: &PkiPaths, server_url: &str) -> Result<(), PkiError> {
+    let ca_pem = read(&paths.ca_cert)?;
+    for (stem, user) in COMPONENTS {
+        let cert_path = data_dir.join("pki").join(format!("{stem}.crt"));
+        let key_path = data_dir.join("pki").join(format!("{stem}.key"));
+        if !cert_path.exists() || !key_path.exists() {
+            let ca_key = KeyPair::from_pem(&read(&paths.ca_key)?).map_err(gen("CA key"))?;
+            let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(gen("CA"))?;
+            let (cert, key) = client_cert(&issuer, user, &[])?;
+            write(&key_path, &key, 0o600)?;
+            write(&cert_path, &cert, 0o644)?;
+        }
+        let kc = kubeconfig(
+            server_url,
+            &ca_pem,
+            &read(&cert_path)?,
+            &read(&key_path)?,
+            user,
+        );
+        write(&data_dir.join(format!("{stem}.kubeconfig")), &kc, 0o600)?;
+    }
+    Ok(())
 }
 
 /// A client certificate (PEM cert, PEM key) for `user` in `groups`, signed by the CA.

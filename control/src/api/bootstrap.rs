@@ -1,10 +1,10 @@
 //! Objects every cluster starts with (as kube-apiserver's bootstrap controllers create them): the `default`,
-//! `kube-system`, `kube-public` and `kube-node-lease` namespaces, the `kubernetes` service in `default`, and the
-//! default RBAC roles and bindings.
+//! `kube-system`, `kube-public` and `kube-node-lease` namespaces, the `kubernetes` service in `default` with
+//! Endpoints and an EndpointSlice naming this server, and the default RBAC roles and bindings.
 
 use serde_json::json;
 
-use super::handlers::create_object;
+use super::handlers::{create_object, update_object, Mode};
 use super::objects::FieldValidation;
 use super::resources;
 use super::State;
@@ -28,10 +28,97 @@ pub(crate) async fn run(state: &State) -> Result<(), StoreError> {
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": state.config.listen.port()}]},
     });
     ensure(state, svc, Some("default"), obj).await?;
+    api_endpoints(state).await?;
     for (plural, obj) in super::rbac::bootstrap_objects() {
         let kind = resources::find("rbac.authorization.k8s.io", "v1", plural)
             .ok_or(StoreError::Backend(format!("no {plural} kind")))?;
         ensure(state, kind, None, obj).await?;
+    }
+    Ok(())
+}
+
+/// The address pods reach this server at: the bind address, or when bound to all addresses the host's first
+/// non-loopback IPv4 address (upstream's `--advertise-address` default picks the default-route interface).
+fn advertise_address(state: &State) -> std::net::Ipv4Addr {
+    match state.config.listen.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+        _ => if_addrs::get_if_addrs()
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.is_loopback())
+            .find_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+    }
+}
+
+/// Points the `kubernetes` Service at this API server, as kube-apiserver's endpoint reconciler does: Endpoints
+/// (`endpointslice.kubernetes.io/skip-mirror`) and an EndpointSlice of the same name. Rewritten at every start
+/// (the last server started wins; upstream's lease reconciler that lists every live server is not done).
+async fn api_endpoints(state: &State) -> Result<(), StoreError> {
+    let ip = advertise_address(state).to_string();
+    let port = state.config.listen.port();
+    let endpoints = json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}],
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    });
+    for (group, plural, obj, fields) in [
+        ("", "endpoints", endpoints, &["subsets"][..]),
+        (
+            "discovery.k8s.io",
+            "endpointslices",
+            slice,
+            &["endpoints", "ports"][..],
+        ),
+    ] {
+        let kind = resources::find(group, "v1", plural)
+            .ok_or(StoreError::Backend(format!("no {plural} kind")))?;
+        if state
+            .store
+            .get(&kind.key(Some("default"), "kubernetes"))
+            .await?
+            .0
+            .is_none()
+        {
+            ensure(state, kind, Some("default"), obj).await?;
+            continue;
+        }
+        let result = update_object(
+            state,
+            kind,
+            Some("default"),
+            "kubernetes",
+            Mode::System,
+            FieldValidation::Strict,
+            false,
+            |cur| {
+                let mut new = cur.clone();
+                for f in fields {
+                    new[*f] = obj[*f].clone();
+                }
+                Ok(new)
+            },
+        )
+        .await;
+        if let Err(e) = result {
+            return Err(StoreError::Backend(format!(
+                "cannot update {} kubernetes: {}",
+                kind.kind, e.message
+            )));
+        }
     }
     Ok(())
 }

@@ -504,6 +504,8 @@ pub(crate) async fn create_object(
     }
     objects::prepare_create(kind, &mut obj, namespace);
     objects::apply_defaults(kind, &mut obj, true);
+    let (not_ready, unreachable) = state.config.default_toleration_seconds;
+    objects::default_tolerations(kind, &mut obj, not_ready, unreachable);
     let (mut obj, warnings) = decode(kind, obj, validation)?;
     let name = name_of(&obj).to_string();
     let causes = objects::validate(kind, &obj, state.config.node_ports);

@@ -65,6 +65,9 @@ pub struct ApiConfig {
     pub audit_log: Option<PathBuf>,
     /// How long Events are kept (upstream `--event-ttl`, 1 h).
     pub event_ttl: std::time::Duration,
+    /// Tolerations for the not-ready and unreachable NoExecute taints given to new pods that have none
+    /// (seconds; upstream's DefaultTolerationSeconds admission, 300 each).
+    pub default_toleration_seconds: (i64, i64),
 }
 
 /// Shared server state.

@@ -394,31 +394,43 @@ fn qos_class(spec: &Value) -> &'static str {
     }
 }
 
+/// The DefaultTolerationSeconds admission plugin: a new pod without its own NoExecute toleration for the
+/// not-ready/unreachable taints gets one for `not_ready`/`unreachable` seconds (kube-apiserver's
+/// `--default-not-ready-toleration-seconds`/`--default-unreachable-toleration-seconds`, 300 by default).
+pub(crate) fn default_tolerations(
+    kind: &ResourceKind,
+    obj: &mut Value,
+    not_ready: i64,
+    unreachable: i64,
+) {
+    if kind.kind != "Pod" {
+        return;
+    }
+    let Some(s) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let tol = s.entry("tolerations").or_insert_with(|| json!([]));
+    if let Some(t) = tol.as_array_mut() {
+        for (key, secs) in [
+            ("node.kubernetes.io/not-ready", not_ready),
+            ("node.kubernetes.io/unreachable", unreachable),
+        ] {
+            if !t
+                .iter()
+                .any(|x| x.get("key").and_then(Value::as_str) == Some(key))
+            {
+                t.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": secs}));
+            }
+        }
+    }
+}
+
 /// Upstream defaults for a new object (and, for templates, on update too).
 pub(crate) fn apply_defaults(kind: &ResourceKind, obj: &mut Value, creating: bool) {
     match kind.kind {
         "Pod" => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_pod_spec(spec);
-                if creating {
-                    // The DefaultTolerationSeconds admission plugin's tolerations.
-                    if let Some(s) = spec.as_object_mut() {
-                        let tol = s.entry("tolerations").or_insert_with(|| json!([]));
-                        if let Some(t) = tol.as_array_mut() {
-                            for key in [
-                                "node.kubernetes.io/not-ready",
-                                "node.kubernetes.io/unreachable",
-                            ] {
-                                if !t
-                                    .iter()
-                                    .any(|x| x.get("key").and_then(Value::as_str) == Some(key))
-                                {
-                                    t.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
-                                }
-                            }
-                        }
-                    }
-                }
             }
             if creating {
                 let qos = obj.get("spec").map(qos_class).unwrap_or("BestEffort");

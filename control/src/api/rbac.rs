@@ -340,7 +340,53 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]})
     };
+    let user_binding = |name: &str, user: &str| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+    };
+    // The in-process controller manager runs every controller under its own identity, so its role is the union
+    // of upstream's per-controller roles (garbage collector and namespace controller: read, update and delete
+    // anything; the others create in their groups).
+    let controller_manager = json!([
+        {"apiGroups": ["*"], "resources": ["*"],
+            "verbs": ["get", "list", "watch", "patch", "update", "delete", "deletecollection"]},
+        {"apiGroups": ["", "apps", "discovery.k8s.io", "coordination.k8s.io", "events.k8s.io", "policy", "batch"],
+            "resources": ["*"], "verbs": ["create"]},
+    ]);
+    // Ref: upstream bootstrap policy `system:kube-scheduler`.
+    let scheduler = json!([
+        {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create", "get", "update"]},
+        {"apiGroups": [""], "resources": ["endpoints"], "verbs": ["create", "get", "update"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": READ},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete", "get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["bindings", "pods/binding"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch", "update"]},
+        {"apiGroups": [""], "resources": ["replicationcontrollers", "services", "namespaces",
+            "persistentvolumeclaims", "persistentvolumes", "configmaps"], "verbs": READ},
+        {"apiGroups": ["apps"], "resources": ["replicasets", "statefulsets"], "verbs": READ},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": READ},
+    ]);
     vec![
+        (
+            "clusterroles",
+            role("system:kube-controller-manager", controller_manager),
+        ),
+        ("clusterroles", role("system:kube-scheduler", scheduler)),
+        (
+            "clusterrolebindings",
+            user_binding(
+                "system:kube-controller-manager",
+                "system:kube-controller-manager",
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            user_binding("system:kube-scheduler", "system:kube-scheduler"),
+        ),
         (
             "clusterroles",
             role(

@@ -3,7 +3,7 @@
 //!
 //! Every controller is one entry of [`CONTROLLERS`]: a name (`--controllers` takes these, as
 //! kube-controller-manager does) and a function that runs it until it fails or the process stops. They share one
-//! [`Context`].
+//! [`Context`]. [`run`] starts the selected ones (and the scheduler) behind leader election.
 
 mod deployment;
 mod garbage_collector;
@@ -12,8 +12,22 @@ mod ownership;
 mod replicaset;
 
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+mod endpoints;
+mod endpointslice;
+mod leader;
+mod manager;
+mod nodeipam;
+mod nodelifecycle;
+mod serviceaccount;
+mod watch;
+
+pub use leader::{LeaderElection, LeaseSettings};
+pub use manager::{run, ManagerError, ManagerOptions};
 
 /// What every controller gets.
 #[derive(Clone)]
@@ -23,9 +37,34 @@ pub struct Context {
     pub config: Arc<ControllersConfig>,
 }
 
-/// Settings of the controllers (flags of `windlass-control serve`).
-#[derive(Debug, Clone, Default)]
-pub struct ControllersConfig {}
+/// Settings of the controllers (flags of `windlass-control serve`); defaults are upstream's.
+#[derive(Debug, Clone)]
+pub struct ControllersConfig {
+    /// `--cluster-cidr`: the pod network node IPAM carves per-node ranges from.
+    pub cluster_cidr: (Ipv4Addr, u8),
+    /// `--node-cidr-mask-size`: prefix length of each node's `spec.podCIDR`.
+    pub node_cidr_mask_size: u8,
+    /// `--node-monitor-period`: how often node lifecycle checks heartbeats.
+    pub node_monitor_period: Duration,
+    /// `--node-monitor-grace-period`: a node silent this long becomes `Ready=Unknown`.
+    pub node_monitor_grace_period: Duration,
+    /// How long a pod without its own not-ready/unreachable toleration stays on such a node before eviction
+    /// (`--default-unreachable-toleration-seconds`; the API server gives new pods that toleration, this covers
+    /// pods created without it, like upstream's old `--pod-eviction-timeout`).
+    pub pod_eviction_timeout: Duration,
+}
+
+impl Default for ControllersConfig {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
+            node_cidr_mask_size: 24,
+            node_monitor_period: Duration::from_secs(5),
+            node_monitor_grace_period: Duration::from_secs(40),
+            pod_eviction_timeout: Duration::from_secs(300),
+        }
+    }
+}
 
 /// Why a controller stopped.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +91,9 @@ pub struct ControllerEntry {
     pub start: fn(Context) -> ControllerFuture,
 }
 
+/// The scheduler's name in `--controllers` (it runs with its own identity, not from [`CONTROLLERS`]).
+pub const SCHEDULER: &str = "scheduler";
+
 /// Every controller, in start order.
 pub const CONTROLLERS: &[ControllerEntry] = &[
     ControllerEntry {
@@ -70,4 +112,89 @@ pub const CONTROLLERS: &[ControllerEntry] = &[
         name: "namespace",
         start: namespace::start,
     },
+    ControllerEntry {
+        name: "serviceaccount",
+        start: serviceaccount::start,
+    },
+    ControllerEntry {
+        name: "nodeipam",
+        start: nodeipam::start,
+    },
+    ControllerEntry {
+        name: "nodelifecycle",
+        start: nodelifecycle::start,
+    },
+    ControllerEntry {
+        name: "endpoints",
+        start: endpoints::start,
+    },
+    ControllerEntry {
+        name: "endpointslice",
+        start: endpointslice::start,
+    },
 ];
+
+/// A `--controllers` value that names a controller this binary does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--controllers: unknown controller {0:?} (known: {known})", known = known_names().join(", "))]
+pub struct UnknownController(pub String);
+
+/// Every name `--controllers` accepts.
+pub fn known_names() -> Vec<&'static str> {
+    CONTROLLERS
+        .iter()
+        .map(|c| c.name)
+        .chain([SCHEDULER])
+        .collect()
+}
+
+/// Which controllers `--controllers` selects, with kube-controller-manager's syntax: `*` enables every
+/// controller, `foo` enables one, `-foo` disables one (a disable wins over `*`). Ref: kube-controller-manager
+/// `IsControllerEnabled`.
+pub fn select(spec: &[String]) -> Result<Vec<&'static str>, UnknownController> {
+    let known = known_names();
+    let mut star = false;
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for item in spec.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item == "*" {
+            star = true;
+            continue;
+        }
+        let (list, name) = match item.strip_prefix('-') {
+            Some(n) => (&mut off, n),
+            None => (&mut on, item),
+        };
+        let Some(k) = known.iter().find(|k| **k == name) else {
+            return Err(UnknownController(name.to_owned()));
+        };
+        list.push(*k);
+    }
+    Ok(known
+        .into_iter()
+        .filter(|k| !off.contains(k) && (star || on.contains(k)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(s: &str) -> Result<Vec<&'static str>, UnknownController> {
+        select(&s.split(',').map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn controllers_flag_follows_kube_controller_manager_syntax() {
+        assert_eq!(sel("*").expect("star"), known_names());
+        let without = sel("*,-nodeipam").expect("minus");
+        assert!(!without.contains(&"nodeipam"));
+        assert_eq!(without.len(), known_names().len() - 1);
+        assert_eq!(
+            sel("endpoints,scheduler").expect("list"),
+            ["endpoints", "scheduler"]
+        );
+        assert_eq!(sel("-scheduler").expect("only minus"), Vec::<&str>::new());
+        assert_eq!(sel("*,bogus"), Err(UnknownController("bogus".into())));
+    }
+}

@@ -1,6 +1,6 @@
 //! One scheduling cycle over the API boundary: pop a pod from the queue, pick a node, assume it in the cache,
-//! bind, and record the event. The watch loop that feeds [`Cache`] and [`SchedulingQueue`] from the API server
-//! and implements [`ClusterApi`] over `pods/binding` and `events` is not written yet; this is its seam.
+//! bind, and record the event. `runner` feeds [`Cache`] and [`SchedulingQueue`] from the API server's watches and
+//! implements [`ClusterApi`] over `pods/binding` and `events`; unit tests use a fake.
 
 use std::collections::HashMap;
 use std::time::Instant;

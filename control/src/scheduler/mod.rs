@@ -8,9 +8,10 @@
 //! - [`SchedulingQueue`]: FIFO with upstream's backoff and retry-on-cluster-change.
 //! - [`schedule_one`]: one cycle (pop, schedule, assume, bind, event) against the [`ClusterApi`] trait.
 //!
-//! The algorithm is a pure library with no I/O. Not written yet: the loop that watches nodes and pods through the
-//! API server (kube-rs reflectors), keeps the cache and queue current and implements `ClusterApi` with
-//! `pods/binding` and `events`.
+//! - [`run`]: the loop that watches nodes and pods through the API server, keeps the cache and queue current and
+//!   implements `ClusterApi` with `pods/binding` and `events` ([`ApiCluster`]).
+//!
+//! The algorithm itself is a pure library with no I/O.
 
 mod algorithm;
 mod cache;
@@ -18,12 +19,14 @@ mod driver;
 mod pod;
 mod quantity;
 mod queue;
+mod runner;
 
 pub use algorithm::{FitError, Placement, ScheduleError, Scheduler};
 pub use cache::{Cache, TAINT_NOT_READY, TAINT_UNREACHABLE, TAINT_UNSCHEDULABLE};
 pub use driver::{schedule_one, ClusterApi, CycleOutcome};
 pub use pod::PodRequest;
 pub use queue::{backoff_for, SchedulingQueue};
+pub use runner::{run, ApiCluster, RunError, SCHEDULER_NAME};
 
 /// Pod or node data the scheduler cannot use (the API server's validation would normally have rejected it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,3 +50,5 @@ pub enum SchedulerError {
         source: Box<SchedulerError>,
     },
 }
+
+pub(crate) use pod::tolerates;
