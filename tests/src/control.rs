@@ -13,6 +13,9 @@ pub struct ControlPlane {
     pub port: u16,
     child: Option<ChildGuard>,
     extra_args: Vec<String>,
+    /// Where the server runs: `None` for the test's own namespace (bound to 127.0.0.1), or a network namespace and
+    /// an address in it (see [`ControlPlane::start_in_netns`]).
+    netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 use crate::free_port;
@@ -26,6 +29,24 @@ impl ControlPlane {
     /// Like [`ControlPlane::start`], with extra `serve` arguments computed from the data directory (e.g. a token
     /// file written there).
     pub fn start_with(extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
+        Self::start_where(None, extra_args)
+    }
+
+    /// A server inside the network namespace `netns`, bound to `addr` there (an address of one of its links, e.g.
+    /// a lab node's switch port), so daemons in other lab namespaces reach it without touching the root namespace.
+    /// `kubectl` runs inside that namespace too, and `admin.kubeconfig` names `https://<addr>:<port>`.
+    pub fn start_in_netns(
+        netns: &str,
+        addr: std::net::Ipv4Addr,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
+        Self::start_where(Some((netns.to_string(), addr)), extra_args)
+    }
+
+    fn start_where(
+        netns: Option<(String, std::net::Ipv4Addr)>,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-control-")
             .tempdir()
@@ -36,6 +57,7 @@ impl ControlPlane {
             port: free_port(),
             child: None,
             extra_args,
+            netns,
         };
         cp.spawn();
         cp
@@ -50,14 +72,35 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.address(), self.port)
+    }
+
+    /// The address the server listens on.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.netns
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |(_, a)| *a)
+    }
+
+    /// `program` in the server's network namespace (directly when it runs in the test's own).
+    fn command_here(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
     }
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         let child = ChildGuard::spawn(
-            Command::new(workspace_binary("windlass-control"))
-                .args(["serve", "--bind-address", "127.0.0.1", "--secure-port"])
+            self.command_here(workspace_binary("windlass-control"))
+                .args(["serve", "--bind-address"])
+                .arg(self.address().to_string())
+                .arg("--secure-port")
                 .arg(self.port.to_string())
                 .arg("--data-dir")
                 .arg(self.dir.path())
@@ -70,6 +113,7 @@ impl ControlPlane {
         self.child = Some(child);
         let kubeconfig = self.kubeconfig();
         let port = self.port;
+        let local = self.netns.is_none();
         wait_for(
             "the API server to answer /readyz",
             Duration::from_secs(30),
@@ -84,8 +128,9 @@ impl ControlPlane {
                         self.log()
                     );
                 }
+                // In another namespace only kubectl (run there) can tell whether it answers.
                 if !kubeconfig.exists()
-                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                    || (local && std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
                 {
                     return None;
                 }
@@ -117,7 +162,7 @@ impl ControlPlane {
             None => PathBuf::from("kubectl"),
             Some(v) => kubectl_version_path(v),
         };
-        let mut c = Command::new(bin);
+        let mut c = self.command_here(bin);
         c.env("KUBECONFIG", self.kubeconfig())
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("HOME", self.dir.path())
