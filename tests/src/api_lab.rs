@@ -11,14 +11,16 @@
 //! registering and for the node IPAM controller.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::cni::CniCall;
 use crate::control::ControlPlane;
 use crate::lab::{Lab, LabNode};
 use crate::netns::NetnsGuard;
-use crate::unique_name;
+use crate::{unique_name, workspace_binary, ChildGuard, TempDir};
 
 /// The API server's address on the lab switch.
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
@@ -94,5 +96,79 @@ impl ApiLab {
             "-p",
             &patch.to_string(),
         ]);
+    }
+}
+
+/// A `windlass-cni daemon --kubeconfig` running in a lab node, writing its conflist to its own directory.
+pub struct CniDaemon {
+    _child: ChildGuard,
+    pub conf_dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl CniDaemon {
+    /// The conflist the daemon wrote, if any yet.
+    pub fn conflist(&self) -> Option<Value> {
+        std::fs::read_to_string(self.conf_dir.path().join("10-windlass.conflist"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl ApiLab {
+    /// Starts `windlass-cni daemon` in `node` (`mode` is `host-gw` or `vxlan`), its log in `logs`.
+    pub fn start_cni_daemon(&self, node: &LabNode, mode: &str, logs: &Path) -> CniDaemon {
+        let conf_dir = tempfile::tempdir().expect("conf dir");
+        let log = logs.join(format!("cni-{}.log", node.name));
+        let child = ChildGuard::spawn(
+            node.netns
+                .command(workspace_binary("windlass-cni").to_str().expect("path"))
+                .args(["daemon", "--node-name", &node.name, "--mode", mode])
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig())
+                .arg("--cni-conf-dir")
+                .arg(conf_dir.path())
+                .arg("--data-dir")
+                .arg(node.data_dir.path())
+                .args(["--mtu", "1450", "--resync-ms", "300"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("daemon log")),
+        )
+        .expect("start windlass-cni daemon");
+        CniDaemon {
+            _child: child,
+            conf_dir,
+            log,
+        }
+    }
+
+    /// Attaches a new pod namespace on `node` with the conflist `daemon` wrote (as the kubelet would, through
+    /// the plugin's ADD); returns the pod and its address.
+    pub fn attach_pod(
+        &self,
+        node: &LabNode,
+        daemon: &CniDaemon,
+        id: &str,
+    ) -> (NetnsGuard, Ipv4Addr) {
+        let list = daemon.conflist().expect("the daemon wrote no conflist");
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let pod = self.lab.pod_netns().expect("pod netns");
+        let out = CniCall::new(workspace_binary("windlass-cni"), &node.netns, "ADD", id)
+            .netns(&pod.path())
+            .run(&conf.to_string())
+            .ok()
+            .json();
+        let ip = out["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .expect("pod address");
+        (pod, ip)
     }
 }

@@ -3,49 +3,15 @@
 //! removes the routes of a Node that is deleted. Pods attached with the written conflists reach each other.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use windlass_tests::api_lab::ApiLab;
-use windlass_tests::cni::{ip_json, CniCall};
+use windlass_tests::api_lab::{ApiLab, CniDaemon};
+use windlass_tests::cni::ip_json;
 use windlass_tests::lab::{can_ping, LabNode};
 use windlass_tests::netns::NetnsGuard;
-use windlass_tests::{require_privileged, wait_for, workspace_binary, ChildGuard, TempDir};
+use windlass_tests::{require_privileged, wait_for};
 
 const TOOLS: &[&str] = &["ip", "nft", "busybox", "kubectl"];
-
-struct Daemon {
-    _child: ChildGuard,
-    conf_dir: TempDir,
-    log: std::path::PathBuf,
-}
-
-fn start_daemon(lab: &ApiLab, node: &LabNode, mode: &str, logs: &Path) -> Daemon {
-    let conf_dir = tempfile::tempdir().expect("conf dir");
-    let log = logs.join(format!("{}.log", node.name));
-    let child = ChildGuard::spawn(
-        node.netns
-            .command(workspace_binary("windlass-cni").to_str().expect("path"))
-            .args(["daemon", "--node-name", &node.name, "--mode", mode])
-            .arg("--kubeconfig")
-            .arg(lab.kubeconfig())
-            .arg("--cni-conf-dir")
-            .arg(conf_dir.path())
-            .arg("--data-dir")
-            .arg(node.data_dir.path())
-            .args(["--mtu", "1450", "--resync-ms", "300"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log")),
-    )
-    .expect("start windlass-cni daemon");
-    Daemon {
-        _child: child,
-        conf_dir,
-        log,
-    }
-}
 
 /// The agent's routes (`proto 87`) in a node, as destinations.
 fn owned_routes(node: &LabNode) -> Vec<String> {
@@ -77,37 +43,6 @@ fn wait_routes(node: &LabNode, want: &[&str], logs: &dyn Fn() -> String) {
     }
 }
 
-fn conflist(d: &Daemon) -> Option<Value> {
-    std::fs::read_to_string(d.conf_dir.path().join("10-windlass.conflist"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-}
-
-/// Attaches a pod on `node` with the conflist its daemon wrote; returns the pod and its address.
-fn pod_on(lab: &ApiLab, node: &LabNode, d: &Daemon) -> (NetnsGuard, Ipv4Addr) {
-    let list = conflist(d).expect("conflist");
-    let mut conf = list["plugins"][0].clone();
-    conf["cniVersion"] = list["cniVersion"].clone();
-    conf["name"] = list["name"].clone();
-    let pod = lab.lab.pod_netns().expect("pod netns");
-    let out = CniCall::new(
-        workspace_binary("windlass-cni"),
-        &node.netns,
-        "ADD",
-        &format!("api-{}", node.name),
-    )
-    .netns(&pod.path())
-    .run(&conf.to_string())
-    .ok()
-    .json();
-    let ip = out["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .expect("pod address");
-    (pod, ip)
-}
-
 fn daemons_follow_nodes_in_the_api(mode: &str) {
     let lab = ApiLab::new(3);
     let logs = tempfile::tempdir().expect("logs");
@@ -116,14 +51,14 @@ fn daemons_follow_nodes_in_the_api(mode: &str) {
     lab.register_node(&nodes[0], true);
     lab.register_node(&nodes[1], true);
     lab.register_node(&nodes[2], false);
-    let daemons: Vec<Daemon> = nodes
+    let daemons: Vec<CniDaemon> = nodes
         .iter()
-        .map(|n| start_daemon(&lab, n, mode, logs.path()))
+        .map(|n| lab.start_cni_daemon(n, mode, logs.path()))
         .collect();
     let dump = || {
         daemons
             .iter()
-            .map(|d| std::fs::read_to_string(&d.log).unwrap_or_default())
+            .map(CniDaemon::log_text)
             .collect::<Vec<_>>()
             .join("\n----\n")
     };
@@ -131,7 +66,7 @@ fn daemons_follow_nodes_in_the_api(mode: &str) {
     wait_routes(&nodes[0], &["10.244.2.0/24"], &dump);
     wait_routes(&nodes[1], &["10.244.1.0/24"], &dump);
     let c0 = wait_for("node0's conflist", Duration::from_secs(10), || {
-        conflist(&daemons[0])
+        daemons[0].conflist()
     });
     assert_eq!(c0["plugins"][0]["subnet"], "10.244.1.0/24");
     assert_eq!(c0["plugins"][0]["mode"], mode);
@@ -139,14 +74,14 @@ fn daemons_follow_nodes_in_the_api(mode: &str) {
     // no pods to route for.
     assert!(owned_routes(&nodes[2]).is_empty());
     assert!(
-        conflist(&daemons[2]).is_none(),
+        daemons[2].conflist().is_none(),
         "a conflist before the pod CIDR was set"
     );
 
     // The node IPAM controller's part: node2 gets its range. Its conflist appears; the others route to it.
     lab.set_pod_cidr(&nodes[2]);
     let c2 = wait_for("node2's conflist", Duration::from_secs(15), || {
-        conflist(&daemons[2])
+        daemons[2].conflist()
     });
     assert_eq!(c2["plugins"][0]["subnet"], "10.244.3.0/24", "{}", dump());
     wait_routes(&nodes[0], &["10.244.2.0/24", "10.244.3.0/24"], &dump);
@@ -156,7 +91,7 @@ fn daemons_follow_nodes_in_the_api(mode: &str) {
     let pods: Vec<(NetnsGuard, Ipv4Addr)> = nodes
         .iter()
         .zip(&daemons)
-        .map(|(n, d)| pod_on(&lab, n, d))
+        .map(|(n, d)| lab.attach_pod(n, d, &format!("api-{}", n.name)))
         .collect();
     for (i, (from, _)) in pods.iter().enumerate() {
         for (j, (_, to)) in pods.iter().enumerate() {
