@@ -66,7 +66,7 @@ fn web_pod(lab: &ApiLab, node: &LabNode, daemon: &CniDaemon, name: &str) -> WebP
     }
 }
 
-fn start_proxy(lab: &ApiLab, node: &LabNode, logs: &std::path::Path) -> ChildGuard {
+fn start_proxy(lab: &ApiLab, node: &LabNode, logs: &std::path::Path, extra: &[&str]) -> ChildGuard {
     let log = std::fs::File::create(logs.join(format!("proxy-{}.log", node.name))).expect("log");
     let proxy = ChildGuard::spawn(
         node.netns
@@ -81,6 +81,7 @@ fn start_proxy(lab: &ApiLab, node: &LabNode, logs: &std::path::Path) -> ChildGua
                 "--debounce-ms",
                 "20",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log),
     )
@@ -144,7 +145,7 @@ fn services_and_endpoint_slices_created_with_kubectl_are_served_by_cluster_ip_an
     let (client_pod, _) = lab.attach_pod(&nodes[0], &daemons[0], "client");
     let _proxies: Vec<ChildGuard> = nodes
         .iter()
-        .map(|n| start_proxy(&lab, n, logs.path()))
+        .map(|n| start_proxy(&lab, n, logs.path(), &[]))
         .collect();
     let logs_text = || {
         std::fs::read_dir(logs.path())
@@ -251,4 +252,189 @@ fn services_and_endpoint_slices_created_with_kubectl_are_served_by_cluster_ip_an
         fetch(&client_pod, &format!("http://{}/", pods[1].ip)).as_deref(),
         Ok("web-1")
     );
+}
+
+/// A pod's `/etc/resolv.conf` as the kubelet writes it for `dnsPolicy: ClusterFirst` in namespace `default`:
+/// `ip netns exec` bind-mounts `/etc/netns/<name>/resolv.conf` over `/etc/resolv.conf` for what it runs. Removed on
+/// drop.
+struct PodResolvConf(std::path::PathBuf);
+
+impl PodResolvConf {
+    fn cluster_first(pod: &NetnsGuard) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(pod.name());
+        std::fs::create_dir_all(&dir).expect("/etc/netns dir");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\n\
+             options ndots:5\n",
+        )
+        .expect("resolv.conf");
+        Self(dir)
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `busybox nslookup [-type=T] NAME` from `pod` (its resolv.conf picks the server and search path).
+fn nslookup(pod: &NetnsGuard, qtype: &str, name: &str) -> String {
+    let out = pod
+        .command("timeout")
+        .args(["10", "busybox", "nslookup", &format!("-type={qtype}"), name])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nslookup");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The addresses in busybox nslookup's answer section.
+fn addresses(out: &str) -> Vec<String> {
+    let mut v: Vec<String> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Name:"))
+        .filter_map(|l| l.strip_prefix("Address:").map(|a| a.trim().to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn cluster_first_pods_resolve_services_from_the_api_through_kube_dns_on_every_node() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = ApiLab::new(2);
+    let logs = tempfile::tempdir().expect("logs");
+    let nodes = &lab.lab.nodes;
+    // The API server creates kube-dns at the cluster DNS address, as kubeadm's DNS add-on does.
+    assert_eq!(
+        lab.control.kubectl_ok(&[
+            "get",
+            "svc",
+            "kube-dns",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ]),
+        "10.96.0.10"
+    );
+    for n in nodes {
+        lab.register_node(n, true);
+    }
+    let daemons: Vec<CniDaemon> = nodes
+        .iter()
+        .map(|n| lab.start_cni_daemon(n, "host-gw", logs.path()))
+        .collect();
+    for d in &daemons {
+        wait_for("the conflists", Duration::from_secs(20), || d.conflist());
+    }
+    let pods = [
+        web_pod(&lab, &nodes[0], &daemons[0], "web-0"),
+        web_pod(&lab, &nodes[1], &daemons[1], "web-1"),
+    ];
+    // No upstream resolvers in the lab: outside names are not part of this test.
+    let resolv = logs.path().join("upstream-resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("resolv.conf");
+    let resolv = resolv.to_str().expect("path").to_string();
+    let _proxies: Vec<ChildGuard> = nodes
+        .iter()
+        .map(|n| {
+            start_proxy(
+                &lab,
+                n,
+                logs.path(),
+                &[
+                    "--dns-bind-address",
+                    "10.96.0.10:53",
+                    "--dns-upstream-resolv-conf",
+                    &resolv,
+                ],
+            )
+        })
+        .collect();
+
+    let ports = json!([{"name": "http", "port": 80, "targetPort": 80}]);
+    for (name, spec) in [
+        ("web", json!({"ports": ports})),
+        ("db", json!({"clusterIP": "None", "ports": ports})),
+        (
+            "alias",
+            json!({"type": "ExternalName", "externalName": "web.default.svc.cluster.local"}),
+        ),
+    ] {
+        lab.control.kubectl_stdin_ok(
+            &["create", "-f", "-"],
+            &json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+            .to_string(),
+        );
+    }
+    for svc in ["web", "db"] {
+        lab.control.kubectl_stdin_ok(
+            &["create", "-f", "-"],
+            &slice_manifest(svc, &[&pods[0], &pods[1]]),
+        );
+    }
+    let web_ip = lab
+        .control
+        .kubectl_ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let mut pod_ips: Vec<String> = pods.iter().map(|p| p.ip.to_string()).collect();
+    pod_ips.sort();
+
+    for (i, (n, d)) in nodes.iter().zip(&daemons).enumerate() {
+        let (client, _) = lab.attach_pod(n, d, &format!("dns-client-{i}"));
+        let _conf = PodResolvConf::cluster_first(&client);
+        // A short name through the search path, via 10.96.0.10 served on this pod's node.
+        let out = wait_for(
+            &format!("`web` to resolve from a pod on {}", n.name),
+            Duration::from_secs(20),
+            || {
+                let out = nslookup(&client, "a", "web");
+                (addresses(&out) == [web_ip.as_str()]).then_some(out)
+            },
+        );
+        assert!(out.contains("web.default.svc.cluster.local"), "{out}");
+        // Headless: the ready pod IPs.
+        let out = nslookup(&client, "a", "db.default.svc.cluster.local");
+        assert_eq!(addresses(&out), pod_ips, "{out}");
+        // SRV for the named port.
+        let out = nslookup(&client, "srv", "_http._tcp.web.default.svc.cluster.local");
+        assert!(
+            out.contains("80 web.default.svc.cluster.local"),
+            "no SRV for the named port: {out}"
+        );
+        // ExternalName: a CNAME, chased to the target's address.
+        let out = nslookup(&client, "a", "alias.default.svc.cluster.local");
+        assert!(
+            out.contains("canonical name = web.default.svc.cluster.local"),
+            "no CNAME: {out}"
+        );
+        assert_eq!(addresses(&out), [web_ip.as_str()], "{out}");
+        // kube-dns itself.
+        let out = nslookup(&client, "a", "kube-dns.kube-system.svc.cluster.local");
+        assert_eq!(addresses(&out), ["10.96.0.10"], "{out}");
+        // And the Service by name, through the proxy's rules.
+        let got = wait_for("web by name over HTTP", Duration::from_secs(10), || {
+            fetch(&client, "http://web.default.svc.cluster.local/").ok()
+        });
+        assert!(got.starts_with("web-"), "{got}");
+    }
+
+    // A Service deleted in the API disappears from DNS.
+    lab.control.kubectl_ok(&["delete", "svc", "web"]);
+    let (client, _) = lab.attach_pod(&nodes[0], &daemons[0], "dns-client-late");
+    let _conf = PodResolvConf::cluster_first(&client);
+    wait_for("web to be NXDOMAIN", Duration::from_secs(15), || {
+        nslookup(&client, "a", "web.default.svc.cluster.local")
+            .contains("NXDOMAIN")
+            .then_some(())
+    });
 }
