@@ -1,9 +1,9 @@
 //! The node network agent behind `windlass-cni daemon`: feeds [`NodeRoutes`] from a [`NodeSource`] and keeps the
 //! node's conflist written from its pod CIDR.
 //!
-//! The production source is meant to be a watch on Node objects (name, `spec.podCIDR`, InternalIP); until the
-//! API server exists, [`FileNodeSource`] reads the same facts from a JSON file the lab (or an operator) writes,
-//! re-reading it whenever it changes.
+//! The production source is a watch on Node objects ([`crate::KubeNodeSource`]: name, `spec.podCIDR`,
+//! InternalIP); [`FileNodeSource`] reads the same facts from a JSON file an operator or a lab writes, re-reading it
+//! whenever it changes, for nodes run without an API server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -157,15 +157,15 @@ impl<S: NodeSource> NodeSource for WithConflist<S> {
     }
 }
 
-/// `windlass-cni daemon` with a nodes file: runs until the process is stopped.
-pub fn run_file_daemon(
+/// `windlass-cni daemon`: runs the agent on `source` (and keeps the conflist written when `conflist` is given)
+/// until the source closes.
+pub fn run_daemon<S: NodeSource>(
     routes: &NodeRoutes,
-    nodes_file: &Path,
+    source: S,
     conflist: Option<(PathBuf, ConflistOptions)>,
     node: &str,
     resync: Duration,
 ) {
-    let source = FileNodeSource::new(nodes_file);
     match conflist {
         Some((conf_dir, options)) => {
             let mut source = WithConflist {

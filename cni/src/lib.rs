@@ -4,9 +4,9 @@
 //!   a node bridge, a veth pair per pod, host-local style IPAM under `dataDir`, masquerade in the nftables table
 //!   `windlass-cni`.
 //! - [`NodeRoutes`]: converges the routes to other nodes' pod CIDRs (`host-gw`, or flannel-style `vxlan`);
-//!   [`run_agent`] drives it from any [`NodeSource`] (`windlass-cni daemon` uses a nodes file until the Node
-//!   watch exists).
-//! - [`write_conflist`]: the node's CNI configuration from its pod CIDR.
+//!   [`run_agent`] drives it from any [`NodeSource`]: `windlass-cni daemon` watches Node objects on the API
+//!   server ([`KubeNodeSource`]), or follows a nodes file ([`FileNodeSource`]).
+//! - [`write_conflist`]: the node's CNI configuration from its pod CIDR (the daemon writes it once the node has one).
 //!
 //! Network configuration (the contract the kubelet and lab scripts rely on):
 //!
@@ -29,17 +29,19 @@
 mod agent;
 mod conflist;
 mod ipam;
+mod kube_source;
 mod masq;
 mod netlink;
 mod plugin;
 mod routes;
 mod spec;
 
-pub use agent::{read_nodes_file, run_file_daemon, FileNodeSource, NodesFileError, WithConflist};
+pub use agent::{read_nodes_file, run_daemon, FileNodeSource, NodesFileError, WithConflist};
 pub use conflist::{
     conflist_json, write_conflist, ConflistError, ConflistOptions, CONFLIST_FILE, NETWORK_NAME,
 };
 pub use ipam::{Ipam, IpamError};
+pub use kube_source::{node_net, KubeNodeSource, KubeSourceError};
 pub use masq::{
     chain_name as masquerade_chain_name, ensure_masquerade, remove_masquerade, MasqError,
     TABLE as NFT_TABLE,

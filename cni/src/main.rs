@@ -31,20 +31,27 @@ enum ModeArg {
 enum Sub {
     /// Keep this node's routes to every other node's pod CIDR converged (and its conflist written).
     ///
-    /// Nodes come from --nodes-file (a JSON list of {name, podCIDR, nodeIP[, vtepMAC]}), re-read when it
-    /// changes; watching Node objects in the API server is not wired yet.
+    /// Nodes come from a watch on Node objects (name, spec.podCIDR, InternalIP) through --kubeconfig (or the
+    /// in-cluster / default configuration), or from --nodes-file (a JSON list of {name, podCIDR, nodeIP[,
+    /// vtepMAC]}, re-read when it changes) on clusters run without an API server.
     Daemon {
-        /// This node's name in the node list.
+        /// This node's name (its Node object's name).
         #[arg(long)]
         node_name: String,
         #[arg(long, value_enum, default_value = "host-gw")]
         mode: ModeArg,
-        /// JSON list of nodes (stand-in for the Node watch).
+        /// Kubeconfig of the API server whose Nodes are watched.
+        #[arg(long, conflicts_with = "nodes_file")]
+        kubeconfig: Option<PathBuf>,
+        /// JSON list of nodes, instead of the API server.
         #[arg(long)]
-        nodes_file: PathBuf,
-        /// Write `10-windlass.conflist` here from the node's pod CIDR.
+        nodes_file: Option<PathBuf>,
+        /// Write `10-windlass.conflist` here from the node's pod CIDR, once it has one.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// Do not write a conflist (the kubelet's CNI configuration is managed by hand).
         #[arg(long)]
-        cni_conf_dir: Option<PathBuf>,
+        no_conflist: bool,
         /// `dataDir` written into the conflist.
         #[arg(long, default_value = windlass_cni::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
@@ -66,6 +73,9 @@ enum Sub {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The workspace enables both of rustls's crypto backends, so rustls cannot pick one by itself: choose ring
+    // before the API client is built (only the daemon uses TLS).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     // Logs go to stderr only: stdout belongs to the CNI result.
     let default_filter = if cli.command.is_some() {
@@ -88,8 +98,10 @@ fn main() -> anyhow::Result<()> {
         Some(Sub::Daemon {
             node_name,
             mode,
+            kubeconfig,
             nodes_file,
             cni_conf_dir,
+            no_conflist,
             data_dir,
             bridge,
             cluster_cidr,
@@ -104,9 +116,9 @@ fn main() -> anyhow::Result<()> {
             let cluster_cidr = cluster_cidr
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--cluster-cidr {cluster_cidr:?}: {e}"))?;
-            let conflist = cni_conf_dir.map(|dir| {
+            let conflist = (!no_conflist).then_some({
                 (
-                    dir,
+                    cni_conf_dir,
                     ConflistOptions {
                         bridge,
                         data_dir,
@@ -118,13 +130,19 @@ fn main() -> anyhow::Result<()> {
                 )
             });
             let routes = NodeRoutes::new(mode, &node_name);
-            windlass_cni::run_file_daemon(
-                &routes,
-                &nodes_file,
-                conflist,
-                &node_name,
-                Duration::from_millis(resync_ms),
-            );
+            let resync = Duration::from_millis(resync_ms);
+            match nodes_file {
+                Some(path) => {
+                    tracing::info!(path = %path.display(), "node source: nodes file");
+                    let source = windlass_cni::FileNodeSource::new(path);
+                    windlass_cni::run_daemon(&routes, source, conflist, &node_name, resync);
+                }
+                None => {
+                    tracing::info!(kubeconfig = ?kubeconfig, "node source: API server watch");
+                    let source = windlass_cni::KubeNodeSource::start(kubeconfig)?;
+                    windlass_cni::run_daemon(&routes, source, conflist, &node_name, resync);
+                }
+            }
             Ok(())
         }
     }

@@ -163,6 +163,7 @@ impl ServiceSource for KubeSource {
                 Api::<corev1::Service>::all(client.clone()),
                 watcher::Config::default(),
             )
+            .default_backoff()
             .map_ok(Item::Svc);
             // Only slices owned by a Service matter. Ref: kube-proxy selects on the same label.
             let slices = watcher(

@@ -53,8 +53,9 @@ struct Cli {
     /// Period of the full resync that repairs drift (seconds).
     #[arg(long, default_value_t = 3600)]
     resync_period_s: u64,
-    /// Serve cluster DNS on this address, UDP and TCP (the cluster DNS ClusterIP, e.g. 10.96.0.10:53, assigned
-    /// on the node). Without it no DNS server runs.
+    /// Serve cluster DNS on this address, UDP and TCP: the cluster DNS ClusterIP, 10.96.0.10:53 (the `kube-dns`
+    /// Service). The proxy assigns it to `lo` when the node lacks it and leaves it out of the Service rules, so
+    /// pods' queries reach this node's server. Without it no DNS server runs.
     #[arg(long)]
     dns_bind_address: Option<SocketAddr>,
     /// The cluster domain DNS answers for.
@@ -103,15 +104,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let mut dns = None;
     if let Some(bind) = cli.dns_bind_address {
         let (tx, rx) = windlass_proxy::dns::zone_channel();
+        let served_here = match bind.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_loopback() => Some(ip),
+            _ => None,
+        };
         source = Box::new(windlass_proxy::dns::DnsTee {
             inner: source,
             zone: tx,
+            served_here,
         });
         let config = windlass_proxy::dns::DnsConfig {
             bind,
             cluster_domain: cli.cluster_domain.clone(),
             ttl: cli.dns_ttl,
             upstream_resolv_conf: Some(cli.dns_upstream_resolv_conf.clone()),
+            assign_address: served_here.is_some(),
         };
         dns = Some((config, rx));
     }

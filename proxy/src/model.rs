@@ -136,6 +136,8 @@ pub struct Service {
     pub internal_traffic_policy: TrafficPolicy,
     pub external_ips: Vec<Ipv4Addr>,
     pub health_check_node_port: Option<u16>,
+    /// `spec.externalName` of an ExternalName Service: DNS answers a CNAME to it; the dataplane programs nothing.
+    pub external_name: Option<String>,
 }
 
 /// One endpoint address of an EndpointSlice with its conditions.
@@ -299,6 +301,35 @@ impl Service {
                 )
             })?),
         };
+        if external_name {
+            // Ref: kube-proxy skips ExternalName Services altogether (no ClusterIP, NodePorts or externalIPs);
+            // they exist only in DNS.
+            let target = spec
+                .external_name
+                .as_deref()
+                .map(|n| n.trim_end_matches('.'))
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    invalid("spec.externalName", "", "required for type ExternalName")
+                })?;
+            return Ok(Service {
+                name,
+                cluster_ips: vec![],
+                ports: ports
+                    .into_iter()
+                    .map(|p| ServicePort {
+                        node_port: None,
+                        ..p
+                    })
+                    .collect(),
+                affinity_timeout: None,
+                external_traffic_policy: TrafficPolicy::Cluster,
+                internal_traffic_policy: TrafficPolicy::Cluster,
+                external_ips: vec![],
+                health_check_node_port: None,
+                external_name: Some(target.to_string()),
+            });
+        }
         Ok(Service {
             name,
             cluster_ips,
@@ -308,6 +339,7 @@ impl Service {
             internal_traffic_policy,
             external_ips,
             health_check_node_port,
+            external_name: None,
         })
     }
 }
@@ -657,6 +689,17 @@ mod tests {
             .expect("converts");
             assert!(s.cluster_ips.is_empty(), "{s:?}");
         }
+        let s = Service::from_k8s(&service_json(
+            serde_json::json!({"metadata": {"name": "x"}, "spec":
+            {"type": "ExternalName", "externalName": "db.example.com.", "externalIPs": ["1.2.3.4"],
+             "ports": [{"port": 5432, "nodePort": 30001}]}}),
+        ))
+        .expect("converts");
+        assert_eq!(s.external_name.as_deref(), Some("db.example.com"));
+        assert!(
+            s.external_ips.is_empty() && s.ports[0].node_port.is_none(),
+            "{s:?}"
+        );
     }
 
     #[test]

@@ -1159,6 +1159,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_ips: vec![],
             health_check_node_port: None,
+            external_name: None,
         }));
         m.apply(slice_event(endpoints));
         m

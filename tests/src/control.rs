@@ -13,8 +13,9 @@ pub struct ControlPlane {
     pub port: u16,
     child: Option<ChildGuard>,
     extra_args: Vec<String>,
-    /// The network namespace (`ip netns` name) the server and kubectl run in; `None` for the test's own.
-    netns: Option<String>,
+    /// Where the server runs: `None` for the test's own namespace (bound to 127.0.0.1), or a network namespace and
+    /// an address in it (see [`ControlPlane::start_in_netns`]).
+    netns: Option<(String, std::net::Ipv4Addr)>,
     /// The etcd member the server stores into when the suite runs on the etcd backend (dropped after the server).
     _etcd: Option<crate::etcd_member::EtcdMember>,
 }
@@ -37,23 +38,32 @@ impl ControlPlane {
     /// Like [`ControlPlane::start`], with extra `serve` arguments computed from the data directory (e.g. a token
     /// file written there).
     pub fn start_with(extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
-        Self::start_in(None, extra_args)
+        Self::start_where(None, extra_args)
     }
 
-    /// Starts a server inside the network namespace `netns` (an `ip netns` name, e.g. a node namespace the
-    /// test created), listening on that namespace's loopback; [`ControlPlane::kubectl_cmd`] runs kubectl there.
-    pub fn start_in_netns(netns: &str) -> Self {
-        Self::start_in(Some(netns.to_string()), |_| Vec::new())
+    /// A server inside the network namespace `netns`, bound to `addr` there (an address of one of its links, e.g.
+    /// a lab node's switch port), so daemons in other lab namespaces reach it without touching the root namespace.
+    /// `kubectl` runs inside that namespace too, and `admin.kubeconfig` names `https://<addr>:<port>`.
+    pub fn start_in_netns(
+        netns: &str,
+        addr: std::net::Ipv4Addr,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
+        Self::start_where(Some((netns.to_string(), addr)), extra_args)
     }
 
-    fn start_in(netns: Option<String>, extra_args: impl FnOnce(&Path) -> Vec<String>) -> Self {
+    fn start_where(
+        netns: Option<(String, std::net::Ipv4Addr)>,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("windlass-control-")
             .tempdir()
             .expect("temp data dir");
         let mut extra_args = extra_args(dir.path());
         // The etcd member listens on the test's own loopback, so only servers there use it.
-        let etcd = (netns.is_none() && store_backend_is_etcd()).then(crate::etcd_member::EtcdMember::start);
+        let etcd = (netns.is_none() && store_backend_is_etcd())
+            .then(crate::etcd_member::EtcdMember::start);
         if let Some(e) = &etcd {
             extra_args.extend(["--etcd-servers".to_string(), e.client_url.clone()]);
         }
@@ -83,14 +93,35 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.address(), self.port)
+    }
+
+    /// The address the server listens on.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.netns
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |(_, a)| *a)
+    }
+
+    /// `program` in the server's network namespace (directly when it runs in the test's own).
+    fn command_here(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
     }
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         let child = ChildGuard::spawn(
-            self.command(workspace_binary("windlass-control"))
-                .args(["serve", "--bind-address", "127.0.0.1", "--secure-port"])
+            self.command_here(workspace_binary("windlass-control"))
+                .args(["serve", "--bind-address"])
+                .arg(self.address().to_string())
+                .arg("--secure-port")
                 .arg(self.port.to_string())
                 .arg("--data-dir")
                 .arg(self.dir.path())
@@ -103,6 +134,7 @@ impl ControlPlane {
         self.child = Some(child);
         let kubeconfig = self.kubeconfig();
         let port = self.port;
+        let local = self.netns.is_none();
         wait_for(
             "the API server to answer /readyz",
             Duration::from_secs(30),
@@ -117,10 +149,9 @@ impl ControlPlane {
                         self.log()
                     );
                 }
-                // Inside another namespace the port is not reachable from here; kubectl (run there) tells.
+                // In another namespace only kubectl (run there) can tell whether it answers.
                 if !kubeconfig.exists()
-                    || (self.netns.is_none()
-                        && std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
+                    || (local && std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
                 {
                     return None;
                 }
@@ -128,18 +159,6 @@ impl ControlPlane {
                 out.status.success().then_some(())
             },
         );
-    }
-
-    /// `program` as a command in the server's network namespace (`ip netns exec`) when it has one.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        match &self.netns {
-            None => Command::new(program),
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(program);
-                c
-            }
-        }
     }
 
     /// Stops the server (SIGKILL) and starts it again on the same data directory and port.
@@ -164,7 +183,7 @@ impl ControlPlane {
             None => PathBuf::from("kubectl"),
             Some(v) => kubectl_version_path(v),
         };
-        let mut c = self.command(bin);
+        let mut c = self.command_here(bin);
         c.env("KUBECONFIG", self.kubeconfig())
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("HOME", self.dir.path())

@@ -88,7 +88,10 @@ impl KubeletLab {
         registry.push(&layout.path(), "httpd", "test/httpd:v1", false);
         let image = format!("{}/test/httpd:v1", registry.addr);
         let registry_addr = registry.addr.clone();
-        let control = ControlPlane::start_in_netns(netns.name());
+        let control =
+            ControlPlane::start_in_netns(netns.name(), std::net::Ipv4Addr::LOCALHOST, |_| {
+                Vec::new()
+            });
         let root = tempfile::Builder::new()
             .prefix("windlass-kubelet-")
             .tempdir()

@@ -87,8 +87,9 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Connects namespace `ns` to the switch as `eth0` with `addr/24`; the switch side is `port`.
-    fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> io::Result<()> {
+    /// Connects namespace `ns` to the switch as `eth0` with `addr/24`; the switch side is `port` (unique per lab,
+    /// at most 15 bytes; nodes use `p<index>`).
+    pub fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> io::Result<()> {
         let sw = self.switch.name();
         ip(&[
             "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,

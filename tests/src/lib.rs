@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod api_lab;
 pub mod bench;
 pub mod bundle;
 pub mod cgroup;

@@ -50,6 +50,7 @@ fn service(ns: &str, name: &str, ip: Option<Ipv4Addr>, ports: &[(&str, u16)]) ->
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_ips: vec![],
         health_check_node_port: None,
+        external_name: None,
     }
 }
 
@@ -185,6 +186,7 @@ impl DnsServer {
             cluster_domain: "cluster.local".into(),
             ttl: dns::DEFAULT_TTL,
             upstream_resolv_conf: Some(resolv),
+            assign_address: false,
         };
         let thread = std::thread::spawn(move || {
             enter(&ns);

@@ -1,6 +1,10 @@
 //! Objects every cluster starts with (as kube-apiserver's bootstrap controllers create them): the `default`,
 //! `kube-system`, `kube-public` and `kube-node-lease` namespaces, the `kubernetes` service in `default` with
-//! Endpoints and an EndpointSlice naming this server, and the default RBAC roles and bindings.
+//! Endpoints and an EndpointSlice naming this server, and the default RBAC roles and bindings. Also the `kube-dns` Service in `kube-system` at the cluster DNS address (the
+//! 10th address of the service range, 10.96.0.10 by default, as kubeadm computes it), which kubeadm creates with
+//! its CoreDNS add-on: in Windlass cluster DNS is served by `windlass-proxy` on every node, on that address, so
+//! the Service has no selector and no endpoints — it names the address for `kubectl get svc -n kube-system` and for
+//! clients that look it up.
 
 use serde_json::json;
 
@@ -29,6 +33,20 @@ pub(crate) async fn run(state: &State) -> Result<(), StoreError> {
     });
     ensure(state, svc, Some("default"), obj).await?;
     api_endpoints(state).await?;
+    let dns_ip = std::net::Ipv4Addr::from(u32::from(net) + 10);
+    let dns = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "labels": {
+            "k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "KubeDNS"}},
+        "spec": {"type": "ClusterIP", "clusterIP": dns_ip.to_string(), "sessionAffinity": "None",
+                 "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                           {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]},
+    });
+    // A user Service may already hold the address (a cluster created before this default existed): the server
+    // still starts, without the default.
+    if let Err(e) = ensure(state, svc, Some("kube-system"), dns).await {
+        tracing::warn!(error = %e, address = %dns_ip, "no kube-dns Service");
+    }
     for (plural, obj) in super::rbac::bootstrap_objects() {
         let kind = resources::find("rbac.authorization.k8s.io", "v1", plural)
             .ok_or(StoreError::Backend(format!("no {plural} kind")))?;

@@ -9,6 +9,7 @@
 //! the price of more queries. Other names are forwarded with `hickory-resolver` to the `nameserver`s of a
 //! resolv.conf (the node's own, passed in), whose cache honours the upstream TTLs (bounded by [`CACHE_SIZE`]).
 
+mod address;
 mod zone;
 
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::Resolver;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::Record;
+use hickory_server::proto::rr::{RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
@@ -66,6 +67,11 @@ pub enum DnsError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot assign the cluster DNS address {ip} to lo: {message}")]
+    Address {
+        ip: std::net::Ipv4Addr,
+        message: String,
+    },
     #[error("DNS server failed: {0}")]
     Serve(String),
 }
@@ -80,6 +86,8 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// resolv.conf whose `nameserver`s receive every name outside the cluster domain; `None` answers them REFUSED.
     pub upstream_resolv_conf: Option<PathBuf>,
+    /// Assign the bind address to `lo` first when the node does not have it (the cluster DNS ClusterIP).
+    pub assign_address: bool,
 }
 
 /// Publishes [`ZoneData`] snapshots; the sending half lives in a [`DnsTee`].
@@ -87,17 +95,37 @@ pub fn zone_channel() -> (watch::Sender<Arc<ZoneData>>, watch::Receiver<Arc<Zone
     watch::channel(Arc::new(ZoneData::default()))
 }
 
-/// Wraps a [`ServiceSource`]: every event goes on to the proxy unchanged and into a [`DnsModel`], whose snapshot is
-/// published once per burst of events.
+/// Wraps a [`ServiceSource`]: every event goes into a [`DnsModel`], whose snapshot is published once per burst of
+/// events, and on to the proxy — without `served_here`, the address this node's DNS server answers on.
+///
+/// The `kube-dns` Service (10.96.0.10) has no endpoints: every node serves it itself, on that address assigned
+/// locally. Programming it would make the dataplane reject DNS traffic as a Service without endpoints, so that
+/// ClusterIP is left out of the rules, and queries to it reach the local server like NodeLocal DNSCache's (which
+/// exempts its address from kube-proxy's DNAT with NOTRACK rules for the same reason).
 pub struct DnsTee {
     pub inner: Box<dyn ServiceSource>,
     pub zone: watch::Sender<Arc<ZoneData>>,
+    pub served_here: Option<std::net::Ipv4Addr>,
+}
+
+/// Removes `ip` from the ClusterIPs of the Services in `event`.
+fn without_cluster_ip(mut event: ModelEvent, ip: std::net::Ipv4Addr) -> ModelEvent {
+    let strip = |s: &mut crate::model::Service| s.cluster_ips.retain(|c| *c != ip);
+    match &mut event {
+        ModelEvent::ServiceUpsert(s) => strip(s),
+        ModelEvent::Replace { services, .. } | ModelEvent::ReplaceServices(services) => {
+            services.iter_mut().for_each(strip)
+        }
+        _ => {}
+    }
+    event
 }
 
 impl ServiceSource for DnsTee {
     fn run(self: Box<Self>, events: Sender<ModelEvent>) -> Result<(), SourceError> {
         let (tx, rx) = mpsc::channel::<ModelEvent>();
         let zone = self.zone;
+        let served_here = self.served_here;
         let forward = std::thread::Builder::new()
             .name("dns-model".into())
             .spawn(move || {
@@ -107,6 +135,10 @@ impl ServiceSource for DnsTee {
                     batch.extend(rx.try_iter());
                     for ev in batch {
                         model.apply(&ev);
+                        let ev = match served_here {
+                            Some(ip) => without_cluster_ip(ev, ip),
+                            None => ev,
+                        };
                         if events.send(ev).is_err() {
                             return;
                         }
@@ -194,9 +226,12 @@ impl Handler {
         let data = self.data.borrow().clone();
         match self.zone.lookup(&data, &qname, qtype) {
             ZoneAnswer::Found {
-                answers,
+                mut answers,
                 additionals,
             } => {
+                if qtype != RecordType::CNAME {
+                    self.chase_cname(&data, qtype, &mut answers).await;
+                }
                 let authorities = if answers.is_empty() {
                     vec![self.zone.soa()]
                 } else {
@@ -217,47 +252,71 @@ impl Handler {
                 authorities: vec![self.zone.soa()],
                 additionals: vec![],
             },
+            ZoneAnswer::NotInZone => self.forward(qname, qtype).await,
+        }
+    }
+
+    /// An answer ending in a CNAME (an ExternalName Service) gets the target's records appended, from the zone or
+    /// from upstream, as a recursive server answers (CoreDNS's kubernetes plugin does the same for
+    /// ExternalName). Stub resolvers such as musl's and busybox's do not chase CNAMEs themselves. One level only:
+    /// an ExternalName pointing at another ExternalName is answered with both CNAMEs and no address.
+    async fn chase_cname(&self, data: &ZoneData, qtype: RecordType, answers: &mut Vec<Record>) {
+        let Some(RData::CNAME(target)) = answers.last().map(|r| &r.data) else {
+            return;
+        };
+        let target = target.0.clone();
+        match self.zone.lookup(data, &target, qtype) {
+            ZoneAnswer::Found { answers: more, .. } => answers.extend(more),
+            ZoneAnswer::NxDomain => {}
             ZoneAnswer::NotInZone => {
-                let Some(fwd) = &self.forwarder else {
-                    return Reply::code(ResponseCode::Refused);
-                };
-                let lookup = tokio::time::timeout(
-                    FORWARD_DEADLINE,
-                    fwd.resolver.lookup(qname.clone(), qtype),
-                )
-                .await;
-                let Ok(lookup) = lookup else {
-                    debug!(name = %qname, "upstream did not answer in time");
-                    return Reply::code(ResponseCode::ServFail);
-                };
-                match lookup {
-                    Ok(lookup) => Reply {
-                        code: ResponseCode::NoError,
-                        authoritative: false,
-                        answers: lookup.answers().to_vec(),
-                        authorities: vec![],
-                        additionals: vec![],
-                    },
-                    Err(e) if e.is_no_records_found() => {
-                        let code = if e.is_nx_domain() {
-                            ResponseCode::NXDomain
-                        } else {
-                            ResponseCode::NoError
-                        };
-                        let authorities = e
-                            .into_soa()
-                            .map(|soa| vec![soa.into_record_of_rdata()])
-                            .unwrap_or_default();
-                        Reply {
-                            authorities,
-                            ..Reply::code(code)
-                        }
-                    }
-                    Err(e) => {
-                        debug!(name = %qname, error = %e, "upstream lookup failed");
-                        Reply::code(ResponseCode::ServFail)
+                if let Some(fwd) = &self.forwarder {
+                    if let Ok(Ok(lookup)) =
+                        tokio::time::timeout(FORWARD_DEADLINE, fwd.resolver.lookup(target, qtype))
+                            .await
+                    {
+                        answers.extend(lookup.answers().iter().cloned());
                     }
                 }
+            }
+        }
+    }
+
+    async fn forward(&self, qname: hickory_server::proto::rr::Name, qtype: RecordType) -> Reply {
+        let Some(fwd) = &self.forwarder else {
+            return Reply::code(ResponseCode::Refused);
+        };
+        let lookup =
+            tokio::time::timeout(FORWARD_DEADLINE, fwd.resolver.lookup(qname.clone(), qtype)).await;
+        let Ok(lookup) = lookup else {
+            debug!(name = %qname, "upstream did not answer in time");
+            return Reply::code(ResponseCode::ServFail);
+        };
+        match lookup {
+            Ok(lookup) => Reply {
+                code: ResponseCode::NoError,
+                authoritative: false,
+                answers: lookup.answers().to_vec(),
+                authorities: vec![],
+                additionals: vec![],
+            },
+            Err(e) if e.is_no_records_found() => {
+                let code = if e.is_nx_domain() {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                let authorities = e
+                    .into_soa()
+                    .map(|soa| vec![soa.into_record_of_rdata()])
+                    .unwrap_or_default();
+                Reply {
+                    authorities,
+                    ..Reply::code(code)
+                }
+            }
+            Err(e) => {
+                debug!(name = %qname, error = %e, "upstream lookup failed");
+                Reply::code(ResponseCode::ServFail)
             }
         }
     }
@@ -322,6 +381,11 @@ pub async fn serve(
         Some(path) => Some(Forwarder::from_resolv_conf(path)?),
         None => None,
     };
+    if config.assign_address {
+        if let SocketAddr::V4(v4) = config.bind {
+            address::ensure_on_loopback(*v4.ip()).await?;
+        }
+    }
     let udp = UdpSocket::bind(config.bind)
         .await
         .map_err(|source| DnsError::Bind {
@@ -380,6 +444,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_ips: vec![],
             health_check_node_port: None,
+            external_name: None,
         }
     }
 
@@ -394,6 +459,7 @@ mod tests {
         let tee = Box::new(DnsTee {
             inner: Box::new(Fixed(events.clone())),
             zone: tx,
+            served_here: None,
         });
         let (out_tx, out_rx) = mpsc::channel();
         tee.run(out_tx).expect("tee runs");
@@ -405,5 +471,29 @@ mod tests {
         assert!(
             matches!(q("b.ns.svc.cluster.local."), ZoneAnswer::Found { ref answers, .. } if answers.len() == 1)
         );
+    }
+
+    #[test]
+    fn the_address_served_here_is_kept_from_the_dataplane_but_resolves_in_dns() {
+        let dns_ip = std::net::Ipv4Addr::new(10, 96, 0, 1);
+        let (tx, rx) = zone_channel();
+        let tee = Box::new(DnsTee {
+            inner: Box::new(Fixed(vec![ModelEvent::ServiceUpsert(svc("kube-dns"))])),
+            zone: tx,
+            served_here: Some(dns_ip),
+        });
+        let (out_tx, out_rx) = mpsc::channel();
+        tee.run(out_tx).expect("tee runs");
+        match out_rx.try_iter().collect::<Vec<_>>().as_slice() {
+            [ModelEvent::ServiceUpsert(s)] => assert!(s.cluster_ips.is_empty(), "{s:?}"),
+            other => panic!("{other:?}"),
+        }
+        let zone = Zone::new("cluster.local", DEFAULT_TTL).expect("domain");
+        let data = rx.borrow().clone();
+        let name = Name::from_ascii("kube-dns.ns.svc.cluster.local.").expect("name");
+        assert!(matches!(
+            zone.lookup(&data, &name, RecordType::A),
+            ZoneAnswer::Found { ref answers, .. } if answers.len() == 1
+        ));
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use hickory_server::proto::rr::rdata::{A, SOA, SRV};
+use hickory_server::proto::rr::rdata::{A, CNAME, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 
 use crate::model::{EndpointSliceInfo, ModelEvent, Protocol, Service, ServiceName, SliceKey};
@@ -80,6 +80,11 @@ impl DnsModel {
                         .map(|p| (p.name.to_ascii_lowercase(), p.protocol, p.port))
                         .collect(),
                     endpoints: BTreeMap::new(),
+                    external_name: svc.external_name.as_deref().and_then(|n| {
+                        let mut name = Name::from_ascii(n).ok()?;
+                        name.set_fqdn(true);
+                        Some(name)
+                    }),
                 },
             );
         }
@@ -114,12 +119,13 @@ type NamedPort = (String, Protocol, u16);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ServiceRecords {
-    /// Empty for headless Services (and ExternalName ones, which the model does not tell apart: they answer like
-    /// a headless Service without endpoints).
+    /// Empty for headless and ExternalName Services.
     cluster_ips: Vec<Ipv4Addr>,
     ports: Vec<NamedPort>,
     /// Ready endpoint addresses with their named ports.
     endpoints: BTreeMap<Ipv4Addr, BTreeSet<NamedPort>>,
+    /// An ExternalName Service's target: its name is a CNAME to it.
+    external_name: Option<Name>,
 }
 
 /// One snapshot of the cluster zone's data.
@@ -266,6 +272,19 @@ impl Zone {
                 let Some(rec) = data.services.get(&(ns.to_string(), svc.to_string())) else {
                     return ZoneAnswer::NxDomain;
                 };
+                // Ref: Kubernetes DNS spec 2.4: an ExternalName Service's name is a CNAME to `spec.externalName`,
+                // whatever type is asked (RFC 1034 3.6.2); the server chases the target (see `Handler`).
+                if let Some(target) = &rec.external_name {
+                    answers.push(Record::from_rdata(
+                        qname.clone(),
+                        self.ttl,
+                        RData::CNAME(CNAME(target.clone())),
+                    ));
+                    return ZoneAnswer::Found {
+                        answers,
+                        additionals,
+                    };
+                }
                 match qtype {
                     RecordType::A => {
                         answers.extend(Self::service_ips(rec).into_iter().map(a));
@@ -425,6 +444,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_ips: vec![],
             health_check_node_port: None,
+            external_name: None,
         }
     }
 
@@ -532,6 +552,27 @@ mod tests {
         };
         assert_eq!(answers[0].ttl, 30);
         assert_eq!(answers[0].name, name("web.shop.svc.cluster.local."));
+    }
+
+    #[test]
+    fn an_external_name_service_is_a_cname_to_its_target_for_every_type() {
+        let mut m = DnsModel::new();
+        let mut svc = service("shop", "pay", &[], &[("https", Protocol::Tcp, 443)]);
+        svc.external_name = Some("pay.example.com".into());
+        m.apply(&ModelEvent::ServiceUpsert(svc));
+        let (z, d) = (Zone::new("cluster.local", 30).expect("zone"), m.snapshot());
+        for qtype in [RecordType::A, RecordType::AAAA, RecordType::CNAME] {
+            match z.lookup(&d, &name("pay.shop.svc.cluster.local."), qtype) {
+                ZoneAnswer::Found { answers, .. } => {
+                    assert_eq!(answers.len(), 1, "{answers:?}");
+                    assert_eq!(
+                        answers[0].data,
+                        RData::CNAME(CNAME(name("pay.example.com.")))
+                    );
+                }
+                other => panic!("{qtype}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn model(n: usize, ready_mask: impl Fn(usize, usize) -> bool) -> Model {
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_ips: vec![],
             health_check_node_port: None,
+            external_name: None,
         });
         slices.push((
             SliceKey {
@@ -426,6 +427,7 @@ fn connect_latency(config: &RulesetConfig, nft: &Nft, count: usize) -> String {
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_ips: vec![],
             health_check_node_port: None,
+            external_name: None,
         }));
         m.apply(ModelEvent::SliceUpsert(
             SliceKey {
