@@ -13,6 +13,8 @@ PACKAGES=(
   etcd-server etcd-client
   # tooling
   jq hyperfine psmisc procps util-linux ca-certificates curl
+  # demo (scripts/run.sh): a loopback-only forwarder to the API server in the node namespace
+  socat
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -64,6 +64,8 @@ struct Cli {
     /// The `windlass-runtime` executable (default: next to this program, else from PATH).
     #[arg(long)]
     runtime_binary: Option<PathBuf>,
+    #[command(flatten)]
+    server: windlass_kubelet::server::ServerFlags,
 }
 
 /// `windlass-runtime` next to the running executable, else the bare name for PATH lookup.
@@ -166,6 +168,7 @@ fn run() -> anyhow::Result<()> {
         config,
         runtime_binary: cli.runtime_binary.unwrap_or_else(default_runtime_binary),
         cgroup_mount: PathBuf::from(windlass_kubelet::agent::DEFAULT_CGROUP_MOUNT),
+        server: cli.server.clone(),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

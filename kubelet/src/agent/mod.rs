@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub runtime_binary: PathBuf,
     /// Mount point of the cgroup hierarchies ([`DEFAULT_CGROUP_MOUNT`]).
     pub cgroup_mount: PathBuf,
+    /// The kubelet API's TLS and client-CA settings; it serves on `--port` next to the pod workers.
+    pub server: crate::server::ServerFlags,
 }
 
 /// Why the kubelet could not run.
@@ -60,6 +62,8 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("kubelet API: {0}")]
+    Server(#[source] crate::server::ServerError),
     #[error("--node-ip is not set and no address was found to use")]
     NoNodeIp,
 }
@@ -158,11 +162,32 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
     });
     tracing::info!(node = %shared.cfg.node_name, runtime = %agent.runtime_binary.display(), "kubelet starting");
 
+    // The kubelet API (logs, exec, port-forward, stats): requests are authorised by the API server
+    // (SubjectAccessReview), containers found from the runtime's state.
+    let server_config = crate::server::ServerConfig::new(
+        &shared.cfg,
+        &agent.server,
+        windlass_runtime::SandboxManager::new(
+            crate::layout::sandboxes_dir(&shared.cfg.root_dir),
+            &agent.cgroup_mount,
+            &agent.runtime_binary,
+        ),
+    );
+    let server = match crate::server::KubeletServer::bind(
+        server_config,
+        Arc::new(crate::server::SarAuthorizer::new(shared.client.clone())),
+    )
+    .await
+    {
+        Ok(s) => tokio::spawn(s.run()),
+        Err(e) => return Err(AgentError::Server(e)),
+    };
     let node = tokio::spawn(node_status::run(shared.clone()));
     let pods = tokio::spawn(pods::run(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down; pods keep running");
     node.abort();
     pods.abort();
+    server.abort();
     Ok(())
 }
