@@ -32,7 +32,8 @@ log() { printf '\n== %s\n' "$*"; }
 in_node() { ip netns exec "$NODE_NS" "$@"; }
 # Daemons join only the node's network namespace, not a private mount namespace as `ip netns exec` gives: the
 # kubelet's mounts (pod network namespace pins, root filesystems) must be the host's, as a real kubelet's are.
-in_node_net() { nsenter --net="/run/netns/$NODE_NS" "$@"; }
+# Called with `&` only: `exec` makes the background job's PID ($!) the daemon's own, for the pid files.
+in_node_net() { exec nsenter --net="/run/netns/$NODE_NS" "$@"; }
 
 stop() {
   log "stopping an earlier run (if any)"
