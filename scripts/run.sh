@@ -43,7 +43,12 @@ stop() {
       deployments,replicasets,pods --all --all-namespaces --wait=true >/dev/null 2>&1 || true
   fi
   for name in kubelet proxy cni-daemon forwarder control registry; do
-    if [ -f "$STATE/$name.pid" ]; then kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true; fi
+    [ -f "$STATE/$name.pid" ] || continue
+    pid=$(cat "$STATE/$name.pid")
+    kill "$pid" 2>/dev/null || continue
+    # SIGTERM, then SIGKILL after 10 s.
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
   done
   rm -f "$STATE"/*.pid
   # Whatever is left of pods (the cluster was gone or too slow): every process in the node's cgroups.
