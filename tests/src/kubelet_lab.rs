@@ -184,6 +184,14 @@ impl KubeletLab {
         self.kubelet = Some(child);
     }
 
+    /// The running kubelet's PID (it is exec'd by `nsenter`, so this is the kubelet itself).
+    pub fn kubelet_pid(&self) -> u32 {
+        self.kubelet
+            .as_ref()
+            .map(ChildGuard::id)
+            .expect("kubelet running")
+    }
+
     /// SIGKILLs the kubelet (pods keep running).
     pub fn kill_kubelet(&mut self) {
         self.kubelet.take();

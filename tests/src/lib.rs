@@ -156,10 +156,13 @@ pub fn workspace_root() -> PathBuf {
 /// Cargo puts integration test executables in `target/<profile>/deps/`, binaries in `target/<profile>/`.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
+    // Test executables live in target/<profile>/deps, bench binaries in target/<profile>.
+    let dir = exe.parent().expect("executable has a directory");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
     let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
