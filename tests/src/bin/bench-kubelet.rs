@@ -155,10 +155,8 @@ async fn delete_pods(api: &Api<Pod>) {
 /// podman's configuration for this machine (testbed notes): cgroupfs, file events, ulimits it may set without
 /// CAP_SYS_RESOURCE, no network (its bridge would write nftables rules), storage of its own.
 fn podman_config(dir: &std::path::Path) {
-    let conf = format!(
-        "[engine]\nruntime=\"crun\"\ncgroup_manager=\"cgroupfs\"\nevents_logger=\"file\"\n\
-         [containers]\ndefault_ulimits=[\"nofile=1024:1024\",\"nproc=4096:4096\"]\nnetns=\"none\"\n"
-    );
+    let conf = "[engine]\nruntime=\"crun\"\ncgroup_manager=\"cgroupfs\"\nevents_logger=\"file\"\n\
+         [containers]\ndefault_ulimits=[\"nofile=1024:1024\",\"nproc=4096:4096\"]\nnetns=\"none\"\n";
     let storage = format!(
         "[storage]\ndriver=\"overlay\"\ngraphroot=\"{0}/graph\"\nrunroot=\"{0}/run\"\n",
         dir.display()
