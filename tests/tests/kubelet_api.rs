@@ -925,4 +925,67 @@ fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
         "{response:?}"
     );
     assert!(refused.contains("error forwarding port 9"), "{refused:?}");
+
+    // kubectl port-forward (SPDY tunnelled in WebSocket) wants a Running pod, then listens locally.
+    node.cp.kubectl_ok(&[
+        "patch",
+        "pod",
+        "pf",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]);
+    let mut pf = windlass_tests::ChildGuard::spawn(
+        node.cp
+            .kubectl_cmd()
+            .args([
+                "port-forward",
+                "pod/pf",
+                ":8080",
+                "--address",
+                "127.0.0.1",
+                "-v=6",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::create(node.cp.data_dir().join("port-forward.log")).expect("log"),
+            ),
+    )
+    .expect("kubectl port-forward");
+    // Keep reading kubectl's stdout: it writes a line per connection, and a closed pipe would kill it.
+    let stdout = pf.child_mut().stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("kubectl port-forward listening");
+    // "Forwarding from 127.0.0.1:PORT -> 8080"
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    // Two connections in a row: each is its own pair of SPDY streams in the one session.
+    for attempt in 0..2 {
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", local)).expect("connect to kubectl");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        conn.write_all(b"GET /index.html HTTP/1.0\r\nHost: pf\r\n\r\n")
+            .expect("request");
+        let mut got = String::new();
+        let _ = conn.read_to_string(&mut got);
+        assert!(
+            got.contains("served-from-pod"),
+            "attempt {attempt}: {got:?}\nkubectl: {}",
+            std::fs::read_to_string(node.cp.data_dir().join("port-forward.log"))
+                .unwrap_or_default()
+        );
+    }
 }
