@@ -989,3 +989,160 @@ fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
         );
     }
 }
+
+#[test]
+fn attach_streams_the_containers_output_and_refuses_stdin() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let mut node = Node::start();
+    let uid = unique_name("uid");
+    let sb = node.pod("att", &uid);
+    let rootfs = node.run(
+        &sb,
+        "att",
+        &uid,
+        "app",
+        0,
+        "echo before; while [ ! -f /tmp/go ]; do sleep 0.1; done; echo to-out; echo to-err >&2; sleep 0.3; exit 0",
+    );
+    node.wait_log("att", &uid, "app", 0, "before");
+    let admin = node.admin();
+    // Attaching happens before the output: trigger it from a thread once the session is up.
+    let go = rootfs.join("tmp/go");
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = std::fs::write(go, "");
+    });
+    let (out, err, status) = node.ws(
+        &admin,
+        &format!("/attach/{NS}/att/app?stdout=1&stderr=1"),
+        "v5.channel.k8s.io",
+        vec![],
+    );
+    assert_eq!((out.as_str(), err.as_str()), ("to-out\n", "to-err\n"));
+    assert_eq!(status["status"], "Success", "{status}");
+    node.wait_exit(&sb, "app.0");
+    let uid2 = unique_name("uid");
+    let sb2 = node.pod("att2", &uid2);
+    node.run(&sb2, "att2", &uid2, "app", 0, "exec sleep 1000");
+    let (_, _, status) = node.ws(
+        &admin,
+        &format!("/attach/{NS}/att2/app?stdin=1&stdout=1"),
+        "v4.channel.k8s.io",
+        vec![],
+    );
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stdin"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_node_may_write_only_its_own_node_lease_and_pods() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let kubeconfig = issue_kubeconfig(&cp, "system:node:n1", &["system:nodes"]);
+    let as_node = |args: &[&str], stdin: Option<&str>| {
+        let mut c = cp.kubectl_cmd();
+        c.env("KUBECONFIG", &kubeconfig).args(args);
+        if let Some(text) = stdin {
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().expect("kubectl");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+            child.wait_with_output().expect("kubectl")
+        } else {
+            c.output().expect("kubectl")
+        }
+    };
+    let node = |name: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+            .to_string()
+    };
+    let out = as_node(&["create", "-f", "-"], Some(&node("n1")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["create", "-f", "-"], Some(&node("n2")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed to modify node \"n2\""));
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &node("n2"));
+    let out = as_node(&["label", "node", "n2", "x=y"], None);
+    assert!(!out.status.success(), "a node relabelled another node");
+    let out = as_node(&["label", "node", "n1", "x=y"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Pods: only those bound to it (mirror pods, statuses, deletions).
+    let pod = |name: &str, node: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
+        .to_string()
+    };
+    let out = as_node(&["create", "-f", "-"], Some(&pod("mine", "n1")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["create", "-f", "-"], Some(&pod("theirs", "n2")));
+    assert!(
+        !out.status.success(),
+        "a node created a pod bound elsewhere"
+    );
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("theirs", "n2"));
+    let status = r#"{"status":{"phase":"Running"}}"#;
+    let out = as_node(
+        &[
+            "patch",
+            "pod",
+            "theirs",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status,
+        ],
+        None,
+    );
+    assert!(
+        !out.status.success(),
+        "a node patched another node's pod status"
+    );
+    let out = as_node(
+        &[
+            "patch",
+            "pod",
+            "mine",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It may read what RBAC's system:node grants, but not secrets' writes or other users' rights.
+    assert!(as_node(&["get", "pods", "-A"], None).status.success());
+    assert!(!as_node(&["delete", "pod", "theirs"], None).status.success());
+}
