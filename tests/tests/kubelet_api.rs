@@ -308,6 +308,18 @@ impl Node {
         protocol: &str,
         input: Vec<Vec<u8>>,
     ) -> (String, String, serde_json::Value) {
+        self.ws_then(who, path, protocol, input, || {})
+    }
+
+    /// Like [`Node::ws`], running `connected` once the upgrade was answered.
+    fn ws_then(
+        &self,
+        who: &Identity,
+        path: &str,
+        protocol: &str,
+        input: Vec<Vec<u8>>,
+        connected: impl FnOnce(),
+    ) -> (String, String, serde_json::Value) {
         self.rt.block_on(async {
             let tls = self.connect(Some(who)).await;
             let mut req = format!("wss://127.0.0.1:{}{path}", self.addr.port())
@@ -330,6 +342,7 @@ impl Node {
                 protocol.contains(&chosen) && !chosen.is_empty(),
                 "negotiated {chosen:?}"
             );
+            connected();
             for m in input {
                 ws.send(Message::Binary(m.into())).await.expect("send");
             }
@@ -1008,17 +1021,14 @@ fn attach_streams_the_containers_output_and_refuses_stdin() {
     );
     node.wait_log("att", &uid, "app", 0, "before");
     let admin = node.admin();
-    // Attaching happens before the output: trigger it from a thread once the session is up.
+    // The output is triggered once the attach request was answered.
     let go = rootfs.join("tmp/go");
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = std::fs::write(go, "");
-    });
-    let (out, err, status) = node.ws(
+    let (out, err, status) = node.ws_then(
         &admin,
         &format!("/attach/{NS}/att/app?stdout=1&stderr=1"),
         "v5.channel.k8s.io",
         vec![],
+        move || std::fs::write(go, "").expect("trigger"),
     );
     assert_eq!((out.as_str(), err.as_str()), ("to-out\n", "to-err\n"));
     assert_eq!(status["status"], "Success", "{status}");

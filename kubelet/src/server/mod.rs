@@ -486,6 +486,9 @@ async fn exec(
     let container_id = inst.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
     let sandbox_id = inst.sandbox_id.clone();
     let log_path = inst.log_path.clone();
+    // Attach shows what is written from now on: fix "now" before answering, so nothing written after the client
+    // saw the upgrade is missed.
+    let start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -501,16 +504,7 @@ async fn exec(
         )
         .await;
         if attach {
-            exec::attach_session(
-                ws,
-                protocol,
-                mgr,
-                sandbox_id,
-                container_id,
-                log_path,
-                params,
-            )
-            .await;
+            exec::attach_session(ws, mgr, sandbox_id, container_id, log_path, start, params).await;
         } else {
             exec::session(ws, protocol, mgr, sandbox_id, container_id, params).await;
         }
