@@ -696,7 +696,8 @@ fn register(node: &Node, pod: &str) -> String {
     cp.kubectl_stdin_ok(&["create", "-f", "-"], &manifest.to_string());
     let status = serde_json::json!({"status": {
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": node.addr.port()}}}});
+        // What the kubelet publishes (`server::daemon_endpoints`): {"kubeletEndpoint": {"Port": N}}.
+        "daemonEndpoints": windlass_kubelet::server::daemon_endpoints(node.addr.port())}});
     cp.kubectl_ok(&[
         "patch",
         "node",

@@ -218,6 +218,16 @@ impl KubeletServer {
     }
 }
 
+/// The Node's `status.daemonEndpoints` for a kubelet API on `port`: the API server proxies logs, exec and
+/// port-forward to the Node's InternalIP at this port (upstream sets it at registration).
+pub fn daemon_endpoints(port: u16) -> k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+    k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+        kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
+            port: i32::from(port),
+        }),
+    }
+}
+
 /// Binds and serves the kubelet API until the task is dropped (what `windlass-kubelet` calls).
 pub async fn serve(
     config: ServerConfig,
