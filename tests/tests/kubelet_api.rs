@@ -308,6 +308,18 @@ impl Node {
         protocol: &str,
         input: Vec<Vec<u8>>,
     ) -> (String, String, serde_json::Value) {
+        self.ws_then(who, path, protocol, input, || {})
+    }
+
+    /// Like [`Node::ws`], running `connected` once the upgrade was answered.
+    fn ws_then(
+        &self,
+        who: &Identity,
+        path: &str,
+        protocol: &str,
+        input: Vec<Vec<u8>>,
+        connected: impl FnOnce(),
+    ) -> (String, String, serde_json::Value) {
         self.rt.block_on(async {
             let tls = self.connect(Some(who)).await;
             let mut req = format!("wss://127.0.0.1:{}{path}", self.addr.port())
@@ -330,6 +342,7 @@ impl Node {
                 protocol.contains(&chosen) && !chosen.is_empty(),
                 "negotiated {chosen:?}"
             );
+            connected();
             for m in input {
                 ws.send(Message::Binary(m.into())).await.expect("send");
             }
@@ -683,7 +696,8 @@ fn register(node: &Node, pod: &str) -> String {
     cp.kubectl_stdin_ok(&["create", "-f", "-"], &manifest.to_string());
     let status = serde_json::json!({"status": {
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": node.addr.port()}}}});
+        // What the kubelet publishes (`server::daemon_endpoints`): {"kubeletEndpoint": {"Port": N}}.
+        "daemonEndpoints": windlass_kubelet::server::daemon_endpoints(node.addr.port())}});
     cp.kubectl_ok(&[
         "patch",
         "node",
@@ -925,4 +939,221 @@ fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
         "{response:?}"
     );
     assert!(refused.contains("error forwarding port 9"), "{refused:?}");
+
+    // kubectl port-forward (SPDY tunnelled in WebSocket) wants a Running pod, then listens locally.
+    node.cp.kubectl_ok(&[
+        "patch",
+        "pod",
+        "pf",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]);
+    let mut pf = windlass_tests::ChildGuard::spawn(
+        node.cp
+            .kubectl_cmd()
+            .args([
+                "port-forward",
+                "pod/pf",
+                ":8080",
+                "--address",
+                "127.0.0.1",
+                "-v=6",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::create(node.cp.data_dir().join("port-forward.log")).expect("log"),
+            ),
+    )
+    .expect("kubectl port-forward");
+    // Keep reading kubectl's stdout: it writes a line per connection, and a closed pipe would kill it.
+    let stdout = pf.child_mut().stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("kubectl port-forward listening");
+    // "Forwarding from 127.0.0.1:PORT -> 8080"
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    // Two connections in a row: each is its own pair of SPDY streams in the one session.
+    for attempt in 0..2 {
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", local)).expect("connect to kubectl");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        conn.write_all(b"GET /index.html HTTP/1.0\r\nHost: pf\r\n\r\n")
+            .expect("request");
+        let mut got = String::new();
+        let _ = conn.read_to_string(&mut got);
+        assert!(
+            got.contains("served-from-pod"),
+            "attempt {attempt}: {got:?}\nkubectl: {}",
+            std::fs::read_to_string(node.cp.data_dir().join("port-forward.log"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+#[test]
+fn attach_streams_the_containers_output_and_refuses_stdin() {
+    if !require_privileged(&["/bin/busybox"]) {
+        return;
+    }
+    let mut node = Node::start();
+    let uid = unique_name("uid");
+    let sb = node.pod("att", &uid);
+    let rootfs = node.run(
+        &sb,
+        "att",
+        &uid,
+        "app",
+        0,
+        "echo before; while [ ! -f /tmp/go ]; do sleep 0.1; done; echo to-out; echo to-err >&2; sleep 0.3; exit 0",
+    );
+    node.wait_log("att", &uid, "app", 0, "before");
+    let admin = node.admin();
+    // The output is triggered once the attach request was answered.
+    let go = rootfs.join("tmp/go");
+    let (out, err, status) = node.ws_then(
+        &admin,
+        &format!("/attach/{NS}/att/app?stdout=1&stderr=1"),
+        "v5.channel.k8s.io",
+        vec![],
+        move || std::fs::write(go, "").expect("trigger"),
+    );
+    assert_eq!((out.as_str(), err.as_str()), ("to-out\n", "to-err\n"));
+    assert_eq!(status["status"], "Success", "{status}");
+    node.wait_exit(&sb, "app.0");
+    let uid2 = unique_name("uid");
+    let sb2 = node.pod("att2", &uid2);
+    node.run(&sb2, "att2", &uid2, "app", 0, "exec sleep 1000");
+    let (_, _, status) = node.ws(
+        &admin,
+        &format!("/attach/{NS}/att2/app?stdin=1&stdout=1"),
+        "v4.channel.k8s.io",
+        vec![],
+    );
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stdin"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_node_may_write_only_its_own_node_lease_and_pods() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let kubeconfig = issue_kubeconfig(&cp, "system:node:n1", &["system:nodes"]);
+    let as_node = |args: &[&str], stdin: Option<&str>| {
+        let mut c = cp.kubectl_cmd();
+        c.env("KUBECONFIG", &kubeconfig).args(args);
+        if let Some(text) = stdin {
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().expect("kubectl");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+            child.wait_with_output().expect("kubectl")
+        } else {
+            c.output().expect("kubectl")
+        }
+    };
+    let node = |name: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+            .to_string()
+    };
+    let out = as_node(&["create", "-f", "-"], Some(&node("n1")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["create", "-f", "-"], Some(&node("n2")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed to modify node \"n2\""));
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &node("n2"));
+    let out = as_node(&["label", "node", "n2", "x=y"], None);
+    assert!(!out.status.success(), "a node relabelled another node");
+    let out = as_node(&["label", "node", "n1", "x=y"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Pods: only those bound to it (mirror pods, statuses, deletions).
+    let pod = |name: &str, node: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
+        .to_string()
+    };
+    let out = as_node(&["create", "-f", "-"], Some(&pod("mine", "n1")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["create", "-f", "-"], Some(&pod("theirs", "n2")));
+    assert!(
+        !out.status.success(),
+        "a node created a pod bound elsewhere"
+    );
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("theirs", "n2"));
+    let status = r#"{"status":{"phase":"Running"}}"#;
+    let out = as_node(
+        &[
+            "patch",
+            "pod",
+            "theirs",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status,
+        ],
+        None,
+    );
+    assert!(
+        !out.status.success(),
+        "a node patched another node's pod status"
+    );
+    let out = as_node(
+        &[
+            "patch",
+            "pod",
+            "mine",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It may read what RBAC's system:node grants, but not secrets' writes or other users' rights.
+    assert!(as_node(&["get", "pods", "-A"], None).status.success());
+    assert!(!as_node(&["delete", "pod", "theirs"], None).status.success());
 }

@@ -367,15 +367,15 @@ pub(crate) async fn session<S>(
 }
 
 /// `attach`: the container's output as it is written (read from its CRI log, which the log shim owning the
-/// container's stdio writes), until the container exits. Its stdin belongs to the shim, so attaching stdin is
+/// container's stdio writes, from `start`: its size when the request came), until the container exits. Its stdin belongs to the shim, so attaching stdin is
 /// refused with a Status.
 pub(crate) async fn attach_session<S>(
     ws: WebSocketStream<S>,
-    _protocol: &'static str,
     mgr: SandboxManager,
     sandbox_id: String,
     container_id: String,
     log_path: std::path::PathBuf,
+    start: u64,
     params: ExecParams,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -406,7 +406,7 @@ pub(crate) async fn attach_session<S>(
     }
     let mut file = match std::fs::File::open(&log_path) {
         Ok(mut f) => {
-            let _ = f.seek(SeekFrom::End(0));
+            let _ = f.seek(SeekFrom::Start(start));
             f
         }
         Err(e) => {

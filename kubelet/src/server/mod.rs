@@ -6,7 +6,7 @@
 //! | `/containerLogs/{ns}/{pod}/{container}` | CRI logs decoded; `follow`, `tailLines`, `sinceSeconds`, `sinceTime`, `timestamps`, `previous`, `limitBytes` |
 //! | `/exec/{ns}/{pod}[/{uid}]/{container}` | a process in the container over WebSocket (`v5`/`v4.channel.k8s.io`), with or without a tty |
 //! | `/attach/{ns}/{pod}[/{uid}]/{container}` | the container's output over the same channels (output only: the log shim owns stdin) |
-//! | `/portForward/{ns}/{pod}[/{uid}]` | `?ports=` to the pod's localhost over WebSocket channels (the `kube` crate's protocol) |
+//! | `/portForward/{ns}/{pod}[/{uid}]` | to the pod's localhost: SPDY tunnelled in WebSocket (kubectl) or `?ports=` over WebSocket channels (the `kube` crate) |
 //! | `/stats/summary` | node and pod CPU/memory (Summary API) |
 //! | `/healthz`, `/metrics` | liveness; Prometheus text |
 //!
@@ -21,6 +21,7 @@ mod exec;
 mod logs;
 mod pods;
 mod portforward;
+mod spdy;
 mod stats;
 mod tls;
 
@@ -214,6 +215,16 @@ impl KubeletServer {
                 }
             });
         }
+    }
+}
+
+/// The Node's `status.daemonEndpoints` for a kubelet API on `port`: the API server proxies logs, exec and
+/// port-forward to the Node's InternalIP at this port (upstream sets it at registration).
+pub fn daemon_endpoints(port: u16) -> k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+    k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+        kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
+            port: i32::from(port),
+        }),
     }
 }
 
@@ -485,6 +496,9 @@ async fn exec(
     let container_id = inst.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
     let sandbox_id = inst.sandbox_id.clone();
     let log_path = inst.log_path.clone();
+    // Attach shows what is written from now on: fix "now" before answering, so nothing written after the client
+    // saw the upgrade is missed.
+    let start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -500,16 +514,7 @@ async fn exec(
         )
         .await;
         if attach {
-            exec::attach_session(
-                ws,
-                protocol,
-                mgr,
-                sandbox_id,
-                container_id,
-                log_path,
-                params,
-            )
-            .await;
+            exec::attach_session(ws, mgr, sandbox_id, container_id, log_path, start, params).await;
         } else {
             exec::session(ws, protocol, mgr, sandbox_id, container_id, params).await;
         }
@@ -570,13 +575,30 @@ async fn port_forward(
     ns: String,
     pod: String,
 ) -> Response<Body> {
-    let (protocol, key) = match websocket_handshake(&req, "port-forward") {
-        Ok(h) => h,
-        Err(r) => return r,
+    // kubectl tunnels SPDY in the WebSocket; other clients (the kube crate) use the channel protocol.
+    let offered = header_str(&req, "sec-websocket-protocol");
+    let tunnel = offered
+        .split(',')
+        .any(|p| p.trim() == spdy::TUNNEL_PROTOCOL);
+    let (protocol, key) = if tunnel {
+        let key = header_str(&req, "sec-websocket-key").to_string();
+        if key.is_empty() || header_str(&req, "sec-websocket-version") != "13" {
+            return text(StatusCode::BAD_REQUEST, "bad WebSocket handshake");
+        }
+        (spdy::TUNNEL_PROTOCOL, key)
+    } else {
+        match websocket_handshake(&req, "port-forward") {
+            Ok(h) => h,
+            Err(r) => return r,
+        }
     };
-    let ports = match portforward::parse_ports(&query_pairs(&req)) {
-        Ok(p) => p,
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    let ports = if tunnel {
+        Vec::new()
+    } else {
+        match portforward::parse_ports(&query_pairs(&req)) {
+            Ok(p) => p,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        }
     };
     let mgr = state.config.sandboxes.clone();
     let found = {
@@ -612,7 +634,11 @@ async fn port_forward(
             None,
         )
         .await;
-        portforward::session(ws, protocol, netns, name, ports).await;
+        if tunnel {
+            spdy::session(ws, netns, name).await;
+        } else {
+            portforward::session(ws, protocol, netns, name, ports).await;
+        }
     });
     switching_protocols(protocol, &key)
 }

@@ -3,7 +3,7 @@
 //! the channel byte and the port (u16 little-endian). One TCP connection per port to `localhost:<port>` inside the
 //! pod's network namespace is opened when the session starts. With `v5.channel.k8s.io`, `[255, 2i]` half-closes
 //! the connection towards the pod. This is the protocol the `kube` crate's `Api::portforward` speaks; kubectl's
-//! port-forward needs SPDY (tunnelled in WebSocket since 1.31), which is not served.
+//! SPDY-in-WebSocket is in `spdy`.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -47,7 +47,7 @@ pub(crate) fn parse_ports(query: &[(String, String)]) -> Result<Vec<u16>, String
 
 /// Connects to `127.0.0.1:port` inside the network namespace at `netns`. The socket is made on a short-lived
 /// thread that joined the namespace (namespaces are per thread), and stays in it afterwards.
-fn connect_in_netns(netns: &Path, port: u16) -> io::Result<std::net::TcpStream> {
+pub(crate) fn connect(netns: &Path, port: u16) -> io::Result<std::net::TcpStream> {
     let ns = std::fs::File::open(netns)?;
     std::thread::spawn(move || {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
@@ -94,7 +94,7 @@ pub(crate) async fn session<S>(
         }
         let path = netns.clone();
         let port = *port;
-        let conn = tokio::task::spawn_blocking(move || connect_in_netns(&path, port))
+        let conn = tokio::task::spawn_blocking(move || connect(&path, port))
             .await
             .map_err(io::Error::other)
             .and_then(|r| r)
