@@ -155,6 +155,36 @@ pub(crate) fn eviction_delay(pod: &Pod, taints: &[Taint], default: Duration) -> 
     min
 }
 
+/// Which of a tainted node's pods are due for eviction at `now` (the NoExecute taints were first seen at
+/// `since`), and when the next one will be. Terminating pods and pods already evicted are skipped.
+pub(crate) fn evictions<'a>(
+    pods: &'a [Arc<Pod>],
+    taints: &[Taint],
+    since: Instant,
+    now: Instant,
+    default: Duration,
+    evicted: &HashSet<String>,
+) -> (Vec<&'a Arc<Pod>>, Option<Instant>) {
+    let mut due = Vec::new();
+    let mut next: Option<Instant> = None;
+    for pod in pods {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() || evicted.contains(uid) {
+            continue;
+        }
+        let Some(delay) = eviction_delay(pod, taints, default) else {
+            continue;
+        };
+        let at = since + delay;
+        if at <= now {
+            due.push(pod);
+        } else {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    (due, next)
+}
+
 /// The node's Ready condition status, if reported.
 fn ready_status(node: &Node) -> Option<String> {
     node.status
@@ -349,21 +379,19 @@ impl Monitor {
                 continue;
             }
             let since = *self.tainted_since.entry(name.clone()).or_insert(now);
-            for pod in pods {
+            let (due, later) = evictions(
+                pods,
+                &taints,
+                since,
+                now,
+                self.ctx.config.pod_eviction_timeout,
+                &self.evicted,
+            );
+            if let Some(l) = later {
+                next = Some(next.map_or(l, |n| n.min(l)));
+            }
+            for pod in due {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
-                if pod.metadata.deletion_timestamp.is_some() || self.evicted.contains(&uid) {
-                    continue;
-                }
-                let Some(delay) =
-                    eviction_delay(pod, &taints, self.ctx.config.pod_eviction_timeout)
-                else {
-                    continue;
-                };
-                let due = since + delay;
-                if due > now {
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                    continue;
-                }
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
                 let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &ns);
                 match api.delete(&pod.name_any(), &DeleteParams::default()).await {
@@ -510,6 +538,44 @@ mod tests {
         let healed = reconcile_taints(&add, &condition_taints(Some("True")), now).expect("heal");
         assert_eq!(healed.len(), 1);
         assert_eq!(healed[0].key, "dedicated");
+    }
+
+    #[test]
+    fn pods_are_evicted_when_their_shortest_toleration_runs_out() {
+        let mk = |name: &str, tolerations: serde_json::Value| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name, "uid": name},
+                    "spec": {"containers": [], "tolerations": tolerations}}))
+                .expect("pod"),
+            )
+        };
+        let pods = [
+            mk(
+                "quick",
+                json!([{"key": TAINT_UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2}]),
+            ),
+            mk("default", json!([])),
+            mk("forever", json!([{"operator": "Exists"}])),
+            mk("gone", json!([])),
+        ];
+        let taints = [taint(TAINT_UNREACHABLE, "NoExecute")];
+        let t0 = Instant::now();
+        let evicted = HashSet::from(["gone".to_owned()]);
+        let names = |v: Vec<&Arc<Pod>>| v.iter().map(|p| p.name_any()).collect::<Vec<_>>();
+        let d = Duration::from_secs(10);
+        let (due, next) = evictions(&pods, &taints, t0, t0 + Duration::from_secs(1), d, &evicted);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(2)));
+        let (due, next) = evictions(&pods, &taints, t0, t0 + Duration::from_secs(2), d, &evicted);
+        assert_eq!(names(due), ["quick"]);
+        assert_eq!(next, Some(t0 + d));
+        let (due, next) = evictions(&pods, &taints, t0, t0 + d, d, &evicted);
+        assert_eq!(
+            names(due),
+            ["quick", "default"],
+            "never 'forever', never twice 'gone'"
+        );
+        assert_eq!(next, None);
     }
 
     #[test]
