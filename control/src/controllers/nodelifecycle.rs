@@ -225,10 +225,14 @@ struct Monitor {
     tainted_since: HashMap<String, Instant>,
     /// Pods already deleted by us (uid), so a lagging cache does not delete twice.
     evicted: HashSet<String>,
+    /// The node version (resourceVersion) our last successful writes were based on: while the cache still shows
+    /// that version, our writes are not visible yet and must not be repeated (no duplicate NodeNotReady events).
+    acted_on: HashMap<String, String>,
 }
 
 impl Monitor {
-    async fn mark_unknown(&self, node: &Node, pods: &[Arc<Pod>]) {
+    /// Returns whether the status write succeeded.
+    async fn mark_unknown(&self, node: &Node, pods: &[Arc<Pod>]) -> bool {
         let name = node.name_any();
         let now = now_rfc3339();
         let mut conditions: Vec<serde_json::Value> = node
@@ -257,7 +261,10 @@ impl Monitor {
             .await
         {
             Ok(_) => tracing::info!(node = %name, "node stopped heartbeating: Ready=Unknown"),
-            Err(e) => tracing::warn!(node = %name, error = %e, "cannot mark the node Unknown"),
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "cannot mark the node Unknown");
+                return false;
+            }
         }
         self.event(
             node,
@@ -299,6 +306,7 @@ impl Monitor {
                 tracing::debug!(pod = %pod.name_any(), error = %e, "cannot mark pod not ready");
             }
         }
+        true
     }
 
     async fn event(&self, node: &Node, reason: &str, message: &str) {
@@ -332,6 +340,7 @@ impl Monitor {
         let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         self.heartbeats.retain(&names);
         self.tainted_since.retain(|n, _| names.contains(n));
+        self.acted_on.retain(|n, _| names.contains(n));
         let mut next: Option<Instant> = None;
         let empty = Vec::new();
         for node in nodes {
@@ -343,9 +352,12 @@ impl Monitor {
                 now,
             );
             let mut ready = ready_status(node);
+            let version = node.metadata.resource_version.clone().unwrap_or_default();
+            let written = self.acted_on.get(&name) == Some(&version);
+            let mut acted = false;
             if silent > grace {
-                if ready.as_deref() != Some("Unknown") {
-                    self.mark_unknown(node, pods).await;
+                if ready.as_deref() != Some("Unknown") && !written {
+                    acted |= self.mark_unknown(node, pods).await;
                 }
                 ready = Some("Unknown".into());
             }
@@ -356,6 +368,7 @@ impl Monitor {
                 .unwrap_or_default();
             let want = condition_taints(ready.as_deref());
             let taints = match reconcile_taints(&current, &want, &now_rfc3339()) {
+                Some(new) if written => new,
                 Some(new) => {
                     let api: Api<Node> = Api::all(self.ctx.client.clone());
                     let patch = json!({"spec": {"taints": new}});
@@ -364,6 +377,7 @@ impl Monitor {
                         .await
                     {
                         Ok(_) => {
+                            acted = true;
                             tracing::info!(node = %name, ready = ?ready, "updated node condition taints")
                         }
                         Err(e) => {
@@ -374,6 +388,9 @@ impl Monitor {
                 }
                 None => current,
             };
+            if acted {
+                self.acted_on.insert(name.clone(), version);
+            }
             if !taints.iter().any(|t| t.effect == "NoExecute") {
                 self.tainted_since.remove(&name);
                 continue;
@@ -428,6 +445,7 @@ async fn run(ctx: Context) -> Result<(), ControllerError> {
         heartbeats: Heartbeats::default(),
         tainted_since: HashMap::new(),
         evicted: HashSet::new(),
+        acted_on: HashMap::new(),
     };
     loop {
         let lease_map: BTreeMap<String, Arc<Lease>> = leases
