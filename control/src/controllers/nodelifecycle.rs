@@ -155,6 +155,36 @@ pub(crate) fn eviction_delay(pod: &Pod, taints: &[Taint], default: Duration) -> 
     min
 }
 
+/// Which of a tainted node's pods are due for eviction at `now` (the NoExecute taints were first seen at
+/// `since`), and when the next one will be. Terminating pods and pods already evicted are skipped.
+pub(crate) fn evictions<'a>(
+    pods: &'a [Arc<Pod>],
+    taints: &[Taint],
+    since: Instant,
+    now: Instant,
+    default: Duration,
+    evicted: &HashSet<String>,
+) -> (Vec<&'a Arc<Pod>>, Option<Instant>) {
+    let mut due = Vec::new();
+    let mut next: Option<Instant> = None;
+    for pod in pods {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() || evicted.contains(uid) {
+            continue;
+        }
+        let Some(delay) = eviction_delay(pod, taints, default) else {
+            continue;
+        };
+        let at = since + delay;
+        if at <= now {
+            due.push(pod);
+        } else {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    (due, next)
+}
+
 /// The node's Ready condition status, if reported.
 fn ready_status(node: &Node) -> Option<String> {
     node.status
@@ -195,10 +225,14 @@ struct Monitor {
     tainted_since: HashMap<String, Instant>,
     /// Pods already deleted by us (uid), so a lagging cache does not delete twice.
     evicted: HashSet<String>,
+    /// The node version (resourceVersion) our last successful writes were based on: while the cache still shows
+    /// that version, our writes are not visible yet and must not be repeated (no duplicate NodeNotReady events).
+    acted_on: HashMap<String, String>,
 }
 
 impl Monitor {
-    async fn mark_unknown(&self, node: &Node, pods: &[Arc<Pod>]) {
+    /// Returns whether the status write succeeded.
+    async fn mark_unknown(&self, node: &Node, pods: &[Arc<Pod>]) -> bool {
         let name = node.name_any();
         let now = now_rfc3339();
         let mut conditions: Vec<serde_json::Value> = node
@@ -227,7 +261,10 @@ impl Monitor {
             .await
         {
             Ok(_) => tracing::info!(node = %name, "node stopped heartbeating: Ready=Unknown"),
-            Err(e) => tracing::warn!(node = %name, error = %e, "cannot mark the node Unknown"),
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "cannot mark the node Unknown");
+                return false;
+            }
         }
         self.event(
             node,
@@ -269,6 +306,7 @@ impl Monitor {
                 tracing::debug!(pod = %pod.name_any(), error = %e, "cannot mark pod not ready");
             }
         }
+        true
     }
 
     async fn event(&self, node: &Node, reason: &str, message: &str) {
@@ -302,6 +340,7 @@ impl Monitor {
         let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         self.heartbeats.retain(&names);
         self.tainted_since.retain(|n, _| names.contains(n));
+        self.acted_on.retain(|n, _| names.contains(n));
         let mut next: Option<Instant> = None;
         let empty = Vec::new();
         for node in nodes {
@@ -313,9 +352,12 @@ impl Monitor {
                 now,
             );
             let mut ready = ready_status(node);
+            let version = node.metadata.resource_version.clone().unwrap_or_default();
+            let written = self.acted_on.get(&name) == Some(&version);
+            let mut acted = false;
             if silent > grace {
-                if ready.as_deref() != Some("Unknown") {
-                    self.mark_unknown(node, pods).await;
+                if ready.as_deref() != Some("Unknown") && !written {
+                    acted |= self.mark_unknown(node, pods).await;
                 }
                 ready = Some("Unknown".into());
             }
@@ -326,6 +368,7 @@ impl Monitor {
                 .unwrap_or_default();
             let want = condition_taints(ready.as_deref());
             let taints = match reconcile_taints(&current, &want, &now_rfc3339()) {
+                Some(new) if written => new,
                 Some(new) => {
                     let api: Api<Node> = Api::all(self.ctx.client.clone());
                     let patch = json!({"spec": {"taints": new}});
@@ -334,6 +377,7 @@ impl Monitor {
                         .await
                     {
                         Ok(_) => {
+                            acted = true;
                             tracing::info!(node = %name, ready = ?ready, "updated node condition taints")
                         }
                         Err(e) => {
@@ -344,26 +388,27 @@ impl Monitor {
                 }
                 None => current,
             };
+            if acted {
+                self.acted_on.insert(name.clone(), version);
+            }
             if !taints.iter().any(|t| t.effect == "NoExecute") {
                 self.tainted_since.remove(&name);
                 continue;
             }
             let since = *self.tainted_since.entry(name.clone()).or_insert(now);
-            for pod in pods {
+            let (due, later) = evictions(
+                pods,
+                &taints,
+                since,
+                now,
+                self.ctx.config.pod_eviction_timeout,
+                &self.evicted,
+            );
+            if let Some(l) = later {
+                next = Some(next.map_or(l, |n| n.min(l)));
+            }
+            for pod in due {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
-                if pod.metadata.deletion_timestamp.is_some() || self.evicted.contains(&uid) {
-                    continue;
-                }
-                let Some(delay) =
-                    eviction_delay(pod, &taints, self.ctx.config.pod_eviction_timeout)
-                else {
-                    continue;
-                };
-                let due = since + delay;
-                if due > now {
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                    continue;
-                }
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
                 let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &ns);
                 match api.delete(&pod.name_any(), &DeleteParams::default()).await {
@@ -400,6 +445,7 @@ async fn run(ctx: Context) -> Result<(), ControllerError> {
         heartbeats: Heartbeats::default(),
         tainted_since: HashMap::new(),
         evicted: HashSet::new(),
+        acted_on: HashMap::new(),
     };
     loop {
         let lease_map: BTreeMap<String, Arc<Lease>> = leases
@@ -510,6 +556,44 @@ mod tests {
         let healed = reconcile_taints(&add, &condition_taints(Some("True")), now).expect("heal");
         assert_eq!(healed.len(), 1);
         assert_eq!(healed[0].key, "dedicated");
+    }
+
+    #[test]
+    fn pods_are_evicted_when_their_shortest_toleration_runs_out() {
+        let mk = |name: &str, tolerations: serde_json::Value| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name, "uid": name},
+                    "spec": {"containers": [], "tolerations": tolerations}}))
+                .expect("pod"),
+            )
+        };
+        let pods = [
+            mk(
+                "quick",
+                json!([{"key": TAINT_UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2}]),
+            ),
+            mk("default", json!([])),
+            mk("forever", json!([{"operator": "Exists"}])),
+            mk("gone", json!([])),
+        ];
+        let taints = [taint(TAINT_UNREACHABLE, "NoExecute")];
+        let t0 = Instant::now();
+        let evicted = HashSet::from(["gone".to_owned()]);
+        let names = |v: Vec<&Arc<Pod>>| v.iter().map(|p| p.name_any()).collect::<Vec<_>>();
+        let d = Duration::from_secs(10);
+        let (due, next) = evictions(&pods, &taints, t0, t0 + Duration::from_secs(1), d, &evicted);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(2)));
+        let (due, next) = evictions(&pods, &taints, t0, t0 + Duration::from_secs(2), d, &evicted);
+        assert_eq!(names(due), ["quick"]);
+        assert_eq!(next, Some(t0 + d));
+        let (due, next) = evictions(&pods, &taints, t0, t0 + d, d, &evicted);
+        assert_eq!(
+            names(due),
+            ["quick", "default"],
+            "never 'forever', never twice 'gone'"
+        );
+        assert_eq!(next, None);
     }
 
     #[test]
