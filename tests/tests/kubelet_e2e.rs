@@ -271,6 +271,16 @@ fn config_map_reaches_the_container_as_env_and_as_a_volume() {
         Some("hello hello"),
         "{c}"
     );
+    // A finished pod keeps its object but not its network: the IP goes back to the pool.
+    windlass_tests::wait_for(
+        "the finished pod's IP to be released",
+        Duration::from_secs(20),
+        || lab.ip_reservations().is_empty().then_some(()),
+    );
+    assert_eq!(
+        lab.pod("reader").expect("pod")["status"]["phase"],
+        "Succeeded"
+    );
 }
 
 #[test]

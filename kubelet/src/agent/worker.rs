@@ -395,6 +395,40 @@ impl PodWorker {
     async fn sync(&mut self, pod: &Pod) -> Result<Duration, RuntimeError> {
         let mut next = RESYNC;
         let view = self.view().await?;
+        // A pod that finished (phase Succeeded/Failed, which never changes back) keeps its API object until
+        // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`).
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            let view = if view.sandboxes.iter().any(|s| s.ready) {
+                self.kill_pod(Some(pod), &view, StopReason::Other).await;
+                self.view().await?
+            } else {
+                view
+            };
+            self.update_status(pod, &view, true).await;
+            return Ok(RESYNC * 5);
+        }
+        // Pods sharing the node's network namespace need a sandbox mode the runtime does not offer yet; refuse
+        // them visibly rather than run them on a network they did not ask for.
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+        {
+            let message = "hostNetwork pods are not supported by this kubelet yet".to_string();
+            for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                self.reasons.insert(
+                    c.name.clone(),
+                    WaitingReason {
+                        reason: reasons::CREATE_CONTAINER_CONFIG_ERROR.into(),
+                        message: message.clone(),
+                    },
+                );
+            }
+            self.update_status(pod, &view, false).await;
+            return Ok(RESYNC * 5);
+        }
         self.refresh_probes(pod, &view);
         let probe_status = self.probe_statuses(&view);
         let actions = compute_pod_actions(pod, &view.sandboxes, &view.containers, &probe_status);
