@@ -481,3 +481,70 @@ fn init_containers_run_to_completion_in_order_before_the_app_starts() {
         assert_eq!(i["state"]["terminated"]["reason"], "Completed", "{i}");
     }
 }
+
+#[test]
+fn node_registers_with_its_capacity_renews_its_lease_and_is_ready_only_with_a_cni_network() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    let node: Value = serde_json::from_str(&lab.control.kubectl_ok(&[
+        "get",
+        "node",
+        &lab.node_name,
+        "-o",
+        "json",
+    ]))
+    .expect("node json");
+    assert_eq!(node["status"]["capacity"]["pods"], "110", "{node}");
+    assert_eq!(node["status"]["allocatable"]["pods"], "110", "{node}");
+    assert!(node["status"]["capacity"]["cpu"].is_string(), "{node}");
+    assert!(node["status"]["nodeInfo"]["kernelVersion"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("windlass://")));
+    let address = node["status"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+        .map(|a| a["address"].clone())
+        .unwrap_or_default();
+    assert_eq!(address, "127.0.0.1");
+    let holder = lab.control.kubectl_ok(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-node-lease",
+        &lab.node_name,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder.trim(), lab.node_name);
+
+    let ready = |want: &str| {
+        let name = lab.node_name.clone();
+        windlass_tests::wait_for(
+            &format!("node Ready={want}"),
+            Duration::from_secs(40),
+            || {
+                let out = lab.control.kubectl(&[
+                    "get",
+                    "node",
+                    &name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.status.conditions[?(@.type==\"Ready\")].message}",
+                ]);
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                text.starts_with(want).then_some(text)
+            },
+        )
+    };
+    let conf = lab.cni_dir.path().join("net.d/10-lab.conflist");
+    let aside = lab.cni_dir.path().join("10-lab.conflist");
+    std::fs::rename(&conf, &aside).expect("move the CNI config away");
+    let message = ready("False");
+    assert!(message.contains("cni config uninitialized"), "{message}");
+    std::fs::rename(&aside, &conf).expect("restore the CNI config");
+    ready("True");
+}
