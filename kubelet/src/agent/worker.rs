@@ -1269,3 +1269,88 @@ impl PodWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Capabilities, SecurityContext};
+
+    fn container(caps: Option<Capabilities>, read_only: bool) -> Container {
+        Container {
+            name: "web".into(),
+            security_context: Some(SecurityContext {
+                capabilities: caps,
+                read_only_root_filesystem: Some(read_only),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn api_container_ids_split_back_into_sandbox_and_container() {
+        let id = api_container_id("u1-0", "web.2");
+        assert_eq!(id, "windlass://u1-0/web.2");
+        assert_eq!(split_api_id(&id), Some(("u1-0".into(), "web.2".into())));
+        assert_eq!(split_api_id("containerd://abc"), None);
+    }
+
+    #[test]
+    fn capabilities_start_from_the_cri_defaults_and_honour_add_and_drop() {
+        let plain = capabilities(&container(None, false));
+        assert!(plain.contains(&"CAP_NET_BIND_SERVICE".to_string()));
+        assert!(!plain.contains(&"CAP_SYS_ADMIN".to_string()));
+        let caps = capabilities(&container(
+            Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            false,
+        ));
+        assert_eq!(caps, vec!["CAP_NET_ADMIN".to_string()]);
+    }
+
+    #[test]
+    fn container_config_gets_the_kubelets_mounts_resources_and_security_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({
+            "process": {"args": ["sh"], "capabilities": {"bounding": ["CAP_KILL"]}},
+            "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}],
+            "linux": {},
+        });
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        let pod = Pod::default();
+        let mounts = vec![MountSpec {
+            source: "/var/lib/pods/u/volumes/x".into(),
+            destination: "/dev/shm".into(),
+            read_only: true,
+            propagation: "rprivate",
+        }];
+        edit_config(dir.path(), &pod, &container(None, true), &mounts)
+            .map_err(|f| f.message)
+            .unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        let m = out["mounts"].as_array().unwrap();
+        assert_eq!(
+            m.len(),
+            1,
+            "the volume replaced the default /dev/shm: {m:?}"
+        );
+        assert_eq!(m[0]["type"], "bind");
+        assert_eq!(
+            m[0]["options"],
+            serde_json::json!(["rbind", "rprivate", "ro"])
+        );
+        assert_eq!(out["root"]["readonly"], true);
+        assert!(out["process"]["capabilities"]["effective"]
+            .as_array()
+            .unwrap()
+            .contains(&"CAP_CHOWN".into()));
+        // BestEffort: the cpu shares floor, and the BestEffort OOM score.
+        assert_eq!(out["linux"]["resources"]["cpu"]["shares"], 2);
+        assert_eq!(out["process"]["oomScoreAdj"], 1000);
+    }
+}
