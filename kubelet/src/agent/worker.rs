@@ -558,10 +558,26 @@ impl PodWorker {
         let volumes = self.shared.volumes.clone();
         let pod = pod.clone();
         tokio::task::spawn_blocking(move || {
-            let files =
+            // Rewritten only when the content changes: containers bind-mount these files, and a rename would
+            // leave them looking at the old inode anyway.
+            let current = PodFiles {
+                hosts: pod_dir.join("etc-hosts"),
+                resolv_conf: pod_dir.join("resolv.conf"),
+                hostname: pod_dir.join("hostname"),
+            };
+            let same = |p: &std::path::Path, want: &str| {
+                std::fs::read_to_string(p).is_ok_and(|have| have == want)
+            };
+            let files = if same(&current.hosts, &hosts)
+                && same(&current.resolv_conf, &resolv)
+                && same(&current.hostname, &hostname)
+            {
+                current
+            } else {
                 mounts::write_pod_files(&pod_dir, &hosts, &resolv, &hostname).map_err(|e| {
                     StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
-                })?;
+                })?
+            };
             let vols = volumes.setup(&pod, &ctx, &source, &NoTokens).map_err(|e| {
                 StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
             })?;
