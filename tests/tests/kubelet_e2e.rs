@@ -548,3 +548,71 @@ fn node_registers_with_its_capacity_renews_its_lease_and_is_ready_only_with_a_cn
     std::fs::rename(&aside, &conf).expect("restore the CNI config");
     ready("True");
 }
+
+#[test]
+fn container_over_its_memory_limit_is_reported_oom_killed() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    // dd allocates its whole block at once: 256 MiB against a 32 MiB limit.
+    lab.apply(&pod_manifest(
+        &lab,
+        "hog",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: hog\n    image: {}\n    command: [\"dd\", \"if=/dev/zero\", \"of=/dev/null\", \"bs=256M\", \"count=1\"]\n    resources:\n      limits: {{memory: 32Mi, cpu: 500m}}\n",
+            lab.image
+        ),
+    ));
+    let pod = lab.wait_pod("hog", "Failed", Duration::from_secs(90), |p| {
+        p["status"]["phase"] == "Failed"
+    });
+    let c = container_status(&pod, "hog");
+    assert_eq!(c["state"]["terminated"]["reason"], "OOMKilled", "{c}");
+    assert_eq!(c["state"]["terminated"]["exitCode"], 137, "{c}");
+    assert_eq!(pod["status"]["qosClass"], "Guaranteed");
+}
+
+#[test]
+fn secret_reaches_the_container_from_memory_and_its_mount_goes_with_the_pod() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    lab.apply(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: default\nstringData:\n  password: s3cret\n",
+    );
+    lab.apply(&pod_manifest(
+        &lab,
+        "vault",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: app\n    image: {}\n    command: [\"sh\", \"-c\", \"echo \\\"$PASSWORD $(cat /secrets/password) $(grep ' /secrets ' /proc/mounts | cut -d' ' -f3)\\\" > /dev/termination-log\"]\n    env:\n    - name: PASSWORD\n      valueFrom:\n        secretKeyRef: {{name: creds, key: password}}\n    volumeMounts:\n    - {{name: creds, mountPath: /secrets}}\n  volumes:\n  - name: creds\n    secret: {{secretName: creds}}\n",
+            lab.image
+        ),
+    ));
+    let pod = lab.wait_pod("vault", "Succeeded", Duration::from_secs(90), |p| {
+        p["status"]["phase"] == "Succeeded"
+    });
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        container_status(&pod, "app")["state"]["terminated"]["message"]
+            .as_str()
+            .map(str::trim),
+        Some("s3cret s3cret tmpfs"),
+        "env, file and a tmpfs-backed volume: {pod}"
+    );
+    // The secret volume is a tmpfs on the node, never written to disk.
+    let tmpfs = lab
+        .mounts()
+        .iter()
+        .any(|m| m.contains(&uid) && m.contains("kubernetes.io~secret") && m.contains(" - tmpfs "));
+    assert!(tmpfs, "secret tmpfs mount: {:?}", lab.mounts());
+    lab.control
+        .kubectl_ok(&["delete", "pod", "vault", "--timeout=60s"]);
+    windlass_tests::wait_for("the secret mount to go", Duration::from_secs(10), || {
+        lab.mounts().is_empty().then_some(())
+    });
+}
