@@ -616,3 +616,45 @@ fn secret_reaches_the_container_from_memory_and_its_mount_goes_with_the_pod() {
         lab.mounts().is_empty().then_some(())
     });
 }
+
+#[test]
+fn pod_force_deleted_while_the_kubelet_was_down_is_cleaned_up_when_it_starts() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let mut lab = KubeletLab::start();
+    lab.apply(&nginx_pod(&lab));
+    let pod = lab.wait_pod(
+        "nginx-pod",
+        "Running",
+        Duration::from_secs(90),
+        running_with_ip,
+    );
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    lab.kill_kubelet();
+    lab.control
+        .kubectl_ok(&["delete", "pod", "nginx-pod", "--grace-period=0", "--force"]);
+    assert!(lab.pod("nginx-pod").is_none());
+    serves_page(&lab, &ip); // nobody stopped it yet
+    lab.start_kubelet();
+    windlass_tests::wait_for(
+        "the orphaned pod to be cleaned up",
+        Duration::from_secs(30),
+        || {
+            (lab.sandbox_dirs().is_empty()
+                && lab.ip_reservations().is_empty()
+                && lab.pod_cgroups(&uid).is_empty()
+                && lab.mounts().is_empty()
+                && !lab.root.path().join("pods").join(&uid).exists())
+            .then_some(())
+        },
+    );
+    assert!(lab.http_get(&ip, 80).is_err(), "nothing answers on {ip}");
+}
