@@ -271,6 +271,16 @@ fn config_map_reaches_the_container_as_env_and_as_a_volume() {
         Some("hello hello"),
         "{c}"
     );
+    // A finished pod keeps its object but not its network: the IP goes back to the pool.
+    windlass_tests::wait_for(
+        "the finished pod's IP to be released",
+        Duration::from_secs(20),
+        || lab.ip_reservations().is_empty().then_some(()),
+    );
+    assert_eq!(
+        lab.pod("reader").expect("pod")["status"]["phase"],
+        "Succeeded"
+    );
 }
 
 #[test]
@@ -470,4 +480,181 @@ fn init_containers_run_to_completion_in_order_before_the_app_starts() {
     for i in &inits {
         assert_eq!(i["state"]["terminated"]["reason"], "Completed", "{i}");
     }
+}
+
+#[test]
+fn node_registers_with_its_capacity_renews_its_lease_and_is_ready_only_with_a_cni_network() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    let node: Value = serde_json::from_str(&lab.control.kubectl_ok(&[
+        "get",
+        "node",
+        &lab.node_name,
+        "-o",
+        "json",
+    ]))
+    .expect("node json");
+    assert_eq!(node["status"]["capacity"]["pods"], "110", "{node}");
+    assert_eq!(node["status"]["allocatable"]["pods"], "110", "{node}");
+    assert!(node["status"]["capacity"]["cpu"].is_string(), "{node}");
+    assert!(node["status"]["nodeInfo"]["kernelVersion"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("windlass://")));
+    let address = node["status"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+        .map(|a| a["address"].clone())
+        .unwrap_or_default();
+    assert_eq!(address, "127.0.0.1");
+    let holder = lab.control.kubectl_ok(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-node-lease",
+        &lab.node_name,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder.trim(), lab.node_name);
+
+    let ready = |want: &str| {
+        let name = lab.node_name.clone();
+        windlass_tests::wait_for(
+            &format!("node Ready={want}"),
+            Duration::from_secs(40),
+            || {
+                let out = lab.control.kubectl(&[
+                    "get",
+                    "node",
+                    &name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.status.conditions[?(@.type==\"Ready\")].message}",
+                ]);
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                text.starts_with(want).then_some(text)
+            },
+        )
+    };
+    let conf = lab.cni_dir.path().join("net.d/10-lab.conflist");
+    let aside = lab.cni_dir.path().join("10-lab.conflist");
+    std::fs::rename(&conf, &aside).expect("move the CNI config away");
+    let message = ready("False");
+    assert!(message.contains("cni config uninitialized"), "{message}");
+    std::fs::rename(&aside, &conf).expect("restore the CNI config");
+    ready("True");
+}
+
+#[test]
+fn container_over_its_memory_limit_is_reported_oom_killed() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    // dd allocates its whole block at once: 256 MiB against a 32 MiB limit.
+    lab.apply(&pod_manifest(
+        &lab,
+        "hog",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: hog\n    image: {}\n    command: [\"dd\", \"if=/dev/zero\", \"of=/dev/null\", \"bs=256M\", \"count=1\"]\n    resources:\n      limits: {{memory: 32Mi, cpu: 500m}}\n",
+            lab.image
+        ),
+    ));
+    let pod = lab.wait_pod("hog", "Failed", Duration::from_secs(90), |p| {
+        p["status"]["phase"] == "Failed"
+    });
+    let c = container_status(&pod, "hog");
+    assert_eq!(c["state"]["terminated"]["reason"], "OOMKilled", "{c}");
+    assert_eq!(c["state"]["terminated"]["exitCode"], 137, "{c}");
+    assert_eq!(pod["status"]["qosClass"], "Guaranteed");
+}
+
+#[test]
+fn secret_reaches_the_container_from_memory_and_its_mount_goes_with_the_pod() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    lab.apply(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: default\nstringData:\n  password: s3cret\n",
+    );
+    lab.apply(&pod_manifest(
+        &lab,
+        "vault",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: app\n    image: {}\n    command: [\"sh\", \"-c\", \"echo \\\"$PASSWORD $(cat /secrets/password) $(grep ' /secrets ' /proc/mounts | cut -d' ' -f3)\\\" > /dev/termination-log\"]\n    env:\n    - name: PASSWORD\n      valueFrom:\n        secretKeyRef: {{name: creds, key: password}}\n    volumeMounts:\n    - {{name: creds, mountPath: /secrets}}\n  volumes:\n  - name: creds\n    secret: {{secretName: creds}}\n",
+            lab.image
+        ),
+    ));
+    let pod = lab.wait_pod("vault", "Succeeded", Duration::from_secs(90), |p| {
+        p["status"]["phase"] == "Succeeded"
+    });
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        container_status(&pod, "app")["state"]["terminated"]["message"]
+            .as_str()
+            .map(str::trim),
+        Some("s3cret s3cret tmpfs"),
+        "env, file and a tmpfs-backed volume: {pod}"
+    );
+    // The secret volume is a tmpfs on the node, never written to disk.
+    let tmpfs = lab
+        .mounts()
+        .iter()
+        .any(|m| m.contains(&uid) && m.contains("kubernetes.io~secret") && m.contains(" - tmpfs "));
+    assert!(tmpfs, "secret tmpfs mount: {:?}", lab.mounts());
+    lab.control
+        .kubectl_ok(&["delete", "pod", "vault", "--timeout=60s"]);
+    windlass_tests::wait_for("the secret mount to go", Duration::from_secs(10), || {
+        lab.mounts().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn pod_force_deleted_while_the_kubelet_was_down_is_cleaned_up_when_it_starts() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let mut lab = KubeletLab::start();
+    lab.apply(&nginx_pod(&lab));
+    let pod = lab.wait_pod(
+        "nginx-pod",
+        "Running",
+        Duration::from_secs(90),
+        running_with_ip,
+    );
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    lab.kill_kubelet();
+    lab.control
+        .kubectl_ok(&["delete", "pod", "nginx-pod", "--grace-period=0", "--force"]);
+    assert!(lab.pod("nginx-pod").is_none());
+    serves_page(&lab, &ip); // nobody stopped it yet
+    lab.start_kubelet();
+    windlass_tests::wait_for(
+        "the orphaned pod to be cleaned up",
+        Duration::from_secs(30),
+        || {
+            (lab.sandbox_dirs().is_empty()
+                && lab.ip_reservations().is_empty()
+                && lab.pod_cgroups(&uid).is_empty()
+                && lab.mounts().is_empty()
+                && !lab.root.path().join("pods").join(&uid).exists())
+            .then_some(())
+        },
+    );
+    assert!(lab.http_get(&ip, 80).is_err(), "nothing answers on {ip}");
 }

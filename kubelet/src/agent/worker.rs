@@ -395,6 +395,40 @@ impl PodWorker {
     async fn sync(&mut self, pod: &Pod) -> Result<Duration, RuntimeError> {
         let mut next = RESYNC;
         let view = self.view().await?;
+        // A pod that finished (phase Succeeded/Failed, which never changes back) keeps its API object until
+        // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`).
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            let view = if view.sandboxes.iter().any(|s| s.ready) {
+                self.kill_pod(Some(pod), &view, StopReason::Other).await;
+                self.view().await?
+            } else {
+                view
+            };
+            self.update_status(pod, &view, true).await;
+            return Ok(RESYNC * 5);
+        }
+        // Pods sharing the node's network namespace need a sandbox mode the runtime does not offer yet; refuse
+        // them visibly rather than run them on a network they did not ask for.
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+        {
+            let message = "hostNetwork pods are not supported by this kubelet yet".to_string();
+            for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                self.reasons.insert(
+                    c.name.clone(),
+                    WaitingReason {
+                        reason: reasons::CREATE_CONTAINER_CONFIG_ERROR.into(),
+                        message: message.clone(),
+                    },
+                );
+            }
+            self.update_status(pod, &view, false).await;
+            return Ok(RESYNC * 5);
+        }
         self.refresh_probes(pod, &view);
         let probe_status = self.probe_statuses(&view);
         let actions = compute_pod_actions(pod, &view.sandboxes, &view.containers, &probe_status);
@@ -524,10 +558,26 @@ impl PodWorker {
         let volumes = self.shared.volumes.clone();
         let pod = pod.clone();
         tokio::task::spawn_blocking(move || {
-            let files =
+            // Rewritten only when the content changes: containers bind-mount these files, and a rename would
+            // leave them looking at the old inode anyway.
+            let current = PodFiles {
+                hosts: pod_dir.join("etc-hosts"),
+                resolv_conf: pod_dir.join("resolv.conf"),
+                hostname: pod_dir.join("hostname"),
+            };
+            let same = |p: &std::path::Path, want: &str| {
+                std::fs::read_to_string(p).is_ok_and(|have| have == want)
+            };
+            let files = if same(&current.hosts, &hosts)
+                && same(&current.resolv_conf, &resolv)
+                && same(&current.hostname, &hostname)
+            {
+                current
+            } else {
                 mounts::write_pod_files(&pod_dir, &hosts, &resolv, &hostname).map_err(|e| {
                     StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
-                })?;
+                })?
+            };
             let vols = volumes.setup(&pod, &ctx, &source, &NoTokens).map_err(|e| {
                 StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
             })?;
@@ -1233,5 +1283,90 @@ impl PodWorker {
             }
             Err(e) => tracing::warn!(pod = %self.uid, error = %e, "status update failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Capabilities, SecurityContext};
+
+    fn container(caps: Option<Capabilities>, read_only: bool) -> Container {
+        Container {
+            name: "web".into(),
+            security_context: Some(SecurityContext {
+                capabilities: caps,
+                read_only_root_filesystem: Some(read_only),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn api_container_ids_split_back_into_sandbox_and_container() {
+        let id = api_container_id("u1-0", "web.2");
+        assert_eq!(id, "windlass://u1-0/web.2");
+        assert_eq!(split_api_id(&id), Some(("u1-0".into(), "web.2".into())));
+        assert_eq!(split_api_id("containerd://abc"), None);
+    }
+
+    #[test]
+    fn capabilities_start_from_the_cri_defaults_and_honour_add_and_drop() {
+        let plain = capabilities(&container(None, false));
+        assert!(plain.contains(&"CAP_NET_BIND_SERVICE".to_string()));
+        assert!(!plain.contains(&"CAP_SYS_ADMIN".to_string()));
+        let caps = capabilities(&container(
+            Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            false,
+        ));
+        assert_eq!(caps, vec!["CAP_NET_ADMIN".to_string()]);
+    }
+
+    #[test]
+    fn container_config_gets_the_kubelets_mounts_resources_and_security_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({
+            "process": {"args": ["sh"], "capabilities": {"bounding": ["CAP_KILL"]}},
+            "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}],
+            "linux": {},
+        });
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        let pod = Pod::default();
+        let mounts = vec![MountSpec {
+            source: "/var/lib/pods/u/volumes/x".into(),
+            destination: "/dev/shm".into(),
+            read_only: true,
+            propagation: "rprivate",
+        }];
+        edit_config(dir.path(), &pod, &container(None, true), &mounts)
+            .map_err(|f| f.message)
+            .unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        let m = out["mounts"].as_array().unwrap();
+        assert_eq!(
+            m.len(),
+            1,
+            "the volume replaced the default /dev/shm: {m:?}"
+        );
+        assert_eq!(m[0]["type"], "bind");
+        assert_eq!(
+            m[0]["options"],
+            serde_json::json!(["rbind", "rprivate", "ro"])
+        );
+        assert_eq!(out["root"]["readonly"], true);
+        assert!(out["process"]["capabilities"]["effective"]
+            .as_array()
+            .unwrap()
+            .contains(&"CAP_CHOWN".into()));
+        // BestEffort: the cpu shares floor, and the BestEffort OOM score.
+        assert_eq!(out["linux"]["resources"]["cpu"]["shares"], 2);
+        assert_eq!(out["process"]["oomScoreAdj"], 1000);
     }
 }
