@@ -254,6 +254,20 @@ fn a_deployment_gets_owned_pods_and_follows_kubectl_scale() {
         Some(1),
         "scaling makes no new ReplicaSet"
     );
+
+    // What happened is in the events `kubectl describe` shows.
+    wait_for("the scaling events", WAIT, || {
+        let d = lab.kubectl(&["describe", "deployment", "web"]);
+        (d.contains("ScalingReplicaSet")
+            && d.contains(&format!("Scaled up replica set {rs_name} from 0 to 3"))
+            && d.contains(&format!("Scaled down replica set {rs_name} from 5 to 2")))
+        .then_some(())
+    });
+    let described = lab.kubectl(&["describe", "replicaset", &rs_name]);
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("SuccessfulDelete"),
+        "ReplicaSet events:\n{described}"
+    );
 }
 
 #[test]

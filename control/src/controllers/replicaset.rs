@@ -18,12 +18,14 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::ownership::{
-    claim, controller_of, deleting, is_not_found, key_of, selector_matches, ClaimError,
-    Expectations, FIELD_MANAGER,
+    claim, controller_of, deleting, is_not_found, key_of, record_event, selector_matches,
+    ClaimError, Expectations, FIELD_MANAGER,
 };
 use super::{Context, ControllerError, ControllerFuture};
 
 const NAME: &str = "replicaset";
+/// The event source upstream's ReplicaSet controller reports as.
+const COMPONENT: &str = "replicaset-controller";
 
 /// At most this many pods are created or deleted in one sync (upstream `BurstReplicas`).
 const BURST_REPLICAS: usize = 500;
@@ -270,6 +272,14 @@ async fn manage_replicas(
                 match r {
                     Ok(p) => {
                         tracing::debug!(replicaset = %key, pod = %p.name_any(), "created pod");
+                        record_event(
+                            &state.client,
+                            rs,
+                            COMPONENT,
+                            false,
+                            "SuccessfulCreate",
+                            format!("Created pod: {}", p.name_any()),
+                        );
                         state.expectations.created(&key, p.name_any());
                     }
                     Err(e) => {
@@ -278,6 +288,14 @@ async fn manage_replicas(
                         let terminating = matches!(&e, kube::Error::Api(s) if s.code == 403
                             && s.message.contains("being terminated"));
                         if !terminating && first_err.is_none() {
+                            record_event(
+                                &state.client,
+                                rs,
+                                COMPONENT,
+                                true,
+                                "FailedCreate",
+                                format!("Error creating: {e}"),
+                            );
                             first_err = Some(e);
                         }
                     }
@@ -316,13 +334,31 @@ async fn manage_replicas(
         let mut first_err = None;
         for (name, r) in results {
             match r {
-                Ok(_) => outcome.deleted.push(name),
+                Ok(_) => {
+                    record_event(
+                        &state.client,
+                        rs,
+                        COMPONENT,
+                        false,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {name}"),
+                    );
+                    outcome.deleted.push(name);
+                }
                 Err(e) if is_not_found(&e) => {
                     state.expectations.deletion_failed(&key, &name);
                     outcome.deleted.push(name);
                 }
                 Err(e) => {
                     state.expectations.deletion_failed(&key, &name);
+                    record_event(
+                        &state.client,
+                        rs,
+                        COMPONENT,
+                        true,
+                        "FailedDelete",
+                        format!("Error deleting: {e}"),
+                    );
                     first_err.get_or_insert(e);
                 }
             }
