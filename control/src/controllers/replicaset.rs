@@ -654,6 +654,37 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_create_sets_replica_failure_until_a_sync_succeeds() {
+        let mut rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}}
+        }))
+        .unwrap_or_default();
+        let err = ReplicaSetError::Api {
+            key: "ns/web".into(),
+            action: "create pods",
+            source: kube::Error::Api(
+                kube::core::Status::failure("exceeded quota", "Forbidden")
+                    .with_code(403)
+                    .boxed(),
+            ),
+        };
+        let now = jiff::Timestamp::now();
+        let s = calculate_status(&rs, &[], Some(&err), now);
+        let c = s.conditions.clone().unwrap_or_default();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].type_.as_deref(), Some("ReplicaFailure"));
+        assert_eq!(c[0].reason.as_deref(), Some("FailedCreate"));
+        assert!(c[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exceeded quota"));
+        rs.status = Some(s);
+        assert!(calculate_status(&rs, &[], None, now).conditions.is_none());
+    }
+
+    #[test]
     fn status_counts_ready_available_and_labeled_pods() {
         let rs: ReplicaSet = serde_json::from_value(json!({
             "metadata": {"name": "web", "generation": 3},
