@@ -186,7 +186,12 @@ async fn reconcile(rs: Arc<ReplicaSet>, state: Arc<State>) -> Result<Action, Rep
         .map(|p| &**p)
         .filter(|p| !outcome.deleted.contains(&p.name_any()))
         .collect();
-    let status = calculate_status(&rs, &remaining, manage_err.as_ref(), now);
+    let mut status = calculate_status(&rs, &remaining, manage_err.as_ref(), now);
+    if !synced {
+        // The counts may still include pods this controller deleted but has not seen go: do not claim to have
+        // acted on the latest spec yet, so the Deployment controller does not scale on counts about to drop.
+        status.observed_generation = rs.status.as_ref().and_then(|s| s.observed_generation);
+    }
     if status_differs(rs.status.as_ref(), &status) {
         let api: Api<ReplicaSet> = Api::namespaced(state.client.clone(), &ns);
         let mut body = json!({"status": status});
