@@ -810,3 +810,59 @@ fn scaling_a_deployment_mid_rollout_spreads_the_new_replicas_proportionally() {
         );
     }
 }
+
+#[test]
+fn a_namespace_waits_in_terminating_for_finalizers_and_says_why() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let lab = Lab::start(Duration::from_millis(100));
+    lab.kubectl(&["create", "namespace", "hold"]);
+    lab.kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "held", "namespace": "hold", "finalizers": ["example.com/hold"]},
+            "data": {"a": "b"}}"#,
+    );
+    lab.kubectl(&["delete", "namespace", "hold", "--wait=false"]);
+    let ns = wait_for("the namespace to report what holds it", WAIT, || {
+        let ns = lab.json(&["get", "namespace", "hold"]);
+        let held = ns["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["type"] == "NamespaceFinalizersRemaining"
+                    && c["status"] == "True"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("example.com/hold in 1 resource instances"))
+            });
+        held.then_some(ns)
+    });
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    let refused = lab.cp.kubectl_err(&[
+        "create",
+        "configmap",
+        "late",
+        "--from-literal=a=b",
+        "-n",
+        "hold",
+    ]);
+    assert!(
+        refused.contains("being terminated"),
+        "creating in a terminating namespace fails: {refused}"
+    );
+
+    lab.kubectl(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        "hold",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    lab.wait_gone("the namespace", &["get", "namespace", "hold", "-o", "name"]);
+}
