@@ -64,6 +64,9 @@ struct ServeArgs {
     /// Append one JSON line per request (user, verb, resource, response code) to this file.
     #[arg(long)]
     audit_log_path: Option<PathBuf>,
+    /// How long Events are kept (e.g. `1h`, `90s`, Go's `1h0m0s`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    event_ttl: std::time::Duration,
     /// etcd endpoints (comma-separated URLs); without it the embedded store in `--data-dir` is used.
     #[arg(long)]
     etcd_servers: Option<String>,
@@ -147,6 +150,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_ports: parse_port_range(&args.service_node_port_range)?,
         token_auth_file: args.token_auth_file,
         audit_log: args.audit_log_path,
+        event_ttl: args.event_ttl,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -13,6 +13,15 @@ pub struct ControlPlane {
     pub port: u16,
     child: Option<ChildGuard>,
     extra_args: Vec<String>,
+    /// The etcd member the server stores into when the suite runs on the etcd backend (dropped after the server).
+    _etcd: Option<crate::etcd_member::EtcdMember>,
+}
+
+/// `WINDLASS_TEST_STORE=etcd` runs every [`ControlPlane`] on a real etcd member of its own (`--etcd-servers`)
+/// instead of the embedded store, so one test suite covers both backends (`scripts/test.sh` runs the control-plane
+/// suites a second time that way).
+pub fn store_backend_is_etcd() -> bool {
+    std::env::var("WINDLASS_TEST_STORE").is_ok_and(|v| v == "etcd")
 }
 
 use crate::free_port;
@@ -30,15 +39,25 @@ impl ControlPlane {
             .prefix("windlass-control-")
             .tempdir()
             .expect("temp data dir");
-        let extra_args = extra_args(dir.path());
+        let mut extra_args = extra_args(dir.path());
+        let etcd = store_backend_is_etcd().then(crate::etcd_member::EtcdMember::start);
+        if let Some(e) = &etcd {
+            extra_args.extend(["--etcd-servers".to_string(), e.client_url.clone()]);
+        }
         let mut cp = Self {
             dir,
             port: free_port(),
             child: None,
             extra_args,
+            _etcd: etcd,
         };
         cp.spawn();
         cp
+    }
+
+    /// The etcd member's client URL when the server runs on the etcd backend.
+    pub fn etcd_url(&self) -> Option<&str> {
+        self._etcd.as_ref().map(|e| e.client_url.as_str())
     }
 
     pub fn data_dir(&self) -> &Path {

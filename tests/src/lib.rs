@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod cni_lab;
 pub mod control;
+pub mod etcd_member;
 pub mod image_fixture;
 pub mod lab;
 pub mod netns;

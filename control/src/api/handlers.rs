@@ -46,6 +46,21 @@ pub(crate) async fn dispatch(
         )),
         (&Method::POST, None, None) => create(state, &ctx, &t).await,
         (&Method::POST, Some(n), Some("binding")) => bind(state, &ctx, &t, n).await,
+        (&Method::POST, Some(n), Some("token")) => {
+            let body = if ctx
+                .content_type
+                .starts_with("application/vnd.kubernetes.protobuf")
+            {
+                super::protobuf::decode_token_request(&ctx.body)?
+            } else {
+                serde_json::from_slice(&ctx.body).map_err(|e| {
+                    ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+                })?
+            };
+            let ns = ns_of(&t).unwrap_or("default");
+            let out = super::sa_token::create_token(state, ns, n, body).await?;
+            Ok(json_response(201, &out))
+        }
         (&Method::PUT, Some(n), _) => update(state, &ctx, &t, n).await,
         (&Method::PATCH, Some(n), _) => patch(state, &ctx, &t, n).await,
         (&Method::DELETE, Some(n), None) => delete(state, &ctx, &t, n).await,
@@ -469,11 +484,16 @@ pub(crate) async fn create_object(
     if dry {
         return Ok((obj, warnings));
     }
-    let kv = state
-        .store
-        .create(&key, to_stored(&obj))
-        .await
-        .map_err(|e| ApiError::from_store(kind, &name, e))?;
+    // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
+    let stored = if kind.kind == "Event" {
+        state
+            .store
+            .create_with_ttl(&key, to_stored(&obj), state.config.event_ttl)
+            .await
+    } else {
+        state.store.create(&key, to_stored(&obj)).await
+    };
+    let kv = stored.map_err(|e| ApiError::from_store(kind, &name, e))?;
     Ok((object_of(&kv)?, warnings))
 }
 

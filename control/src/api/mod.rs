@@ -28,6 +28,7 @@ mod patch;
 mod protobuf;
 mod rbac;
 pub(crate) mod resources;
+mod sa_token;
 mod selectors;
 mod server;
 mod status;
@@ -61,6 +62,8 @@ pub struct ApiConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Where to append one JSON line per request (user, verb, resource, code).
     pub audit_log: Option<PathBuf>,
+    /// How long Events are kept (upstream `--event-ttl`, 1 h).
+    pub event_ttl: std::time::Duration,
 }
 
 /// Shared server state.
@@ -75,6 +78,8 @@ pub(crate) struct State {
     pub tokens: HashMap<String, User>,
     /// The audit log, if enabled.
     pub audit: Option<std::sync::Mutex<std::fs::File>>,
+    /// Signs and verifies service-account tokens.
+    pub sa_tokens: sa_token::TokenSigner,
 }
 
 /// Query parameters of a request (last value wins).
@@ -199,12 +204,21 @@ pub(crate) async fn handle(
             .to_string()
     };
     let path = parts.uri.path().to_string();
-    // Client certificate first, then a bearer token (upstream's union authenticator stops at the first success).
-    let user = user.or_else(|| {
+    // Client certificate first, then a bearer token: static, else a service-account JWT (upstream's union
+    // authenticator stops at the first success).
+    let mut user = user;
+    if user.is_none() {
         let auth = header(header::AUTHORIZATION);
-        let token = auth.strip_prefix("Bearer ")?.trim();
-        state.tokens.get(token).cloned()
-    });
+        if let Some(token) = auth.strip_prefix("Bearer ").map(str::trim) {
+            user = state.tokens.get(token).cloned();
+            if user.is_none() && sa_token::looks_like_jwt(token) {
+                match sa_token::authenticate(&state, token).await {
+                    Ok(u) => user = Some(u),
+                    Err(e) => tracing::info!(error = %e, "service-account token refused"),
+                }
+            }
+        }
+    }
     let Some(user) = user else {
         // Health endpoints stay open to anonymous callers (upstream grants them via system:public-info-viewer).
         if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {

@@ -384,3 +384,34 @@ pub(crate) fn decode(kind: &ResourceKind, body: &[u8]) -> Result<Value, ApiError
     obj["kind"] = json!(kind.kind);
     Ok(obj)
 }
+
+/// Decodes a protobuf `authentication.k8s.io/v1` TokenRequest (the body of `serviceaccounts/<name>/token`, which
+/// kubectl's typed client writes as protobuf) into its JSON form.
+pub(crate) fn decode_token_request(body: &[u8]) -> Result<Value, ApiError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ApiError::bad_request(format!(
+            "TokenRequest in version \"v1\" cannot be handled as a TokenRequest: protobuf: {e}"
+        ))
+    };
+    let rest = body
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| bad(&"missing the k8s protobuf magic prefix"))?;
+    let unknown = k8s_pb::apimachinery::pkg::runtime::Unknown::decode(rest).map_err(|e| bad(&e))?;
+    let raw = unknown.raw.unwrap_or_default();
+    let tr = k8s_pb::api::authentication::v1::TokenRequest::decode(raw.as_slice())
+        .map_err(|e| bad(&e))?;
+    let mut spec = Map::new();
+    if let Some(s) = &tr.spec {
+        put_vec(&mut spec, "audiences", &s.audiences);
+        put(&mut spec, "expirationSeconds", &s.expiration_seconds);
+        if let Some(r) = &s.bound_object_ref {
+            let mut b = Map::new();
+            put(&mut b, "kind", &r.kind);
+            put(&mut b, "apiVersion", &r.api_version);
+            put(&mut b, "name", &r.name);
+            put(&mut b, "uid", &r.u_id);
+            spec.insert("boundObjectRef".into(), Value::Object(b));
+        }
+    }
+    Ok(json!({"metadata": object_meta(&tr.metadata), "spec": spec}))
+}

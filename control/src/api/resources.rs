@@ -163,6 +163,13 @@ static POD_SUBS: [Subresource; 2] = [
         verbs: &["create"],
     },
 ];
+static SERVICE_ACCOUNT_SUBS: [Subresource; 1] = [Subresource {
+    name: "token",
+    group: "authentication.k8s.io",
+    version: "v1",
+    kind: "TokenRequest",
+    verbs: &["create"],
+}];
 static NODE_SUBS: [Subresource; 1] = [status("", "v1", "Node")];
 static SERVICE_SUBS: [Subresource; 1] = [status("", "v1", "Service")];
 static NAMESPACE_SUBS: [Subresource; 2] = [
@@ -198,7 +205,7 @@ pub(crate) static KINDS: [ResourceKind; 18] = [
     kind!(core::Event, "", "v1", "Event", "events", "event", true,
         short: &["ev"], cat: &[], sub: &[], prefix: "events", create_on_update: true),
     kind!(core::ServiceAccount, "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", true,
-        short: &["sa"], cat: &[], sub: &[], prefix: "serviceaccounts", create_on_update: false),
+        short: &["sa"], cat: &[], sub: &SERVICE_ACCOUNT_SUBS, prefix: "serviceaccounts", create_on_update: false),
     kind!(apps::Deployment, "apps", "v1", "Deployment", "deployments", "deployment", true,
         short: &["deploy"], cat: &["all"], sub: &DEPLOY_SUBS, prefix: "deployments", create_on_update: false),
     kind!(apps::ReplicaSet, "apps", "v1", "ReplicaSet", "replicasets", "replicaset", true,

@@ -32,6 +32,8 @@ pub enum ServeError {
     Bootstrap(#[from] StoreError),
     #[error("invalid token file {path}: {message}")]
     TokenFile { path: String, message: String },
+    #[error("service-account signing key: {0}")]
+    SigningKey(#[from] super::sa_token::SigningKeyError),
     #[error("cannot open the audit log {path}: {source}")]
     AuditLog {
         path: String,
@@ -157,6 +159,10 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         alloc_lock: tokio::sync::Mutex::new(()),
         tokens,
         audit,
+        sa_tokens: super::sa_token::TokenSigner::load_or_create(
+            &config.data_dir.join("pki"),
+            super::sa_token::DEFAULT_ISSUER,
+        )?,
         config,
     });
     bootstrap::run(&state).await?;

@@ -261,6 +261,44 @@ pub async fn values_are_stored_verbatim(store: &dyn Store) {
     );
 }
 
+/// A key created with a TTL is deleted (a watch event, as any delete) once it runs out, not before, even when
+/// updated meanwhile; keys without one stay.
+pub async fn ttl_keys_expire_with_a_delete_event(store: &dyn Store) {
+    let ttl = Duration::from_secs(2);
+    let mut w = store.watch("/ev/", 0).await.expect("watch");
+    let created = std::time::Instant::now();
+    let kv = store
+        .create_with_ttl("/ev/a", b"event".to_vec(), ttl)
+        .await
+        .expect("create with ttl");
+    store
+        .create("/ev/b", b"kept".to_vec())
+        .await
+        .expect("create");
+    let kv = store
+        .update("/ev/a", kv.mod_revision, b"event x2".to_vec())
+        .await
+        .expect("update keeps the deadline");
+    for key in ["/ev/a", "/ev/b", "/ev/a"] {
+        assert_eq!(next(&mut w).await.expect("event").key(), key);
+    }
+    match next(&mut w).await.expect("the expiry's event") {
+        Event::Deleted { prev, revision } => {
+            assert_eq!(prev.key, "/ev/a");
+            assert_eq!(prev.value, b"event x2");
+            assert!(revision > kv.mod_revision);
+        }
+        other => panic!("expected /ev/a to be deleted by its TTL, got {other:?}"),
+    }
+    let lived = created.elapsed();
+    assert!(
+        lived >= ttl - Duration::from_millis(500),
+        "deleted after {lived:?}, before its {ttl:?} TTL"
+    );
+    assert!(store.get("/ev/a").await.expect("get").0.is_none());
+    assert!(store.get("/ev/b").await.expect("get").0.is_some());
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]`, given an expression (evaluated once per test)
 /// that is a future producing a fresh store (anything that derefs to `dyn Store`) — plus anything to keep
 /// alive (e.g. a temp dir) as a tuple `(store, guard)`.
@@ -274,7 +312,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@tests $run; $fresh;
             create_then_get, compare_and_swap, list_prefix_and_paginate, watch_replays_then_follows,
             watch_from_now_sees_concurrent_writes_in_order, watch_before_compaction_is_refused,
-            values_are_stored_verbatim);
+            values_are_stored_verbatim, ttl_keys_expire_with_a_delete_event);
     };
     ($fresh:expr) => {
         $crate::store_conformance_tests!(if true; $fresh);

@@ -15,6 +15,11 @@
 //! recent events plus a tokio broadcast channel for live ones; history is not persisted, so after a restart
 //! watches can start at the current revision or later, and older ones get [`StoreError::Compacted`] (clients then
 //! relist, as they do after etcd compaction).
+//!
+//! TTL (etcd leases' role, for Events): a key created with a TTL has its deadline in the `expiry` table (and in
+//! `expiry_by_time`, ordered by deadline); the writer thread deletes keys past their deadline as ordinary deletes
+//! (a revision and a watch event each), checking at least every [`EXPIRY_CHECK`]. Deadlines are wall-clock times
+//! on disk, so they survive restarts.
 
 use std::collections::VecDeque;
 use std::ops::Bound;
@@ -32,6 +37,12 @@ use super::{Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreErro
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const META_REVISION: &str = "revision";
+/// Key → deadline (Unix milliseconds) of keys created with a TTL.
+const EXPIRY: TableDefinition<&str, i64> = TableDefinition::new("expiry");
+/// `"<deadline ms, 20 digits> <key>"` → (): the same deadlines in time order, for the expiry scan.
+const EXPIRY_BY_TIME: TableDefinition<&str, ()> = TableDefinition::new("expiry_by_time");
+/// How often the writer looks for expired keys when no writes wake it.
+const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// Most requests folded into one transaction; bounds the latency one commit adds to the first request in it.
 const MAX_BATCH: usize = 512;
 /// Bytes of the header before a value: create revision, mod revision, version (little-endian i64 each).
@@ -74,6 +85,8 @@ enum Op {
     Create {
         key: String,
         value: Vec<u8>,
+        /// Deadline in Unix milliseconds (a TTL).
+        expires_at_ms: Option<i64>,
     },
     Update {
         key: String,
@@ -138,6 +151,10 @@ impl EmbeddedStore {
                 .map_err(|e| backend("cannot write", &path, e))?;
             let revision = {
                 txn.open_table(KV)
+                    .map_err(|e| backend("cannot open table in", &path, e))?;
+                txn.open_table(EXPIRY)
+                    .map_err(|e| backend("cannot open table in", &path, e))?;
+                txn.open_table(EXPIRY_BY_TIME)
                     .map_err(|e| backend("cannot open table in", &path, e))?;
                 let meta = txn
                     .open_table(META)
@@ -292,43 +309,114 @@ fn writer_loop(
     shared: &Mutex<Shared>,
     rx: std_mpsc::Receiver<WriteRequest>,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
+    let mut next_expiry_check = std::time::Instant::now();
+    loop {
+        let first = match rx.recv_timeout(EXPIRY_CHECK) {
+            Ok(req) => Some(req),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if let Some(first) = first {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            apply(db, path, shared, batch);
+        }
+        if std::time::Instant::now() >= next_expiry_check {
+            next_expiry_check = std::time::Instant::now() + EXPIRY_CHECK;
+            match expired_keys(db, path, now_ms()) {
+                Ok(keys) if !keys.is_empty() => {
+                    tracing::debug!(count = keys.len(), "deleting keys whose TTL ran out");
+                    let batch = keys
+                        .into_iter()
+                        .map(|key| WriteRequest {
+                            op: Op::Delete {
+                                key,
+                                expected: None,
+                            },
+                            // Nobody waits for the reply of an expiry.
+                            reply: oneshot::channel().0,
+                        })
+                        .collect();
+                    apply(db, path, shared, batch);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot scan for expired keys"),
             }
         }
-        match commit_batch(db, path, &batch) {
-            Ok(results) => {
-                // Publish before replying, so a writer that then watches from its own revision sees its event.
-                {
-                    let mut sh = lock(shared);
-                    for (_, event) in &results {
-                        if let Some(event) = event {
-                            let event = Arc::new(event.clone());
-                            sh.revision = event.revision();
-                            sh.history.push_back(event.clone());
-                            while sh.history.len() > sh.history_limit {
-                                if let Some(old) = sh.history.pop_front() {
-                                    sh.floor = old.revision();
-                                }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn expiry_index_key(deadline_ms: i64, key: &str) -> String {
+    format!("{deadline_ms:020} {key}")
+}
+
+/// Keys whose deadline is at or before `now_ms` (at most one batch's worth; the rest go in the next check).
+fn expired_keys(db: &Database, path: &Path, now_ms: i64) -> Result<Vec<String>, StoreError> {
+    let txn = db
+        .begin_read()
+        .map_err(|e| backend("cannot read", path, e))?;
+    let by_time = txn
+        .open_table(EXPIRY_BY_TIME)
+        .map_err(|e| backend("cannot open table in", path, e))?;
+    let mut keys = Vec::new();
+    for entry in by_time
+        .iter()
+        .map_err(|e| backend("cannot read", path, e))?
+    {
+        let (k, _) = entry.map_err(|e| backend("cannot read", path, e))?;
+        let Some((deadline, key)) = k.value().split_once(' ') else {
+            continue;
+        };
+        if deadline.parse::<i64>().map_or(true, |d| d > now_ms) || keys.len() >= MAX_BATCH {
+            break;
+        }
+        keys.push(key.to_string());
+    }
+    Ok(keys)
+}
+
+/// Commits a batch, publishes its events to watchers, then answers each request.
+fn apply(db: &Database, path: &Path, shared: &Mutex<Shared>, batch: Vec<WriteRequest>) {
+    match commit_batch(db, path, &batch) {
+        Ok(results) => {
+            // Publish before replying, so a writer that then watches from its own revision sees its event.
+            {
+                let mut sh = lock(shared);
+                for (_, event) in &results {
+                    if let Some(event) = event {
+                        let event = Arc::new(event.clone());
+                        sh.revision = event.revision();
+                        sh.history.push_back(event.clone());
+                        while sh.history.len() > sh.history_limit {
+                            if let Some(old) = sh.history.pop_front() {
+                                sh.floor = old.revision();
                             }
-                            // No receivers is fine: nobody watches.
-                            let _ = sh.tx.send(event);
                         }
+                        // No receivers is fine: nobody watches.
+                        let _ = sh.tx.send(event);
                     }
                 }
-                for (req, (result, _)) in batch.into_iter().zip(results) {
-                    let _ = req.reply.send(result);
-                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed; failing the whole batch");
-                for req in batch {
-                    let _ = req.reply.send(Err(StoreError::Backend(e.to_string())));
-                }
+            for (req, (result, _)) in batch.into_iter().zip(results) {
+                let _ = req.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store commit failed; failing the whole batch");
+            for req in batch {
+                let _ = req.reply.send(Err(StoreError::Backend(e.to_string())));
             }
         }
     }
@@ -354,6 +442,12 @@ fn commit_batch(
         let mut meta = txn
             .open_table(META)
             .map_err(|e| backend("cannot open table in", path, e))?;
+        let mut expiry = txn
+            .open_table(EXPIRY)
+            .map_err(|e| backend("cannot open table in", path, e))?;
+        let mut by_time = txn
+            .open_table(EXPIRY_BY_TIME)
+            .map_err(|e| backend("cannot open table in", path, e))?;
         let mut revision = meta
             .get(META_REVISION)
             .map_err(|e| backend("cannot read", path, e))?
@@ -376,8 +470,23 @@ fn commit_batch(
                     }),
                     None,
                 ),
-                (Op::Create { value, .. }, None) => {
+                (
+                    Op::Create {
+                        value,
+                        expires_at_ms,
+                        ..
+                    },
+                    None,
+                ) => {
                     revision += 1;
+                    if let Some(deadline) = expires_at_ms {
+                        expiry
+                            .insert(key, *deadline)
+                            .map_err(|e| backend("cannot write", path, e))?;
+                        by_time
+                            .insert(expiry_index_key(*deadline, key).as_str(), ())
+                            .map_err(|e| backend("cannot write", path, e))?;
+                    }
                     let new = KeyValue {
                         key: key.to_string(),
                         value: value.clone(),
@@ -430,6 +539,15 @@ fn commit_batch(
                     revision += 1;
                     kv.remove(key)
                         .map_err(|e| backend("cannot delete from", path, e))?;
+                    let deadline = expiry
+                        .remove(key)
+                        .map_err(|e| backend("cannot delete from", path, e))?
+                        .map(|d| d.value());
+                    if let Some(deadline) = deadline {
+                        by_time
+                            .remove(expiry_index_key(deadline, key).as_str())
+                            .map_err(|e| backend("cannot delete from", path, e))?;
+                    }
                     (
                         Ok(Reply::Deleted(cur.clone(), revision)),
                         Some(Event::Deleted {
@@ -540,6 +658,27 @@ impl Store for EmbeddedStore {
             .write(Op::Create {
                 key: key.to_string(),
                 value,
+                expires_at_ms: None,
+            })
+            .await?
+        {
+            Reply::Kv(kv) => Ok(kv),
+            Reply::Deleted(..) => Err(StoreError::Backend("unexpected reply to create".into())),
+        }
+    }
+
+    async fn create_with_ttl(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<KeyValue, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .write(Op::Create {
+                key: key.to_string(),
+                value,
+                expires_at_ms: Some(now_ms().saturating_add(ttl_ms)),
             })
             .await?
         {

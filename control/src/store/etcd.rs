@@ -164,7 +164,20 @@ impl Default for EtcdConfig {
 pub struct EtcdStore {
     client: Client,
     config: EtcdConfig,
+    /// The lease TTL'd keys were last attached to, reused while it fits (see [`EtcdStore::lease_for`]).
+    lease: tokio::sync::Mutex<Option<ReusableLease>>,
 }
+
+/// A granted etcd lease and when it expires.
+#[derive(Clone, Copy, Debug)]
+struct ReusableLease {
+    id: i64,
+    expires: Instant,
+}
+
+/// A lease is reused for keys whose TTL it covers with at most this much to spare (upstream kube-apiserver's
+/// `leaseReuseDurationSeconds`, 60 s, capped at 5% of the TTL), so each Event does not cost a lease grant.
+const LEASE_REUSE_MAX: Duration = Duration::from_secs(60);
 
 /// First wait between retries; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -197,7 +210,11 @@ impl EtcdStore {
                     config.endpoints.join(",")
                 ))
             })?;
-        let store = Self { client, config };
+        let store = Self {
+            client,
+            config,
+            lease: tokio::sync::Mutex::new(None),
+        };
         let revision = store.revision().await.map_err(|e| match e {
             // Name the endpoints, and the usual causes, rather than a gRPC status alone.
             StoreError::Backend(msg) => StoreError::Backend(format!(
@@ -296,6 +313,44 @@ impl EtcdStore {
                 start.push(0);
             }
         }
+    }
+
+    /// A lease expiring no earlier than `ttl` from now and no later than `ttl` plus the reuse window: the last one
+    /// granted if it fits, otherwise a new one (granted for `ttl` plus the window, so later keys can share it).
+    async fn lease_for(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let window = LEASE_REUSE_MAX.min(ttl / 20);
+        let mut current = self.lease.lock().await;
+        let now = Instant::now();
+        if let Some(l) = *current {
+            if l.expires >= now + ttl && l.expires <= now + ttl + window {
+                return Ok(l.id);
+            }
+        }
+        let seconds = i64::try_from((ttl + window).as_secs().max(1)).unwrap_or(i64::MAX);
+        // Retried like a read: a grant whose answer was lost leaves an unused lease that simply expires.
+        let deadline = Instant::now() + self.config.retry_timeout;
+        let mut backoff = FIRST_BACKOFF;
+        let granted = loop {
+            match self.client.lease_client().grant(seconds, None).await {
+                Ok(g) => break g,
+                Err(e) if retry_is_safe(&e, false) && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "retrying etcd lease grant");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => {
+                    return Err(StoreError::Backend(format!(
+                        "etcd lease grant ({seconds} s): {e}"
+                    )))
+                }
+            }
+        };
+        let ttl_granted = u64::try_from(granted.ttl()).unwrap_or(0);
+        *current = Some(ReusableLease {
+            id: granted.id(),
+            expires: now + Duration::from_secs(ttl_granted),
+        });
+        Ok(granted.id())
     }
 
     async fn txn(&self, what: Op<'_>, txn: Txn) -> Result<TxnResponse, StoreError> {
@@ -502,6 +557,36 @@ impl Store for EtcdStore {
         })
     }
 
+    async fn create_with_ttl(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<KeyValue, StoreError> {
+        let lease = self.lease_for(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self.txn(Op::Write("create", key), txn).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        let revision = header_revision(resp.header())?;
+        Ok(KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+        })
+    }
+
     async fn update(
         &self,
         key: &str,
@@ -517,7 +602,8 @@ impl Store for EtcdStore {
             .and_then([TxnOp::put(
                 key,
                 value.clone(),
-                Some(PutOptions::new().with_prev_key()),
+                // Keep the key's lease (a TTL'd key stays TTL'd), as kube-apiserver's GuaranteedUpdate does.
+                Some(PutOptions::new().with_prev_key().with_ignore_lease()),
             )])
             .or_else([TxnOp::get(key, None)]);
         let resp = self.txn(Op::Write("update", key), txn).await?;

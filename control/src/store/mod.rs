@@ -144,7 +144,6 @@ pub enum StoreError {
 
 /// A key-value store with etcd's revision semantics; see the module documentation.
 ///
-/// Leases/TTL (for Events' one-hour expiry) will be added once a backend needs them.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The backend's name for logs (`embedded`, `etcd`).
@@ -162,6 +161,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates `key`; fails with [`StoreError::AlreadyExists`] if it exists. Returns the stored key.
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError>;
+
+    /// Like [`Store::create`], and the key is deleted (an ordinary delete: a revision and a watch event) once
+    /// `ttl` has passed, at most a few seconds late (etcd: a lease; several keys may share one). Updates keep the
+    /// deadline. For Events' `--event-ttl`.
+    async fn create_with_ttl(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<KeyValue, StoreError>;
 
     /// Replaces `key`'s value if its mod revision is `expected`; otherwise [`StoreError::Conflict`] with the
     /// current value, or [`StoreError::NotFound`]. Returns the stored key.

@@ -1,0 +1,458 @@
+//! API benchmark (issue 4): pod creates/s and list latency at 10k pods through `windlass-control serve` on the
+//! embedded store and on etcd, next to raw etcd-client puts of the same stored JSON in the same run; watch fan-out
+//! to 1,000 watchers next to 1,000 etcd watchers; and the server's RSS once it holds 10k pods.
+//!
+//! Clients: the `kube` crate (what our daemons and most controllers use), `BENCH_CONCURRENCY` concurrent creates
+//! (default 64). Rounds interleave the targets so background load hits all alike; median and min–max over rounds.
+//!
+//! Run: `cargo bench -p windlass-control --bench api` (needs `etcd`; env `BENCH_PODS` (per round, default 2000),
+//! `BENCH_ROUNDS` (5), `BENCH_CONCURRENCY` (64), `BENCH_WATCHERS` (1000), `BENCH_WATCH_EVENTS` (10)).
+
+#[path = "../tests/common/etcd.rs"]
+mod etcd;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::{Client, Config};
+use windlass_tests::{free_port, wait_for, ChildGuard};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A realistic pod as a user submits it (the server adds defaults, uid, timestamps).
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "bench", "tier": "web"},
+                     "annotations": {"bench.windlass.io/note": "a realistic annotation of some length"}},
+        "spec": {"containers": [{
+            "name": "web", "image": "registry.example:5000/web:1.2.3",
+            "args": ["--port=8080", "--verbose"],
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "env": [{"name": "MODE", "value": "production"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}
+        }]},
+    }))
+    .expect("pod")
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    process: ChildGuard,
+}
+
+impl Server {
+    fn start(extra: &[String]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+        let process = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_windlass-control"))
+                .args(["serve", "--bind-address", "127.0.0.1", "--secure-port"])
+                .arg(port.to_string())
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .expect("start windlass-control");
+        let kubeconfig = dir.path().join("admin.kubeconfig");
+        wait_for("the API server to listen", Duration::from_secs(30), || {
+            (kubeconfig.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+                .then_some(())
+        });
+        Self {
+            _dir: dir,
+            kubeconfig,
+            process,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config = Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("kube config");
+        Client::try_from(config).expect("kube client")
+    }
+
+    /// Resident set size (and its peak) in MiB.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .unwrap_or(f64::NAN)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    Stats {
+        median,
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+/// Creates pods `first..first + n` in `ns` with `concurrency` tasks; returns creates/s.
+async fn create_pods(client: &Client, ns: &str, first: usize, n: usize, concurrency: usize) -> f64 {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    futures_util::stream::iter(first..first + n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &pod(&format!("pod-{i:06}")))
+                    .await
+                    .expect("create pod")
+            }
+        })
+        .buffer_unordered(concurrency)
+        .for_each(|_| async {})
+        .await;
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Puts `n` copies of `value` under fresh keys straight into etcd; returns puts/s.
+async fn raw_puts(
+    client: &etcd_client::Client,
+    round: &str,
+    value: &[u8],
+    n: usize,
+    conc: usize,
+) -> f64 {
+    let start = Instant::now();
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let mut kv = client.kv_client();
+            let key = format!("/raw/pods/{round}/pod-{i:06}");
+            let value = value.to_vec();
+            async move { kv.put(key, value, None).await.expect("etcd put") }
+        })
+        .buffer_unordered(conc)
+        .for_each(|_| async {})
+        .await;
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn create_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+/// Milliseconds for a full list of all pods in `ns`, in one response or in `limit`-sized pages (kubectl's 500).
+async fn list_ms(client: &Client, ns: &str, limit: Option<u32>) -> (f64, usize) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    let mut total = 0;
+    let mut lp = ListParams::default();
+    if let Some(l) = limit {
+        lp = lp.limit(l);
+    }
+    loop {
+        let page = api.list(&lp).await.expect("list pods");
+        total += page.items.len();
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => break,
+        }
+    }
+    (start.elapsed().as_secs_f64() * 1000.0, total)
+}
+
+/// Starts `watchers` watches of pods in `ns` (spread over several clients), then creates `events` pods one at a
+/// time and measures, per pod, the time until every watcher saw its ADDED event. Returns milliseconds per event.
+async fn api_fanout(server: &Server, ns: &str, watchers: usize, events: usize) -> Vec<f64> {
+    let clients: Vec<Client> = {
+        let mut v = Vec::new();
+        for _ in 0..watchers.div_ceil(100) {
+            v.push(server.client().await);
+        }
+        v
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let api0: Api<Pod> = Api::namespaced(clients[0].clone(), ns);
+    let rv = api0
+        .list(&ListParams::default().limit(1))
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut tasks = Vec::new();
+    for w in 0..watchers {
+        let api: Api<Pod> = Api::namespaced(clients[w % clients.len()].clone(), ns);
+        let (tx, rv) = (tx.clone(), rv.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut stream = api
+                .watch(&WatchParams::default().timeout(290), &rv)
+                .await
+                .expect("watch")
+                .boxed();
+            while let Ok(Some(ev)) = stream.try_next().await {
+                if let WatchEvent::Added(p) = ev {
+                    let _ = tx.send((p.metadata.name.unwrap_or_default(), Instant::now()));
+                }
+            }
+        }));
+    }
+    // Let every watch get established before the first event (a watch from `rv` would replay it anyway).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut out = Vec::new();
+    for e in 0..events {
+        let name = format!("fan-{e}");
+        let start = Instant::now();
+        api0.create(&PostParams::default(), &pod(&name))
+            .await
+            .expect("create");
+        let mut seen = 0;
+        let mut last = start;
+        while seen < watchers {
+            let (n, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("watch event within 60 s")
+                .expect("watchers alive");
+            if n == name {
+                seen += 1;
+                last = at;
+            }
+        }
+        out.push((last - start).as_secs_f64() * 1000.0);
+    }
+    for t in tasks {
+        t.abort();
+    }
+    out
+}
+
+/// The same fan-out straight on etcd: `watchers` etcd watches of one prefix, one put at a time.
+async fn etcd_fanout(client: &etcd_client::Client, watchers: usize, events: usize) -> Vec<f64> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let mut wc = client.watch_client();
+        let tx = tx.clone();
+        let mut stream = wc
+            .watch(
+                "/fanout/",
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .expect("etcd watch");
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        let _ =
+                            tx.send((kv.key_str().unwrap_or_default().to_string(), Instant::now()));
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let value = serde_json::to_vec(&pod("x")).expect("json");
+    let mut kv = client.kv_client();
+    let mut out = Vec::new();
+    for e in 0..events {
+        let key = format!("/fanout/fan-{e}");
+        let start = Instant::now();
+        kv.put(key.clone(), value.clone(), None).await.expect("put");
+        let mut seen = 0;
+        let mut last = start;
+        while seen < watchers {
+            let (k, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("etcd watch event within 60 s")
+                .expect("watchers alive");
+            if k == key {
+                seen += 1;
+                last = at;
+            }
+        }
+        out.push((last - start).as_secs_f64() * 1000.0);
+    }
+    for t in tasks {
+        t.abort();
+    }
+    out
+}
+
+/// Lets this process (and the servers it starts) hold one socket per watcher.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let n = env_usize("BENCH_PODS", 2000);
+    let rounds = env_usize("BENCH_ROUNDS", 5);
+    let conc = env_usize("BENCH_CONCURRENCY", 64);
+    let watchers = env_usize("BENCH_WATCHERS", 1000);
+    let events = env_usize("BENCH_WATCH_EVENTS", 10);
+    if windlass_tests::which("etcd").is_none() {
+        eprintln!("the API benchmark needs etcd (Debian: etcd-server)");
+        std::process::exit(2);
+    }
+    windlass_tests::install_rustls_provider();
+    raise_fd_limit();
+
+    let cluster = etcd::EtcdCluster::start(1).await;
+    let endpoint = cluster.members[0].client_url.clone();
+    let raw = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("etcd-client");
+    let embedded = Server::start(&[]);
+    let on_etcd = Server::start(&["--etcd-servers".into(), endpoint.clone()]);
+    let (ce, cx) = (embedded.client().await, on_etcd.client().await);
+    for c in [&ce, &cx] {
+        create_namespace(c, "bench").await;
+        create_namespace(c, "fanout").await;
+    }
+    // The stored form of one pod, as the raw puts' value (what the API server writes for it).
+    let stored = {
+        let api: Api<Pod> = Api::namespaced(ce.clone(), "fanout");
+        let p = api
+            .create(&PostParams::default(), &pod("sample"))
+            .await
+            .expect("sample");
+        api.delete("sample", &Default::default())
+            .await
+            .expect("delete sample");
+        serde_json::to_vec(&p).expect("json")
+    };
+    eprintln!(
+        "{n} pods x {rounds} rounds per target, concurrency {conc}; stored pod JSON {} bytes",
+        stored.len()
+    );
+
+    let names = [
+        "API, embedded store (kube client)",
+        "API, etcd backend (kube client)",
+        "raw etcd-client put (same JSON)",
+    ];
+    let mut creates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for round in 0..rounds {
+        // Each round adds to the same namespace, so the last round runs with (rounds-1)*n pods already stored.
+        let offset = round * n;
+        creates[0].push(create_pods(&ce, "bench", offset, n, conc).await);
+        creates[1].push(create_pods(&cx, "bench", offset, n, conc).await);
+        creates[2].push(raw_puts(&raw, &round.to_string(), &stored, n, conc).await);
+        eprintln!(
+            "round {round}: {:.0} / {:.0} / {:.0} writes/s",
+            creates[0][round], creates[1][round], creates[2][round]
+        );
+    }
+    let total = rounds * n;
+
+    // List latency with `total` pods stored.
+    let mut lists: Vec<(String, Vec<f64>)> = Vec::new();
+    for (label, client) in [("embedded store", &ce), ("etcd backend", &cx)] {
+        for (how, limit) in [
+            ("one response", None),
+            ("pages of 500 (kubectl)", Some(500)),
+        ] {
+            let mut v = Vec::new();
+            for _ in 0..rounds {
+                let (ms, got) = list_ms(client, "bench", limit).await;
+                assert_eq!(got, total, "list returned every pod");
+                v.push(ms);
+            }
+            lists.push((format!("{label}, {how}"), v));
+        }
+    }
+    let rss = [embedded.rss_mib(), on_etcd.rss_mib()];
+
+    let fan_api = api_fanout(&embedded, "fanout", watchers, events).await;
+    let fan_etcd = etcd_fanout(&raw, watchers, events).await;
+
+    // Report (Markdown, pasted into BENCHMARKS.md).
+    let raw_median = stats(creates[2].clone()).median;
+    println!("### Pod creates ({n} per round, {rounds} rounds, {conc} concurrent clients; up to {total} pods stored)\n");
+    println!("| target | median creates/s | min–max | vs raw etcd-client put |\n|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let s = stats(creates[i].clone());
+        println!(
+            "| {name} | {:.0} | {:.0}–{:.0} | {:.2}× |",
+            s.median,
+            s.min,
+            s.max,
+            s.median / raw_median
+        );
+    }
+    println!("\n### Listing {total} pods ({rounds} lists each)\n");
+    println!("| store, list form | median (ms) | min–max (ms) |\n|---|---|---|");
+    for (label, v) in &lists {
+        let s = stats(v.clone());
+        println!("| {label} | {:.0} | {:.0}–{:.0} |", s.median, s.min, s.max);
+    }
+    println!("\n### Memory with {total} pods stored\n");
+    println!("| server | RSS (MiB) | peak RSS (MiB) |\n|---|---|---|");
+    println!(
+        "| windlass-control, embedded store | {:.0} | {:.0} |",
+        rss[0].0, rss[0].1
+    );
+    println!(
+        "| windlass-control, etcd backend | {:.0} | {:.0} |",
+        rss[1].0, rss[1].1
+    );
+    println!("\n### Watch fan-out: one pod create seen by {watchers} watchers ({events} events)\n");
+    println!("| target | median (ms) | min–max (ms) | vs etcd |\n|---|---|---|---|");
+    let (a, e) = (stats(fan_api), stats(fan_etcd));
+    println!(
+        "| API watch, embedded store ({watchers} kube-rs watches) | {:.1} | {:.1}–{:.1} | {:.2}× |",
+        a.median,
+        a.min,
+        a.max,
+        a.median / e.median
+    );
+    println!(
+        "| etcd watch ({watchers} etcd-client watches) | {:.1} | {:.1}–{:.1} | 1.00× |",
+        e.median, e.min, e.max
+    );
+}
