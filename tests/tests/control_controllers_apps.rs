@@ -254,6 +254,20 @@ fn a_deployment_gets_owned_pods_and_follows_kubectl_scale() {
         Some(1),
         "scaling makes no new ReplicaSet"
     );
+
+    // What happened is in the events `kubectl describe` shows.
+    wait_for("the scaling events", WAIT, || {
+        let d = lab.kubectl(&["describe", "deployment", "web"]);
+        (d.contains("ScalingReplicaSet")
+            && d.contains(&format!("Scaled up replica set {rs_name} from 0 to 3"))
+            && d.contains(&format!("Scaled down replica set {rs_name} from 5 to 2")))
+        .then_some(())
+    });
+    let described = lab.kubectl(&["describe", "replicaset", &rs_name]);
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("SuccessfulDelete"),
+        "ReplicaSet events:\n{described}"
+    );
 }
 
 #[test]
@@ -795,4 +809,60 @@ fn scaling_a_deployment_mid_rollout_spreads_the_new_replicas_proportionally() {
             "10"
         );
     }
+}
+
+#[test]
+fn a_namespace_waits_in_terminating_for_finalizers_and_says_why() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let lab = Lab::start(Duration::from_millis(100));
+    lab.kubectl(&["create", "namespace", "hold"]);
+    lab.kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "held", "namespace": "hold", "finalizers": ["example.com/hold"]},
+            "data": {"a": "b"}}"#,
+    );
+    lab.kubectl(&["delete", "namespace", "hold", "--wait=false"]);
+    let ns = wait_for("the namespace to report what holds it", WAIT, || {
+        let ns = lab.json(&["get", "namespace", "hold"]);
+        let held = ns["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["type"] == "NamespaceFinalizersRemaining"
+                    && c["status"] == "True"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("example.com/hold in 1 resource instances"))
+            });
+        held.then_some(ns)
+    });
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    let refused = lab.cp.kubectl_err(&[
+        "create",
+        "configmap",
+        "late",
+        "--from-literal=a=b",
+        "-n",
+        "hold",
+    ]);
+    assert!(
+        refused.contains("being terminated"),
+        "creating in a terminating namespace fails: {refused}"
+    );
+
+    lab.kubectl(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        "hold",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    lab.wait_gone("the namespace", &["get", "namespace", "hold", "-o", "name"]);
 }

@@ -24,11 +24,13 @@ use serde_json::json;
 
 use super::ownership::{
     claim, controller_of, controller_ref, deleting, is_already_exists, is_not_found, key_of,
-    selector_is_empty, selector_matches, ClaimError, FIELD_MANAGER,
+    record_event, selector_is_empty, selector_matches, ClaimError, FIELD_MANAGER,
 };
 use super::{Context, ControllerError, ControllerFuture};
 
 const NAME: &str = "deployment";
+/// The event source upstream's Deployment controller reports as.
+const COMPONENT: &str = "deployment-controller";
 
 pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
 const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
@@ -788,8 +790,17 @@ impl Sync<'_> {
         self.replace_rs(idx, rs).await?;
         if size_changed {
             let verb = if size > from { "up" } else { "down" };
-            tracing::info!(deployment = %self.key, replicaset = %self.sets[idx].name_any(), from, to = size,
+            let rs_name = self.sets[idx].name_any();
+            tracing::info!(deployment = %self.key, replicaset = %rs_name, from, to = size,
                 "scaled {verb} replica set");
+            record_event(
+                &self.state.client,
+                &self.d,
+                COMPONENT,
+                false,
+                "ScalingReplicaSet",
+                format!("Scaled {verb} replica set {rs_name} from {from} to {size}"),
+            );
         }
         Ok(size_changed)
     }
@@ -910,6 +921,16 @@ impl Sync<'_> {
         };
         tracing::info!(deployment = %self.key, replicaset = %name, replicas = size, revision = new_revision,
             "created new replica set");
+        if size > 0 {
+            record_event(
+                &self.state.client,
+                &self.d,
+                COMPONENT,
+                false,
+                "ScalingReplicaSet",
+                format!("Scaled up replica set {name} from 0 to {size}"),
+            );
+        }
         self.sets.push(created);
         self.new = Some(self.sets.len() - 1);
         self.set_revision(&new_revision.to_string()).await?;

@@ -350,6 +350,46 @@ pub(crate) fn log_result<K, E, Q>(
     }
 }
 
+/// Records a core/v1 Event about `obj` (what `kubectl describe` lists), without waiting for it: an event that
+/// cannot be written is not worth failing or slowing a sync for (upstream's recorder drops them too).
+pub(crate) fn record_event<K: Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    obj: &K,
+    component: &'static str,
+    warning: bool,
+    reason: &'static str,
+    message: String,
+) {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let now = jiff::Timestamp::now();
+    let event = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": format!("{}.{:x}", obj.name_any(), now.as_nanosecond()), "namespace": ns},
+        "involvedObject": {
+            "apiVersion": K::api_version(&()), "kind": K::kind(&()), "namespace": obj.namespace(),
+            "name": obj.name_any(), "uid": obj.uid(), "resourceVersion": obj.resource_version(),
+        },
+        "reason": reason, "message": message, "type": if warning { "Warning" } else { "Normal" },
+        "source": {"component": component},
+        "firstTimestamp": now.to_string(), "lastTimestamp": now.to_string(), "count": 1,
+        "reportingComponent": component, "reportingInstance": "",
+    });
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
+    );
+    tokio::spawn(async move {
+        let obj: kube::api::DynamicObject = match serde_json::from_value(event) {
+            Ok(o) => o,
+            Err(_) => return,
+        };
+        if let Err(e) = api.create(&kube::api::PostParams::default(), &obj).await {
+            tracing::debug!(error = %e, "cannot record event");
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;

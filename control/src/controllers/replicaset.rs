@@ -18,12 +18,14 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::ownership::{
-    claim, controller_of, deleting, is_not_found, key_of, selector_matches, ClaimError,
-    Expectations, FIELD_MANAGER,
+    claim, controller_of, deleting, is_not_found, key_of, record_event, selector_matches,
+    ClaimError, Expectations, FIELD_MANAGER,
 };
 use super::{Context, ControllerError, ControllerFuture};
 
 const NAME: &str = "replicaset";
+/// The event source upstream's ReplicaSet controller reports as.
+const COMPONENT: &str = "replicaset-controller";
 
 /// At most this many pods are created or deleted in one sync (upstream `BurstReplicas`).
 const BURST_REPLICAS: usize = 500;
@@ -184,7 +186,12 @@ async fn reconcile(rs: Arc<ReplicaSet>, state: Arc<State>) -> Result<Action, Rep
         .map(|p| &**p)
         .filter(|p| !outcome.deleted.contains(&p.name_any()))
         .collect();
-    let status = calculate_status(&rs, &remaining, manage_err.as_ref(), now);
+    let mut status = calculate_status(&rs, &remaining, manage_err.as_ref(), now);
+    if !synced {
+        // The counts may still include pods this controller deleted but has not seen go: do not claim to have
+        // acted on the latest spec yet, so the Deployment controller does not scale on counts about to drop.
+        status.observed_generation = rs.status.as_ref().and_then(|s| s.observed_generation);
+    }
     if status_differs(rs.status.as_ref(), &status) {
         let api: Api<ReplicaSet> = Api::namespaced(state.client.clone(), &ns);
         let mut body = json!({"status": status});
@@ -270,6 +277,14 @@ async fn manage_replicas(
                 match r {
                     Ok(p) => {
                         tracing::debug!(replicaset = %key, pod = %p.name_any(), "created pod");
+                        record_event(
+                            &state.client,
+                            rs,
+                            COMPONENT,
+                            false,
+                            "SuccessfulCreate",
+                            format!("Created pod: {}", p.name_any()),
+                        );
                         state.expectations.created(&key, p.name_any());
                     }
                     Err(e) => {
@@ -278,6 +293,14 @@ async fn manage_replicas(
                         let terminating = matches!(&e, kube::Error::Api(s) if s.code == 403
                             && s.message.contains("being terminated"));
                         if !terminating && first_err.is_none() {
+                            record_event(
+                                &state.client,
+                                rs,
+                                COMPONENT,
+                                true,
+                                "FailedCreate",
+                                format!("Error creating: {e}"),
+                            );
                             first_err = Some(e);
                         }
                     }
@@ -316,13 +339,31 @@ async fn manage_replicas(
         let mut first_err = None;
         for (name, r) in results {
             match r {
-                Ok(_) => outcome.deleted.push(name),
+                Ok(_) => {
+                    record_event(
+                        &state.client,
+                        rs,
+                        COMPONENT,
+                        false,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {name}"),
+                    );
+                    outcome.deleted.push(name);
+                }
                 Err(e) if is_not_found(&e) => {
                     state.expectations.deletion_failed(&key, &name);
                     outcome.deleted.push(name);
                 }
                 Err(e) => {
                     state.expectations.deletion_failed(&key, &name);
+                    record_event(
+                        &state.client,
+                        rs,
+                        COMPONENT,
+                        true,
+                        "FailedDelete",
+                        format!("Error deleting: {e}"),
+                    );
                     first_err.get_or_insert(e);
                 }
             }
@@ -615,6 +656,37 @@ mod tests {
             0,
             at(200)
         ));
+    }
+
+    #[test]
+    fn a_failed_create_sets_replica_failure_until_a_sync_succeeds() {
+        let mut rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}}
+        }))
+        .unwrap_or_default();
+        let err = ReplicaSetError::Api {
+            key: "ns/web".into(),
+            action: "create pods",
+            source: kube::Error::Api(
+                kube::core::Status::failure("exceeded quota", "Forbidden")
+                    .with_code(403)
+                    .boxed(),
+            ),
+        };
+        let now = jiff::Timestamp::now();
+        let s = calculate_status(&rs, &[], Some(&err), now);
+        let c = s.conditions.clone().unwrap_or_default();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].type_.as_deref(), Some("ReplicaFailure"));
+        assert_eq!(c[0].reason.as_deref(), Some("FailedCreate"));
+        assert!(c[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exceeded quota"));
+        rs.status = Some(s);
+        assert!(calculate_status(&rs, &[], None, now).conditions.is_none());
     }
 
     #[test]
