@@ -290,8 +290,61 @@ fn main() {
         out.push_str(&markdown_table(&refs, &rows[0]));
     }
 
-    // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back.
+    // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back, applied with
+    // the nft tool (a process per change) and with libnftables in this process.
     let n = 10_000;
+    let changes = (runs * 10).max(20);
+    let lib = Nft::default()
+        .with_library()
+        .expect("libnftables (Debian libnftables1)");
+    let (inc, bytes) = one_change(
+        n,
+        &config,
+        &nft,
+        changes,
+        "windlass one endpoint change, 10k svc, nft tool (event → rules applied)",
+    );
+    let (inc_lib, _) = one_change(
+        n,
+        &config,
+        &lib,
+        changes,
+        "windlass one endpoint change, 10k svc, libnftables (event → rules applied)",
+    );
+    let mut m = model(n, |_, _| true);
+    let mut p = Proxier::new(
+        config.clone(),
+        lib.clone(),
+        Conntrack::default(),
+        Arc::new(Metrics::new()),
+    );
+    p.sync(&mut m, SyncKind::Rebuild).expect("initial sync");
+    let base = &mut m;
+    let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
+    for _ in 0..runs {
+        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
+    }
+    let _ = writeln!(
+        out,
+        "\n### With {n} Services loaded (script of one change: {bytes} bytes)\n"
+    );
+    out.push_str(&markdown_table(&[&inc, &inc_lib, &resync], &inc));
+    let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+    if !only_ours || std::env::args().any(|a| a == "--latency") {
+        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
+    }
+    println!("{out}");
+}
+
+/// Loads `n` Services, then applies `count` single-endpoint changes (endpoint 3 of Service 4242 flipping between
+/// ready and unready, as EndpointSlice updates would), each timed from `Model::apply` to the transaction applied.
+fn one_change(
+    n: usize,
+    config: &RulesetConfig,
+    nft: &Nft,
+    count: usize,
+    label: &str,
+) -> (Samples, usize) {
     let mut m = model(n, |_, _| true);
     let mut p = Proxier::new(
         config.clone(),
@@ -305,10 +358,9 @@ fn main() {
         namespace: "bench".into(),
         name: format!("svc-{slice}-abc"),
     };
-    let mut inc = Samples::new("windlass one endpoint change, 10k svc (event → rules applied)");
+    let mut inc = Samples::new(label);
     let mut bytes = 0;
-    for r in 0..(runs * 10).max(20) {
-        // Flip endpoint 3 of Service 4242 between ready and unready, as an EndpointSlice update would.
+    for r in 0..count {
         let ready = r % 2 == 1;
         let info = EndpointSliceInfo {
             service: ServiceName::new("bench", &format!("svc-{slice}")),
@@ -335,21 +387,7 @@ fn main() {
         inc.push(t.elapsed());
         bytes = rep.script_bytes;
     }
-    let base = &mut m;
-    let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
-    for _ in 0..runs {
-        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
-    }
-    let _ = writeln!(
-        out,
-        "\n### With {n} Services loaded (script of one change: {bytes} bytes)\n"
-    );
-    out.push_str(&markdown_table(&[&inc, &resync], &inc));
-    let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
-    if !only_ours || std::env::args().any(|a| a == "--latency") {
-        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
-    }
-    println!("{out}");
+    (inc, bytes)
 }
 
 /// Connect latency through a ClusterIP with 10 vs 10,000 Services programmed: a pod namespace (veth from this one)
