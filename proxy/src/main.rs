@@ -42,7 +42,7 @@ struct Cli {
     /// `auto` (the library when it loads, else the tool).
     #[arg(long, value_enum, default_value = "auto")]
     nft_backend: NftBackend,
-    /// Remove the proxy's nftables table and exit.
+    /// Remove the proxy's nftables table (and, with --dns-bind-address, that address from lo) and exit.
     #[arg(long)]
     cleanup: bool,
     /// Follow a JSON List of Services and EndpointSlices instead of an API server (labs and tests).
@@ -109,6 +109,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if cli.cleanup {
         windlass_proxy::cleanup(&nft).context("cannot delete the proxy's nftables table")?;
         tracing::info!(table = windlass_proxy::TABLE, "cleaned up");
+        // With --dns-bind-address, also the cluster DNS address the proxy put on lo.
+        if let Some(std::net::IpAddr::V4(ip)) = cli.dns_bind_address.map(|a| a.ip()) {
+            if !ip.is_unspecified() && !ip.is_loopback() {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                if rt.block_on(windlass_proxy::dns::remove_from_loopback(ip))? {
+                    tracing::info!(address = %ip, "cluster DNS address removed from lo");
+                }
+            }
+        }
         return Ok(());
     }
     let mut source: Box<dyn windlass_proxy::ServiceSource> = match &cli.services_file {
