@@ -36,6 +36,7 @@ type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
 type CtxFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type CtxGet = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+type CtxFree = unsafe extern "C" fn(*mut c_void);
 
 /// A libnftables context (`struct nft_ctx`) with output and errors buffered in memory.
 struct LibNft {
@@ -43,6 +44,14 @@ struct LibNft {
     run: RunCmd,
     get_error: CtxGet,
     get_output: CtxGet,
+    free: CtxFree,
+}
+
+impl Drop for LibNft {
+    fn drop(&mut self) {
+        // SAFETY: the context came from nft_ctx_new and is freed exactly once, here.
+        unsafe { (self.free)(self.ctx) }
+    }
 }
 
 // SAFETY: a `struct nft_ctx` may be used from any thread, one at a time (libnftables keeps no thread-local state);
@@ -73,7 +82,7 @@ impl LibNft {
             }
         };
         // SAFETY: the symbols have these C signatures in libnftables(3) (the 1.x ABI, soname .1).
-        let (ctx_new, buffer_output, buffer_error, run, get_error, get_output) = unsafe {
+        let (ctx_new, buffer_output, buffer_error, run, get_error, get_output, free) = unsafe {
             (
                 std::mem::transmute::<*mut c_void, CtxNew>(sym("nft_ctx_new")?),
                 std::mem::transmute::<*mut c_void, CtxFn>(sym("nft_ctx_buffer_output")?),
@@ -81,6 +90,7 @@ impl LibNft {
                 std::mem::transmute::<*mut c_void, RunCmd>(sym("nft_run_cmd_from_buffer")?),
                 std::mem::transmute::<*mut c_void, CtxGet>(sym("nft_ctx_get_error_buffer")?),
                 std::mem::transmute::<*mut c_void, CtxGet>(sym("nft_ctx_get_output_buffer")?),
+                std::mem::transmute::<*mut c_void, CtxFree>(sym("nft_ctx_free")?),
             )
         };
         // SAFETY: NFT_CTX_DEFAULT is 0; the returned context is checked for NULL before use.
@@ -88,16 +98,18 @@ impl LibNft {
         if ctx.is_null() {
             return Err(err("nft_ctx_new failed".into()));
         }
-        // SAFETY: ctx is a live context from nft_ctx_new.
-        if unsafe { buffer_output(ctx) } != 0 || unsafe { buffer_error(ctx) } != 0 {
-            return Err(err("cannot buffer the context's output".into()));
-        }
-        Ok(Self {
+        let lib = Self {
             ctx,
             run,
             get_error,
             get_output,
-        })
+            free,
+        };
+        // SAFETY: ctx is a live context from nft_ctx_new (freed by `lib`'s Drop on the error path too).
+        if unsafe { buffer_output(ctx) } != 0 || unsafe { buffer_error(ctx) } != 0 {
+            return Err(err("cannot buffer the context's output".into()));
+        }
+        Ok(lib)
     }
 
     fn apply(&mut self, script: &str) -> Result<(), NftError> {
