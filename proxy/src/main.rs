@@ -38,7 +38,11 @@ struct Cli {
     /// Where `/healthz` is served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
-    /// Remove the proxy's nftables table and exit.
+    /// How rules are applied: `libnftables` in the proxy's process (no process start per sync), the `nft` tool, or
+    /// `auto` (the library when it loads, else the tool).
+    #[arg(long, value_enum, default_value = "auto")]
+    nft_backend: NftBackend,
+    /// Remove the proxy's nftables table (and, with --dns-bind-address, that address from lo) and exit.
     #[arg(long)]
     cleanup: bool,
     /// Follow a JSON List of Services and EndpointSlices instead of an API server (labs and tests).
@@ -69,6 +73,28 @@ struct Cli {
     dns_upstream_resolv_conf: PathBuf,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NftBackend {
+    Auto,
+    Libnftables,
+    Nft,
+}
+
+fn nft(backend: NftBackend) -> anyhow::Result<Nft> {
+    let nft = match backend {
+        NftBackend::Nft => Nft::default(),
+        NftBackend::Libnftables => Nft::default()
+            .with_library()
+            .context("--nft-backend libnftables")?,
+        NftBackend::Auto => Nft::default().with_library().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "falling back to the nft tool");
+            Nft::default()
+        }),
+    };
+    tracing::info!(backend = nft.backend(), "nftables backend");
+    Ok(nft)
+}
+
 fn node_name(cli: &Cli) -> anyhow::Result<String> {
     if let Some(n) = &cli.node_name {
         return Ok(n.clone());
@@ -79,10 +105,22 @@ fn node_name(cli: &Cli) -> anyhow::Result<String> {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let nft = Nft::default();
+    let nft = nft(cli.nft_backend)?;
     if cli.cleanup {
         windlass_proxy::cleanup(&nft).context("cannot delete the proxy's nftables table")?;
         tracing::info!(table = windlass_proxy::TABLE, "cleaned up");
+        // With --dns-bind-address, also the cluster DNS address the proxy put on lo.
+        if let Some(std::net::IpAddr::V4(ip)) = cli.dns_bind_address.map(|a| a.ip()) {
+            if !ip.is_unspecified() && !ip.is_loopback() {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                if rt.block_on(windlass_proxy::dns::remove_from_loopback(ip))? {
+                    tracing::info!(address = %ip, "cluster DNS address removed from lo");
+                }
+            }
+        }
         return Ok(());
     }
     let mut source: Box<dyn windlass_proxy::ServiceSource> = match &cli.services_file {

@@ -1,11 +1,16 @@
-//! Applying scripts with the `nft` tool: one `nft -f -` run is one atomic kernel transaction.
+//! Applying nft scripts: one script is one atomic kernel transaction.
 //!
-//! Text through `nft -f` was measured against JSON through the same tool (`nft -j -f`, which is what the `nftables`
-//! crate drives): see the proxy section of BENCHMARKS.md. Nothing here lists the table; the sync path only writes.
+//! Two backends parse the same text: the `nft` tool (`nft -f -`, one process per script), or `libnftables` — the
+//! library behind that tool — loaded at run time and kept with one context for the process's life
+//! ([`Nft::with_library`]). The library saves a process start per sync, which dominates a one-element change
+//! (see the proxy section of BENCHMARKS.md); the tool works wherever `nft` is on PATH and can be wrapped (tests run
+//! it through `ip netns exec`). Text was measured against JSON through the same tool (`nft -j -f`, which is what
+//! the `nftables` crate drives): see BENCHMARKS.md. Nothing here lists the table; the sync path only writes.
 
-use std::ffi::OsString;
+use std::ffi::{c_char, c_int, c_void, CStr, CString, OsString};
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 /// Failure to run `nft` or a rejected transaction (nothing of it was applied).
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +22,154 @@ pub enum NftError {
     },
     #[error("nft rejected the transaction ({status}); nothing was applied: {stderr}")]
     Rejected { status: String, stderr: String },
+    #[error("cannot load {library}: {message}")]
+    Library {
+        library: &'static str,
+        message: String,
+    },
 }
 
-/// How to invoke `nft`: the program and leading arguments (e.g. `["ip", "netns", "exec", "lab", "nft"]` in tests).
-#[derive(Debug, Clone)]
+/// The library's soname (Debian's `libnftables1`, installed with `nftables`).
+pub const LIBNFTABLES: &str = "libnftables.so.1";
+
+type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
+type CtxFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CtxGet = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+type CtxFree = unsafe extern "C" fn(*mut c_void);
+
+/// A libnftables context (`struct nft_ctx`) with output and errors buffered in memory.
+struct LibNft {
+    ctx: *mut c_void,
+    run: RunCmd,
+    get_error: CtxGet,
+    get_output: CtxGet,
+    free: CtxFree,
+}
+
+impl Drop for LibNft {
+    fn drop(&mut self) {
+        // SAFETY: the context came from nft_ctx_new and is freed exactly once, here.
+        unsafe { (self.free)(self.ctx) }
+    }
+}
+
+// SAFETY: a `struct nft_ctx` may be used from any thread, one at a time (libnftables keeps no thread-local state);
+// every use goes through the `Mutex` in `Nft`. The dlopen handle is never closed, so the function pointers stay
+// valid for the process's life.
+unsafe impl Send for LibNft {}
+
+impl LibNft {
+    fn load() -> Result<Self, NftError> {
+        let err = |message: String| NftError::Library {
+            library: LIBNFTABLES,
+            message,
+        };
+        let name = CString::new(LIBNFTABLES).map_err(|e| err(e.to_string()))?;
+        // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally never closed.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            return Err(err("dlopen failed (is libnftables1 installed?)".into()));
+        }
+        let sym = |n: &str| -> Result<*mut c_void, NftError> {
+            let c = CString::new(n).map_err(|e| err(e.to_string()))?;
+            // SAFETY: dlsym on a live handle with a valid NUL-terminated symbol name.
+            let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
+            if p.is_null() {
+                Err(err(format!("no symbol {n}")))
+            } else {
+                Ok(p)
+            }
+        };
+        // SAFETY: the symbols have these C signatures in libnftables(3) (the 1.x ABI, soname .1).
+        let (ctx_new, buffer_output, buffer_error, run, get_error, get_output, free) = unsafe {
+            (
+                std::mem::transmute::<*mut c_void, CtxNew>(sym("nft_ctx_new")?),
+                std::mem::transmute::<*mut c_void, CtxFn>(sym("nft_ctx_buffer_output")?),
+                std::mem::transmute::<*mut c_void, CtxFn>(sym("nft_ctx_buffer_error")?),
+                std::mem::transmute::<*mut c_void, RunCmd>(sym("nft_run_cmd_from_buffer")?),
+                std::mem::transmute::<*mut c_void, CtxGet>(sym("nft_ctx_get_error_buffer")?),
+                std::mem::transmute::<*mut c_void, CtxGet>(sym("nft_ctx_get_output_buffer")?),
+                std::mem::transmute::<*mut c_void, CtxFree>(sym("nft_ctx_free")?),
+            )
+        };
+        // SAFETY: NFT_CTX_DEFAULT is 0; the returned context is checked for NULL before use.
+        let ctx = unsafe { ctx_new(0) };
+        if ctx.is_null() {
+            return Err(err("nft_ctx_new failed".into()));
+        }
+        let lib = Self {
+            ctx,
+            run,
+            get_error,
+            get_output,
+            free,
+        };
+        // SAFETY: ctx is a live context from nft_ctx_new (freed by `lib`'s Drop on the error path too).
+        if unsafe { buffer_output(ctx) } != 0 || unsafe { buffer_error(ctx) } != 0 {
+            return Err(err("cannot buffer the context's output".into()));
+        }
+        Ok(lib)
+    }
+
+    fn apply(&mut self, script: &str) -> Result<(), NftError> {
+        let text = CString::new(script).map_err(|_| NftError::Rejected {
+            status: "not run".into(),
+            stderr: "the script contains a NUL byte".into(),
+        })?;
+        // SAFETY: live context, NUL-terminated script that outlives the call.
+        let rc = unsafe { (self.run)(self.ctx, text.as_ptr()) };
+        // Reading a buffer also resets it, so each run starts empty. SAFETY: live context; the returned
+        // strings are owned by the context and copied before the next call.
+        let read = |get: CtxGet, ctx| unsafe {
+            let p = get(ctx);
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let _ = read(self.get_output, self.ctx);
+        let stderr = read(self.get_error, self.ctx);
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(NftError::Rejected {
+                status: format!("libnftables returned {rc}"),
+                stderr: truncate(stderr),
+            })
+        }
+    }
+}
+
+/// How to apply scripts: the `nft` program and leading arguments (e.g. `["ip", "netns", "exec", "lab", "nft"]` in
+/// tests), or the library in this process ([`Nft::with_library`]; listing still runs the program).
+#[derive(Clone)]
 pub struct Nft {
     argv: Vec<OsString>,
+    lib: Option<Arc<Mutex<LibNft>>>,
+}
+
+impl std::fmt::Debug for Nft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nft")
+            .field("argv", &self.argv)
+            .field("library", &self.lib.is_some())
+            .finish()
+    }
+}
+
+/// nft echoes the offending statement; a 100k-element line would drown the log.
+fn truncate(mut stderr: String) -> String {
+    if stderr.len() > 4000 {
+        let mut cut = 4000;
+        while !stderr.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stderr.truncate(cut);
+        stderr.push('…');
+    }
+    stderr
 }
 
 impl Default for Nft {
@@ -37,7 +184,23 @@ impl Nft {
         if argv.is_empty() {
             return Self::default();
         }
-        Self { argv }
+        Self { argv, lib: None }
+    }
+
+    /// Applies scripts through libnftables in this process (in the calling thread's network namespace) instead
+    /// of running the program; fails when the library cannot be loaded.
+    pub fn with_library(mut self) -> Result<Self, NftError> {
+        self.lib = Some(Arc::new(Mutex::new(LibNft::load()?)));
+        Ok(self)
+    }
+
+    /// Which backend applies scripts, for the start-up log.
+    pub fn backend(&self) -> &'static str {
+        if self.lib.is_some() {
+            "libnftables"
+        } else {
+            "nft -f"
+        }
     }
 
     fn command(&self) -> Command {
@@ -46,8 +209,13 @@ impl Nft {
         cmd
     }
 
-    /// Runs `script` as one transaction (`nft -f -`).
+    /// Runs `script` as one transaction.
     pub fn apply(&self, script: &str) -> Result<(), NftError> {
+        if let Some(lib) = &self.lib {
+            // A poisoned lock only means another sync panicked mid-call; the context itself is still usable.
+            let mut lib = lib.lock().unwrap_or_else(|p| p.into_inner());
+            return lib.apply(script);
+        }
         let mut cmd = self.command();
         cmd.args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -73,19 +241,9 @@ impl Nft {
         if out.status.success() {
             return Ok(());
         }
-        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        // nft echoes the offending statement; a 100k-element line would drown the log.
-        if stderr.len() > 4000 {
-            let mut cut = 4000;
-            while !stderr.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            stderr.truncate(cut);
-            stderr.push('…');
-        }
         Err(NftError::Rejected {
             status: out.status.to_string(),
-            stderr,
+            stderr: truncate(String::from_utf8_lossy(&out.stderr).into_owned()),
         })
     }
 }

@@ -43,6 +43,35 @@ fn wait_routes(node: &LabNode, want: &[&str], logs: &dyn Fn() -> String) {
     }
 }
 
+/// Gives `node` a second address on the lab switch and reports it as the Node's InternalIP; waits until `peer`
+/// reaches `node`'s pod CIDR through it (host-gw: the route's gateway; vxlan: the FDB entry's destination).
+fn node_ip_moves(lab: &ApiLab, node: &LabNode, peer: &LabNode, mode: &str) {
+    let new_ip = Ipv4Addr::new(172, 30, 0, 40 + node.index as u8);
+    node.netns
+        .exec(&["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])
+        .expect("second address");
+    lab.set_node_ip(&node.name, new_ip);
+    let want = new_ip.to_string();
+    wait_for(
+        &format!("{} to reach {} via {new_ip}", peer.name, node.name),
+        Duration::from_secs(20),
+        || {
+            let found = if mode == "host-gw" {
+                ip_json(&peer.netns, &["-4", "route", "show", &node.pod_cidr])[0]["gateway"]
+                    .as_str()
+                    .map(str::to_string)
+            } else {
+                peer.netns
+                    .exec(&["bridge", "fdb", "show", "dev", "windlass.1"])
+                    .ok()
+                    .filter(|fdb| fdb.contains(&format!("dst {want}")))
+                    .map(|_| want.clone())
+            };
+            (found.as_deref() == Some(want.as_str())).then_some(())
+        },
+    );
+}
+
 fn daemons_follow_nodes_in_the_api(mode: &str) {
     let lab = ApiLab::new(3);
     let logs = tempfile::tempdir().expect("logs");
@@ -104,6 +133,14 @@ fn daemons_follow_nodes_in_the_api(mode: &str) {
             }
         }
     }
+
+    // node1 moves to another address (its kubelet reports a new InternalIP): the others follow it there.
+    node_ip_moves(&lab, &nodes[1], &nodes[0], mode);
+    assert!(
+        can_ping(&pods[0].0, pods[1].1, 5),
+        "{mode}: node1's pod is unreachable after node1 changed address\n{}",
+        dump()
+    );
 
     // node1 is deleted from the cluster: the others drop their route to it.
     lab.control.kubectl_ok(&["delete", "node", "node1"]);

@@ -344,7 +344,7 @@ fn cluster_first_pods_resolve_services_from_the_api_through_kube_dns_on_every_no
     let resolv = logs.path().join("upstream-resolv.conf");
     std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("resolv.conf");
     let resolv = resolv.to_str().expect("path").to_string();
-    let _proxies: Vec<ChildGuard> = nodes
+    let proxies: Vec<ChildGuard> = nodes
         .iter()
         .map(|n| {
             start_proxy(
@@ -437,4 +437,26 @@ fn cluster_first_pods_resolve_services_from_the_api_through_kube_dns_on_every_no
             .contains("NXDOMAIN")
             .then_some(())
     });
+
+    // `--cleanup` with the DNS address leaves neither the table nor the address behind.
+    drop(proxies);
+    let node = &nodes[0].netns;
+    let lo = || {
+        node.exec(&["ip", "-4", "addr", "show", "dev", "lo"])
+            .expect("ip addr")
+    };
+    assert!(lo().contains("10.96.0.10/32"), "{}", lo());
+    let out = node
+        .command(workspace_binary("windlass-proxy").to_str().expect("path"))
+        .args(["--cleanup", "--dns-bind-address", "10.96.0.10:53"])
+        .output()
+        .expect("windlass-proxy --cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lo().contains("10.96.0.10"), "{}", lo());
+    let tables = node.exec(&["nft", "list", "tables"]).expect("nft");
+    assert!(!tables.contains("windlass-proxy"), "{tables}");
 }

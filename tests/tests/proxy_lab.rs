@@ -85,6 +85,29 @@ fn cluster_ip_reaches_all_three_endpoints_evenly_from_the_node_and_from_a_pod() 
 }
 
 #[test]
+fn the_nft_tool_backend_programs_and_follows_services_like_the_library() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    // The default backend is libnftables in the proxy's process; `--nft-backend nft` runs the tool per sync.
+    let mut lab = ProxyLab::new(3);
+    let objs = web(&lab, [true; 3], json!({}));
+    lab.set_objects(objs);
+    lab.start_proxy_with(&["--nft-backend", "nft"]);
+    assert!(
+        lab.proxy_log().contains("nft -f"),
+        "the tool backend was not chosen:\n{}",
+        lab.proxy_log()
+    );
+    assert_eq!(spread(&lab, &lab.node, "http://10.96.0.20/", 30).len(), 3);
+    let objs = web(&lab, [true, true, false], json!({}));
+    lab.set_objects(objs);
+    lab.wait_endpoints("10.244.1.12 . 80", false);
+    let hits = spread(&lab, &lab.node, "http://10.96.0.20/", 20);
+    assert!(!hits.contains_key("pod-2"), "{hits:?}");
+}
+
+#[test]
 fn an_endpoint_turning_unready_stops_receiving_new_connections() {
     if !require_privileged(TOOLS) {
         return;

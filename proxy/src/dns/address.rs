@@ -67,3 +67,50 @@ pub(crate) async fn ensure_on_loopback(ip: Ipv4Addr) -> Result<bool, DnsError> {
     conn.abort();
     result
 }
+
+/// Removes `ip/32` from `lo` if it is there (`--cleanup`). Returns whether it was removed.
+pub async fn remove_from_loopback(ip: Ipv4Addr) -> Result<bool, DnsError> {
+    let err = |e: rtnetlink::Error| DnsError::Address {
+        ip,
+        message: e.to_string(),
+    };
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DnsError::Address {
+        ip,
+        message: format!("netlink socket: {e}"),
+    })?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let Some(lo) = handle
+            .link()
+            .get()
+            .match_name("lo".to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(err)?
+        else {
+            return Ok(false);
+        };
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(lo.header.index)
+            .set_address_filter(IpAddr::V4(ip))
+            .execute();
+        let mut removed = false;
+        while let Some(msg) = addrs.try_next().await.map_err(err)? {
+            if msg.header.prefix_len != 32 {
+                continue;
+            }
+            match handle.address().del(msg).execute().await {
+                Ok(()) => removed = true,
+                Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok(removed)
+    }
+    .await;
+    conn.abort();
+    result
+}

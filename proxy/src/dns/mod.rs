@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::model::ModelEvent;
 use crate::source::{ServiceSource, SourceError};
 
+pub use address::remove_from_loopback;
 pub use zone::{DnsModel, Zone, ZoneAnswer, ZoneData};
 
 /// Records of the cluster zone live this long in clients' caches (CoreDNS kubernetes plugin default).

@@ -125,6 +125,49 @@ fn upstream_nft(n: usize) -> String {
     s
 }
 
+/// The transaction upstream's nftables mode writes when endpoint 3 of Service `i` turns unready (`ready` false:
+/// the service chain is rewritten with 4 endpoints and the endpoint chain deleted) or ready again (the endpoint
+/// chain is created and the service chain rewritten with 5). Ref: kube-proxy `pkg/proxy/nftables/proxier.go`
+/// (service chains flushed and refilled, stale endpoint chains deleted).
+fn upstream_change(i: usize, ready: bool) -> String {
+    let mut s = String::new();
+    let ep = format!("endpoint-{i}-3");
+    if ready {
+        let ip = ep_ip(i, 3);
+        let _ = writeln!(s, "add chain ip kube-proxy {ep}");
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade"
+        );
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {ep} meta l4proto tcp dnat to {ip}:8080"
+        );
+    }
+    let eps: Vec<usize> = (0..ENDPOINTS).filter(|e| *e != 3 || ready).collect();
+    let vm: Vec<String> = eps
+        .iter()
+        .enumerate()
+        .map(|(k, e)| format!("{k} : goto endpoint-{i}-{e}"))
+        .collect();
+    let _ = writeln!(s, "flush chain ip kube-proxy service-{i}");
+    let _ = writeln!(
+        s,
+        "add rule ip kube-proxy service-{i} ip daddr {} tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+        svc_ip(i)
+    );
+    let _ = writeln!(
+        s,
+        "add rule ip kube-proxy service-{i} numgen random mod {} vmap {{ {} }}",
+        eps.len(),
+        vm.join(", ")
+    );
+    if !ready {
+        let _ = writeln!(s, "delete chain ip kube-proxy {ep}");
+    }
+    s
+}
+
 /// Upstream kube-proxy iptables mode (nat table): KUBE-SERVICES → KUBE-SVC-* (statistic random) → KUBE-SEP-*.
 fn upstream_iptables(n: usize) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
@@ -219,6 +262,7 @@ fn main() {
     };
     let mut out = String::new();
     let mut all: BTreeMap<usize, Vec<Samples>> = BTreeMap::new();
+    let mut up_change: Option<Samples> = None;
     for n in [1000, 5000, 10_000] {
         let m = model(n, |_, _| true);
         let mut ours = Samples::new(&format!("windlass full sync, {n} svc"));
@@ -258,6 +302,20 @@ fn main() {
             for _ in 0..up_runs {
                 up_nft.push(run_stdin(&ns, &["nft", "-f", "-"], &text));
             }
+            if n == 10_000 {
+                // The same endpoint flip as windlass's, in upstream's shape, on its loaded 10k ruleset.
+                let mut c = Samples::new(
+                    "upstream nftables mode one endpoint change, 10k svc (`nft -f` of the transaction)",
+                );
+                for r in 0..(runs * 10).max(20) {
+                    c.push(run_stdin(
+                        &ns,
+                        &["nft", "-f", "-"],
+                        &upstream_change(4242, r % 2 == 1),
+                    ));
+                }
+                up_change = Some(c);
+            }
             let _ = run_stdin(
                 &ns,
                 &["nft", "-f", "-"],
@@ -290,8 +348,65 @@ fn main() {
         out.push_str(&markdown_table(&refs, &rows[0]));
     }
 
-    // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back.
+    // One endpoint change with 10k Services loaded: flip one endpoint of one Service unready and back, applied with
+    // the nft tool (a process per change) and with libnftables in this process.
     let n = 10_000;
+    let changes = (runs * 10).max(20);
+    let lib = Nft::default()
+        .with_library()
+        .expect("libnftables (Debian libnftables1)");
+    let (inc, bytes) = one_change(
+        n,
+        &config,
+        &nft,
+        changes,
+        "windlass one endpoint change, 10k svc, nft tool (event → rules applied)",
+    );
+    let (inc_lib, _) = one_change(
+        n,
+        &config,
+        &lib,
+        changes,
+        "windlass one endpoint change, 10k svc, libnftables (event → rules applied)",
+    );
+    let mut m = model(n, |_, _| true);
+    let mut p = Proxier::new(
+        config.clone(),
+        lib.clone(),
+        Conntrack::default(),
+        Arc::new(Metrics::new()),
+    );
+    p.sync(&mut m, SyncKind::Rebuild).expect("initial sync");
+    let base = &mut m;
+    let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
+    for _ in 0..runs {
+        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
+    }
+    let _ = writeln!(
+        out,
+        "\n### With {n} Services loaded (script of one change: {bytes} bytes)\n"
+    );
+    let mut rows = vec![&inc, &inc_lib, &resync];
+    if let Some(c) = &up_change {
+        rows.push(c);
+    }
+    out.push_str(&markdown_table(&rows, &inc_lib));
+    let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
+    if !only_ours || std::env::args().any(|a| a == "--latency") {
+        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
+    }
+    println!("{out}");
+}
+
+/// Loads `n` Services, then applies `count` single-endpoint changes (endpoint 3 of Service 4242 flipping between
+/// ready and unready, as EndpointSlice updates would), each timed from `Model::apply` to the transaction applied.
+fn one_change(
+    n: usize,
+    config: &RulesetConfig,
+    nft: &Nft,
+    count: usize,
+    label: &str,
+) -> (Samples, usize) {
     let mut m = model(n, |_, _| true);
     let mut p = Proxier::new(
         config.clone(),
@@ -305,10 +420,9 @@ fn main() {
         namespace: "bench".into(),
         name: format!("svc-{slice}-abc"),
     };
-    let mut inc = Samples::new("windlass one endpoint change, 10k svc (event → rules applied)");
+    let mut inc = Samples::new(label);
     let mut bytes = 0;
-    for r in 0..(runs * 10).max(20) {
-        // Flip endpoint 3 of Service 4242 between ready and unready, as an EndpointSlice update would.
+    for r in 0..count {
         let ready = r % 2 == 1;
         let info = EndpointSliceInfo {
             service: ServiceName::new("bench", &format!("svc-{slice}")),
@@ -335,21 +449,7 @@ fn main() {
         inc.push(t.elapsed());
         bytes = rep.script_bytes;
     }
-    let base = &mut m;
-    let mut resync = Samples::new("windlass periodic resync (in place), 10k svc");
-    for _ in 0..runs {
-        resync.push(p.sync(base, SyncKind::Resync).expect("resync").took);
-    }
-    let _ = writeln!(
-        out,
-        "\n### With {n} Services loaded (script of one change: {bytes} bytes)\n"
-    );
-    out.push_str(&markdown_table(&[&inc, &resync], &inc));
-    let _ = run_stdin(&ns, &["nft", "-f", "-"], &windlass_proxy::render_cleanup());
-    if !only_ours || std::env::args().any(|a| a == "--latency") {
-        out.push_str(&connect_latency(&config, &nft, runs.max(3) * 100));
-    }
-    println!("{out}");
+    (inc, bytes)
 }
 
 /// Connect latency through a ClusterIP with 10 vs 10,000 Services programmed: a pod namespace (veth from this one)
