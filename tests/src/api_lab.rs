@@ -39,7 +39,10 @@ impl ApiLab {
         let control_ns = NetnsGuard::new(&unique_name("wlcp")).expect("control netns");
         lab.plug(control_ns.name(), "cp", CONTROL_IP)
             .expect("plug the control namespace into the switch");
-        let control = ControlPlane::start_in_netns(control_ns.name(), CONTROL_IP, |_| Vec::new());
+        // The tests play node IPAM (they set each Node's podCIDR, or leave it unset on purpose).
+        let control = ControlPlane::start_in_netns(control_ns.name(), CONTROL_IP, |_| {
+            vec!["--controllers=*,-nodeipam".into()]
+        });
         Self {
             control,
             lab,
