@@ -285,7 +285,10 @@ impl PodRuntime {
                 attempt,
                 created_at,
             });
-            for c in self.sandboxes.list_containers(&sb.id)? {
+            for mut c in self.sandboxes.list_containers(&sb.id)? {
+                if c.status == Status::Stopped && c.exit.is_none() {
+                    c = self.settled(&sb.id, c);
+                }
                 if let Some(rc) = self.runtime_container(uid, &sb.id, &c)? {
                     view.locations
                         .insert(rc.id.clone(), (sb.id.clone(), c.id.clone()));
@@ -295,6 +298,20 @@ impl PodRuntime {
         }
         view.ips = newest.map(|(_, ips)| ips).unwrap_or_default();
         Ok(view)
+    }
+
+    /// A container that just stopped: its shim records the exit status right after reaping it. Wait for that
+    /// (bounded) rather than report an unknown exit, which would wrongly fail a finished pod for good.
+    fn settled(&self, sandbox_id: &str, c: ContainerInfo) -> ContainerInfo {
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(100));
+            match self.sandboxes.container_status(sandbox_id, &c.id) {
+                Ok(now) if now.exit.is_some() => return now,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        c
     }
 
     fn runtime_container(

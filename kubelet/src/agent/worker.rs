@@ -286,9 +286,6 @@ impl PodWorker {
             }
             first = false;
             let pod = self.pod_rx.borrow_and_update().clone();
-            let span = tracing::info_span!("pod", uid = %self.uid);
-            let _enter = span.enter();
-            drop(_enter);
             match pod {
                 None => {
                     self.terminate(None).await;
@@ -971,8 +968,7 @@ impl PodWorker {
             &format!("Started container {}", c.name),
         );
         tracing::info!(pod = %self.uid, container = %c.name, restart, "container started");
-        self.remove_old_instances(view, sandbox_id, &c.name, restart)
-            .await;
+        self.remove_old_instances(view, &c.name, restart).await;
         if let Some(handler) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
             if let Some(ip) = view.ips.first().and_then(|ip| ip.parse().ok()) {
                 let target = HookTarget {
@@ -997,13 +993,7 @@ impl PodWorker {
     }
 
     /// Keeps the new instance and the one before it (for `kubectl logs --previous`); older ones go.
-    async fn remove_old_instances(
-        &self,
-        view: &PodView,
-        sandbox_id: &str,
-        name: &str,
-        restart: u32,
-    ) {
+    async fn remove_old_instances(&self, view: &PodView, name: &str, restart: u32) {
         let old: Vec<(String, String)> = view
             .containers
             .iter()
@@ -1013,7 +1003,6 @@ impl PodWorker {
             .filter(|c| c.state == RuntimeState::Exited)
             .filter_map(|c| view.locations.get(&c.id).cloned())
             .collect();
-        let _ = sandbox_id;
         if old.is_empty() {
             return;
         }
