@@ -547,3 +547,69 @@ fn a_scheduler_without_an_api_server_of_its_own_schedules_through_a_kubeconfig()
         "the API server's own scheduler stays off"
     );
 }
+
+#[test]
+fn a_deployments_pods_on_a_silent_node_are_replaced_on_another_node() {
+    if !require_privileged(&["kubectl", "date"]) {
+        return;
+    }
+    let cp = ControlPlane::start_with(|_| {
+        [
+            "--node-monitor-grace-period=3s",
+            "--node-monitor-period=500ms",
+            "--default-unreachable-toleration-seconds=2",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let ns = namespace(&cp);
+    let p = unique_name("r");
+    let (dead, alive) = (format!("{p}-dead"), format!("{p}-alive"));
+    // Only the soon-silent node exists when the Deployment's pods are placed.
+    apply(&cp, &node(&dead, "8", "", ""));
+    renew_lease(&cp, &dead);
+    cp.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        &ns,
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    let placement = || {
+        jsonpath(
+            &cp,
+            &["get", "pods", "-n", &ns, "-l", "app=web"],
+            "{range .items[*]}{.spec.nodeName}{\"/\"}{.metadata.deletionTimestamp}{\" \"}{end}",
+        )
+    };
+    wait_for("both pods to be placed on the first node", WAIT, || {
+        renew_lease(&cp, &dead);
+        (placement().trim() == format!("{dead}/ {dead}/")).then_some(())
+    });
+
+    // A second node joins, and the first one stops renewing its lease.
+    apply(&cp, &node(&alive, "8", "", ""));
+    renew_lease(&cp, &alive);
+    wait_for(
+        "the silent node's pods to be evicted and replaced on the live node",
+        Duration::from_secs(60),
+        || {
+            renew_lease(&cp, &alive);
+            // Evicted pods keep a deletionTimestamp (no kubelet confirms); the replacements are what count.
+            let live: Vec<String> = placement()
+                .split_whitespace()
+                .filter(|p| p.ends_with('/'))
+                .map(String::from)
+                .collect();
+            (live == [format!("{alive}/"), format!("{alive}/")]).then_some(())
+        },
+    );
+    let ready = jsonpath(
+        &cp,
+        &["get", "node", &dead],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(ready, "Unknown");
+}
