@@ -6,7 +6,10 @@
 //! (default 64). Rounds interleave the targets so background load hits all alike; median and min–max over rounds.
 //!
 //! Run: `cargo bench -p windlass-control --bench api` (needs `etcd`; env `BENCH_PODS` (per round, default 2000),
-//! `BENCH_ROUNDS` (5), `BENCH_CONCURRENCY` (64), `BENCH_WATCHERS` (1000), `BENCH_WATCH_EVENTS` (10)).
+//! `BENCH_ROUNDS` (5), `BENCH_CONCURRENCY` (64), `BENCH_WATCHERS` (1000), `BENCH_WATCH_EVENTS` (10),
+//! `BENCH_CONTROLLERS` (the servers' `--controllers`; default `-scheduler`, which selects none: the API server
+//! alone, as the benchmark asks; `*` runs the scheduler and every controller too — with no nodes the
+//! scheduler then writes a FailedScheduling event per pod)).
 
 #[path = "../tests/common/etcd.rs"]
 mod etcd;
@@ -62,6 +65,10 @@ impl Server {
                 .arg(port.to_string())
                 .arg("--data-dir")
                 .arg(dir.path())
+                .arg(format!(
+                    "--controllers={}",
+                    std::env::var("BENCH_CONTROLLERS").unwrap_or_else(|_| "-scheduler".into())
+                ))
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(log),

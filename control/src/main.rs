@@ -329,6 +329,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 dir: args.data_dir.join("store"),
                 options: EmbeddedOptions {
                     history: args.watch_history,
+                    ..EmbeddedOptions::default()
                 },
             },
         };

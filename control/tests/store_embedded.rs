@@ -165,7 +165,14 @@ async fn history_from_before_a_restart_is_reported_compacted() {
 #[tokio::test]
 async fn a_slow_watcher_past_the_history_gets_compacted() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions { history: 16 }).expect("open");
+    let store = EmbeddedStore::open(
+        dir.path(),
+        EmbeddedOptions {
+            history: 16,
+            ..EmbeddedOptions::default()
+        },
+    )
+    .expect("open");
     let mut w = store.watch("/s/", 0).await.expect("watch");
     for i in 0..100 {
         store

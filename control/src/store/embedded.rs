@@ -53,11 +53,17 @@ const HEADER: usize = 24;
 pub struct EmbeddedOptions {
     /// How many recent events are kept in memory for watches that start in the past.
     pub history: usize,
+    /// redb's page cache (bytes). redb's own default is 1 GiB, which a control plane on a small VM cannot spare;
+    /// the store is mostly read through the API server's watch cache and lists, so a small cache costs little.
+    pub cache_bytes: usize,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        Self { history: 5000 }
+        Self {
+            history: 5000,
+            cache_bytes: 32 << 20,
+        }
     }
 }
 
@@ -143,7 +149,10 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, options: EmbeddedOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend("cannot create", dir, e))?;
         let path = dir.join("store.redb");
-        let db = Database::create(&path).map_err(|e| backend("cannot open", &path, e))?;
+        let db = redb::Builder::new()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|e| backend("cannot open", &path, e))?;
         // Make sure both tables exist so readers never see "table does not exist".
         let revision = {
             let txn = db
