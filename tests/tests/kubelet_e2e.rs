@@ -521,6 +521,23 @@ fn node_registers_with_its_capacity_renews_its_lease_and_is_ready_only_with_a_cn
         "jsonpath={.spec.holderIdentity}",
     ]);
     assert_eq!(holder.trim(), lab.node_name);
+    // The plain-HTTP health endpoint on the node's loopback (--healthz-port, 10248 by default).
+    let healthz = windlass_tests::lab::in_netns(&lab.netns.path(), || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 10248)).expect("connect to healthz");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .expect("in the node netns");
+    assert!(
+        healthz.starts_with("HTTP/1.0 200") && healthz.ends_with("ok"),
+        "{healthz}"
+    );
 
     let ready = |want: &str| {
         let name = lab.node_name.clone();

@@ -12,6 +12,7 @@
 //! their own processes and are found again from their state on disk.
 
 mod api;
+mod healthz;
 mod node_status;
 mod pods;
 mod runtime;
@@ -60,6 +61,12 @@ pub enum AgentError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("healthz on 127.0.0.1:{port}: {source}")]
+    Healthz {
+        port: u16,
+        #[source]
         source: std::io::Error,
     },
     #[error("kubelet API: {0}")]
@@ -182,6 +189,16 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         Ok(s) => tokio::spawn(s.run()),
         Err(e) => return Err(AgentError::Server(e)),
     };
+    let healthz = match healthz::bind(shared.cfg.healthz_port).await {
+        Ok(serve) => tokio::spawn(serve),
+        Err(source) => {
+            server.abort();
+            return Err(AgentError::Healthz {
+                port: shared.cfg.healthz_port,
+                source,
+            });
+        }
+    };
     let node = tokio::spawn(node_status::run(shared.clone()));
     let pods = tokio::spawn(pods::run(shared.clone()));
     shutdown.await;
@@ -189,5 +206,6 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
     node.abort();
     pods.abort();
     server.abort();
+    healthz.abort();
     Ok(())
 }
