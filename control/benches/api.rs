@@ -21,14 +21,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
+use windlass_tests::bench::{env_usize, rss_mib, Spread};
 use windlass_tests::{free_port, wait_for, ChildGuard};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A realistic pod as a user submits it (the server adds defaults, uid, timestamps).
 fn pod(name: &str) -> Pod {
@@ -96,39 +90,7 @@ impl Server {
 
     /// Resident set size (and its peak) in MiB.
     fn rss_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse::<f64>().ok())
-                .map(|kb| kb / 1024.0)
-                .unwrap_or(f64::NAN)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    };
-    Stats {
-        median,
-        min: v[0],
-        max: v[v.len() - 1],
+        rss_mib(self.process.id())
     }
 }
 
@@ -419,11 +381,11 @@ async fn main() {
     let fan_etcd = etcd_fanout(&raw, watchers, events).await;
 
     // Report (Markdown, pasted into BENCHMARKS.md).
-    let raw_median = stats(creates[2].clone()).median;
+    let raw_median = Spread::of(creates[2].clone()).median;
     println!("### Pod creates ({n} per round, {rounds} rounds, {conc} concurrent clients; up to {total} pods stored)\n");
     println!("| target | median creates/s | min–max | vs raw etcd-client put |\n|---|---|---|---|");
     for (i, name) in names.iter().enumerate() {
-        let s = stats(creates[i].clone());
+        let s = Spread::of(creates[i].clone());
         println!(
             "| {name} | {:.0} | {:.0}–{:.0} | {:.2}× |",
             s.median,
@@ -435,7 +397,7 @@ async fn main() {
     println!("\n### Listing {total} pods ({rounds} lists each)\n");
     println!("| store, list form | median (ms) | min–max (ms) |\n|---|---|---|");
     for (label, v) in &lists {
-        let s = stats(v.clone());
+        let s = Spread::of(v.clone());
         println!("| {label} | {:.0} | {:.0}–{:.0} |", s.median, s.min, s.max);
     }
     println!("\n### Memory with {total} pods stored\n");
@@ -450,7 +412,7 @@ async fn main() {
     );
     println!("\n### Watch fan-out: one pod create seen by {watchers} watchers ({events} events)\n");
     println!("| target | median (ms) | min–max (ms) | vs etcd |\n|---|---|---|---|");
-    let (a, e) = (stats(fan_api), stats(fan_etcd));
+    let (a, e) = (Spread::of(fan_api), Spread::of(fan_etcd));
     println!(
         "| API watch, embedded store ({watchers} kube-rs watches) | {:.1} | {:.1}–{:.1} | {:.2}× |",
         a.median,

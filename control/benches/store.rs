@@ -22,13 +22,7 @@ use std::time::Instant;
 use windlass_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use windlass_control::store::etcd::{EtcdConfig, EtcdStore};
 use windlass_control::store::Store;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use windlass_tests::bench::{env_usize, Spread};
 
 /// A pod as kube-apiserver would store it (JSON, ~2 KB).
 fn pod_json() -> Vec<u8> {
@@ -171,27 +165,6 @@ fn etcdctl_loop(endpoint: &str, pod: &[u8], round: &str, n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    };
-    Stats {
-        median,
-        min: v[0],
-        max: v[v.len() - 1],
-    }
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let n = env_usize("BENCH_N", 1000);
@@ -241,9 +214,9 @@ async fn main() {
                 results[t].push(run(&ctx, *target, &tag, n, conc).await);
             }
         }
-        let raw = stats(results[2].clone()).median;
+        let raw = Spread::of(results[2].clone()).median;
         for (t, (name, _)) in targets.iter().enumerate() {
-            let s = stats(results[t].clone());
+            let s = Spread::of(results[t].clone());
             rows.push(format!(
                 "| {mode} ({conc}) | {name} | {:.0} | {:.0}–{:.0} | {:.2}× |",
                 s.median,
@@ -262,7 +235,7 @@ async fn main() {
                         .expect("etcdctl"),
                 );
             }
-            let s = stats(v);
+            let s = Spread::of(v);
             rows.push(format!(
                 "| {mode} (1) | `etcdctl put` loop | {:.0} | {:.0}–{:.0} | {:.2}× |",
                 s.median,

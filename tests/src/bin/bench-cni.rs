@@ -31,18 +31,6 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1)
 }
 
-fn sibling_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("current exe: {e}")));
-    let bin = exe.with_file_name(name);
-    if !bin.exists() {
-        fail(&format!(
-            "{} missing: build it first (cargo build --release --bins)",
-            bin.display()
-        ));
-    }
-    bin
-}
-
 /// One plugin invocation sequence to time.
 struct Variant {
     name: String,
@@ -82,7 +70,7 @@ fn exec_plugin(plugin: &Path, command: &str, id: &str, netns: &Path, ifname: &st
 fn latency(runs: usize) -> String {
     let lab = Lab::new(1).unwrap_or_else(|e| fail(&format!("lab: {e}")));
     let node = &lab.nodes[0];
-    let windlass = sibling_binary("windlass-cni");
+    let windlass = windlass_tests::workspace_binary("windlass-cni");
     let bridge = PathBuf::from(REFERENCE_DIR).join("bridge");
     let loopback = PathBuf::from(REFERENCE_DIR).join("loopback");
     let ref_dir = tempfile::tempdir().unwrap_or_else(|e| fail(&format!("tempdir: {e}")));
@@ -250,7 +238,7 @@ fn pod_on(lab: &Lab, node: &LabNode, mode: Mode) -> (NetnsGuard, Ipv4Addr) {
         json!({"mtu": mtu}),
     );
     let out = CniCall::new(
-        sibling_binary("windlass-cni"),
+        windlass_tests::workspace_binary("windlass-cni"),
         &node.netns,
         "ADD",
         &format!("tp-{}", node.name),

@@ -22,17 +22,10 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
-use windlass_tests::bench::{markdown_table, Samples};
+use windlass_tests::bench::{cpu_seconds, env_usize, markdown_table, rss_mib, Samples};
 use windlass_tests::kubelet_lab::KubeletLab;
 
 const IN_NS: &str = "WINDLASS_BENCH_IN_PRIVATE_MOUNT_NS";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn fail(msg: &str) -> ! {
     eprintln!("bench-kubelet: {msg}");
@@ -221,33 +214,6 @@ fn podman_cleanup(names: &[String]) {
     }
 }
 
-/// (RSS MiB, CPU seconds used so far) of a process.
-fn rss_and_cpu(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the state field.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (rss, (ticks(11) + ticks(12)) / hz.max(1.0))
-}
-
 fn samples(name: &str, v: &[Duration]) -> Samples {
     let mut s = Samples::new(name);
     for d in v {
@@ -318,10 +284,10 @@ fn main() {
             let names: Vec<String> = (0..idle).map(|i| format!("idle-{i}")).collect();
             start_pods(&api, &names, &image).await;
             tokio::time::sleep(Duration::from_secs(5)).await;
-            let (rss0, cpu0) = rss_and_cpu(kubelet_pid);
+            let (rss0, cpu0) = (rss_mib(kubelet_pid).0, cpu_seconds(kubelet_pid));
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_secs(idle_secs as u64)).await;
-            let (rss1, cpu1) = rss_and_cpu(kubelet_pid);
+            let (rss1, cpu1) = (rss_mib(kubelet_pid).0, cpu_seconds(kubelet_pid));
             let cpu_pct = (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
             delete_pods(&api).await;
 

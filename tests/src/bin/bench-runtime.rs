@@ -34,7 +34,7 @@ fn main() {
     let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
     let out_path = args.get(2).map(PathBuf::from);
 
-    let windlass = sibling_binary("windlass-runtime");
+    let windlass = windlass_tests::workspace_binary("windlass-runtime");
     let runtimes: Vec<(String, PathBuf)> = vec![
         ("windlass-runtime".into(), windlass),
         ("crun".into(), PathBuf::from("crun")),
@@ -107,19 +107,6 @@ fn main() {
 fn fail(msg: &str) -> ! {
     eprintln!("bench-runtime: {msg}");
     std::process::exit(1)
-}
-
-/// `windlass-runtime` next to this benchmark binary (same cargo profile directory).
-fn sibling_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("current exe: {e}")));
-    let bin = exe.with_file_name(name);
-    if !bin.exists() {
-        fail(&format!(
-            "{} missing: build it first (cargo build --release --bins)",
-            bin.display()
-        ));
-    }
-    bin
 }
 
 fn runtime_cmd(bin: &Path, root: &Path) -> Command {
