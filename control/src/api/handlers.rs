@@ -710,15 +710,7 @@ async fn update(
         .is_some();
     if !exists {
         if t.kind.create_on_update && sub.is_none() {
-            if name_of(&body) != name {
-                return Err(ApiError::bad_request(format!(
-                    "the name of the object ({}) does not match the name on the URL ({name})",
-                    name_of(&body)
-                )));
-            }
-            let (obj, warnings) =
-                create_object(state, t.kind, ns_of(t), body, validation, dry_run(ctx)).await?;
-            return Ok(with_warnings(json_response(201, &obj), &warnings));
+            return create_at_url(state, ctx, t, name, body, validation).await;
         }
         return Err(ApiError::not_found(t.kind, name));
     }
@@ -734,6 +726,26 @@ async fn update(
     )
     .await?;
     Ok(with_warnings(json_response(200, &obj), &warnings))
+}
+
+/// A PUT (create-on-update kinds) or server-side apply of a missing object: creates it, if its name is the URL's.
+async fn create_at_url(
+    state: &State,
+    ctx: &Ctx,
+    t: &Target,
+    name: &str,
+    obj: Value,
+    validation: FieldValidation,
+) -> Result<Response<Body>, ApiError> {
+    if name_of(&obj) != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            name_of(&obj)
+        )));
+    }
+    let (obj, warnings) =
+        create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
+    Ok(with_warnings(json_response(201, &obj), &warnings))
 }
 
 async fn patch(
@@ -788,15 +800,7 @@ async fn patch(
             // Server-side apply creates a missing object from the applied configuration.
             let mut obj = body.clone();
             patch::record_manager(&mut obj, &body, &manager, "Apply");
-            if name_of(&obj) != name {
-                return Err(ApiError::bad_request(format!(
-                    "the name of the object ({}) does not match the name on the URL ({name})",
-                    name_of(&obj)
-                )));
-            }
-            let (obj, warnings) =
-                create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
-            return Ok(with_warnings(json_response(201, &obj), &warnings));
+            return create_at_url(state, ctx, t, name, obj, validation).await;
         }
         return Err(ApiError::not_found(t.kind, name));
     }
