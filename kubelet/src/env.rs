@@ -192,6 +192,58 @@ fn namespace(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or("default")
 }
 
+/// Which object a `configMapKeyRef` / `secretKeyRef` names (its errors name the kind).
+#[derive(Clone, Copy)]
+enum KeySource {
+    ConfigMap,
+    Secret,
+}
+
+/// The value of one key of a configMap or secret; `None` when the reference is optional and the object or key is
+/// missing.
+fn key_ref_value(
+    source: &dyn ConfigSource,
+    which: KeySource,
+    ns: &str,
+    name: &str,
+    key: &str,
+    optional: bool,
+) -> Result<Option<String>, EnvError> {
+    let (kind, data) = match which {
+        KeySource::ConfigMap => ("configmap", source.config_map(ns, name)),
+        KeySource::Secret => ("secret", source.secret(ns, name)),
+    };
+    let data = data.map_err(|message| EnvError::Source {
+        kind,
+        namespace: ns.into(),
+        name: name.into(),
+        message,
+    })?;
+    let (namespace, name) = (ns.to_string(), name.to_string());
+    let Some(data) = data else {
+        return match (optional, which) {
+            (true, _) => Ok(None),
+            (false, KeySource::ConfigMap) => Err(EnvError::ConfigMapNotFound { namespace, name }),
+            (false, KeySource::Secret) => Err(EnvError::SecretNotFound { namespace, name }),
+        };
+    };
+    let key = key.to_string();
+    match (data.get(&key), optional, which) {
+        (Some(v), _, _) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+        (None, true, _) => Ok(None),
+        (None, false, KeySource::ConfigMap) => Err(EnvError::ConfigMapKeyNotFound {
+            namespace,
+            name,
+            key,
+        }),
+        (None, false, KeySource::Secret) => Err(EnvError::SecretKeyNotFound {
+            namespace,
+            name,
+            key,
+        }),
+    }
+}
+
 /// The container's environment: `envFrom` sources in order, then `env` entries in order, each `value` expanded
 /// against what is defined before it and `service_env` (the service link variables).
 pub fn container_env(
@@ -274,65 +326,22 @@ pub fn container_env(
                     resource_value(pod, container, ctx, r)?
                 } else if let Some(k) = &from.config_map_key_ref {
                     let optional = k.optional == Some(true);
-                    let name = k.name.as_str();
-                    let data = source
-                        .config_map(ns, name)
-                        .map_err(|message| EnvError::Source {
-                            kind: "configmap",
-                            namespace: ns.into(),
-                            name: name.into(),
-                            message,
-                        })?;
-                    match data {
-                        None if optional => continue,
-                        None => {
-                            return Err(EnvError::ConfigMapNotFound {
-                                namespace: ns.into(),
-                                name: name.into(),
-                            })
-                        }
-                        Some(d) => match d.get(&k.key) {
-                            Some(v) => String::from_utf8_lossy(v).into_owned(),
-                            None if optional => continue,
-                            None => {
-                                return Err(EnvError::ConfigMapKeyNotFound {
-                                    namespace: ns.into(),
-                                    name: name.into(),
-                                    key: k.key.clone(),
-                                })
-                            }
-                        },
+                    match key_ref_value(
+                        source,
+                        KeySource::ConfigMap,
+                        ns,
+                        &k.name,
+                        &k.key,
+                        optional,
+                    )? {
+                        Some(v) => v,
+                        None => continue,
                     }
                 } else if let Some(k) = &from.secret_key_ref {
                     let optional = k.optional == Some(true);
-                    let name = k.name.as_str();
-                    let data = source
-                        .secret(ns, name)
-                        .map_err(|message| EnvError::Source {
-                            kind: "secret",
-                            namespace: ns.into(),
-                            name: name.into(),
-                            message,
-                        })?;
-                    match data {
-                        None if optional => continue,
-                        None => {
-                            return Err(EnvError::SecretNotFound {
-                                namespace: ns.into(),
-                                name: name.into(),
-                            })
-                        }
-                        Some(d) => match d.get(&k.key) {
-                            Some(v) => String::from_utf8_lossy(v).into_owned(),
-                            None if optional => continue,
-                            None => {
-                                return Err(EnvError::SecretKeyNotFound {
-                                    namespace: ns.into(),
-                                    name: name.into(),
-                                    key: k.key.clone(),
-                                })
-                            }
-                        },
+                    match key_ref_value(source, KeySource::Secret, ns, &k.name, &k.key, optional)? {
+                        Some(v) => v,
+                        None => continue,
                     }
                 } else {
                     String::new()
