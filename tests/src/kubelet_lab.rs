@@ -175,6 +175,10 @@ impl KubeletLab {
                 .args(["--insecure-registry", &self.registry_addr])
                 .arg("--runtime-binary")
                 .arg(workspace_binary("windlass-runtime"))
+                // The cluster CA signs the API server's kubelet client certificate: exec, logs and port-forward
+                // through the API server reach the kubelet API.
+                .arg("--client-ca-file")
+                .arg(self.control.data_dir().join("pki/ca.crt"))
                 .env("RUST_LOG", "info,windlass_kubelet=debug")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

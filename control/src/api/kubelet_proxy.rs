@@ -3,7 +3,8 @@
 //! The kubelet is found from the Node (`InternalIP` and `status.daemonEndpoints.kubeletEndpoint.Port`); the API
 //! server authenticates with its `kube-apiserver-kubelet-client` certificate and, as upstream without
 //! `--kubelet-certificate-authority`, does not verify the kubelet's serving certificate. Logs stream through;
-//! exec/attach/port-forward upgrade (WebSocket) and the two connections are then spliced.
+//! exec/attach/port-forward upgrade (WebSocket, or SPDY/3.1 for kubectl ≤ 1.29 and client-go's SPDY executor: any
+//! `Upgrade` passes with the headers that negotiate it) and the two connections are then spliced.
 
 use std::sync::Arc;
 
@@ -24,6 +25,18 @@ use super::resources;
 use super::status::ApiError;
 use super::{error_response, Body, Query, State, User};
 use crate::pki::PkiPaths;
+
+/// The request headers passed to the kubelet: those that negotiate a WebSocket or SPDY upgrade and its stream
+/// protocol (Ref: apimachinery `httpstream` `X-Stream-Protocol-Version`), and `Accept`.
+const UPGRADE_HEADERS: [&str; 7] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "x-stream-protocol-version",
+    "accept",
+];
 
 /// The subresources proxied to kubelets.
 pub(crate) const SUBRESOURCES: [&str; 4] = ["log", "exec", "attach", "portforward"];
@@ -315,15 +328,9 @@ async fn proxy(
         .method(req.method().clone())
         .uri(&uri)
         .header(header::HOST, &host);
-    for h in [
-        header::CONNECTION,
-        header::UPGRADE,
-        header::SEC_WEBSOCKET_KEY,
-        header::SEC_WEBSOCKET_VERSION,
-        header::SEC_WEBSOCKET_PROTOCOL,
-        header::ACCEPT,
-    ] {
-        if let Some(v) = req.headers().get(&h) {
+    for h in UPGRADE_HEADERS {
+        // Every value: SPDY clients offer each protocol in its own X-Stream-Protocol-Version header.
+        for v in req.headers().get_all(h) {
             out = out.header(h, v.clone());
         }
     }
@@ -349,7 +356,7 @@ async fn proxy(
         let mut r = Response::new(super::full(Bytes::new()));
         *r.status_mut() = status;
         for (k, v) in resp.headers() {
-            r.headers_mut().insert(k.clone(), v.clone());
+            r.headers_mut().append(k.clone(), v.clone());
         }
         return Ok(r);
     }

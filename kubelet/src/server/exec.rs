@@ -1,41 +1,19 @@
-//! `exec` over WebSocket with the Kubernetes channel protocols (Ref: apimachinery `wsstream` and
-//! `remotecommand` constants; KEP-4006 for v5): every binary message starts with a channel byte — 0 stdin,
-//! 1 stdout, 2 stderr, 3 error (a `Status` JSON ends the session: `Success`, or `NonZeroExitCode` with the exit
-//! code as a cause), 4 resize (`{"Width":W,"Height":H}`) — and `v5.channel.k8s.io` adds 255, "close": `[255, 0]`
-//! ends stdin.
+//! `exec` and `attach` sessions: the process (or the container's output) behind the channels of
+//! [`super::remotecommand`], which carry them over WebSocket or SPDY.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use windlass_runtime::{ExecSpec, SandboxManager};
 
-pub(crate) const STDIN: u8 = 0;
-pub(crate) const STDOUT: u8 = 1;
-pub(crate) const STDERR: u8 = 2;
-pub(crate) const ERROR: u8 = 3;
-pub(crate) const RESIZE: u8 = 4;
-pub(crate) const CLOSE: u8 = 255;
-
-pub(crate) const V5: &str = "v5.channel.k8s.io";
-pub(crate) const V4: &str = "v4.channel.k8s.io";
+use super::remotecommand::{Channels, Input, Output, TermSize, STDERR, STDOUT};
 
 /// How long output may still drain after the process exited (a background child can hold the pipes open).
 const DRAIN: Duration = Duration::from_secs(2);
-
-/// The subprotocol to answer with: the newest we speak of those offered (`Sec-WebSocket-Protocol`).
-pub(crate) fn negotiate(offered: &str) -> Option<&'static str> {
-    let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
-    [V5, V4].into_iter().find(|p| offered.contains(p))
-}
 
 /// The query of an exec request (upstream `remotecommand` options: `command` repeated; `stdin`, `stdout`,
 /// `stderr`, `tty` as booleans, the API server sending `1`/`true`).
@@ -99,51 +77,6 @@ fn failure_status(message: &str) -> Value {
     json!({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500, "message": message})
 }
 
-/// A message on `channel`.
-pub(crate) fn frame(channel: u8, data: &[u8]) -> Message {
-    let mut v = Vec::with_capacity(data.len() + 1);
-    v.push(channel);
-    v.extend_from_slice(data);
-    Message::Binary(v.into())
-}
-
-/// A decoded resize message.
-#[derive(Debug, serde::Deserialize, PartialEq, Eq)]
-pub(crate) struct TermSize {
-    #[serde(rename = "Width")]
-    pub width: u16,
-    #[serde(rename = "Height")]
-    pub height: u16,
-}
-
-/// What the client sent, decoded.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Input {
-    Stdin(Vec<u8>),
-    Resize(TermSize),
-    CloseStdin,
-    Ignore,
-    Gone,
-}
-
-pub(crate) fn decode_input(
-    msg: Option<Result<Message, impl std::fmt::Display>>,
-    v5: bool,
-) -> Input {
-    match msg {
-        Some(Ok(Message::Binary(b))) => match b.first() {
-            Some(&STDIN) => Input::Stdin(b[1..].to_vec()),
-            Some(&RESIZE) => serde_json::from_slice(&b[1..])
-                .map(Input::Resize)
-                .unwrap_or(Input::Ignore),
-            Some(&CLOSE) if v5 && b.get(1) == Some(&STDIN) => Input::CloseStdin,
-            _ => Input::Ignore,
-        },
-        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Input::Gone,
-        Some(Ok(_)) => Input::Ignore,
-    }
-}
-
 /// A pty master driven by the reactor (non-blocking), so no thread is held while the terminal is idle.
 struct Pty(AsyncFd<OwnedFd>);
 
@@ -191,13 +124,13 @@ impl Pty {
 }
 
 /// Copies `r` to channel `ch` until its end or until the session is gone.
-async fn pump(mut r: impl AsyncRead + Unpin, ch: u8, tx: mpsc::Sender<Message>) {
+async fn pump(mut r: impl AsyncRead + Unpin, ch: u8, tx: mpsc::Sender<Output>) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(frame(ch, &buf[..n])).await.is_err() {
+                if tx.send(Output::Data(ch, buf[..n].to_vec())).await.is_err() {
                     return;
                 }
             }
@@ -205,30 +138,19 @@ async fn pump(mut r: impl AsyncRead + Unpin, ch: u8, tx: mpsc::Sender<Message>) 
     }
 }
 
-/// Runs one exec session on an accepted WebSocket: starts the process, streams its stdio, and ends with its exit
-/// status on the error channel.
-pub(crate) async fn session<S>(
-    ws: WebSocketStream<S>,
-    protocol: &'static str,
+/// Runs one exec session: starts the process, streams its stdio, and ends with its exit status.
+pub(crate) async fn session(
+    channels: Channels,
     mgr: SandboxManager,
     sandbox_id: String,
     container_id: String,
     params: ExecParams,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let v5 = protocol == V5;
-    let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let close = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || close {
-                break;
-            }
-        }
-        let _ = sink.flush().await;
-    });
+) {
+    let Channels {
+        out: tx,
+        mut input,
+        done: writer,
+    } = channels;
     let spec = ExecSpec {
         cmd: params.command.clone(),
         tty: params.tty,
@@ -243,15 +165,11 @@ pub(crate) async fn session<S>(
     let mut process = match started {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            finish(&tx, failure_status(&e.to_string())).await;
-            drop(tx);
-            let _ = writer.await;
+            finish(tx, writer, failure_status(&e.to_string())).await;
             return;
         }
         Err(e) => {
-            finish(&tx, failure_status(&e.to_string())).await;
-            drop(tx);
-            let _ = writer.await;
+            finish(tx, writer, failure_status(&e.to_string())).await;
             return;
         }
     };
@@ -268,7 +186,12 @@ pub(crate) async fn session<S>(
                 pumps.push(tokio::spawn(async move {
                     let mut buf = vec![0u8; 32 * 1024];
                     while let Ok(n) = reader.read(&mut buf).await {
-                        if n == 0 || out.send(frame(STDOUT, &buf[..n])).await.is_err() {
+                        if n == 0
+                            || out
+                                .send(Output::Data(STDOUT, buf[..n].to_vec()))
+                                .await
+                                .is_err()
+                        {
                             break;
                         }
                     }
@@ -299,7 +222,7 @@ pub(crate) async fn session<S>(
     let status = loop {
         tokio::select! {
             done = &mut wait => break done.ok().and_then(|r| r.ok()),
-            msg = source.next() => match decode_input(msg, v5) {
+            msg = input.recv() => match msg.unwrap_or(Input::Gone) {
                 Input::Stdin(data) => {
                     if let Some(p) = &pty {
                         if params.stdin {
@@ -361,47 +284,32 @@ pub(crate) async fn session<S>(
             s.signal().map(|sig| 128 + sig)
         })
     });
-    finish(&tx, exit_status(code, &params.command)).await;
-    drop(tx);
-    let _ = tokio::time::timeout(DRAIN, writer).await;
+    finish(tx, writer, exit_status(code, &params.command)).await;
 }
 
 /// `attach`: the container's output as it is written (read from its CRI log, which the log shim owning the
-/// container's stdio writes, from `start`: its size when the request came), until the container exits. Its stdin belongs to the shim, so attaching stdin is
-/// refused with a Status.
-pub(crate) async fn attach_session<S>(
-    ws: WebSocketStream<S>,
+/// container's stdio writes, from `start`: its size when the request came), until the container exits. Its stdin
+/// belongs to the shim, so attaching stdin is refused with a Status.
+pub(crate) async fn attach_session(
+    channels: Channels,
     mgr: SandboxManager,
     sandbox_id: String,
     container_id: String,
     log_path: std::path::PathBuf,
     start: u64,
     params: ExecParams,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     use std::io::{Read, Seek, SeekFrom};
-    let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let close = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || close {
-                break;
-            }
-        }
-        let _ = sink.flush().await;
-    });
+    let Channels {
+        out: tx,
+        mut input,
+        done: writer,
+    } = channels;
     if params.stdin {
-        finish(
-            &tx,
-            failure_status(
-                "attaching stdin is not supported: the container's stdin belongs to its log shim",
-            ),
-        )
-        .await;
-        drop(tx);
-        let _ = tokio::time::timeout(DRAIN, writer).await;
+        let refused = failure_status(
+            "attaching stdin is not supported: the container's stdin belongs to its log shim",
+        );
+        finish(tx, writer, refused).await;
         return;
     }
     let mut file = match std::fs::File::open(&log_path) {
@@ -410,9 +318,8 @@ pub(crate) async fn attach_session<S>(
             f
         }
         Err(e) => {
-            finish(&tx, failure_status(&format!("{}: {e}", log_path.display()))).await;
-            drop(tx);
-            let _ = tokio::time::timeout(DRAIN, writer).await;
+            let status = failure_status(&format!("{}: {e}", log_path.display()));
+            finish(tx, writer, status).await;
             return;
         }
     };
@@ -441,7 +348,7 @@ pub(crate) async fn attach_session<S>(
                         if e.full {
                             data.push(b'\n');
                         }
-                        if tx.send(frame(ch, &data)).await.is_err() {
+                        if tx.send(Output::Data(ch, data)).await.is_err() {
                             return;
                         }
                     }
@@ -469,28 +376,22 @@ pub(crate) async fn attach_session<S>(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            msg = source.next() => {
-                if decode_input(msg, false) == Input::Gone {
+            msg = input.recv() => {
+                if matches!(msg, None | Some(Input::Gone)) {
                     writer.abort();
                     return;
                 }
             }
         }
     }
-    finish(&tx, exit_status(Some(0), &[])).await;
-    drop(tx);
-    let _ = tokio::time::timeout(DRAIN, writer).await;
+    finish(tx, writer, exit_status(Some(0), &[])).await;
 }
 
-/// Sends the final status and a normal close.
-async fn finish(tx: &mpsc::Sender<Message>, status: Value) {
-    let _ = tx.send(frame(ERROR, status.to_string().as_bytes())).await;
-    let _ = tx
-        .send(Message::Close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        })))
-        .await;
+/// Sends the final status, which ends the session, and waits (bounded) until it was written.
+async fn finish(tx: mpsc::Sender<Output>, writer: tokio::task::JoinHandle<()>, status: Value) {
+    let _ = tx.send(Output::Status(status)).await;
+    drop(tx);
+    let _ = tokio::time::timeout(DRAIN, writer).await;
 }
 
 #[cfg(test)]
@@ -502,13 +403,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn the_newest_offered_channel_protocol_is_chosen() {
-        assert_eq!(negotiate("v4.channel.k8s.io, v5.channel.k8s.io"), Some(V5));
-        assert_eq!(negotiate("v4.channel.k8s.io,channel.k8s.io"), Some(V4));
-        assert_eq!(negotiate("base64.channel.k8s.io"), None);
     }
 
     #[test]
@@ -527,30 +421,6 @@ mod tests {
         assert!(p.stdout && p.tty && !p.stderr && !p.stdin);
         assert!(ExecParams::parse(&q(&[("stdout", "1")])).is_err());
         assert!(ExecParams::parse(&q(&[("command", "ls")])).is_err());
-    }
-
-    #[test]
-    fn frames_carry_their_channel_and_client_input_decodes() {
-        assert_eq!(frame(STDERR, b"x"), Message::Binary(vec![2, b'x'].into()));
-        let m = |b: &[u8]| Some(Ok::<_, String>(Message::Binary(b.to_vec().into())));
-        assert_eq!(
-            decode_input(m(b"\x00ls\n"), true),
-            Input::Stdin(b"ls\n".to_vec())
-        );
-        assert_eq!(
-            decode_input(m(b"\x04{\"Width\":80,\"Height\":24}"), false),
-            Input::Resize(TermSize {
-                width: 80,
-                height: 24
-            })
-        );
-        assert_eq!(decode_input(m(&[255, 0]), true), Input::CloseStdin);
-        // v4 has no close signal.
-        assert_eq!(decode_input(m(&[255, 0]), false), Input::Ignore);
-        assert_eq!(
-            decode_input(None::<Result<Message, String>>, true),
-            Input::Gone
-        );
     }
 
     #[test]

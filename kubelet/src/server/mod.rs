@@ -4,9 +4,9 @@
 //! | path | what |
 //! |---|---|
 //! | `/containerLogs/{ns}/{pod}/{container}` | CRI logs decoded; `follow`, `tailLines`, `sinceSeconds`, `sinceTime`, `timestamps`, `previous`, `limitBytes` |
-//! | `/exec/{ns}/{pod}[/{uid}]/{container}` | a process in the container over WebSocket (`v5`/`v4.channel.k8s.io`), with or without a tty |
+//! | `/exec/{ns}/{pod}[/{uid}]/{container}` | a process in the container over WebSocket (`v5`/`v4.channel.k8s.io`) or SPDY/3.1 (`v4.channel.k8s.io`), with or without a tty |
 //! | `/attach/{ns}/{pod}[/{uid}]/{container}` | the container's output over the same channels (output only: the log shim owns stdin) |
-//! | `/portForward/{ns}/{pod}[/{uid}]` | to the pod's localhost: SPDY tunnelled in WebSocket (kubectl) or `?ports=` over WebSocket channels (the `kube` crate) |
+//! | `/portForward/{ns}/{pod}[/{uid}]` | to the pod's localhost: `portforward.k8s.io` over SPDY/3.1, plain or tunnelled in WebSocket (kubectl), or `?ports=` over WebSocket channels (the `kube` crate) |
 //! | `/stats/summary` | node and pod CPU/memory (Summary API) |
 //! | `/healthz`, `/metrics` | liveness; Prometheus text |
 //!
@@ -21,6 +21,7 @@ mod exec;
 mod logs;
 mod pods;
 mod portforward;
+mod remotecommand;
 mod spdy;
 mod stats;
 mod tls;
@@ -446,11 +447,126 @@ async fn container_logs(
     r
 }
 
-fn header_str<'a>(req: &'a Request<Incoming>, name: &str) -> &'a str {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
+/// How a streaming request asked to switch protocols.
+#[derive(Debug)]
+enum Handshake {
+    /// `Upgrade: websocket` with the subprotocol we answer with.
+    WebSocket { protocol: &'static str, key: String },
+    /// `Upgrade: SPDY/3.1` with the stream protocol we answer with.
+    Spdy { protocol: &'static str },
+}
+
+impl Handshake {
+    /// Checks the upgrade request: a WebSocket with one of `websocket_protocols`, or SPDY/3.1 offering one of
+    /// `spdy_protocols` (Ref: apimachinery `httpstream.Handshake` and `spdy.UpgradeResponse`).
+    #[allow(clippy::result_large_err)]
+    fn accept(
+        headers: &http::HeaderMap,
+        what: &str,
+        websocket_protocols: &[&'static str],
+        spdy_protocols: &[&'static str],
+    ) -> Result<Self, Response<Body>> {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        let upgrade = get("upgrade").to_ascii_lowercase();
+        if upgrade.contains(&spdy::UPGRADE.to_ascii_lowercase()) {
+            let offered: Vec<&str> = headers
+                .get_all(spdy::PROTOCOL_HEADER)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if offered.is_empty() {
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    "unable to upgrade: X-Stream-Protocol-Version is required",
+                ));
+            }
+            return match spdy::negotiate(offered.iter().copied(), spdy_protocols) {
+                Some(protocol) => Ok(Handshake::Spdy { protocol }),
+                None => Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server \
+                         accepts {spdy_protocols:?}"
+                    ),
+                )),
+            };
+        }
+        if upgrade != "websocket" {
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{what} needs a connection upgrade: WebSocket ({}) or SPDY/3.1 ({})",
+                    websocket_protocols.join(", "),
+                    spdy_protocols.join(", ")
+                ),
+            ));
+        }
+        let offered = get("sec-websocket-protocol");
+        let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
+        let Some(protocol) = websocket_protocols
+            .iter()
+            .find(|p| offered.contains(p))
+            .copied()
+        else {
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "no supported WebSocket subprotocol offered (want one of {})",
+                    websocket_protocols.join(", ")
+                ),
+            ));
+        };
+        let key = get("sec-websocket-key").to_string();
+        if key.is_empty() || get("sec-websocket-version") != "13" {
+            return Err(text(StatusCode::BAD_REQUEST, "bad WebSocket handshake"));
+        }
+        Ok(Handshake::WebSocket { protocol, key })
+    }
+
+    fn transport(&self) -> &'static str {
+        match self {
+            Handshake::WebSocket { .. } => "WebSocket",
+            Handshake::Spdy { .. } => spdy::UPGRADE,
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        match self {
+            Handshake::WebSocket { protocol, .. } | Handshake::Spdy { protocol } => protocol,
+        }
+    }
+
+    /// The 101 answer.
+    fn switching_protocols(&self) -> Response<Body> {
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        match self {
+            Handshake::WebSocket { protocol, key } => {
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                if let Ok(v) = HeaderValue::from_str(&accept) {
+                    h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+                }
+                h.insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    HeaderValue::from_static(protocol),
+                );
+            }
+            Handshake::Spdy { protocol } => {
+                h.insert(header::UPGRADE, HeaderValue::from_static(spdy::UPGRADE));
+                h.insert(spdy::PROTOCOL_HEADER, HeaderValue::from_static(protocol));
+            }
+        }
+        r
+    }
 }
 
 async fn exec(
@@ -461,7 +577,13 @@ async fn exec(
     container: String,
     attach: bool,
 ) -> Response<Body> {
-    let (protocol, key) = match websocket_handshake(&req, if attach { "attach" } else { "exec" }) {
+    let what = if attach { "attach" } else { "exec" };
+    let handshake = match Handshake::accept(
+        req.headers(),
+        what,
+        &[remotecommand::V5, remotecommand::V4],
+        remotecommand::SPDY_PROTOCOLS,
+    ) {
         Ok(h) => h,
         Err(r) => return r,
     };
@@ -499,74 +621,60 @@ async fn exec(
     // Attach shows what is written from now on: fix "now" before answering, so nothing written after the client
     // saw the upgrade is missed.
     let start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+    tracing::debug!(
+        pod = %format!("{ns}/{pod}"),
+        %container,
+        transport = handshake.transport(),
+        protocol = handshake.protocol(),
+        tty = params.tty,
+        stdin = params.stdin,
+        "{what} session"
+    );
+    let response = handshake.switching_protocols();
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
-            Ok(u) => u,
+            Ok(u) => TokioIo::new(u),
             Err(e) => {
-                tracing::debug!(error = %e, "exec upgrade failed");
+                tracing::debug!(error = %e, "{what} upgrade failed");
                 return;
             }
         };
-        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            None,
-        )
-        .await;
+        let channels = match handshake {
+            Handshake::WebSocket { protocol, .. } => {
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    upgraded,
+                    Role::Server,
+                    None,
+                )
+                .await;
+                remotecommand::websocket(ws, protocol)
+            }
+            Handshake::Spdy { .. } => {
+                match remotecommand::spdy(spdy::over_io(upgraded), &params).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "{what} session ended before it started");
+                        return;
+                    }
+                }
+            }
+        };
         if attach {
-            exec::attach_session(ws, mgr, sandbox_id, container_id, log_path, start, params).await;
+            exec::attach_session(
+                channels,
+                mgr,
+                sandbox_id,
+                container_id,
+                log_path,
+                start,
+                params,
+            )
+            .await;
         } else {
-            exec::session(ws, protocol, mgr, sandbox_id, container_id, params).await;
+            exec::session(channels, mgr, sandbox_id, container_id, params).await;
         }
     });
-    switching_protocols(protocol, &key)
-}
-
-/// Checks a WebSocket upgrade request and picks the channel protocol; `(protocol, Sec-WebSocket-Key)`.
-#[allow(clippy::result_large_err)]
-fn websocket_handshake(
-    req: &Request<Incoming>,
-    what: &str,
-) -> Result<(&'static str, String), Response<Body>> {
-    let upgrade = header_str(req, "upgrade").to_ascii_lowercase();
-    if upgrade != "websocket" {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{what} needs a WebSocket upgrade with the v5.channel.k8s.io or v4.channel.k8s.io protocol (SPDY is \
-                 not supported; kubectl 1.30 and later use WebSocket for exec and attach)"
-            ),
-        ));
-    }
-    let Some(protocol) = exec::negotiate(header_str(req, "sec-websocket-protocol")) else {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "no supported channel protocol offered (want v5.channel.k8s.io or v4.channel.k8s.io)",
-        ));
-    };
-    let key = header_str(req, "sec-websocket-key").to_string();
-    if key.is_empty() || header_str(req, "sec-websocket-version") != "13" {
-        return Err(text(StatusCode::BAD_REQUEST, "bad WebSocket handshake"));
-    }
-    Ok((protocol, key))
-}
-
-/// The 101 answer to an accepted WebSocket handshake.
-fn switching_protocols(protocol: &'static str, key: &str) -> Response<Body> {
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let mut r = Response::new(full(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    h.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(protocol),
-    );
-    r
+    response
 }
 
 async fn port_forward(
@@ -575,30 +683,24 @@ async fn port_forward(
     ns: String,
     pod: String,
 ) -> Response<Body> {
-    // kubectl tunnels SPDY in the WebSocket; other clients (the kube crate) use the channel protocol.
-    let offered = header_str(&req, "sec-websocket-protocol");
-    let tunnel = offered
-        .split(',')
-        .any(|p| p.trim() == spdy::TUNNEL_PROTOCOL);
-    let (protocol, key) = if tunnel {
-        let key = header_str(&req, "sec-websocket-key").to_string();
-        if key.is_empty() || header_str(&req, "sec-websocket-version") != "13" {
-            return text(StatusCode::BAD_REQUEST, "bad WebSocket handshake");
-        }
-        (spdy::TUNNEL_PROTOCOL, key)
-    } else {
-        match websocket_handshake(&req, "port-forward") {
-            Ok(h) => h,
-            Err(r) => return r,
-        }
+    // kubectl speaks SPDY (plain, or tunnelled in WebSocket); other clients (the kube crate) the channel protocol.
+    let handshake = match Handshake::accept(
+        req.headers(),
+        "port-forward",
+        &[spdy::TUNNEL_PROTOCOL, remotecommand::V5, remotecommand::V4],
+        &[portforward::SPDY_PROTOCOL],
+    ) {
+        Ok(h) => h,
+        Err(r) => return r,
     };
-    let ports = if tunnel {
-        Vec::new()
-    } else {
+    let channel_ports = matches!(handshake, Handshake::WebSocket { protocol, .. } if protocol != spdy::TUNNEL_PROTOCOL);
+    let ports = if channel_ports {
         match portforward::parse_ports(&query_pairs(&req)) {
             Ok(p) => p,
             Err(e) => return text(StatusCode::BAD_REQUEST, e),
         }
+    } else {
+        Vec::new()
     };
     let mgr = state.config.sandboxes.clone();
     let found = {
@@ -622,23 +724,136 @@ async fn port_forward(
         );
     };
     let netns = sandbox.netns_path.clone();
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let name = format!("{ns}/{pod}");
+    tracing::debug!(
+        pod = %name,
+        transport = handshake.transport(),
+        protocol = handshake.protocol(),
+        "port-forward session"
+    );
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let response = handshake.switching_protocols();
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
+        let Ok(upgraded) = on_upgrade.await.map(TokioIo::new) else {
             return;
         };
-        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            None,
-        )
-        .await;
-        if tunnel {
-            spdy::session(ws, netns, name).await;
-        } else {
-            portforward::session(ws, protocol, netns, name, ports).await;
+        match handshake {
+            Handshake::Spdy { .. } => {
+                portforward::spdy_session(spdy::over_io(upgraded), netns, name).await;
+            }
+            Handshake::WebSocket { protocol, .. } => {
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    upgraded,
+                    Role::Server,
+                    None,
+                )
+                .await;
+                if protocol == spdy::TUNNEL_PROTOCOL {
+                    portforward::spdy_session(spdy::over_websocket(ws), netns, name).await;
+                } else {
+                    portforward::session(ws, protocol, netns, name, ports).await;
+                }
+            }
         }
     });
-    switching_protocols(protocol, &key)
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn exec_handshake(pairs: &[(&'static str, &'static str)]) -> Result<Handshake, StatusCode> {
+        Handshake::accept(
+            &headers(pairs),
+            "exec",
+            &[remotecommand::V5, remotecommand::V4],
+            remotecommand::SPDY_PROTOCOLS,
+        )
+        .map_err(|r| r.status())
+    }
+
+    #[test]
+    fn spdy_upgrades_pick_the_clients_first_protocol_we_speak_and_answer_with_it() {
+        // What client-go's SPDY executor sends: one header per protocol, newest first.
+        let h = exec_handshake(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "SPDY/3.1"),
+            ("x-stream-protocol-version", "v5.channel.k8s.io"),
+            ("x-stream-protocol-version", "v4.channel.k8s.io"),
+            ("x-stream-protocol-version", "v3.channel.k8s.io"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (h.transport(), h.protocol()),
+            ("SPDY/3.1", "v4.channel.k8s.io")
+        );
+        let r = h.switching_protocols();
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(r.headers()["upgrade"], "SPDY/3.1");
+        assert_eq!(r.headers()["connection"], "Upgrade");
+        assert_eq!(
+            r.headers()["x-stream-protocol-version"],
+            "v4.channel.k8s.io"
+        );
+        // Without an offer, or without one we speak: refused before upgrading.
+        assert_eq!(
+            exec_handshake(&[("upgrade", "SPDY/3.1")]).err(),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            exec_handshake(&[
+                ("upgrade", "SPDY/3.1"),
+                ("x-stream-protocol-version", "channel.k8s.io")
+            ])
+            .err(),
+            Some(StatusCode::BAD_REQUEST)
+        );
+    }
+
+    #[test]
+    fn websocket_upgrades_pick_the_newest_subprotocol_we_speak() {
+        let h = exec_handshake(&[
+            ("upgrade", "websocket"),
+            (
+                "sec-websocket-protocol",
+                "v4.channel.k8s.io, v5.channel.k8s.io",
+            ),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (h.transport(), h.protocol()),
+            ("WebSocket", "v5.channel.k8s.io")
+        );
+        let r = h.switching_protocols();
+        // RFC 6455's example key and answer.
+        assert_eq!(
+            r.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(
+            exec_handshake(&[("upgrade", "h2c")]).err(),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            exec_handshake(&[
+                ("upgrade", "websocket"),
+                ("sec-websocket-protocol", "base64.channel.k8s.io"),
+                ("sec-websocket-key", "k"),
+                ("sec-websocket-version", "13"),
+            ])
+            .err(),
+            Some(StatusCode::BAD_REQUEST)
+        );
+    }
 }

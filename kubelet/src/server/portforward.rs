@@ -2,9 +2,12 @@
 //! for the `i`-th port of `?ports=`, channel `2i` carries data and `2i+1` errors; each channel's first message is
 //! the channel byte and the port (u16 little-endian). One TCP connection per port to `localhost:<port>` inside the
 //! pod's network namespace is opened when the session starts. With `v5.channel.k8s.io`, `[255, 2i]` half-closes
-//! the connection towards the pod. This is the protocol the `kube` crate's `Api::portforward` speaks; kubectl's
-//! SPDY-in-WebSocket is in `spdy`.
+//! the connection towards the pod. This is the protocol the `kube` crate's `Api::portforward` speaks.
+//!
+//! kubectl speaks `portforward.k8s.io` over SPDY instead ([`spdy_session`]), on a plain SPDY upgrade or tunnelled in
+//! WebSocket (subprotocol `SPDY/3.1+portforward.k8s.io`, kubectl ≥ 1.31).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,11 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::exec::{frame, CLOSE, V5};
+use super::remotecommand::{frame, CLOSE, V5};
+use super::spdy;
+
+/// The port-forward protocol over plain SPDY (`X-Stream-Protocol-Version`).
+pub(crate) const SPDY_PROTOCOL: &str = "portforward.k8s.io";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -163,6 +170,156 @@ pub(crate) async fn session<S>(
         .await;
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// The two streams of one forwarded connection (one `requestID`).
+#[derive(Default)]
+struct Pair {
+    port: u16,
+    error: Option<u32>,
+    data: Option<u32>,
+    /// The client's bytes for the pod (`None`: its FIN), buffered until the connection to the pod is up.
+    to_pod: Option<mpsc::UnboundedSender<Option<Vec<u8>>>>,
+}
+
+/// Port-forward over SPDY (Ref: kubelet `cri/streaming/portforward/httpstream.go`): per local connection the client
+/// opens an `error` and a `data` stream with the same `requestID` and `port` headers. The data stream is spliced to
+/// `localhost:<port>` in the pod's network namespace; a failure is written to the error stream; both end with FIN
+/// when the pod's side ends. Without `requestID` (old clients) streams pair up by ID as upstream does: the error
+/// stream's own ID, the data stream's ID minus 2.
+pub(crate) async fn spdy_session(conn: spdy::Connection, netns: PathBuf, pod: String) {
+    let spdy::Connection { mut events, sender } = conn;
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // stream ID → requestID
+    let mut streams: HashMap<u32, String> = HashMap::new();
+    let mut forwards = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            spdy::Event::Stream { id, headers, .. } => {
+                let kind = spdy::header(&headers, "streamtype").unwrap_or_default();
+                let request = match spdy::header(&headers, "requestid") {
+                    Some(r) => r.to_string(),
+                    None if kind == "data" => id.saturating_sub(2).to_string(),
+                    None => id.to_string(),
+                };
+                let pair = pairs.entry(request.clone()).or_default();
+                if let Some(port) = spdy::header(&headers, "port").and_then(|p| p.parse().ok()) {
+                    pair.port = port;
+                }
+                match kind {
+                    "error" => pair.error = Some(id),
+                    "data" if pair.data.is_none() => {
+                        pair.data = Some(id);
+                        let (to_pod, from_client) = mpsc::unbounded_channel();
+                        pair.to_pod = Some(to_pod);
+                        forwards.push(tokio::spawn(forward(
+                            id,
+                            pair.error,
+                            pair.port,
+                            from_client,
+                            sender.clone(),
+                            netns.clone(),
+                            pod.clone(),
+                        )));
+                    }
+                    other => {
+                        tracing::debug!(stream_type = other, "port-forward: unexpected stream");
+                        sender.reset(id).await;
+                        continue;
+                    }
+                }
+                streams.insert(id, request);
+            }
+            spdy::Event::Data { id, data, fin } => {
+                let Some(pair) = streams.get(&id).and_then(|r| pairs.get_mut(r)) else {
+                    continue;
+                };
+                if pair.data != Some(id) {
+                    continue;
+                }
+                if let Some(to_pod) = &pair.to_pod {
+                    if !data.is_empty() {
+                        let _ = to_pod.send(Some(data));
+                    }
+                    if fin {
+                        let _ = to_pod.send(None);
+                        pair.to_pod = None;
+                    }
+                }
+            }
+            spdy::Event::Reset { id } => {
+                if let Some(pair) = streams.get(&id).and_then(|r| pairs.get_mut(r)) {
+                    if pair.data == Some(id) {
+                        pair.to_pod = None;
+                    }
+                }
+            }
+        }
+    }
+    // The client is gone: so are its connections.
+    for f in forwards {
+        f.abort();
+    }
+}
+
+/// Splices data stream `data_id` to `localhost:<port>` in the pod (the error stream, which kubectl opens first,
+/// gets any failure).
+async fn forward(
+    data_id: u32,
+    error_id: Option<u32>,
+    port: u16,
+    mut from_client: mpsc::UnboundedReceiver<Option<Vec<u8>>>,
+    sender: spdy::Sender,
+    netns: PathBuf,
+    pod: String,
+) {
+    let conn = tokio::task::spawn_blocking(move || connect(&netns, port))
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .and_then(tokio::net::TcpStream::from_std);
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            // Ref: upstream's message (`error forwarding port %d to pod %s, uid %v: %v`).
+            let msg = format!(
+                "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside the \
+                 pod's network namespace: {e}"
+            );
+            tracing::debug!(%pod, port, error = %e, "port-forward failed");
+            if let Some(eid) = error_id {
+                sender.data(eid, msg.as_bytes()).await;
+                sender.fin(eid).await;
+            }
+            sender.fin(data_id).await;
+            return;
+        }
+    };
+    let (mut r, mut w) = conn.into_split();
+    let upstream = tokio::spawn(async move {
+        while let Some(chunk) = from_client.recv().await {
+            match chunk {
+                Some(d) => {
+                    if w.write_all(&d).await.is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut buf = vec![0u8; 32 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 || !sender.data(data_id, &buf[..n]).await {
+            break;
+        }
+    }
+    sender.fin(data_id).await;
+    if let Some(eid) = error_id {
+        sender.fin(eid).await;
+    }
+    upstream.abort();
 }
 
 #[cfg(test)]

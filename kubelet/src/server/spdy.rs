@@ -1,23 +1,31 @@
-//! kubectl's port-forward: SPDY/3.1 carried in WebSocket binary messages (subprotocol
-//! `SPDY/3.1+portforward.k8s.io`, KEP-4006; kubectl ≥ 1.31), served directly by the kubelet. Only what the
-//! port-forward protocol uses (Ref: kubelet `cri/streaming/portforward/httpstream.go`) is implemented: the client
-//! opens an `error` and a `data` stream per connection (headers `streamType`, `port`, `requestID`); each gets a
-//! `SYN_REPLY`; the data stream is spliced to `localhost:<port>` in the pod's network namespace; failures are
-//! written to the error stream; both streams end with `FIN`. PINGs are echoed; SETTINGS and WINDOW_UPDATE are
-//! ignored (spdystream, kubectl's SPDY library, does not enforce flow control).
-//! Ref: SPDY Protocol draft 3.1 (frame layout, header block compression with the spec's zlib dictionary).
+//! SPDY/3.1 as the Kubernetes streaming protocols use it (Ref: SPDY Protocol draft 3.1; apimachinery
+//! `util/httpstream/spdy`, which runs moby/spdystream): the frame layout, header blocks compressed with the spec's
+//! zlib dictionary (one zlib stream per direction for the whole connection), and a [`Connection`] that turns the
+//! client's frames into stream [`Event`]s and a [`Sender`]'s calls into frames.
+//!
+//! It runs on two transports: an HTTP connection upgraded with `Upgrade: SPDY/3.1` (exec, attach and port-forward of
+//! kubectl ≤ 1.29, of kubectl with `KUBECTL_*_WEBSOCKETS=false`, and of client-go's SPDY executor), or WebSocket
+//! binary messages carrying the same bytes (kubectl ≥ 1.31 port-forward, subprotocol `SPDY/3.1+portforward.k8s.io`).
+//! Only the client opens streams; each gets an empty SYN_REPLY at once, as upstream's `newSpdyStream` answers every
+//! stream it accepts. The client's PINGs (client-go sends one every 5 s) are echoed; SETTINGS and WINDOW_UPDATE are
+//! ignored (spdystream does no flow control). When every [`Sender`] is gone the connection says GOAWAY and closes,
+//! as spdystream's `Close` does.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// The WebSocket subprotocol kubectl asks for.
+/// The `Upgrade` token of plain SPDY (Ref: apimachinery `spdy.HeaderSpdy31`).
+pub(crate) const UPGRADE: &str = "SPDY/3.1";
+/// The header that offers (request, one value per protocol) and names (response) the stream protocol.
+pub(crate) const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
+/// The WebSocket subprotocol of kubectl's SPDY-in-WebSocket port-forward tunnel.
 pub(crate) const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 
 const VERSION: u16 = 3;
@@ -27,8 +35,12 @@ const RST_STREAM: u16 = 3;
 const PING: u16 = 6;
 const GOAWAY: u16 = 7;
 const FLAG_FIN: u8 = 0x01;
+/// RST_STREAM status CANCEL (spec 2.6.3).
+const CANCEL: u32 = 5;
 /// Largest frame accepted (SPDY's length field is 24 bits).
 const MAX_FRAME: usize = 1 << 24;
+/// Largest data frame sent.
+const CHUNK: usize = 32 * 1024;
 
 /// The zlib dictionary of SPDY/3 header blocks (spec section 2.6.10.1); both sides must use it byte for byte.
 #[rustfmt::skip]
@@ -155,7 +167,7 @@ pub(crate) enum Frame {
         id: u32,
     },
     GoAway,
-    /// SETTINGS, WINDOW_UPDATE, HEADERS, ...: not needed here.
+    /// SETTINGS, WINDOW_UPDATE, HEADERS, SYN_REPLY (we open no streams): not needed here.
     Other,
 }
 
@@ -164,20 +176,12 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
         .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// Header block (de)compression: one zlib stream per direction for the whole session.
-pub(crate) struct HeaderCodec {
-    inflate: Decompress,
-    deflate: Compress,
-    deflate_started: bool,
-}
+/// Inflates the client's header blocks: one zlib stream for the whole session.
+pub(crate) struct HeaderDecoder(Decompress);
 
-impl HeaderCodec {
+impl HeaderDecoder {
     pub fn new() -> Self {
-        Self {
-            inflate: Decompress::new(true),
-            deflate: Compress::new(Compression::default(), true),
-            deflate_started: false,
-        }
+        Self(Decompress::new(true))
     }
 
     fn inflate(&mut self, input: &[u8]) -> Result<Vec<u8>, SpdyError> {
@@ -188,11 +192,11 @@ impl HeaderCodec {
             if out.capacity() - out.len() < 1024 {
                 out.reserve(out.capacity().max(4096));
             }
-            let before = self.inflate.total_in();
+            let before = self.0.total_in();
             let res = self
-                .inflate
+                .0
                 .decompress_vec(&input[pos..], &mut out, FlushDecompress::Sync);
-            pos += usize::try_from(self.inflate.total_in() - before).unwrap_or(0);
+            pos += usize::try_from(self.0.total_in() - before).unwrap_or(0);
             match res {
                 Ok(_) => {
                     if pos >= input.len() && out.len() < out.capacity() {
@@ -200,7 +204,7 @@ impl HeaderCodec {
                     }
                 }
                 Err(e) if e.needs_dictionary().is_some() => {
-                    self.inflate.set_dictionary(DICTIONARY).map_err(err)?;
+                    self.0.set_dictionary(DICTIONARY).map_err(err)?;
                 }
                 Err(e) => return Err(err(e)),
             }
@@ -210,7 +214,7 @@ impl HeaderCodec {
         }
     }
 
-    /// Parses a compressed header block into (name, value) pairs (values with NULs stay joined).
+    /// Parses a compressed header block into (lower-case name, value) pairs (values with NULs stay joined).
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<(String, String)>, SpdyError> {
         let raw = self.inflate(block)?;
         let bad = || SpdyError::Headers("truncated header block".into());
@@ -230,14 +234,27 @@ impl HeaderCodec {
         }
         Ok(out)
     }
+}
 
-    /// Compresses a header block.
+/// Deflates our header blocks: one zlib stream for the whole session, so blocks are made in wire order.
+pub(crate) struct HeaderEncoder {
+    deflate: Compress,
+    started: bool,
+}
+
+impl HeaderEncoder {
+    pub fn new() -> Self {
+        Self {
+            deflate: Compress::new(Compression::default(), true),
+            started: false,
+        }
+    }
+
     pub fn encode(&mut self, headers: &[(&str, &str)]) -> Result<Vec<u8>, SpdyError> {
-        if !self.deflate_started {
-            self.deflate
-                .set_dictionary(DICTIONARY)
-                .map_err(|e| SpdyError::Headers(e.to_string()))?;
-            self.deflate_started = true;
+        let err = |e: flate2::CompressError| SpdyError::Headers(e.to_string());
+        if !self.started {
+            self.deflate.set_dictionary(DICTIONARY).map_err(err)?;
+            self.started = true;
         }
         let mut raw = Vec::new();
         raw.extend_from_slice(&(headers.len() as u32).to_be_bytes());
@@ -256,7 +273,7 @@ impl HeaderCodec {
             let before = self.deflate.total_in();
             self.deflate
                 .compress_vec(&raw[pos..], &mut out, FlushCompress::Sync)
-                .map_err(|e| SpdyError::Headers(e.to_string()))?;
+                .map_err(err)?;
             pos += usize::try_from(self.deflate.total_in() - before).unwrap_or(0);
             if pos >= raw.len() && out.len() < out.capacity() {
                 return Ok(out);
@@ -265,10 +282,10 @@ impl HeaderCodec {
     }
 }
 
-/// Splits complete frames off the front of `buf` (bytes of the tunnel so far).
+/// Splits one complete frame off the front of `buf` (the bytes of the session so far), if there is one.
 pub(crate) fn next_frame(
     buf: &mut Vec<u8>,
-    codec: &mut HeaderCodec,
+    headers: &mut HeaderDecoder,
 ) -> Result<Option<Frame>, SpdyError> {
     if buf.len() < 8 {
         return Ok(None);
@@ -295,6 +312,7 @@ pub(crate) fn next_frame(
     let typ = u16::from_be_bytes([frame[2], frame[3]]);
     Ok(Some(match typ {
         SYN_STREAM => {
+            // Stream-ID, Associated-To-Stream-ID, priority and slot, then the header block.
             if body.len() < 10 {
                 return Err(SpdyError::Malformed("SYN_STREAM"));
             }
@@ -302,7 +320,7 @@ pub(crate) fn next_frame(
             Frame::SynStream {
                 id,
                 fin: flags & FLAG_FIN != 0,
-                headers: codec.decode(&body[10..])?,
+                headers: headers.decode(&body[10..])?,
             }
         }
         RST_STREAM => Frame::RstStream {
@@ -326,7 +344,7 @@ fn control(typ: u16, flags: u8, body: &[u8]) -> Vec<u8> {
     f
 }
 
-pub(crate) fn data_frame(id: u32, fin: bool, data: &[u8]) -> Vec<u8> {
+fn data_frame(id: u32, fin: bool, data: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(8 + data.len());
     f.extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
     f.push(if fin { FLAG_FIN } else { 0 });
@@ -335,202 +353,317 @@ pub(crate) fn data_frame(id: u32, fin: bool, data: &[u8]) -> Vec<u8> {
     f
 }
 
-fn syn_reply(codec: &mut HeaderCodec, id: u32) -> Result<Vec<u8>, SpdyError> {
+fn syn_reply(headers: &mut HeaderEncoder, id: u32) -> Result<Vec<u8>, SpdyError> {
     let mut body = id.to_be_bytes().to_vec();
-    body.extend_from_slice(&codec.encode(&[])?);
+    body.extend_from_slice(&headers.encode(&[])?);
     Ok(control(SYN_REPLY, 0, &body))
 }
 
-/// Streams of one forwarded connection (one `requestID`).
-#[derive(Default)]
-struct Pair {
-    port: u16,
-    error: Option<u32>,
-    data: Option<u32>,
-    /// Client bytes for the pod, buffered until the connection is up.
-    to_pod: Option<mpsc::UnboundedSender<Option<Vec<u8>>>>,
-    started: bool,
+fn rst_stream(id: u32) -> Vec<u8> {
+    let mut body = (id & 0x7fff_ffff).to_be_bytes().to_vec();
+    body.extend_from_slice(&CANCEL.to_be_bytes());
+    control(RST_STREAM, 0, &body)
 }
 
-/// Largest data frame sent.
-const CHUNK: usize = 32 * 1024;
+/// GOAWAY with the last stream we accepted and status OK.
+fn go_away(last: u32) -> Vec<u8> {
+    let mut body = (last & 0x7fff_ffff).to_be_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_be_bytes());
+    control(GOAWAY, 0, &body)
+}
 
-/// Serves one tunnelled SPDY session on an accepted WebSocket.
-pub(crate) async fn session<S>(ws: WebSocketStream<S>, netns: PathBuf, pod: String)
+/// The value of header `name` (lower case) of a stream.
+pub(crate) fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The first protocol of the client's offer (the values of every `X-Stream-Protocol-Version` header, in its order
+/// of preference, also comma-separated) that is one of `ours` (Ref: apimachinery `httpstream.Handshake`).
+pub(crate) fn negotiate<'a>(
+    offered: impl IntoIterator<Item = &'a str>,
+    ours: &[&'static str],
+) -> Option<&'static str> {
+    offered
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| ours.iter().find(|o| **o == p).copied())
+}
+
+/// What the client did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// The client opened stream `id` (already answered with a SYN_REPLY); `fin`: it will send nothing on it.
+    Stream {
+        id: u32,
+        headers: Vec<(String, String)>,
+        fin: bool,
+    },
+    Data {
+        id: u32,
+        data: Vec<u8>,
+        fin: bool,
+    },
+    Reset {
+        id: u32,
+    },
+}
+
+enum Command {
+    Reply(u32),
+    Data { id: u32, data: Vec<u8>, fin: bool },
+    Reset(u32),
+    Ping(u32),
+}
+
+/// Writes on the client's streams; the connection closes once every clone is dropped.
+#[derive(Clone)]
+pub(crate) struct Sender(mpsc::Sender<Command>);
+
+impl Sender {
+    /// Sends `data` on stream `id` in frames of at most 32 KiB; false once the connection is gone.
+    pub async fn data(&self, id: u32, data: &[u8]) -> bool {
+        for chunk in data.chunks(CHUNK) {
+            let cmd = Command::Data {
+                id,
+                data: chunk.to_vec(),
+                fin: false,
+            };
+            if self.0.send(cmd).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends our side of stream `id` (an empty data frame with FIN).
+    pub async fn fin(&self, id: u32) -> bool {
+        let cmd = Command::Data {
+            id,
+            data: Vec::new(),
+            fin: true,
+        };
+        self.0.send(cmd).await.is_ok()
+    }
+
+    /// Resets stream `id` (RST_STREAM, CANCEL).
+    pub async fn reset(&self, id: u32) -> bool {
+        self.0.send(Command::Reset(id)).await.is_ok()
+    }
+}
+
+/// A served SPDY connection: the client's events, in order, until it closes (or breaks the protocol), and the
+/// sender for our frames.
+pub(crate) struct Connection {
+    pub events: mpsc::Receiver<Event>,
+    pub sender: Sender,
+}
+
+/// Serves SPDY on an upgraded HTTP connection.
+pub(crate) fn over_io<S>(io: S) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(Message::Binary(frame.into())).await.is_err() {
-                break;
+    let (r, w) = tokio::io::split(io);
+    start(Source::Raw(r), Wire::Raw(w))
+}
+
+/// Serves SPDY carried in the binary messages of a WebSocket.
+pub(crate) fn over_websocket<S>(ws: WebSocketStream<S>) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, source) = ws.split();
+    start(Source::Ws(source), Wire::Ws(sink))
+}
+
+enum Source<S> {
+    Raw(ReadHalf<S>),
+    Ws(SplitStream<WebSocketStream<S>>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Source<S> {
+    /// Appends what arrived to `buf`; false at the end of the connection.
+    async fn read(&mut self, buf: &mut Vec<u8>) -> bool {
+        match self {
+            Source::Raw(r) => {
+                let mut chunk = [0u8; 16 * 1024];
+                match r.read(&mut chunk).await {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        true
+                    }
+                }
+            }
+            Source::Ws(s) => loop {
+                match s.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        buf.extend_from_slice(&b);
+                        return true;
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return false,
+                    Some(Ok(_)) => continue,
+                }
+            },
+        }
+    }
+}
+
+enum Wire<S> {
+    Raw(WriteHalf<S>),
+    Ws(SplitSink<WebSocketStream<S>, Message>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
+    async fn feed(&mut self, frame: Vec<u8>) -> bool {
+        match self {
+            Wire::Raw(w) => w.write_all(&frame).await.is_ok(),
+            Wire::Ws(s) => s.feed(Message::Binary(frame.into())).await.is_ok(),
+        }
+    }
+
+    async fn flush(&mut self) -> bool {
+        match self {
+            Wire::Raw(w) => w.flush().await.is_ok(),
+            Wire::Ws(s) => s.flush().await.is_ok(),
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Wire::Raw(w) => {
+                let _ = w.shutdown().await;
+            }
+            Wire::Ws(s) => {
+                let _ = s.close().await;
             }
         }
-        let _ = sink.close().await;
-    });
-    let mut codec = HeaderCodec::new();
-    let mut buf = Vec::new();
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
-    // stream id → requestID
-    let mut streams: HashMap<u32, String> = HashMap::new();
-    'session: while let Some(msg) = source.next().await {
-        match msg {
-            Ok(Message::Binary(b)) => buf.extend_from_slice(&b),
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
+    }
+}
+
+fn start<S>(source: Source<S>, wire: Wire<S>) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (commands, command_rx) = mpsc::channel::<Command>(64);
+    let (event_tx, events) = mpsc::channel::<Event>(64);
+    // The reader answers with replies and pongs but must not keep the connection open by itself.
+    let reader = tokio::spawn(read_loop(source, commands.downgrade(), event_tx));
+    tokio::spawn(write_loop(wire, command_rx, reader.abort_handle()));
+    Connection {
+        events,
+        sender: Sender(commands),
+    }
+}
+
+async fn read_loop<S>(
+    mut source: Source<S>,
+    commands: mpsc::WeakSender<Command>,
+    events: mpsc::Sender<Event>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let command = |c: Command| {
+        let commands = commands.clone();
+        async move {
+            if let Some(tx) = commands.upgrade() {
+                let _ = tx.send(c).await;
+            }
         }
+    };
+    let mut headers = HeaderDecoder::new();
+    let mut buf = Vec::new();
+    loop {
         loop {
-            let frame = match next_frame(&mut buf, &mut codec) {
+            let frame = match next_frame(&mut buf, &mut headers) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::debug!(error = %e, "port-forward session ended");
-                    break 'session;
+                    tracing::debug!(error = %e, "SPDY session ended: protocol error");
+                    return;
                 }
             };
-            match frame {
-                Frame::SynStream { id, headers, .. } => {
-                    let get = |k: &str| {
-                        headers
-                            .iter()
-                            .find(|(n, _)| n == k)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    };
-                    let Ok(reply) = syn_reply(&mut codec, id) else {
-                        break 'session;
-                    };
-                    if tx.send(reply).await.is_err() {
-                        break 'session;
-                    }
-                    let request = get("requestid");
-                    let pair = pairs.entry(request.clone()).or_default();
-                    pair.port = get("port").parse().unwrap_or(pair.port);
-                    match get("streamtype").as_str() {
-                        "error" => pair.error = Some(id),
-                        "data" => {
-                            pair.data = Some(id);
-                            let (ptx, prx) = mpsc::unbounded_channel();
-                            pair.to_pod = Some(ptx);
-                            start_if_ready(pair, prx, &tx, &netns, &pod);
-                        }
-                        _ => {}
-                    }
-                    streams.insert(id, request);
+            let event = match frame {
+                Frame::SynStream { id, fin, headers } => {
+                    command(Command::Reply(id)).await;
+                    Event::Stream { id, headers, fin }
                 }
-                Frame::Data { id, fin, data } => {
-                    let Some(pair) = streams.get(&id).and_then(|r| pairs.get(r)) else {
-                        continue;
-                    };
-                    if pair.data == Some(id) {
-                        if let Some(to_pod) = &pair.to_pod {
-                            if !data.is_empty() {
-                                let _ = to_pod.send(Some(data));
-                            }
-                            if fin {
-                                let _ = to_pod.send(None);
-                            }
-                        }
-                    }
-                }
-                Frame::RstStream { id } => {
-                    if let Some(pair) = streams.get(&id).and_then(|r| pairs.get_mut(r)) {
-                        pair.to_pod = None;
-                    }
-                }
+                Frame::Data { id, fin, data } => Event::Data { id, data, fin },
+                Frame::RstStream { id } => Event::Reset { id },
                 Frame::Ping { id } => {
-                    if tx.send(control(PING, 0, &id.to_be_bytes())).await.is_err() {
-                        break 'session;
-                    }
+                    command(Command::Ping(id)).await;
+                    continue;
                 }
-                Frame::GoAway => break 'session,
-                Frame::Other => {}
-            }
-        }
-    }
-    drop(tx);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
-}
-
-/// Starts forwarding once the data stream exists (the error stream comes first from kubectl; if it is missing,
-/// errors are only logged).
-fn start_if_ready(
-    pair: &mut Pair,
-    mut from_client: mpsc::UnboundedReceiver<Option<Vec<u8>>>,
-    tx: &mpsc::Sender<Vec<u8>>,
-    netns: &std::path::Path,
-    pod: &str,
-) {
-    let Some(data_id) = pair.data else { return };
-    if pair.started {
-        return;
-    }
-    pair.started = true;
-    let (error_id, port) = (pair.error, pair.port);
-    let (tx, netns, pod) = (tx.clone(), netns.to_path_buf(), pod.to_string());
-    tokio::spawn(async move {
-        let conn = tokio::task::spawn_blocking(move || super::portforward::connect(&netns, port))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .and_then(tokio::net::TcpStream::from_std);
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                let msg = format!(
-                    "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside \
-                     the pod's network namespace: {e}"
-                );
-                if let Some(eid) = error_id {
-                    let _ = tx.send(data_frame(eid, false, msg.as_bytes())).await;
-                    let _ = tx.send(data_frame(eid, true, &[])).await;
-                }
-                let _ = tx.send(data_frame(data_id, true, &[])).await;
+                Frame::GoAway => return,
+                Frame::Other => continue,
+            };
+            if events.send(event).await.is_err() {
                 return;
             }
-        };
-        let (mut r, mut w) = conn.into_split();
-        let upstream = tokio::spawn(async move {
-            while let Some(chunk) = from_client.recv().await {
-                match chunk {
-                    Some(d) => {
-                        if w.write_all(&d).await.is_err() {
-                            return;
+        }
+        if !source.read(&mut buf).await {
+            return;
+        }
+    }
+}
+
+async fn write_loop<S>(
+    mut wire: Wire<S>,
+    mut commands: mpsc::Receiver<Command>,
+    reader: tokio::task::AbortHandle,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut headers = HeaderEncoder::new();
+    let mut last_stream = 0;
+    'run: while let Some(first) = commands.recv().await {
+        // Write what is queued, then flush once.
+        let mut next = Some(first);
+        while let Some(cmd) = next {
+            let frame = match cmd {
+                Command::Reply(id) => {
+                    last_stream = last_stream.max(id);
+                    match syn_reply(&mut headers, id) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "SPDY reply could not be encoded");
+                            break 'run;
                         }
                     }
-                    None => {
-                        let _ = w.shutdown().await;
-                        return;
-                    }
                 }
+                Command::Data { id, data, fin } => data_frame(id, fin, &data),
+                Command::Reset(id) => rst_stream(id),
+                Command::Ping(id) => control(PING, 0, &id.to_be_bytes()),
+            };
+            if !wire.feed(frame).await {
+                break 'run;
             }
-        });
-        let mut buf = vec![0u8; CHUNK];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0
-                || tx
-                    .send(data_frame(data_id, false, &buf[..n]))
-                    .await
-                    .is_err()
-            {
-                break;
-            }
+            next = commands.try_recv().ok();
         }
-        let _ = tx.send(data_frame(data_id, true, &[])).await;
-        if let Some(eid) = error_id {
-            let _ = tx.send(data_frame(eid, true, &[])).await;
+        if !wire.flush().await {
+            break;
         }
-        upstream.abort();
-    });
+    }
+    // Every sender is gone (or the client stopped reading): GOAWAY and close, bounded in time.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if wire.feed(go_away(last_stream)).await {
+            wire.flush().await;
+        }
+        wire.close().await;
+    })
+    .await;
+    reader.abort();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn syn_stream(codec: &mut HeaderCodec, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
+    fn syn_stream(codec: &mut HeaderEncoder, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
         let mut body = id.to_be_bytes().to_vec();
         body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
         body.extend_from_slice(&codec.encode(headers).unwrap());
@@ -545,7 +678,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_with_compressed_headers_across_a_session() {
-        let (mut client, mut server) = (HeaderCodec::new(), HeaderCodec::new());
+        let (mut client, mut server) = (HeaderEncoder::new(), HeaderDecoder::new());
         let mut wire = syn_stream(
             &mut client,
             1,
@@ -594,9 +727,10 @@ mod tests {
         );
         assert!(buf.is_empty());
         // Our replies decode on the client's side.
-        let reply = syn_reply(&mut server, 1).unwrap();
+        let (mut ours, mut theirs) = (HeaderEncoder::new(), HeaderDecoder::new());
+        let reply = syn_reply(&mut ours, 1).unwrap();
         assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), SYN_REPLY);
-        assert_eq!(client.decode(&reply[12..]).unwrap(), vec![]);
+        assert_eq!(theirs.decode(&reply[12..]).unwrap(), vec![]);
     }
 
     #[test]
@@ -605,8 +739,134 @@ mod tests {
         f[1] = 2;
         let mut buf = f;
         assert_eq!(
-            next_frame(&mut buf, &mut HeaderCodec::new()),
+            next_frame(&mut buf, &mut HeaderDecoder::new()),
             Err(SpdyError::Version(2))
         );
+    }
+
+    #[test]
+    fn the_clients_first_supported_protocol_wins() {
+        let ours = ["v4.channel.k8s.io"];
+        assert_eq!(
+            negotiate(
+                [
+                    "v5.channel.k8s.io",
+                    "v4.channel.k8s.io",
+                    "v3.channel.k8s.io"
+                ],
+                &ours
+            ),
+            Some("v4.channel.k8s.io")
+        );
+        assert_eq!(
+            negotiate(["v5.channel.k8s.io, v4.channel.k8s.io"], &ours),
+            Some("v4.channel.k8s.io")
+        );
+        assert_eq!(negotiate(["channel.k8s.io"], &ours), None);
+        assert_eq!(negotiate([], &ours), None);
+    }
+
+    /// A client's side of a connection over an in-memory pipe.
+    struct Client {
+        io: tokio::io::DuplexStream,
+        headers: HeaderEncoder,
+        replies: HeaderDecoder,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        async fn send(&mut self, frame: Vec<u8>) {
+            self.io.write_all(&frame).await.unwrap();
+        }
+
+        async fn open(&mut self, id: u32, stream_type: &str) {
+            let f = syn_stream(&mut self.headers, id, &[("streamType", stream_type)]);
+            self.send(f).await;
+        }
+
+        async fn frame(&mut self) -> Option<Frame> {
+            loop {
+                // Our SYN_REPLYs come back as `Other` (a client would decode them); check the raw type first.
+                if self.buf.len() >= 8 && self.buf[0] & 0x80 != 0 {
+                    let typ = u16::from_be_bytes([self.buf[2], self.buf[3]]);
+                    if typ == SYN_REPLY {
+                        let len = (usize::from(self.buf[5]) << 16)
+                            | (usize::from(self.buf[6]) << 8)
+                            | usize::from(self.buf[7]);
+                        if self.buf.len() >= 8 + len {
+                            let f: Vec<u8> = self.buf.drain(..8 + len).collect();
+                            assert_eq!(self.replies.decode(&f[12..]).unwrap(), vec![]);
+                            return Some(Frame::Other);
+                        }
+                    }
+                }
+                if let Some(f) = next_frame(&mut self.buf, &mut self.replies).unwrap() {
+                    return Some(f);
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.io.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    return None;
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_are_replied_pings_echoed_and_the_connection_ends_with_goaway() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mut conn = over_io(ours);
+        let mut client = Client {
+            io: theirs,
+            headers: HeaderEncoder::new(),
+            replies: HeaderDecoder::new(),
+            buf: Vec::new(),
+        };
+        client.open(1, "error").await;
+        client.open(3, "stdout").await;
+        client.send(control(PING, 0, &9u32.to_be_bytes())).await;
+        client.send(data_frame(3, true, b"")).await;
+        match conn.events.recv().await.unwrap() {
+            Event::Stream { id: 1, headers, .. } => {
+                assert_eq!(header(&headers, "streamtype"), Some("error"))
+            }
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            conn.events.recv().await,
+            Some(Event::Stream { id: 3, .. })
+        ));
+        assert_eq!(
+            conn.events.recv().await,
+            Some(Event::Data {
+                id: 3,
+                data: vec![],
+                fin: true
+            })
+        );
+        assert_eq!(client.frame().await, Some(Frame::Other));
+        assert_eq!(client.frame().await, Some(Frame::Other));
+        assert_eq!(client.frame().await, Some(Frame::Ping { id: 9 }));
+        // A large write is split into frames; FIN ends the stream.
+        let big = vec![7u8; CHUNK + 10];
+        assert!(conn.sender.data(3, &big).await);
+        assert!(conn.sender.fin(3).await);
+        let mut got = Vec::new();
+        loop {
+            match client.frame().await.unwrap() {
+                Frame::Data { id: 3, fin, data } => {
+                    got.extend(data);
+                    if fin {
+                        break;
+                    }
+                }
+                f => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(got, big);
+        drop(conn);
+        assert_eq!(client.frame().await, Some(Frame::GoAway));
+        assert_eq!(client.frame().await, None);
     }
 }
