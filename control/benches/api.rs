@@ -11,9 +11,6 @@
 //! alone, as the benchmark asks; `*` runs the scheduler and every controller too — with no nodes the
 //! scheduler then writes a FailedScheduling event per pod)).
 
-#[path = "../tests/common/etcd.rs"]
-mod etcd;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -311,7 +308,7 @@ async fn main() {
     windlass_tests::install_rustls_provider();
     raise_fd_limit();
 
-    let cluster = etcd::EtcdCluster::start(1).await;
+    let cluster = windlass_tests::etcd::EtcdCluster::start(1).await;
     let endpoint = cluster.members[0].client_url.clone();
     let raw = etcd_client::Client::connect([endpoint.as_str()], None)
         .await

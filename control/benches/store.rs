@@ -12,9 +12,6 @@
 //! Run: `cargo bench -p windlass-control --bench store` (needs `etcd`, `etcdctl`; env `BENCH_N`, `BENCH_ROUNDS`,
 //! `BENCH_CONCURRENCY` override the sizes).
 
-#[path = "../tests/common/etcd.rs"]
-mod etcd;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
@@ -176,7 +173,7 @@ async fn main() {
         std::process::exit(2);
     }
 
-    let cluster = etcd::EtcdCluster::start(1).await;
+    let cluster = windlass_tests::etcd::EtcdCluster::start(1).await;
     let endpoint = cluster.members[0].client_url.clone();
     let dir = tempfile::tempdir().expect("temp dir");
     let ctx = Arc::new(Ctx {

@@ -1,12 +1,10 @@
 //! Two `windlass-control serve` processes on one etcd: exactly one leads (runs the scheduler and controllers);
 //! killing it hands the Lease and the work over to the other within the lease duration.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::etcd::EtcdCluster;
 use windlass_tests::control::ControlPlane;
+use windlass_tests::etcd::EtcdCluster;
 use windlass_tests::{require_privileged, unique_name, wait_for};
 
 const LEASE_SECS: u64 = 3;

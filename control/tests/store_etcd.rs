@@ -2,8 +2,6 @@
 //! member and on a 3-member cluster whose leader is dead, and a write + watch stream that goes on while the leader
 //! is SIGKILLed in the middle of it.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +9,7 @@ use futures_util::StreamExt;
 use windlass_control::store::etcd::{EtcdConfig, EtcdStore};
 use windlass_control::store::{Event, Store, StoreError};
 
-use common::etcd::EtcdCluster;
+use windlass_tests::etcd::EtcdCluster;
 
 async fn connect(cluster: &EtcdCluster) -> Arc<EtcdStore> {
     let config = match &cluster.tls {

@@ -17,7 +17,7 @@ pub struct ControlPlane {
     /// an address in it (see [`ControlPlane::start_in_netns`]).
     netns: Option<(String, std::net::Ipv4Addr)>,
     /// The etcd member the server stores into when the suite runs on the etcd backend (dropped after the server).
-    _etcd: Option<crate::etcd_member::EtcdMember>,
+    _etcd: Option<crate::etcd::EtcdCluster>,
 }
 
 /// `WINDLASS_TEST_STORE=etcd` runs every [`ControlPlane`] on a real etcd member of its own (`--etcd-servers`)
@@ -63,9 +63,9 @@ impl ControlPlane {
         let mut extra_args = extra_args(dir.path());
         // The etcd member listens on the test's own loopback, so only servers there use it.
         let etcd = (netns.is_none() && store_backend_is_etcd())
-            .then(crate::etcd_member::EtcdMember::start);
+            .then(|| crate::etcd::EtcdCluster::start_blocking(1));
         if let Some(e) = &etcd {
-            extra_args.extend(["--etcd-servers".to_string(), e.client_url.clone()]);
+            extra_args.extend(["--etcd-servers".to_string(), e.servers_flag()]);
         }
         let mut cp = Self {
             dir,
@@ -81,7 +81,10 @@ impl ControlPlane {
 
     /// The etcd member's client URL when the server runs on the etcd backend.
     pub fn etcd_url(&self) -> Option<&str> {
-        self._etcd.as_ref().map(|e| e.client_url.as_str())
+        self._etcd
+            .as_ref()
+            .and_then(|e| e.members.first())
+            .map(|m| m.client_url.as_str())
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -20,7 +20,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod cni_lab;
 pub mod control;
-pub mod etcd_member;
+pub mod etcd;
 pub mod image_fixture;
 pub mod kubelet_lab;
 pub mod lab;
