@@ -100,6 +100,13 @@ fn kubectl_exec_and_attach_over_plain_spdy_stream_stdio_exit_codes_and_a_termina
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let out = output(&mut kubectl_spdy(&lab, &["exec", "web", "--", "true"]));
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A session longer than client-go's 5 s ping period: the pings are answered and the session goes on.
+    let out = output(&mut kubectl_spdy(
+        &lab,
+        &["exec", "web", "--", "sh", "-c", "sleep 6; echo still-here"],
+    ));
+    assert_eq!(text(&out.stdout), "still-here\n", "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", text(&out.stderr));
     // kubectl 1.29 knows nothing but SPDY for exec.
     let out = output(lab.control.kubectl_version_cmd(Some("1.29")).args([
         "exec",
@@ -205,7 +212,7 @@ fn kubectl_exec_and_attach_over_plain_spdy_stream_stdio_exit_codes_and_a_termina
 
     // Every session above was SPDY; kubectl left to its default uses WebSocket.
     let execs = sessions(&lab, "exec session");
-    assert!(execs.len() >= 6, "{execs:#?}");
+    assert!(execs.len() >= 7, "{execs:#?}");
     for l in execs.iter().chain(&sessions(&lab, "attach session")) {
         assert!(
             transport(l) == "SPDY/3.1" && l.contains("v4.channel.k8s.io"),

@@ -192,8 +192,23 @@ pub(crate) async fn spdy_session(conn: spdy::Connection, netns: PathBuf, pod: St
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // stream ID → requestID
     let mut streams: HashMap<u32, String> = HashMap::new();
-    let mut forwards = Vec::new();
-    while let Some(event) = events.recv().await {
+    // One task per forwarded connection; each returns its requestID, and its streams are forgotten then.
+    let mut forwards = tokio::task::JoinSet::new();
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => break,
+            },
+            Some(done) = forwards.join_next(), if !forwards.is_empty() => {
+                if let Some(pair) = done.ok().and_then(|request| pairs.remove(&request)) {
+                    for id in [pair.error, pair.data].into_iter().flatten() {
+                        streams.remove(&id);
+                    }
+                }
+                continue;
+            }
+        };
         match event {
             spdy::Event::Stream { id, headers, .. } => {
                 let kind = spdy::header(&headers, "streamtype").unwrap_or_default();
@@ -212,15 +227,19 @@ pub(crate) async fn spdy_session(conn: spdy::Connection, netns: PathBuf, pod: St
                         pair.data = Some(id);
                         let (to_pod, from_client) = mpsc::unbounded_channel();
                         pair.to_pod = Some(to_pod);
-                        forwards.push(tokio::spawn(forward(
-                            id,
-                            pair.error,
-                            pair.port,
+                        let target = Streams {
+                            request: request.clone(),
+                            data: id,
+                            error: pair.error,
+                            port: pair.port,
+                        };
+                        forwards.spawn(forward(
+                            target,
                             from_client,
                             sender.clone(),
                             netns.clone(),
                             pod.clone(),
-                        )));
+                        ));
                     }
                     other => {
                         tracing::debug!(stream_type = other, "port-forward: unexpected stream");
@@ -256,23 +275,34 @@ pub(crate) async fn spdy_session(conn: spdy::Connection, netns: PathBuf, pod: St
             }
         }
     }
-    // The client is gone: so are its connections.
-    for f in forwards {
-        f.abort();
-    }
+    // The client is gone: so are its connections (dropping the set aborts them).
+    drop(forwards);
 }
 
-/// Splices data stream `data_id` to `localhost:<port>` in the pod (the error stream, which kubectl opens first,
-/// gets any failure).
-async fn forward(
-    data_id: u32,
-    error_id: Option<u32>,
+/// The streams of one forwarded connection, once its data stream exists.
+struct Streams {
+    request: String,
+    data: u32,
+    /// kubectl opens it before the data stream.
+    error: Option<u32>,
     port: u16,
+}
+
+/// Splices the data stream to `localhost:<port>` in the pod (the error stream gets any failure); returns the
+/// requestID when done.
+async fn forward(
+    streams: Streams,
     mut from_client: mpsc::UnboundedReceiver<Option<Vec<u8>>>,
     sender: spdy::Sender,
     netns: PathBuf,
     pod: String,
-) {
+) -> String {
+    let Streams {
+        request,
+        data: data_id,
+        error: error_id,
+        port,
+    } = streams;
     let conn = tokio::task::spawn_blocking(move || connect(&netns, port))
         .await
         .map_err(io::Error::other)
@@ -292,7 +322,7 @@ async fn forward(
                 sender.fin(eid).await;
             }
             sender.fin(data_id).await;
-            return;
+            return request;
         }
     };
     let (mut r, mut w) = conn.into_split();
@@ -320,6 +350,7 @@ async fn forward(
         sender.fin(eid).await;
     }
     upstream.abort();
+    request
 }
 
 #[cfg(test)]
