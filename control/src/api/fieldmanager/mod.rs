@@ -18,6 +18,10 @@ use set::{Path, Set};
 
 /// The annotation client-side `kubectl apply` keeps (Ref: `corev1.LastAppliedConfigAnnotation`).
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// At most this many Update entries are kept; older ones merge into [`ANCIENT_CHANGES`] (Ref:
+/// `internal.DefaultMaxUpdateManagers`, `capManagersManager`).
+const MAX_UPDATE_MANAGERS: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
 /// The manager whose client-side apply conflicts are forgiven (Ref: `lastAppliedManager` only acts for it).
 const KUBECTL_SSA: &str = "kubectl";
 
@@ -504,7 +508,40 @@ pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope
             }),
         }
     }
+    cap_update_managers(&mut entries);
     encode_entries(new, entries);
+}
+
+/// Merges the oldest Update entries into one `ancient-changes` entry until at most [`MAX_UPDATE_MANAGERS`]
+/// remain, so a stream of distinct updaters cannot grow an object without bound.
+fn cap_update_managers(entries: &mut Vec<Entry>) {
+    let is_bucket = |e: &Entry| e.is(ANCIENT_CHANGES, Operation::Update, None);
+    while entries
+        .iter()
+        .filter(|e| e.operation == Operation::Update && !e.set.is_empty())
+        .count()
+        > MAX_UPDATE_MANAGERS
+    {
+        let oldest = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.operation == Operation::Update && !is_bucket(e))
+            .min_by(|(_, a), (_, b)| (&a.time, &a.manager).cmp(&(&b.time, &b.manager)))
+            .map(|(i, _)| i);
+        let Some(oldest) = oldest else { return };
+        let e = entries.remove(oldest);
+        match entries.iter_mut().find(|b| is_bucket(b)) {
+            Some(bucket) => {
+                bucket.set = bucket.set.union(&e.set);
+                bucket.time = e.time;
+            }
+            None => entries.push(Entry {
+                manager: ANCIENT_CHANGES.to_string(),
+                subresource: None,
+                ..e
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -723,6 +760,39 @@ mod tests {
         );
         let other = apply(&created, &deployment(3, "nginx:1"), "someone", false, SCOPE);
         assert!(matches!(other, Err(FieldManagerError::Conflicts(_))));
+    }
+
+    #[test]
+    fn more_than_ten_updaters_merge_the_oldest_into_ancient_changes() {
+        let mut obj = deployment(1, "a");
+        for i in 0..12 {
+            let mut new = obj.clone();
+            new["metadata"]["labels"] = json!({ format!("l{i}"): "x" });
+            new["metadata"]["labels"]
+                .as_object_mut()
+                .expect("labels")
+                .extend(
+                    obj["metadata"]["labels"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+            update(Some(&obj), &mut new, &format!("m{i:02}"), SCOPE);
+            obj = new;
+        }
+        let names: Vec<String> = managers(&obj).into_iter().map(|(m, _)| m).collect();
+        assert_eq!(names.len(), MAX_UPDATE_MANAGERS, "{names:?}");
+        assert!(names.contains(&ANCIENT_CHANGES.to_string()), "{names:?}");
+        assert!(!names.contains(&"m00".to_string()) && !names.contains(&"m01".to_string()));
+        let bucket = obj["metadata"]["managedFields"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["manager"] == ANCIENT_CHANGES))
+            .expect("bucket");
+        assert_eq!(
+            bucket["fieldsV1"]["f:metadata"]["f:labels"],
+            json!({".": {}, "f:l0": {}, "f:l1": {}, "f:l2": {}}),
+            "the three oldest updaters' fields"
+        );
     }
 
     #[test]
