@@ -127,11 +127,19 @@ pub(crate) fn items_are_atomic(field: &str) -> bool {
     matches!(field, "ownerReferences" | "imagePullSecrets")
 }
 
-/// Object fields that are non-pointer structs in the Go types: an empty Go object already has them, so creating
-/// one does not "add" them (what upstream's comparison against a zero object records for updates).
+/// Fields an empty Go object already has: non-pointer structs, and `containers` (serialised without
+/// `omitempty`). Creating an object does not "add" them, as upstream's comparison against a zero object of the
+/// kind records for updates.
 pub(crate) fn always_present(field: &str) -> bool {
     matches!(
         field,
-        "metadata" | "spec" | "status" | "template" | "strategy" | "updateStrategy" | "jobTemplate"
+        "metadata"
+            | "spec"
+            | "status"
+            | "template"
+            | "strategy"
+            | "updateStrategy"
+            | "jobTemplate"
+            | "containers"
     )
 }
