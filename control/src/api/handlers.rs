@@ -545,7 +545,7 @@ pub(crate) async fn create_object(
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let obj = body_object(ctx, t.kind)?;
-    let manager = manager_of(ctx);
+    let manager = manager_of(ctx, "CreateOptions")?;
     let fields = Fields::Update {
         manager: &manager,
         subresource: None,
@@ -613,8 +613,31 @@ fn scope_of<'a>(
 }
 
 /// The manager of a client write: `fieldManager`, else the User-Agent's product.
-fn manager_of(ctx: &Ctx) -> String {
-    fieldmanager::manager_name(ctx.query.get("fieldManager"), &ctx.user_agent)
+/// `options` names the request's options kind for errors (`CreateOptions`, `UpdateOptions`, `PatchOptions`).
+fn manager_of(ctx: &Ctx, options: &str) -> Result<String, ApiError> {
+    let given = ctx.query.get("fieldManager").unwrap_or_default();
+    // Ref: apimachinery `ValidateFieldManager`: at most 128 bytes, printable characters only.
+    if given.len() > 128 {
+        return Err(options_invalid(
+            options,
+            Cause {
+                reason: "FieldValueTooLong",
+                field: "fieldManager".into(),
+                message: "Too long: may not be more than 128 bytes".into(),
+            },
+        ));
+    }
+    if let Some((i, c)) = given.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(options_invalid(
+            options,
+            Cause::invalid(
+                "fieldManager",
+                &json!(given),
+                format!("invalid character {c:?} (at position {i})"),
+            ),
+        ));
+    }
+    Ok(fieldmanager::manager_name(Some(given), &ctx.user_agent))
 }
 
 /// Read-modify-write with optimistic concurrency: `f` builds the new object from the current one. Retries on a
@@ -743,7 +766,7 @@ async fn update(
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let body = body_object(ctx, t.kind)?;
     let sub = t.subresource.as_deref();
-    let manager = manager_of(ctx);
+    let manager = manager_of(ctx, "UpdateOptions")?;
     if sub == Some("scale") {
         let replicas = body
             .pointer("/spec/replicas")
@@ -839,10 +862,11 @@ async fn create_at_url(
     Ok(with_warnings(json_response(201, &obj), &warnings))
 }
 
-/// `PatchOptions` validation errors (Ref: apiserver `ValidatePatchOptions`): 422 on `PatchOptions.meta.k8s.io`.
-fn patch_options_invalid(cause: Cause) -> ApiError {
+/// Request options validation errors (Ref: apiserver `ValidatePatchOptions` and friends): 422 on
+/// `<options>.meta.k8s.io`.
+fn options_invalid(options: &str, cause: Cause) -> ApiError {
     let message = format!(
-        "PatchOptions.meta.k8s.io \"\" is invalid: {}: {}",
+        "{options}.meta.k8s.io \"\" is invalid: {}: {}",
         cause.field, cause.message
     );
     ApiError {
@@ -851,7 +875,7 @@ fn patch_options_invalid(cause: Cause) -> ApiError {
         message,
         details: Some(json!({
             "group": "meta.k8s.io",
-            "kind": "PatchOptions",
+            "kind": options,
             "causes": [{"reason": cause.reason, "message": cause.message, "field": cause.field}],
         })),
     }
@@ -890,10 +914,13 @@ async fn patch(
     };
     if applying {
         if ctx.query.get("fieldManager").unwrap_or_default().is_empty() {
-            return Err(patch_options_invalid(Cause {
-                message: "Required value: is required for apply patch".into(),
-                ..Cause::required("fieldManager")
-            }));
+            return Err(options_invalid(
+                "PatchOptions",
+                Cause {
+                    message: "Required value: is required for apply patch".into(),
+                    ..Cause::required("fieldManager")
+                },
+            ));
         }
         if !body.is_object() {
             return Err(ApiError::bad_request(
@@ -901,13 +928,13 @@ async fn patch(
             ));
         }
     } else if force.is_some() {
-        return Err(patch_options_invalid(Cause::forbidden(
-            "force",
-            "may not be specified for non-apply patch",
-        )));
+        return Err(options_invalid(
+            "PatchOptions",
+            Cause::forbidden("force", "may not be specified for non-apply patch"),
+        ));
     }
     let force = force.unwrap_or(false);
-    let manager = manager_of(ctx);
+    let manager = manager_of(ctx, "PatchOptions")?;
     let api_version = t.kind.api_version();
     if sub == Some("scale") {
         let (obj, _) = update_object(

@@ -308,13 +308,16 @@ pub(crate) fn apply(
     if managed_fields(config).is_some_and(|m| !m.is_null()) {
         return Err(FieldManagerError::ManagedFieldsInApply);
     }
-    if let Some(v) = config.get("apiVersion").and_then(Value::as_str) {
-        if v != scope.api_version {
-            return Err(FieldManagerError::ApplyVersion {
-                got: v.to_string(),
-                expected: scope.api_version.to_string(),
-            });
-        }
+    // An applied configuration names its version, which must be the one served (Ref: `structuredMergeManager.Apply`).
+    let version = config
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if version != scope.api_version {
+        return Err(FieldManagerError::ApplyVersion {
+            got: version.to_string(),
+            expected: scope.api_version.to_string(),
+        });
     }
     let mut entries = match managed_fields(live).and_then(Value::as_array) {
         Some(list) => decode_entries(list).map_err(FieldManagerError::DecodeManagedFields)?,
@@ -793,6 +796,33 @@ mod tests {
             json!({".": {}, "f:l0": {}, "f:l1": {}, "f:l2": {}}),
             "the three oldest updaters' fields"
         );
+    }
+
+    #[test]
+    fn status_applies_own_status_only_and_main_applies_ignore_status() {
+        let mut cfg = deployment(2, "a");
+        cfg["status"] = json!({"replicas": 7});
+        let obj = apply(&json!({}), &cfg, "kubectl", false, SCOPE).expect("applies");
+        let main = &obj["metadata"]["managedFields"][0];
+        assert!(main["fieldsV1"].get("f:status").is_none(), "{main}");
+        let status_scope = Scope {
+            subresource: Some("status"),
+            ..SCOPE
+        };
+        let status_cfg = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "status": {"replicas": 3}});
+        let obj = apply(&obj, &status_cfg, "ctrl", false, status_scope).expect("status apply");
+        let e = obj["metadata"]["managedFields"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["manager"] == "ctrl"))
+            .expect("ctrl entry");
+        assert_eq!(e["subresource"], "status");
+        assert_eq!(e["fieldsV1"], json!({"f:status": {"f:replicas": {}}}));
+        let missing_version = json!({"kind": "Deployment", "metadata": {"name": "web"}});
+        assert!(matches!(
+            apply(&obj, &missing_version, "x", false, SCOPE),
+            Err(FieldManagerError::ApplyVersion { .. })
+        ));
     }
 
     #[test]
