@@ -343,7 +343,7 @@ pub(crate) fn apply(
         .fold(applied.clone(), |acc, e| acc.union(&e.set));
     let mut pruned = merged;
     for path in last.difference(&owned).iter() {
-        if !owned.has_descendant(path) {
+        if !owned.has_descendant(path) && !is_key_field(path) {
             typed::remove(&mut pruned, path);
         }
     }
@@ -404,6 +404,18 @@ pub(crate) fn apply(
     }
     encode_entries(&mut pruned, entries);
     Ok(pruned)
+}
+
+/// Whether `path` is a key field of the list item it is in (`...[name="c"].name`): an item that stays keeps
+/// its key, whoever owns the rest.
+fn is_key_field(path: &[String]) -> bool {
+    let [.., item, last] = path else {
+        return false;
+    };
+    let (Some(key), Some(name)) = (item.strip_prefix("k:"), last.strip_prefix("f:")) else {
+        return false;
+    };
+    serde_json::from_str::<Map<String, Value>>(key).is_ok_and(|k| k.contains_key(name))
 }
 
 /// The fields of the last-applied annotation that still hold the values it set (Ref:
@@ -823,6 +835,25 @@ mod tests {
             apply(&obj, &missing_version, "x", false, SCOPE),
             Err(FieldManagerError::ApplyVersion { .. })
         ));
+    }
+
+    #[test]
+    fn an_item_another_manager_changed_keeps_its_key_when_the_applier_drops_it() {
+        let mut cfg = deployment(1, "a");
+        cfg["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .expect("list")
+            .push(json!({"name": "side", "image": "s:1", "command": ["sleep"]}));
+        let obj = apply(&json!({}), &cfg, "kubectl", false, SCOPE).expect("applies");
+        let mut new = obj.clone();
+        new["spec"]["template"]["spec"]["containers"][1]["image"] = json!("s:2");
+        update(Some(&obj), &mut new, "editor", SCOPE);
+        let obj = apply(&new, &deployment(1, "a"), "kubectl", false, SCOPE).expect("reapplies");
+        assert_eq!(
+            obj["spec"]["template"]["spec"]["containers"][1],
+            json!({"name": "side", "image": "s:2"}),
+            "the editor's image and the item's key stay; the applier's command goes"
+        );
     }
 
     #[test]
