@@ -390,4 +390,33 @@ async fn kube_patch_apply_conflicts_without_force_and_takes_ownership_with_it() 
         }
         other => panic!("expected 422, got {other:?}"),
     }
+
+    // managedFields are the server's to write: an apply carrying them is refused (400), the object unchanged.
+    let mut with_fields = config("4");
+    with_fields["metadata"]["managedFields"] = json!([]);
+    let err = cms
+        .patch(
+            "kube-ssa",
+            &PatchParams::apply("y"),
+            &Patch::Apply(with_fields),
+        )
+        .await
+        .expect_err("managedFields in an apply");
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(
+                (s.code, s.message.as_str()),
+                (400, "metadata.managedFields must be nil")
+            );
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let now = cms.get("kube-ssa").await.expect("get");
+    assert_eq!(
+        now.data
+            .as_ref()
+            .and_then(|d| d.get("k"))
+            .map(String::as_str),
+        Some("2")
+    );
 }

@@ -612,8 +612,8 @@ fn scope_of<'a>(
     }
 }
 
-/// The manager of a client write: `fieldManager`, else the User-Agent's product.
-/// `options` names the request's options kind for errors (`CreateOptions`, `UpdateOptions`, `PatchOptions`).
+/// The manager of a client write: `fieldManager`, else the User-Agent's product; `options` names the request's
+/// options kind for errors (`CreateOptions`, `UpdateOptions`, `PatchOptions`).
 fn manager_of(ctx: &Ctx, options: &str) -> Result<String, ApiError> {
     let given = ctx.query.get("fieldManager").unwrap_or_default();
     // Ref: apimachinery `ValidateFieldManager`: at most 128 bytes, printable characters only.
