@@ -181,6 +181,11 @@ fn two_managers_co_own_a_label_and_show_managed_fields_prints_field_sets() {
         );
     };
     ok(apply_as("alice", &cm("team: a", "a: \"1\"")));
+    // Applying the same configuration again writes nothing.
+    let rv = |c: &Value| c["metadata"]["resourceVersion"].clone();
+    let first = get_json(&cp, &["cm", "shared"]);
+    ok(apply_as("alice", &cm("team: a", "a: \"1\"")));
+    assert_eq!(rv(&get_json(&cp, &["cm", "shared"])), rv(&first));
     // The same value from another manager is no conflict: both own it.
     ok(apply_as("bob", &cm("team: a", "b: \"2\"")));
     let c = get_json(&cp, &["cm", "shared"]);

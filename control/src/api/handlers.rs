@@ -703,6 +703,12 @@ pub(crate) async fn update_object(
         } else {
             None
         };
+        // A client update that changes nothing is not written: no new resourceVersion and no watch event, so
+        // re-applying a configuration is a no-op (Ref: storage `GuaranteedUpdate` returns the existing object
+        // when the new data equals the old).
+        if mode != Mode::System && same_object(&current, &new) {
+            return Ok((current, warnings));
+        }
         if dry {
             return Ok((new, warnings));
         }
@@ -723,6 +729,16 @@ pub(crate) async fn update_object(
         }
     }
     Err(ApiError::modified(kind, name))
+}
+
+/// Whether two versions of an object are the same, resourceVersion aside.
+fn same_object(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        meta_mut(&mut v).remove("resourceVersion");
+        v
+    };
+    strip(a) == strip(b)
 }
 
 /// An object being deleted whose finalizers are all gone and whose grace period is zero is removed.
