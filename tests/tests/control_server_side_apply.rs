@@ -281,6 +281,20 @@ fn server_side_apply_takes_over_from_client_side_apply() {
     assert_eq!(d["spec"]["replicas"], 4);
     let mine = entry(&d, "kubectl", "Apply").expect("kubectl now applies");
     assert!(mine["fieldsV1"]["f:spec"].get("f:replicas").is_some());
+    // kubectl then moves the client-side apply entry over with a JSON patch of managedFields, which the
+    // server takes as written: the annotation's owner is `kubectl-last-applied`.
+    assert!(
+        entry(&d, "kubectl-client-side-apply", "Update").is_none(),
+        "{}",
+        d["metadata"]["managedFields"]
+    );
+    let last = entry(&d, "kubectl-last-applied", "Apply").expect("kubectl-last-applied entry");
+    assert!(
+        last["fieldsV1"]["f:metadata"]["f:annotations"]
+            .get("f:kubectl.kubernetes.io/last-applied-configuration")
+            .is_some(),
+        "{last}"
+    );
     // Client-side apply still works afterwards.
     cp.kubectl_stdin_ok(&["apply", "-f", "-"], &deployment(3, "app: web", WEB));
     let d = get_json(&cp, &["deploy", "web"]);
