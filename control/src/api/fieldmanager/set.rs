@@ -167,7 +167,10 @@ fn parse(m: &Map<String, Value>, path: &mut Path, set: &mut Set) -> Result<(), S
 pub(crate) fn display(path: &[Element]) -> String {
     let mut out = String::new();
     for el in path {
-        let (kind, rest) = el.split_at(el.len().min(2));
+        let (kind, rest) = (
+            el.get(..2).unwrap_or_default(),
+            el.get(2..).unwrap_or_default(),
+        );
         match kind {
             "f:" => {
                 out.push('.');
