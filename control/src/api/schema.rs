@@ -143,3 +143,39 @@ pub(crate) fn always_present(field: &str) -> bool {
             | "containers"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(parents: &[&str], field: &str) -> ListSchema {
+        let parents: Vec<String> = parents.iter().map(|p| p.to_string()).collect();
+        list_schema(&parents, field)
+    }
+
+    #[test]
+    fn ports_are_keyed_by_where_they_are() {
+        let container = at(&["spec", "template", "spec", "containers"], "ports");
+        assert_eq!(
+            container.apply,
+            ListType::Map(&["containerPort", "protocol"])
+        );
+        assert_eq!(container.patch_merge_key, Some("containerPort"));
+        let service = at(&["spec"], "ports");
+        assert_eq!(service.apply, ListType::Map(&["port", "protocol"]));
+        assert_eq!(service.patch_merge_key, Some("port"));
+        // EndpointSlice ports sit at the top level and are atomic.
+        assert_eq!(at(&[], "ports"), ATOMIC);
+    }
+
+    #[test]
+    fn finalizers_are_a_set_in_metadata_and_tolerations_are_atomic() {
+        let meta = at(&["metadata"], "finalizers");
+        assert_eq!(meta.apply, ListType::Set);
+        assert!(meta.patch_merges_scalars);
+        assert_eq!(at(&["spec"], "finalizers").apply, ListType::Atomic);
+        assert_eq!(at(&["spec", "template", "spec"], "tolerations"), ATOMIC);
+        assert_eq!(at(&["spec"], "taints").apply, ListType::Atomic);
+        assert_eq!(at(&["spec"], "taints").patch_merge_key, Some("key"));
+    }
+}
