@@ -23,4 +23,4 @@ echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast
 echo "== control-plane suites again, on the etcd backend (each API server gets its own etcd member)"
 WINDLASS_TEST_STORE=etcd cargo test --locked --no-fail-fast -p windlass-tests \
-  --test control_kubectl --test control_kube_client --test control_rbac --test control_watch --test control_sa_tokens --test control_events --test control_controllers_apps
+  --test control_kubectl --test control_kube_client --test control_rbac --test control_watch --test control_sa_tokens --test control_events --test control_controllers_apps --test control_server_side_apply

@@ -8,11 +8,15 @@
 
 use serde_json::json;
 
-use super::handlers::{create_object, update_object, Mode};
+use super::handlers::{create_object, update_object, Fields, Mode};
 use super::objects::FieldValidation;
 use super::resources;
 use super::State;
 use crate::store::StoreError;
+
+/// The field manager of what the server creates itself (upstream's bootstrap controllers write as the
+/// apiserver's user agent, `kube-apiserver`).
+const BOOTSTRAP_MANAGER: &str = "windlass-control";
 
 pub(crate) async fn run(state: &State) -> Result<(), StoreError> {
     let ns_kind = resources::find("", "v1", "namespaces")
@@ -154,7 +158,11 @@ async fn ensure(
     if state.store.get(&kind.key(ns, &name)).await?.0.is_some() {
         return Ok(());
     }
-    match create_object(state, kind, ns, obj, FieldValidation::Strict, false).await {
+    let fields = Fields::Update {
+        manager: BOOTSTRAP_MANAGER,
+        subresource: None,
+    };
+    match create_object(state, kind, ns, obj, FieldValidation::Strict, fields, false).await {
         Ok(_) => {
             tracing::info!(kind = kind.kind, %name, "bootstrapped");
             Ok(())

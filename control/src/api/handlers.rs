@@ -8,6 +8,7 @@ use base64::Engine;
 use http::{Method, Response};
 use serde_json::{json, Value};
 
+use super::fieldmanager::{self, Scope};
 use super::objects::{self, decode, meta, meta_mut, name_of, FieldValidation};
 use super::resources::{self, ResourceKind};
 use super::selectors::{FieldSelector, LabelSelector};
@@ -486,6 +487,7 @@ pub(crate) async fn create_object(
     namespace: Option<&str>,
     mut obj: Value,
     validation: FieldValidation,
+    fields: Fields<'_>,
     dry: bool,
 ) -> Result<(Value, Vec<String>), ApiError> {
     check_type(kind, &obj)?;
@@ -507,6 +509,7 @@ pub(crate) async fn create_object(
     let (not_ready, unreachable) = state.config.default_toleration_seconds;
     objects::default_tolerations(kind, &mut obj, not_ready, unreachable);
     let (mut obj, warnings) = decode(kind, obj, validation)?;
+    fields.record(kind, None, &mut obj);
     let name = name_of(&obj).to_string();
     let causes = objects::validate(kind, &obj, state.config.node_ports);
     if !causes.is_empty() {
@@ -542,8 +545,21 @@ pub(crate) async fn create_object(
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let obj = body_object(ctx, t.kind)?;
-    let (obj, warnings) =
-        create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
+    let manager = manager_of(ctx, "CreateOptions")?;
+    let fields = Fields::Update {
+        manager: &manager,
+        subresource: None,
+    };
+    let (obj, warnings) = create_object(
+        state,
+        t.kind,
+        ns_of(t),
+        obj,
+        validation,
+        fields,
+        dry_run(ctx),
+    )
+    .await?;
     Ok(with_warnings(json_response(201, &obj), &warnings))
 }
 
@@ -551,8 +567,77 @@ async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, 
 /// itself (graceful deletion, binding), which may set them.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode<'a> {
-    Client { subresource: Option<&'a str> },
+    Client {
+        subresource: Option<&'a str>,
+        fields: Fields<'a>,
+    },
     System,
+}
+
+/// How a client write's field ownership (`metadata.managedFields`) is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fields<'a> {
+    /// An update: the changed fields move to `manager` (its entry names `subresource`).
+    Update {
+        manager: &'a str,
+        subresource: Option<&'a str>,
+    },
+    /// A server-side apply, whose fields the field manager already recorded.
+    Applied,
+}
+
+impl Fields<'_> {
+    fn record(self, kind: &ResourceKind, live: Option<&Value>, new: &mut Value) {
+        if let Fields::Update {
+            manager,
+            subresource,
+        } = self
+        {
+            let api_version = kind.api_version();
+            let scope = scope_of(kind, &api_version, subresource);
+            fieldmanager::update(live, new, manager, scope);
+        }
+    }
+}
+
+fn scope_of<'a>(
+    kind: &ResourceKind,
+    api_version: &'a str,
+    subresource: Option<&'a str>,
+) -> Scope<'a> {
+    Scope {
+        api_version,
+        has_status: kind.has_status(),
+        subresource,
+    }
+}
+
+/// The manager of a client write: `fieldManager`, else the User-Agent's product; `options` names the request's
+/// options kind for errors (`CreateOptions`, `UpdateOptions`, `PatchOptions`).
+fn manager_of(ctx: &Ctx, options: &str) -> Result<String, ApiError> {
+    let given = ctx.query.get("fieldManager").unwrap_or_default();
+    // Ref: apimachinery `ValidateFieldManager`: at most 128 bytes, printable characters only.
+    if given.len() > 128 {
+        return Err(options_invalid(
+            options,
+            Cause {
+                reason: "FieldValueTooLong",
+                field: "fieldManager".into(),
+                message: "Too long: may not be more than 128 bytes".into(),
+            },
+        ));
+    }
+    if let Some((i, c)) = given.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(options_invalid(
+            options,
+            Cause::invalid(
+                "fieldManager",
+                &json!(given),
+                format!("invalid character {c:?} (at position {i})"),
+            ),
+        ));
+    }
+    Ok(fieldmanager::manager_name(Some(given), &ctx.user_agent))
 }
 
 /// Read-modify-write with optimistic concurrency: `f` builds the new object from the current one. Retries on a
@@ -591,7 +676,7 @@ pub(crate) async fn update_object(
                 name_of(&new)
             )));
         }
-        if let Mode::Client { subresource } = mode {
+        if let Mode::Client { subresource, .. } = mode {
             objects::prepare_update(kind, &mut new, &current, subresource);
         } else {
             meta_mut(&mut new).remove("resourceVersion");
@@ -599,8 +684,14 @@ pub(crate) async fn update_object(
         objects::apply_defaults(kind, &mut new, false);
         let (mut new, warnings) = decode(kind, new, validation)?;
         let mut causes = objects::validate(kind, &new, state.config.node_ports);
-        if mode == (Mode::Client { subresource: None }) {
+        if let Mode::Client {
+            subresource: None, ..
+        } = mode
+        {
             causes.extend(objects::validate_update(kind, &new, &current));
+        }
+        if let Mode::Client { fields, .. } = mode {
+            fields.record(kind, Some(&current), &mut new);
         }
         if !causes.is_empty() {
             return Err(ApiError::invalid(kind, name, causes));
@@ -612,6 +703,12 @@ pub(crate) async fn update_object(
         } else {
             None
         };
+        // A client update that changes nothing is not written: no new resourceVersion and no watch event, so
+        // re-applying a configuration is a no-op (Ref: storage `GuaranteedUpdate` returns the existing object
+        // when the new data equals the old).
+        if mode != Mode::System && same_object(&current, &new) {
+            return Ok((current, warnings));
+        }
         if dry {
             return Ok((new, warnings));
         }
@@ -632,6 +729,16 @@ pub(crate) async fn update_object(
         }
     }
     Err(ApiError::modified(kind, name))
+}
+
+/// Whether two versions of an object are the same, resourceVersion aside.
+fn same_object(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        meta_mut(&mut v).remove("resourceVersion");
+        v
+    };
+    strip(a) == strip(b)
 }
 
 /// An object being deleted whose finalizers are all gone and whose grace period is zero is removed.
@@ -675,6 +782,7 @@ async fn update(
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let body = body_object(ctx, t.kind)?;
     let sub = t.subresource.as_deref();
+    let manager = manager_of(ctx, "UpdateOptions")?;
     if sub == Some("scale") {
         let replicas = body
             .pointer("/spec/replicas")
@@ -686,7 +794,13 @@ async fn update(
             t.kind,
             ns_of(t),
             name,
-            Mode::Client { subresource: None },
+            Mode::Client {
+                subresource: None,
+                fields: Fields::Update {
+                    manager: &manager,
+                    subresource: Some("scale"),
+                },
+            },
             FieldValidation::Ignore,
             dry_run(ctx),
             |cur| {
@@ -702,6 +816,10 @@ async fn update(
         .await?;
         return Ok(json_response(200, &scale_of(t.kind, &obj)?));
     }
+    let fields = Fields::Update {
+        manager: &manager,
+        subresource: sub,
+    };
     let exists = state
         .store
         .get(&t.kind.key(ns_of(t), name))
@@ -710,7 +828,7 @@ async fn update(
         .is_some();
     if !exists {
         if t.kind.create_on_update && sub.is_none() {
-            return create_at_url(state, ctx, t, name, body, validation).await;
+            return create_at_url(state, ctx, t, name, body, validation, fields).await;
         }
         return Err(ApiError::not_found(t.kind, name));
     }
@@ -719,7 +837,10 @@ async fn update(
         t.kind,
         ns_of(t),
         name,
-        Mode::Client { subresource: sub },
+        Mode::Client {
+            subresource: sub,
+            fields,
+        },
         validation,
         dry_run(ctx),
         |_| Ok(body.clone()),
@@ -736,6 +857,7 @@ async fn create_at_url(
     name: &str,
     obj: Value,
     validation: FieldValidation,
+    fields: Fields<'_>,
 ) -> Result<Response<Body>, ApiError> {
     if name_of(&obj) != name {
         return Err(ApiError::bad_request(format!(
@@ -743,9 +865,48 @@ async fn create_at_url(
             name_of(&obj)
         )));
     }
-    let (obj, warnings) =
-        create_object(state, t.kind, ns_of(t), obj, validation, dry_run(ctx)).await?;
+    let (obj, warnings) = create_object(
+        state,
+        t.kind,
+        ns_of(t),
+        obj,
+        validation,
+        fields,
+        dry_run(ctx),
+    )
+    .await?;
     Ok(with_warnings(json_response(201, &obj), &warnings))
+}
+
+/// Request options validation errors (Ref: apiserver `ValidatePatchOptions` and friends): 422 on
+/// `<options>.meta.k8s.io`.
+fn options_invalid(options: &str, cause: Cause) -> ApiError {
+    let message = format!(
+        "{options}.meta.k8s.io \"\" is invalid: {}: {}",
+        cause.field, cause.message
+    );
+    ApiError {
+        code: 422,
+        reason: "Invalid",
+        message,
+        details: Some(json!({
+            "group": "meta.k8s.io",
+            "kind": options,
+            "causes": [{"reason": cause.reason, "message": cause.message, "field": cause.field}],
+        })),
+    }
+}
+
+/// The body of a PATCH: JSON, or YAML for server-side apply (`application/apply-patch+yaml`).
+fn patch_body(ctx: &Ctx, ptype: patch::PatchType) -> Result<Value, ApiError> {
+    match serde_json::from_slice(&ctx.body) {
+        Ok(v) => Ok(v),
+        Err(_) if ptype == patch::PatchType::Apply => serde_yaml_ng::from_slice(&ctx.body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the patch is not valid JSON: {e}"
+        ))),
+    }
 }
 
 async fn patch(
@@ -757,31 +918,83 @@ async fn patch(
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let ptype = patch::PatchType::from_content_type(&ctx.content_type)
         .ok_or_else(|| ApiError::unsupported_media_type(&ctx.content_type))?;
-    let body: Value = serde_json::from_slice(&ctx.body)
-        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let body = patch_body(ctx, ptype)?;
     let sub = t.subresource.as_deref();
-    let manager = ctx
-        .query
-        .get("fieldManager")
-        .unwrap_or("unknown")
-        .to_string();
+    let applying = ptype == patch::PatchType::Apply;
+    let force = match ctx.query.get("force") {
+        None => None,
+        Some(f) => Some(
+            f.parse::<bool>()
+                .map_err(|_| ApiError::bad_request(format!("invalid force parameter {f:?}")))?,
+        ),
+    };
+    if applying {
+        if ctx.query.get("fieldManager").unwrap_or_default().is_empty() {
+            return Err(options_invalid(
+                "PatchOptions",
+                Cause {
+                    message: "Required value: is required for apply patch".into(),
+                    ..Cause::required("fieldManager")
+                },
+            ));
+        }
+        if !body.is_object() {
+            return Err(ApiError::bad_request(
+                "an apply configuration must be an object",
+            ));
+        }
+    } else if force.is_some() {
+        return Err(options_invalid(
+            "PatchOptions",
+            Cause::forbidden("force", "may not be specified for non-apply patch"),
+        ));
+    }
+    let force = force.unwrap_or(false);
+    let manager = manager_of(ctx, "PatchOptions")?;
+    let api_version = t.kind.api_version();
     if sub == Some("scale") {
         let (obj, _) = update_object(
             state,
             t.kind,
             ns_of(t),
             name,
-            Mode::Client { subresource: None },
+            Mode::Client {
+                subresource: None,
+                fields: if applying {
+                    Fields::Applied
+                } else {
+                    Fields::Update {
+                        manager: &manager,
+                        subresource: Some("scale"),
+                    }
+                },
+            },
             FieldValidation::Ignore,
             dry_run(ctx),
             |cur| {
-                let scale = scale_of(t.kind, cur)?;
-                let patched = patch::apply(ptype, &scale, &body, &manager)?;
-                let mut new = cur.clone();
-                new["spec"]["replicas"] = patched
-                    .pointer("/spec/replicas")
-                    .cloned()
-                    .unwrap_or(json!(0));
+                let mut new = if applying {
+                    // An applied Scale owns the parent's `spec.replicas` (Ref: the scale subresource's
+                    // managed-fields conversion to the parent's field paths).
+                    let mut parent = json!({
+                        "apiVersion": api_version,
+                        "kind": t.kind.kind,
+                        "metadata": {"name": name},
+                    });
+                    if let Some(r) = body.pointer("/spec/replicas") {
+                        parent["spec"] = json!({"replicas": r});
+                    }
+                    let scope = scope_of(t.kind, &api_version, Some("scale"));
+                    fieldmanager::apply(cur, &parent, &manager, force, scope)?
+                } else {
+                    let scale = scale_of(t.kind, cur)?;
+                    let patched = patch::apply(ptype, &scale, &body)?;
+                    let mut new = cur.clone();
+                    new["spec"]["replicas"] = patched
+                        .pointer("/spec/replicas")
+                        .cloned()
+                        .unwrap_or(json!(0));
+                    new
+                };
                 meta_mut(&mut new).remove("resourceVersion");
                 Ok(new)
             },
@@ -796,24 +1009,40 @@ async fn patch(
         .0
         .is_some();
     if !exists {
-        if ptype == patch::PatchType::Apply && sub.is_none() {
+        if applying && sub.is_none() {
             // Server-side apply creates a missing object from the applied configuration.
-            let mut obj = body.clone();
-            patch::record_manager(&mut obj, &body, &manager, "Apply");
-            return create_at_url(state, ctx, t, name, obj, validation).await;
+            let scope = scope_of(t.kind, &api_version, None);
+            let obj = fieldmanager::apply(&json!({}), &body, &manager, force, scope)?;
+            return create_at_url(state, ctx, t, name, obj, validation, Fields::Applied).await;
         }
         return Err(ApiError::not_found(t.kind, name));
     }
+    let fields = if applying {
+        Fields::Applied
+    } else {
+        Fields::Update {
+            manager: &manager,
+            subresource: sub,
+        }
+    };
     let (obj, warnings) = update_object(
         state,
         t.kind,
         ns_of(t),
         name,
-        Mode::Client { subresource: sub },
+        Mode::Client {
+            subresource: sub,
+            fields,
+        },
         validation,
         dry_run(ctx),
         |cur| {
-            let mut new = patch::apply(ptype, cur, &body, &manager)?;
+            let mut new = if applying {
+                let scope = scope_of(t.kind, &api_version, sub);
+                fieldmanager::apply(cur, &body, &manager, force, scope)?
+            } else {
+                patch::apply(ptype, cur, &body)?
+            };
             // A patch is checked against the version it carries, if any; otherwise applied to the latest.
             let patch_rv = body
                 .pointer("/metadata/resourceVersion")

@@ -21,6 +21,7 @@ use crate::store::Store;
 mod auth;
 mod bootstrap;
 mod discovery;
+mod fieldmanager;
 mod handlers;
 mod kubelet_proxy;
 mod objects;
@@ -30,6 +31,7 @@ mod protobuf;
 mod rbac;
 pub(crate) mod resources;
 mod sa_token;
+mod schema;
 mod selectors;
 mod server;
 mod status;
@@ -155,6 +157,8 @@ pub(crate) struct Ctx {
     pub content_type: String,
     pub body: Bytes,
     pub user: User,
+    /// `User-Agent`: names the field manager of updates that give no `fieldManager`.
+    pub user_agent: String,
 }
 
 impl Ctx {
@@ -271,6 +275,7 @@ pub(crate) async fn handle(
         query: Query::parse(parts.uri.query()),
         accept: header(header::ACCEPT),
         content_type: header(header::CONTENT_TYPE),
+        user_agent: header(header::USER_AGENT),
         path,
         body,
         user,

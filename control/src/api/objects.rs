@@ -181,7 +181,7 @@ pub(crate) fn prepare_update(
 }
 
 /// Quantities may be written as numbers in YAML (`cpu: 1`); the API accepts them, the typed decoder does not.
-fn stringify_quantities(v: &mut Value, in_quantity_map: bool) {
+pub(crate) fn stringify_quantities(v: &mut Value, in_quantity_map: bool) {
     match v {
         Value::Object(m) => {
             for (k, child) in m.iter_mut() {

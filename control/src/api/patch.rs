@@ -5,13 +5,12 @@
 //! lists are replaced; `null` deletes a field; directives `$patch: replace|delete|merge`, `$retainKeys`,
 //! `$setElementOrder/<list>` and `$deleteFromPrimitiveList/<list>` are honoured.
 //!
-//! Server-side apply is approximated: the applied configuration is merged into the live object like a strategic
-//! merge patch (so fields the applier leaves out are kept rather than removed, and no ownership conflicts are
-//! reported), and `metadata.managedFields` records each manager's applied field set.
+//! Which lists merge by which key comes from `api::schema`, shared with server-side apply (`api::fieldmanager`),
+//! which handles `application/apply-patch+yaml`.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use super::objects;
+use super::schema;
 use super::status::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,12 +44,7 @@ fn invalid(message: String) -> ApiError {
 }
 
 /// Applies `patch` to `current`, returning the patched object.
-pub(crate) fn apply(
-    ptype: PatchType,
-    current: &Value,
-    patch: &Value,
-    manager: &str,
-) -> Result<Value, ApiError> {
+pub(crate) fn apply(ptype: PatchType, current: &Value, patch: &Value) -> Result<Value, ApiError> {
     let mut doc = current.clone();
     match ptype {
         PatchType::Json => {
@@ -74,14 +68,9 @@ pub(crate) fn apply(
             doc = strategic_merge(current, patch, &mut Vec::new())?;
         }
         PatchType::Apply => {
-            if !patch.is_object() {
-                return Err(ApiError::bad_request(
-                    "an apply configuration must be an object",
-                ));
-            }
-            // The applied configuration's identity must match.
-            doc = strategic_merge(current, patch, &mut Vec::new())?;
-            record_manager(&mut doc, patch, manager, "Apply");
+            return Err(ApiError::internal(
+                "server-side apply is handled by the field manager, not as a patch",
+            ))
         }
     }
     Ok(doc)
@@ -89,37 +78,12 @@ pub(crate) fn apply(
 
 /// The patch merge key of list `field` at `path` (the keys above it), from the Go types' `patchMergeKey` tags.
 fn merge_key(path: &[String], field: &str) -> Option<&'static str> {
-    let in_container = path.iter().any(|p| {
-        matches!(
-            p.as_str(),
-            "containers" | "initContainers" | "ephemeralContainers"
-        )
-    });
-    Some(match field {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "env"
-        | "volumes"
-        | "imagePullSecrets"
-        | "resourceClaims"
-        | "schedulingGates" => "name",
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "ports" if in_container => "containerPort",
-        "ports" => "port",
-        "conditions" | "addresses" => "type",
-        "ownerReferences" => "uid",
-        "hostAliases" => "ip",
-        "taints" => "key",
-        "topologySpreadConstraints" => "topologyKey",
-        _ => return None,
-    })
+    schema::list_schema(path, field).patch_merge_key
 }
 
 /// Lists of scalars with `patchStrategy:"merge"` (union instead of replace).
-fn merges_primitives(field: &str) -> bool {
-    field == "finalizers"
+fn merges_primitives(path: &[String], field: &str) -> bool {
+    schema::list_schema(path, field).patch_merges_scalars
 }
 
 fn strategic_merge(
@@ -221,7 +185,7 @@ fn merge_list(
             .collect();
         return Ok(Value::Array(kept));
     }
-    if merges_primitives(field) {
+    if merges_primitives(path, field) {
         let mut out = original.to_vec();
         for v in patch {
             if !out.contains(v) {
@@ -274,77 +238,10 @@ fn strip_directives(v: &Value) -> Value {
     }
 }
 
-/// The `fieldsV1` set of an applied configuration: `f:<field>` for map keys, `k:{...}` for keyed list items.
-fn fields_v1(v: &Value, path: &mut Vec<String>) -> Value {
-    let mut out = Map::new();
-    if let Value::Object(m) = v {
-        for (k, child) in m {
-            if matches!(k.as_str(), "apiVersion" | "kind") && path.is_empty() {
-                continue;
-            }
-            if path.len() == 1
-                && path[0] == "metadata"
-                && matches!(k.as_str(), "name" | "namespace" | "managedFields")
-            {
-                continue;
-            }
-            let entry = match child {
-                Value::Object(_) => {
-                    path.push(k.clone());
-                    let r = fields_v1(child, path);
-                    path.pop();
-                    r
-                }
-                Value::Array(items) => match merge_key(path, k) {
-                    Some(key) => {
-                        path.push(k.clone());
-                        let mut lm = Map::new();
-                        for item in items {
-                            if let Some(kv) = item.get(key) {
-                                let mut inner = fields_v1(item, path);
-                                if let Some(o) = inner.as_object_mut() {
-                                    o.insert(".".into(), json!({}));
-                                }
-                                lm.insert(format!("k:{}", json!({ key: kv })), inner);
-                            }
-                        }
-                        path.pop();
-                        Value::Object(lm)
-                    }
-                    None => json!({}),
-                },
-                _ => json!({}),
-            };
-            out.insert(format!("f:{k}"), entry);
-        }
-    }
-    Value::Object(out)
-}
-
-/// Records `manager`'s field set for `operation` in `metadata.managedFields` (replacing its previous entry).
-pub(crate) fn record_manager(obj: &mut Value, applied: &Value, manager: &str, operation: &str) {
-    let api_version = obj.get("apiVersion").cloned().unwrap_or(json!(""));
-    let entry = json!({
-        "manager": manager,
-        "operation": operation,
-        "apiVersion": api_version,
-        "time": objects::now(),
-        "fieldsType": "FieldsV1",
-        "fieldsV1": fields_v1(applied, &mut Vec::new()),
-    });
-    let m = objects::meta_mut(obj);
-    let list = m.entry("managedFields").or_insert_with(|| json!([]));
-    if let Some(a) = list.as_array_mut() {
-        a.retain(|e| {
-            !(e.get("manager").and_then(Value::as_str) == Some(manager)
-                && e.get("operation").and_then(Value::as_str) == Some(operation))
-        });
-        a.push(entry);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn smp(orig: Value, patch: Value) -> Value {

@@ -1,0 +1,871 @@
+//! Server-side apply and field ownership (`metadata.managedFields`).
+//!
+//! Ref: kubernetes `staging/src/k8s.io/apimachinery/pkg/util/managedfields/internal` (the field manager chain:
+//! strip metadata, managed-fields updater, last-applied handling) over structured-merge-diff's `merge.Updater`:
+//! - Apply: the configuration is merged into the live object; its field set becomes the manager's set; fields
+//!   the manager applied before and leaves out now are removed unless another manager owns them; a field the
+//!   configuration changes that another manager owns is a conflict unless `force`, which moves it.
+//! - Update (PUT, patches, subresources): the fields that changed move to the updating manager.
+
+mod set;
+mod typed;
+
+use serde_json::{json, Map, Value};
+
+use super::objects;
+use super::status::ApiError;
+use set::{Path, Set};
+
+/// The annotation client-side `kubectl apply` keeps (Ref: `corev1.LastAppliedConfigAnnotation`).
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// At most this many Update entries are kept; older ones merge into [`ANCIENT_CHANGES`] (Ref:
+/// `internal.DefaultMaxUpdateManagers`, `capManagersManager`).
+const MAX_UPDATE_MANAGERS: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
+/// The manager whose client-side apply conflicts are forgiven (Ref: `lastAppliedManager` only acts for it).
+const KUBECTL_SSA: &str = "kubectl";
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FieldManagerError {
+    #[error("metadata.managedFields must be nil")]
+    ManagedFieldsInApply,
+    #[error("Incorrect version specified in apply patch. Specified patch version: {got}, expected: {expected}")]
+    ApplyVersion { got: String, expected: String },
+    #[error("{}", conflict_message(.0))]
+    Conflicts(Vec<Conflict>),
+    #[error("failed to decode managed fields: {0}")]
+    DecodeManagedFields(String),
+    #[error("{0}")]
+    InvalidObject(String),
+}
+
+impl From<FieldManagerError> for ApiError {
+    fn from(e: FieldManagerError) -> Self {
+        let message = e.to_string();
+        match e {
+            FieldManagerError::Conflicts(conflicts) => ApiError {
+                code: 409,
+                reason: "Conflict",
+                message,
+                details: Some(json!({
+                    "causes": conflicts.iter().map(|c| json!({
+                        "reason": "FieldManagerConflict",
+                        "message": format!("conflict with {}", c.manager),
+                        "field": set::display(&c.path),
+                    })).collect::<Vec<_>>(),
+                })),
+            },
+            FieldManagerError::InvalidObject(_) => ApiError {
+                code: 422,
+                reason: "Invalid",
+                message,
+                details: None,
+            },
+            FieldManagerError::DecodeManagedFields(_) => ApiError::internal(message),
+            _ => ApiError::bad_request(message),
+        }
+    }
+}
+
+/// One field owned by another manager that an apply would change.
+#[derive(Debug)]
+pub(crate) struct Conflict {
+    /// The manager as upstream prints it: `"kubectl-scale" with subresource "scale" using apps/v1`.
+    manager: String,
+    path: Path,
+}
+
+/// Ref: `internal.NewConflictError` / `getConflictMessage`.
+fn conflict_message(conflicts: &[Conflict]) -> String {
+    if let [c] = conflicts {
+        return format!(
+            "Apply failed with 1 conflict: conflict with {}: {}",
+            c.manager,
+            set::display(&c.path)
+        );
+    }
+    let mut managers: Vec<&str> = conflicts.iter().map(|c| c.manager.as_str()).collect();
+    managers.sort_unstable();
+    managers.dedup();
+    let mut lines = Vec::new();
+    for m in managers {
+        lines.push(format!("conflicts with {m}:"));
+        for c in conflicts.iter().filter(|c| c.manager == m) {
+            lines.push(format!("- {}", set::display(&c.path)));
+        }
+    }
+    format!(
+        "Apply failed with {} conflicts: {}",
+        conflicts.len(),
+        lines.join("\n")
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Operation {
+    Apply,
+    Update,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Apply => "Apply",
+            Self::Update => "Update",
+        }
+    }
+}
+
+/// One `managedFields` entry, decoded.
+#[derive(Clone, Debug)]
+struct Entry {
+    manager: String,
+    operation: Operation,
+    api_version: String,
+    time: Option<String>,
+    subresource: Option<String>,
+    set: Set,
+}
+
+impl Entry {
+    /// Upstream keeps one entry per (manager, operation, subresource) (and API version for updates; one per
+    /// kind here, as Windlass serves one version of each).
+    fn is(&self, manager: &str, operation: Operation, subresource: Option<&str>) -> bool {
+        self.manager == manager
+            && self.operation == operation
+            && self.subresource.as_deref() == subresource
+    }
+
+    /// Ref: `internal.printManager`.
+    fn printed(&self) -> String {
+        let mut s = format!("{:?}", self.manager);
+        if let Some(sub) = &self.subresource {
+            s.push_str(&format!(" with subresource {sub:?}"));
+        }
+        if self.operation == Operation::Update {
+            s.push_str(&format!(" using {}", self.api_version));
+        }
+        s
+    }
+
+    fn to_json(&self) -> Value {
+        let mut e = json!({
+            "manager": self.manager,
+            "operation": self.operation.as_str(),
+            "apiVersion": self.api_version,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": self.set.to_fields_v1(),
+        });
+        if let Some(t) = &self.time {
+            e["time"] = json!(t);
+        }
+        if let Some(s) = &self.subresource {
+            e["subresource"] = json!(s);
+        }
+        e
+    }
+}
+
+fn decode_entries(list: &[Value]) -> Result<Vec<Entry>, String> {
+    let mut out: Vec<Entry> = Vec::new();
+    for e in list {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).map(String::from);
+        let manager = s("manager").unwrap_or_default();
+        let operation = match s("operation").as_deref() {
+            Some("Apply") => Operation::Apply,
+            Some("Update") => Operation::Update,
+            other => {
+                return Err(format!(
+                    "unknown operation {other:?} of manager {manager:?}"
+                ))
+            }
+        };
+        if let Some(t) = s("fieldsType").filter(|t| t != "FieldsV1") {
+            return Err(format!(
+                "unsupported fieldsType {t:?} of manager {manager:?}"
+            ));
+        }
+        let set = match e.get("fieldsV1") {
+            Some(v) => Set::from_fields_v1(v)?,
+            None => Set::new(),
+        };
+        let subresource = s("subresource").filter(|s| !s.is_empty());
+        if out
+            .iter()
+            .any(|o| o.is(&manager, operation, subresource.as_deref()))
+        {
+            return Err(format!("duplicate entry for manager {manager:?}"));
+        }
+        out.push(Entry {
+            manager,
+            operation,
+            api_version: s("apiVersion").unwrap_or_default(),
+            time: s("time"),
+            subresource,
+            set,
+        });
+    }
+    Ok(out)
+}
+
+fn managed_fields(obj: &Value) -> Option<&Value> {
+    objects::meta(obj).get("managedFields")
+}
+
+/// Writes `entries` into `obj`, sorted as upstream's `sortEncodedManagedFields` (operation, time, manager).
+fn encode_entries(obj: &mut Value, mut entries: Vec<Entry>) {
+    entries.retain(|e| !e.set.is_empty());
+    entries.sort_by(|a, b| {
+        (a.operation, &a.time, &a.manager, &a.subresource).cmp(&(
+            b.operation,
+            &b.time,
+            &b.manager,
+            &b.subresource,
+        ))
+    });
+    let m = objects::meta_mut(obj);
+    if entries.is_empty() {
+        m.remove("managedFields");
+    } else {
+        m.insert(
+            "managedFields".into(),
+            Value::Array(entries.iter().map(Entry::to_json).collect()),
+        );
+    }
+}
+
+/// The object without what field management ignores: its managed fields.
+fn without_managed_fields(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("managedFields");
+    }
+    o
+}
+
+/// Fields nobody owns (Ref: `internal.NewStripMetaManager`).
+fn strip(set: &mut Set) {
+    const STRIPPED: &[&[&str]] = &[
+        &["f:apiVersion"],
+        &["f:kind"],
+        &["f:metadata"],
+        &["f:metadata", "f:name"],
+        &["f:metadata", "f:namespace"],
+        &["f:metadata", "f:creationTimestamp"],
+        &["f:metadata", "f:selfLink"],
+        &["f:metadata", "f:uid"],
+        &["f:metadata", "f:clusterName"],
+        &["f:metadata", "f:generation"],
+        &["f:metadata", "f:resourceVersion"],
+    ];
+    set.retain(|p| {
+        !STRIPPED
+            .iter()
+            .any(|s| p.iter().map(String::as_str).eq(s.iter().copied()))
+            && !p.starts_with(&["f:metadata".to_string(), "f:managedFields".to_string()])
+    });
+}
+
+/// Where a request writes: the main resource of a kind with a status subresource ignores status, the status
+/// subresource everything else (Ref: the registry strategies' `GetResetFields`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scope<'a> {
+    pub api_version: &'a str,
+    pub has_status: bool,
+    pub subresource: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    fn filter(&self, set: &mut Set) {
+        strip(set);
+        let status = |p: &Path| p.first().is_some_and(|f| f == "f:status");
+        match self.subresource {
+            Some("status") => set.retain(status),
+            _ if self.has_status => set.retain(|p| !status(p)),
+            _ => {}
+        }
+    }
+}
+
+/// The manager of an update: `fieldManager`, else the User-Agent up to its first `/` (Ref: the apiserver's
+/// `managerOrUserAgent`/`prefixFromUserAgent`: `kubectl/v1.32 (linux/amd64)` → `kubectl`).
+pub(crate) fn manager_name(field_manager: Option<&str>, user_agent: &str) -> String {
+    match field_manager.filter(|m| !m.is_empty()) {
+        Some(m) => m.to_string(),
+        None => user_agent.split('/').next().unwrap_or_default().to_string(),
+    }
+}
+
+/// Server-side apply of `config` by `manager` onto `live` (an empty object when creating). Returns the new object
+/// with its managed fields.
+pub(crate) fn apply(
+    live: &Value,
+    config: &Value,
+    manager: &str,
+    force: bool,
+    scope: Scope<'_>,
+) -> Result<Value, FieldManagerError> {
+    if managed_fields(config).is_some_and(|m| !m.is_null()) {
+        return Err(FieldManagerError::ManagedFieldsInApply);
+    }
+    // An applied configuration names its version, which must be the one served (Ref: `structuredMergeManager.Apply`).
+    let version = config
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if version != scope.api_version {
+        return Err(FieldManagerError::ApplyVersion {
+            got: version.to_string(),
+            expected: scope.api_version.to_string(),
+        });
+    }
+    let mut entries = match managed_fields(live).and_then(Value::as_array) {
+        Some(list) => decode_entries(list).map_err(FieldManagerError::DecodeManagedFields)?,
+        None => Vec::new(),
+    };
+    let live_clean = without_managed_fields(live);
+    let mut config = config.clone();
+    objects::stringify_quantities(&mut config, false);
+    let merged = typed::merge(&live_clean, &config).map_err(FieldManagerError::InvalidObject)?;
+    let mut applied = typed::field_set(&config).map_err(FieldManagerError::InvalidObject)?;
+    scope.filter(&mut applied);
+
+    let own = entries
+        .iter()
+        .position(|e| e.is(manager, Operation::Apply, scope.subresource));
+    let previous = own.map(|i| entries.remove(i));
+    let last = previous.as_ref().map(|e| e.set.clone()).unwrap_or_default();
+
+    // Prune: what the manager applied last time and leaves out now goes, unless someone (the manager included)
+    // still owns it or something below it (Ref: `Updater.prune`, `addBackOwnedItems`, `addBackDanglingItems`).
+    let owned = entries
+        .iter()
+        .fold(applied.clone(), |acc, e| acc.union(&e.set));
+    let mut pruned = merged;
+    for path in last.difference(&owned).iter() {
+        if !owned.has_descendant(path) && !is_key_field(path) {
+            typed::remove(&mut pruned, path);
+        }
+    }
+
+    let mut cmp =
+        typed::compare(Some(&live_clean), &pruned).map_err(FieldManagerError::InvalidObject)?;
+    scope.filter(&mut cmp.added);
+    scope.filter(&mut cmp.modified);
+    scope.filter(&mut cmp.removed);
+    let changed = cmp.added.union(&cmp.modified);
+    let conflicts: Vec<Conflict> = entries
+        .iter()
+        .flat_map(|e| {
+            e.set
+                .intersection(&changed)
+                .iter()
+                .map(|p| Conflict {
+                    manager: e.printed(),
+                    path: p.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !conflicts.is_empty() && !force {
+        // Upgrading from client-side apply: conflicts on fields the last-applied annotation set to their
+        // live values are the same intent, so kubectl's apply takes them (Ref: `lastAppliedManager.Apply`).
+        let allowed = (manager == KUBECTL_SSA)
+            .then(|| last_applied_fields(&live_clean))
+            .flatten()
+            .unwrap_or_default();
+        let remaining: Vec<Conflict> = conflicts
+            .into_iter()
+            .filter(|c| !allowed.contains(&c.path))
+            .collect();
+        if !remaining.is_empty() {
+            return Err(FieldManagerError::Conflicts(remaining));
+        }
+    }
+    for e in &mut entries {
+        e.set = e.set.difference(&changed).difference(&cmp.removed);
+    }
+
+    let unchanged = pruned == live_clean;
+    let time = match (&previous, unchanged) {
+        (Some(p), true) => p.time.clone(),
+        _ => Some(objects::now()),
+    };
+    entries.push(Entry {
+        manager: manager.to_string(),
+        operation: Operation::Apply,
+        api_version: scope.api_version.to_string(),
+        time,
+        subresource: scope.subresource.map(String::from),
+        set: applied,
+    });
+    if manager == KUBECTL_SSA {
+        sync_last_applied(&mut pruned, &config);
+    }
+    encode_entries(&mut pruned, entries);
+    Ok(pruned)
+}
+
+/// Whether `path` is a key field of the list item it is in (`...[name="c"].name`): an item that stays keeps
+/// its key, whoever owns the rest.
+fn is_key_field(path: &[String]) -> bool {
+    let [.., item, last] = path else {
+        return false;
+    };
+    let (Some(key), Some(name)) = (item.strip_prefix("k:"), last.strip_prefix("f:")) else {
+        return false;
+    };
+    serde_json::from_str::<Map<String, Value>>(key).is_ok_and(|k| k.contains_key(name))
+}
+
+/// The fields of the last-applied annotation that still hold the values it set (Ref:
+/// `lastAppliedManager.allowedConflictsFromLastApplied`).
+fn last_applied_fields(live: &Value) -> Option<Set> {
+    let raw = objects::meta(live)
+        .pointer(&format!("/annotations/{}", LAST_APPLIED.replace('/', "~1")))
+        .and_then(Value::as_str)?;
+    let mut last: Value = serde_json::from_str(raw).ok()?;
+    if last.get("apiVersion") != live.get("apiVersion") {
+        return None;
+    }
+    objects::stringify_quantities(&mut last, false);
+    let set = typed::field_set(&last).ok()?;
+    let cmp = typed::compare(Some(&last), live).ok()?;
+    // Fields the live object added relative to the annotation are not in its set anyway; modified and removed
+    // ones no longer hold the annotation's values.
+    Some(set.difference(&cmp.modified).difference(&cmp.removed))
+}
+
+/// A kubectl server-side apply keeps an existing last-applied annotation in step, so going back to client-side
+/// apply works (Ref: `lastAppliedUpdater`).
+fn sync_last_applied(obj: &mut Value, config: &Value) {
+    let has = objects::meta(obj)
+        .get("annotations")
+        .and_then(|a| a.get(LAST_APPLIED))
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty());
+    if !has {
+        return;
+    }
+    let mut last = config.clone();
+    if let Some(a) = last
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.remove(LAST_APPLIED);
+    }
+    if let Some(a) = objects::meta_mut(obj)
+        .get_mut("annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.insert(LAST_APPLIED.into(), Value::String(last.to_string()));
+    }
+}
+
+/// Whether `list` asks to reset managed fields: empty, or one empty entry (Ref: `isResetManagedFields`).
+fn is_reset(list: &[Value]) -> bool {
+    list.is_empty() || (list.len() == 1 && list[0].as_object().is_some_and(Map::is_empty))
+}
+
+/// Records an update by `manager`: `live` is the stored object (None when creating), `new` the object about to
+/// be stored; its `managedFields` are rewritten. Never fails: on undecodable input the live entries are kept
+/// (Ref: `FieldManager.UpdateNoErrors`).
+pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope: Scope<'_>) {
+    let live_entries = || {
+        live.and_then(managed_fields)
+            .and_then(Value::as_array)
+            .and_then(|l| decode_entries(l).ok())
+            .unwrap_or_default()
+    };
+    // A client may write managedFields directly (kubectl's client-side to server-side apply upgrade does), but
+    // not through a subresource; leaving them out keeps the stored ones.
+    let requested = managed_fields(new).and_then(Value::as_array);
+    let mut entries = match (scope.subresource, requested) {
+        (None, Some(list)) if is_reset(list) => Vec::new(),
+        (None, Some(list)) => decode_entries(list).unwrap_or_else(|_| live_entries()),
+        _ => live_entries(),
+    };
+    let live_clean = live.map(without_managed_fields);
+    let new_clean = without_managed_fields(new);
+    let cmp = match typed::compare(live_clean.as_ref(), &new_clean) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(manager, error = %e, "cannot compare objects; managed fields kept");
+            let kept = live_entries();
+            encode_entries(new, kept);
+            return;
+        }
+    };
+    let mut changed = cmp.added.union(&cmp.modified);
+    let mut removed = cmp.removed;
+    scope.filter(&mut changed);
+    scope.filter(&mut removed);
+    for e in &mut entries {
+        e.set = e.set.difference(&changed).difference(&removed);
+    }
+    if !changed.is_empty() {
+        match entries
+            .iter_mut()
+            .find(|e| e.is(manager, Operation::Update, scope.subresource))
+        {
+            Some(e) => {
+                e.set = e.set.union(&changed);
+                e.time = Some(objects::now());
+                e.api_version = scope.api_version.to_string();
+            }
+            None => entries.push(Entry {
+                manager: manager.to_string(),
+                operation: Operation::Update,
+                api_version: scope.api_version.to_string(),
+                time: Some(objects::now()),
+                subresource: scope.subresource.map(String::from),
+                set: changed,
+            }),
+        }
+    }
+    cap_update_managers(&mut entries);
+    encode_entries(new, entries);
+}
+
+/// Merges the oldest Update entries into one `ancient-changes` entry until at most [`MAX_UPDATE_MANAGERS`]
+/// remain, so a stream of distinct updaters cannot grow an object without bound.
+fn cap_update_managers(entries: &mut Vec<Entry>) {
+    let is_bucket = |e: &Entry| e.is(ANCIENT_CHANGES, Operation::Update, None);
+    while entries
+        .iter()
+        .filter(|e| e.operation == Operation::Update && !e.set.is_empty())
+        .count()
+        > MAX_UPDATE_MANAGERS
+    {
+        let oldest = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.operation == Operation::Update && !is_bucket(e))
+            .min_by(|(_, a), (_, b)| (&a.time, &a.manager).cmp(&(&b.time, &b.manager)))
+            .map(|(i, _)| i);
+        let Some(oldest) = oldest else { return };
+        let e = entries.remove(oldest);
+        match entries.iter_mut().find(|b| is_bucket(b)) {
+            Some(bucket) => {
+                bucket.set = bucket.set.union(&e.set);
+                bucket.time = e.time;
+            }
+            None => entries.push(Entry {
+                manager: ANCIENT_CHANGES.to_string(),
+                subresource: None,
+                ..e
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCOPE: Scope<'static> = Scope {
+        api_version: "apps/v1",
+        has_status: true,
+        subresource: None,
+    };
+
+    fn deployment(replicas: i64, image: &str) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "web", "image": image}]}}}})
+    }
+
+    fn managers(obj: &Value) -> Vec<(String, String)> {
+        obj["metadata"]["managedFields"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|e| {
+                        (
+                            e["manager"].as_str().unwrap_or_default().to_string(),
+                            e["operation"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn scaled(obj: &Value, replicas: i64) -> Value {
+        let mut new = obj.clone();
+        new["spec"]["replicas"] = json!(replicas);
+        let scope = Scope {
+            subresource: Some("scale"),
+            ..SCOPE
+        };
+        update(Some(obj), &mut new, "kubectl-scale", scope);
+        new
+    }
+
+    #[test]
+    fn apply_records_the_configuration_fields_for_the_manager() {
+        let obj = apply(
+            &json!({}),
+            &deployment(2, "nginx:1"),
+            "kubectl",
+            false,
+            SCOPE,
+        )
+        .expect("applies");
+        assert_eq!(managers(&obj), vec![("kubectl".into(), "Apply".into())]);
+        assert_eq!(
+            obj["metadata"]["managedFields"][0]["fieldsV1"],
+            json!({"f:spec": {"f:replicas": {}, "f:template": {"f:spec": {"f:containers": {
+                "k:{\"name\":\"web\"}": {".": {}, "f:image": {}, "f:name": {}}}}}}})
+        );
+    }
+
+    #[test]
+    fn changing_a_field_another_manager_owns_is_a_conflict_unless_forced() {
+        let obj = apply(
+            &json!({}),
+            &deployment(2, "nginx:1"),
+            "kubectl",
+            false,
+            SCOPE,
+        )
+        .expect("applies");
+        let obj = scaled(&obj, 5);
+        let err =
+            apply(&obj, &deployment(3, "nginx:1"), "kubectl", false, SCOPE).expect_err("conflicts");
+        assert_eq!(
+            err.to_string(),
+            "Apply failed with 1 conflict: conflict with \"kubectl-scale\" with subresource \"scale\" using apps/v1: .spec.replicas"
+        );
+        let api: ApiError = err.into();
+        assert_eq!(api.code, 409);
+        assert_eq!(
+            api.details.expect("details")["causes"][0]["field"],
+            ".spec.replicas"
+        );
+
+        // Applying the value the other manager set is no conflict: both own it.
+        let same =
+            apply(&obj, &deployment(5, "nginx:1"), "kubectl", false, SCOPE).expect("same value");
+        let owners: Vec<_> = same["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["fieldsV1"]["f:spec"].get("f:replicas").is_some())
+            .map(|e| e["manager"].clone())
+            .collect();
+        assert_eq!(owners, vec![json!("kubectl"), json!("kubectl-scale")]);
+
+        let forced =
+            apply(&obj, &deployment(3, "nginx:1"), "kubectl", true, SCOPE).expect("forced");
+        assert_eq!(forced["spec"]["replicas"], 3);
+        assert_eq!(
+            managers(&forced),
+            vec![("kubectl".into(), "Apply".into())],
+            "the scaler lost its only field"
+        );
+    }
+
+    #[test]
+    fn fields_left_out_of_a_new_apply_are_removed_unless_another_manager_owns_them() {
+        let mut cfg = deployment(2, "nginx:1");
+        cfg["metadata"]["labels"] = json!({"a": "1", "b": "2"});
+        cfg["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .expect("list")
+            .push(json!({"name": "side", "image": "busybox"}));
+        let obj = apply(&json!({}), &cfg, "kubectl", false, SCOPE).expect("applies");
+        // Another manager adds a container and co-owns label b.
+        let other = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": {"b": "2"}},
+            "spec": {"template": {"spec": {"containers": [{"name": "extra", "image": "x"}]}}}});
+        let obj = apply(&obj, &other, "other", false, SCOPE).expect("second manager");
+
+        let mut next = deployment(2, "nginx:1");
+        next["metadata"]["labels"] = json!({});
+        let obj = apply(&obj, &next, "kubectl", false, SCOPE).expect("reapplies");
+        assert_eq!(
+            obj["metadata"]["labels"],
+            json!({"b": "2"}),
+            "label a goes, co-owned b stays"
+        );
+        let names: Vec<&str> = obj["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["web", "extra"],
+            "side goes, the other manager's container stays"
+        );
+    }
+
+    #[test]
+    fn updates_take_changed_fields_from_other_managers_without_conflict() {
+        let obj = apply(
+            &json!({}),
+            &deployment(2, "nginx:1"),
+            "kubectl",
+            false,
+            SCOPE,
+        )
+        .expect("applies");
+        let mut new = obj.clone();
+        new["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:2");
+        new["metadata"]["labels"] = json!({"x": "y"});
+        update(Some(&obj), &mut new, "kubectl-edit", SCOPE);
+        let entries = new["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries");
+        let edit = entries
+            .iter()
+            .find(|e| e["manager"] == "kubectl-edit")
+            .expect("edit entry");
+        assert_eq!(edit["operation"], "Update");
+        assert_eq!(
+            edit["fieldsV1"],
+            json!({"f:metadata": {"f:labels": {".": {}, "f:x": {}}},
+                "f:spec": {"f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"web\"}": {"f:image": {}}}}}}})
+        );
+        let apply_entry = entries
+            .iter()
+            .find(|e| e["manager"] == "kubectl")
+            .expect("apply entry");
+        assert!(
+            apply_entry["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]
+                ["k:{\"name\":\"web\"}"]
+                .get("f:image")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn managed_fields_in_an_apply_are_refused_and_an_unchanged_update_records_nothing() {
+        let mut cfg = deployment(1, "a");
+        cfg["metadata"]["managedFields"] = json!([]);
+        assert!(matches!(
+            apply(&json!({}), &cfg, "m", false, SCOPE),
+            Err(FieldManagerError::ManagedFieldsInApply)
+        ));
+        let obj = deployment(1, "a");
+        let mut same = obj.clone();
+        update(Some(&obj), &mut same, "noop", SCOPE);
+        assert!(same["metadata"].get("managedFields").is_none());
+    }
+
+    #[test]
+    fn client_side_apply_fields_are_taken_over_by_kubectl_server_side_apply() {
+        let mut live = deployment(2, "nginx:1");
+        let last = deployment(2, "nginx:1").to_string();
+        live["metadata"]["annotations"] = json!({ LAST_APPLIED: last });
+        let mut created = live.clone();
+        update(None, &mut created, "kubectl-client-side-apply", SCOPE);
+        let obj =
+            apply(&created, &deployment(3, "nginx:1"), "kubectl", false, SCOPE).expect("upgrade");
+        assert_eq!(obj["spec"]["replicas"], 3);
+        let ann: Value = serde_json::from_str(
+            obj["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .expect("annotation"),
+        )
+        .expect("json");
+        assert_eq!(
+            ann["spec"]["replicas"], 3,
+            "the annotation follows the apply"
+        );
+        let other = apply(&created, &deployment(3, "nginx:1"), "someone", false, SCOPE);
+        assert!(matches!(other, Err(FieldManagerError::Conflicts(_))));
+    }
+
+    #[test]
+    fn more_than_ten_updaters_merge_the_oldest_into_ancient_changes() {
+        let mut obj = deployment(1, "a");
+        for i in 0..12 {
+            let mut new = obj.clone();
+            new["metadata"]["labels"] = json!({ format!("l{i}"): "x" });
+            new["metadata"]["labels"]
+                .as_object_mut()
+                .expect("labels")
+                .extend(
+                    obj["metadata"]["labels"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+            update(Some(&obj), &mut new, &format!("m{i:02}"), SCOPE);
+            obj = new;
+        }
+        let names: Vec<String> = managers(&obj).into_iter().map(|(m, _)| m).collect();
+        assert_eq!(names.len(), MAX_UPDATE_MANAGERS, "{names:?}");
+        assert!(names.contains(&ANCIENT_CHANGES.to_string()), "{names:?}");
+        assert!(!names.contains(&"m00".to_string()) && !names.contains(&"m01".to_string()));
+        let bucket = obj["metadata"]["managedFields"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["manager"] == ANCIENT_CHANGES))
+            .expect("bucket");
+        assert_eq!(
+            bucket["fieldsV1"]["f:metadata"]["f:labels"],
+            json!({".": {}, "f:l0": {}, "f:l1": {}, "f:l2": {}}),
+            "the three oldest updaters' fields"
+        );
+    }
+
+    #[test]
+    fn status_applies_own_status_only_and_main_applies_ignore_status() {
+        let mut cfg = deployment(2, "a");
+        cfg["status"] = json!({"replicas": 7});
+        let obj = apply(&json!({}), &cfg, "kubectl", false, SCOPE).expect("applies");
+        let main = &obj["metadata"]["managedFields"][0];
+        assert!(main["fieldsV1"].get("f:status").is_none(), "{main}");
+        let status_scope = Scope {
+            subresource: Some("status"),
+            ..SCOPE
+        };
+        let status_cfg = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "status": {"replicas": 3}});
+        let obj = apply(&obj, &status_cfg, "ctrl", false, status_scope).expect("status apply");
+        let e = obj["metadata"]["managedFields"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["manager"] == "ctrl"))
+            .expect("ctrl entry");
+        assert_eq!(e["subresource"], "status");
+        assert_eq!(e["fieldsV1"], json!({"f:status": {"f:replicas": {}}}));
+        let missing_version = json!({"kind": "Deployment", "metadata": {"name": "web"}});
+        assert!(matches!(
+            apply(&obj, &missing_version, "x", false, SCOPE),
+            Err(FieldManagerError::ApplyVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn an_item_another_manager_changed_keeps_its_key_when_the_applier_drops_it() {
+        let mut cfg = deployment(1, "a");
+        cfg["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .expect("list")
+            .push(json!({"name": "side", "image": "s:1", "command": ["sleep"]}));
+        let obj = apply(&json!({}), &cfg, "kubectl", false, SCOPE).expect("applies");
+        let mut new = obj.clone();
+        new["spec"]["template"]["spec"]["containers"][1]["image"] = json!("s:2");
+        update(Some(&obj), &mut new, "editor", SCOPE);
+        let obj = apply(&new, &deployment(1, "a"), "kubectl", false, SCOPE).expect("reapplies");
+        assert_eq!(
+            obj["spec"]["template"]["spec"]["containers"][1],
+            json!({"name": "side", "image": "s:2"}),
+            "the editor's image and the item's key stay; the applier's command goes"
+        );
+    }
+
+    #[test]
+    fn user_agent_names_the_manager_when_none_is_given() {
+        assert_eq!(
+            manager_name(None, "kube-controller-manager/v1.30.0 (linux/amd64)"),
+            "kube-controller-manager"
+        );
+        assert_eq!(manager_name(Some(""), "kubectl/v1.32.0"), "kubectl");
+        assert_eq!(
+            manager_name(Some("kubectl-edit"), "kubectl/v1.32.0"),
+            "kubectl-edit"
+        );
+    }
+}
