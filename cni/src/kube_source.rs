@@ -115,7 +115,7 @@ impl NodeSet {
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
                 KubeSourceError::Kubeconfig {
@@ -134,6 +134,12 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> 
             .await
             .map_err(|e| KubeSourceError::NoConfig(e.to_string()))?,
     };
+    // Named writes: the API server records the User-Agent product as the field manager of updates that name none
+    // (upstream's components all send one; kube-rs sends none by itself).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("windlass-cni/v", env!("CARGO_PKG_VERSION"))),
+    ));
     Client::try_from(config).map_err(|e| KubeSourceError::Client(e.to_string()))
 }
 

@@ -134,7 +134,7 @@ impl EventMapper {
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, SourceError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
                 SourceError::Kube(format!("cannot read kubeconfig {}: {e}", path.display()))
@@ -147,6 +147,12 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, SourceError> {
             .await
             .map_err(|e| SourceError::Kube(format!("no API server configuration: {e}")))?,
     };
+    // Named writes: the API server records the User-Agent product as the field manager of updates that name none
+    // (upstream's components all send one; kube-rs sends none by itself).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("windlass-proxy/v", env!("CARGO_PKG_VERSION"))),
+    ));
     Client::try_from(config)
         .map_err(|e| SourceError::Kube(format!("cannot build the API client: {e}")))
 }
