@@ -507,6 +507,11 @@ pub(crate) async fn create_object(
     let (not_ready, unreachable) = state.config.default_toleration_seconds;
     objects::default_tolerations(kind, &mut obj, not_ready, unreachable);
     let (mut obj, warnings) = decode(kind, obj, validation)?;
+    // Mutating admission (after the namespace lifecycle check, as upstream orders its plugins), then validation.
+    if let (true, Some(ns)) = (kind.kind == "Pod", namespace) {
+        check_namespace(state, kind, ns, name_of(&obj)).await?;
+        super::sa_admission::admit_pod(state, ns, &mut obj).await?;
+    }
     let name = name_of(&obj).to_string();
     let causes = objects::validate(kind, &obj, state.config.node_ports);
     if !causes.is_empty() {

@@ -1,0 +1,106 @@
+//! What a kubelet may do with service-account tokens: request one (`create serviceaccounts/token`) only for a
+//! service account that a pod bound to its node runs as, and only bound to such a pod.
+//!
+//! Ref: upstream's Node authorizer (`plugin/pkg/auth/authorizer/node`: a node may create tokens only for service
+//! accounts on its graph, i.e. used by its pods) and NodeRestriction admission (`admitServiceAccount`: the request
+//! must carry a `v1` Pod `boundObjectRef` with a UID, naming a pod scheduled on that node).
+
+use serde_json::Value;
+
+use super::handlers::object_of;
+use super::rbac::Attributes;
+use super::{resources, State};
+use crate::store::{ListOptions, StoreError};
+
+fn spec_str<'a>(pod: &'a Value, field: &str) -> &'a str {
+    pod.get("spec")
+        .and_then(|s| s.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// Why kubelet `node` may not make this TokenRequest (`a` is `create serviceaccounts/token`), or `None`.
+pub(crate) async fn refuse_token_request(
+    state: &State,
+    node: &str,
+    user: &str,
+    a: &Attributes,
+    body: &[u8],
+) -> Result<Option<String>, StoreError> {
+    let (Some(ns), Some(sa)) = (a.namespace.as_deref(), a.name.as_deref()) else {
+        return Ok(Some(format!(
+            "node \"{node}\" is not allowed to request tokens across the cluster"
+        )));
+    };
+    let forbidden = |why: &str| Some(format!("serviceaccounts \"{sa}\" is forbidden: {why}"));
+    let Some(pods) = resources::find("", "v1", "pods") else {
+        return Ok(None);
+    };
+    // Node authorizer: the service account must be used by a pod on this node.
+    let related = state
+        .store
+        .list(&pods.prefix(Some(ns)), &ListOptions::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|kv| object_of(kv).ok())
+        .any(|p| spec_str(&p, "nodeName") == node && spec_str(&p, "serviceAccountName") == sa);
+    if !related {
+        return Ok(forbidden(&format!(
+            "User \"{user}\" cannot create resource \"serviceaccounts/token\" in API group \"\" in the \
+             namespace \"{ns}\": no relationship found between node '{node}' and this object"
+        )));
+    }
+    // NodeRestriction: the token must be bound to one of this node's pods.
+    let request: Option<Value> = serde_json::from_slice(body)
+        .ok()
+        .or_else(|| super::protobuf::decode_token_request(body).ok());
+    let bound = request
+        .as_ref()
+        .and_then(|r| r.pointer("/spec/boundObjectRef"))
+        .filter(|r| !r.is_null());
+    let field = |r: &Value, f: &str| {
+        r.get(f)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let Some(bound) = bound.filter(|r| {
+        field(r, "apiVersion") == "v1" && field(r, "kind") == "Pod" && !field(r, "name").is_empty()
+    }) else {
+        return Ok(forbidden("node requested token not bound to a pod"));
+    };
+    let uid = field(bound, "uid");
+    if uid.is_empty() {
+        return Ok(forbidden(
+            "node requested token with a pod binding without a uid",
+        ));
+    }
+    let pod = match state
+        .store
+        .get(&pods.key(Some(ns), &field(bound, "name")))
+        .await?
+        .0
+    {
+        Some(kv) => object_of(&kv).ok(),
+        // The token handler answers 404 for the missing pod.
+        None => return Ok(None),
+    };
+    let Some(pod) = pod else { return Ok(None) };
+    let pod_uid = pod
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if pod_uid != uid {
+        return Ok(forbidden(&format!(
+            "the UID in the bound object reference ({uid}) does not match the UID in record. The object \
+             might have been deleted and then recreated"
+        )));
+    }
+    if spec_str(&pod, "nodeName") != node {
+        return Ok(forbidden(
+            "node requested token bound to a pod scheduled on a different node",
+        ));
+    }
+    Ok(None)
+}
