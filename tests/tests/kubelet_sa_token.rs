@@ -169,3 +169,62 @@ fn a_projected_token_is_replaced_before_it_expires_and_both_stay_valid_meanwhile
         "{log}"
     );
 }
+
+#[test]
+fn a_projected_volume_joins_config_map_secret_and_downward_api_with_their_modes_and_follows_updates(
+) {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = lab_with(&[]);
+    lab.apply("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-cfg\n  namespace: default\ndata:\n  greeting: hello\n  unused: x\n");
+    lab.apply("apiVersion: v1\nkind: Secret\nmetadata:\n  name: app-secret\n  namespace: default\nstringData:\n  password: s3cret\n");
+    let mut manifest = sleeper(
+        &lab,
+        "joined",
+        "    volumeMounts:\n    - {name: all, mountPath: /all}\n  volumes:\n  - name: all\n    projected:\n      defaultMode: 0440\n      sources:\n      - configMap:\n          name: app-cfg\n          items:\n          - {key: greeting, path: conf/greeting, mode: 0400}\n      - secret: {name: app-secret}\n      - downwardAPI:\n          items:\n          - path: labels\n            fieldRef: {fieldPath: metadata.labels}\n",
+    );
+    manifest = manifest.replace(
+        "  namespace: default\n",
+        "  namespace: default\n  labels: {app: demo}\n",
+    );
+    lab.apply(&manifest);
+    lab.wait_pod("joined", "Running", Duration::from_secs(90), running);
+    let read = |path: &str| exec(&lab, "joined", &["cat", path]);
+    let mode = |path: &str| {
+        exec(&lab, "joined", &["busybox", "stat", "-L", "-c", "%a", path])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("/all/conf/greeting"), "hello");
+    assert_eq!(mode("/all/conf/greeting"), "400", "the item's own mode");
+    assert_eq!(read("/all/password"), "s3cret");
+    assert_eq!(mode("/all/password"), "440", "the volume's defaultMode");
+    assert_eq!(read("/all/labels"), "app=\"demo\"");
+    let listing = exec(&lab, "joined", &["busybox", "ls", "/all"]);
+    assert!(
+        !listing.contains("unused"),
+        "only the listed item: {listing}"
+    );
+
+    // Kept current: the ConfigMap's new value and the pod's new label appear in the running container.
+    lab.control.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "app-cfg",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"bye"}}"#,
+    ]);
+    lab.control
+        .kubectl_ok(&["label", "pod", "joined", "tier=web"]);
+    wait_for(
+        "the projected files to follow",
+        Duration::from_secs(60),
+        || {
+            (read("/all/conf/greeting") == "bye"
+                && read("/all/labels") == "app=\"demo\"\ntier=\"web\"")
+                .then_some(())
+        },
+    );
+}

@@ -36,15 +36,48 @@ pub(crate) async fn refuse_token_request(
     let Some(pods) = resources::find("", "v1", "pods") else {
         return Ok(None);
     };
+    let request: Option<Value> = serde_json::from_slice(body)
+        .ok()
+        .or_else(|| super::protobuf::decode_token_request(body).ok());
+    let field = |r: &Value, f: &str| {
+        r.get(f)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let bound = request
+        .as_ref()
+        .and_then(|r| r.pointer("/spec/boundObjectRef"))
+        .filter(|r| !r.is_null())
+        .filter(|r| {
+            field(r, "apiVersion") == "v1"
+                && field(r, "kind") == "Pod"
+                && !field(r, "name").is_empty()
+        });
+    let bound_pod = match bound {
+        Some(b) => state
+            .store
+            .get(&pods.key(Some(ns), &field(b, "name")))
+            .await?
+            .0
+            .and_then(|kv| object_of(&kv).ok()),
+        None => None,
+    };
+    // The usual kubelet request (bound to one of its pods that runs as this service account) needs no list: that
+    // pod is the relationship the Node authorizer looks for.
+    let bound_here = bound_pod.as_ref().is_some_and(|p| {
+        spec_str(p, "nodeName") == node && spec_str(p, "serviceAccountName") == sa
+    });
     // Node authorizer: the service account must be used by a pod on this node.
-    let related = state
-        .store
-        .list(&pods.prefix(Some(ns)), &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|kv| object_of(kv).ok())
-        .any(|p| spec_str(&p, "nodeName") == node && spec_str(&p, "serviceAccountName") == sa);
+    let related = bound_here
+        || state
+            .store
+            .list(&pods.prefix(Some(ns)), &ListOptions::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|kv| object_of(kv).ok())
+            .any(|p| spec_str(&p, "nodeName") == node && spec_str(&p, "serviceAccountName") == sa);
     if !related {
         return Ok(forbidden(&format!(
             "User \"{user}\" cannot create resource \"serviceaccounts/token\" in API group \"\" in the \
@@ -52,22 +85,7 @@ pub(crate) async fn refuse_token_request(
         )));
     }
     // NodeRestriction: the token must be bound to one of this node's pods.
-    let request: Option<Value> = serde_json::from_slice(body)
-        .ok()
-        .or_else(|| super::protobuf::decode_token_request(body).ok());
-    let bound = request
-        .as_ref()
-        .and_then(|r| r.pointer("/spec/boundObjectRef"))
-        .filter(|r| !r.is_null());
-    let field = |r: &Value, f: &str| {
-        r.get(f)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let Some(bound) = bound.filter(|r| {
-        field(r, "apiVersion") == "v1" && field(r, "kind") == "Pod" && !field(r, "name").is_empty()
-    }) else {
+    let Some(bound) = bound else {
         return Ok(forbidden("node requested token not bound to a pod"));
     };
     let uid = field(bound, "uid");
@@ -76,17 +94,10 @@ pub(crate) async fn refuse_token_request(
             "node requested token with a pod binding without a uid",
         ));
     }
-    let pod = match state
-        .store
-        .get(&pods.key(Some(ns), &field(bound, "name")))
-        .await?
-        .0
-    {
-        Some(kv) => object_of(&kv).ok(),
-        // The token handler answers 404 for the missing pod.
-        None => return Ok(None),
+    // Missing: the token handler answers 404 for the pod.
+    let Some(pod) = bound_pod else {
+        return Ok(None);
     };
-    let Some(pod) = pod else { return Ok(None) };
     let pod_uid = pod
         .pointer("/metadata/uid")
         .and_then(Value::as_str)
