@@ -332,3 +332,30 @@ fn a_kubelet_gets_tokens_only_for_its_own_pods_and_their_service_accounts() {
         "{err}"
     );
 }
+
+#[test]
+fn a_mirror_pod_gets_no_token_and_may_not_carry_credentials() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let mirror = |name: &str, extra: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  annotations: {{kubernetes.io/config.mirror: abc123}}\nspec:\n  nodeName: n1\n{extra}  containers:\n  - {{name: c, image: busybox}}\n")
+    };
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &mirror("static-web-n1", ""));
+    let pod = pod_json(&cp, "default", "static-web-n1");
+    assert!(token_volumes(&pod).is_empty(), "{pod}");
+    assert!(pod["spec"]["serviceAccountName"].is_null(), "{pod}");
+
+    let out = cp.kubectl_stdin(
+        &["create", "-f", "-"],
+        &mirror("static-sa-n1", "  serviceAccountName: default\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            r#"pods "static-sa-n1" is forbidden: a mirror pod may not reference service accounts"#
+        ),
+        "{err}"
+    );
+}

@@ -3,7 +3,8 @@
 //! and — unless the pod (or, when the pod does not say, its service account) sets
 //! `automountServiceAccountToken: false` — the pod gets the projected `kube-api-access-<random>` volume (a bound
 //! token, the cluster CA and the namespace) mounted read-only at [`TOKEN_MOUNT_PATH`] in every container and
-//! init container. Mirror pods (the kubelet's copies of static pods) are left alone.
+//! init container. Mirror pods (the kubelet's copies of static pods) are left alone, but may not carry
+//! credentials (no service account, secrets or token projections).
 
 use std::time::Duration;
 
@@ -42,10 +43,15 @@ pub(crate) async fn admit_pod(
         .get("annotations")
         .and_then(|a| a.get(MIRROR_ANNOTATION))
         .is_some();
-    if is_mirror {
-        return Ok(());
-    }
     let name = objects::name_of(pod).to_string();
+    if is_mirror {
+        return match mirror_pod_refusal(pod) {
+            Some(why) => Err(ApiError::forbidden(format!(
+                "pods \"{name}\" is forbidden: {why}"
+            ))),
+            None => Ok(()),
+        };
+    }
     let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
         // Validation reports the missing spec.
         return Ok(());
@@ -85,6 +91,48 @@ pub(crate) async fn admit_pod(
         }
     }
     Ok(())
+}
+
+/// Upstream `Validate` for mirror pods: the kubelet's copy of a static pod may not run as a service account,
+/// reference secrets, or project a service-account token (a node must not gain credentials through one).
+fn mirror_pod_refusal(pod: &Value) -> Option<&'static str> {
+    let spec = pod.get("spec")?;
+    let named = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    if named(spec.get("serviceAccountName")) {
+        return Some("a mirror pod may not reference service accounts");
+    }
+    let list = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+    let volumes = list(spec.get("volumes"));
+    let projections: Vec<Value> = volumes
+        .iter()
+        .flat_map(|v| list(v.pointer("/projected/sources")))
+        .collect();
+    let containers: Vec<Value> = ["initContainers", "containers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|l| list(spec.get(*l)))
+        .collect();
+    let secret_in_env = containers.iter().any(|c| {
+        list(c.get("env"))
+            .iter()
+            .any(|e| e.pointer("/valueFrom/secretKeyRef").is_some())
+            || list(c.get("envFrom"))
+                .iter()
+                .any(|e| e.get("secretRef").is_some())
+    });
+    let has_secrets = !list(spec.get("imagePullSecrets")).is_empty()
+        || volumes.iter().any(|v| v.get("secret").is_some())
+        || projections.iter().any(|p| p.get("secret").is_some())
+        || secret_in_env;
+    if has_secrets {
+        return Some("a mirror pod may not reference secrets");
+    }
+    if projections
+        .iter()
+        .any(|p| p.get("serviceAccountToken").is_some())
+    {
+        return Some("a mirror pod may not use ServiceAccountToken volume projections");
+    }
+    None
 }
 
 /// Reads the service account, retrying for `default` as upstream does.
@@ -227,6 +275,29 @@ mod tests {
         let before = s.clone();
         mount_token(&mut s);
         assert_eq!(s, before, "no container needs the volume, so none is added");
+    }
+
+    #[test]
+    fn mirror_pods_may_not_carry_credentials() {
+        let mirror = |spec: Value| json!({"metadata": {"name": "m"}, "spec": spec});
+        let plain = json!({"containers": [{"name": "c", "image": "i"}]});
+        assert_eq!(mirror_pod_refusal(&mirror(plain)), None);
+        assert_eq!(
+            mirror_pod_refusal(&mirror(
+                json!({"serviceAccountName": "default", "containers": []})
+            )),
+            Some("a mirror pod may not reference service accounts")
+        );
+        assert_eq!(
+            mirror_pod_refusal(&mirror(json!({"containers": [{"name": "c",
+                "env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}))),
+            Some("a mirror pod may not reference secrets")
+        );
+        assert_eq!(
+            mirror_pod_refusal(&mirror(json!({"containers": [], "volumes": [{"name": "t",
+                "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}]}))),
+            Some("a mirror pod may not use ServiceAccountToken volume projections")
+        );
     }
 
     #[test]
