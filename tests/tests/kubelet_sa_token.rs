@@ -49,18 +49,31 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The identity upstream names in a Forbidden answer to `get pods` (the default service account has no rights).
+/// `kubectl auth whoami` with the token: it must name the pod's service account and its groups.
 fn authenticates_as(
     lab: &KubeletLab,
     ca_file: &std::path::Path,
     token: &str,
 ) -> Result<(), String> {
-    let out = as_token(lab, ca_file, token, &["get", "pods"]);
-    let err = stderr(&out);
-    if err.contains(r#"User "system:serviceaccount:default:default" cannot list resource "pods""#) {
+    let out = as_token(lab, ca_file, token, &["auth", "whoami", "-o", "json"]);
+    if !out.status.success() {
+        return Err(format!("exit {}: {}", out.status, stderr(&out)));
+    }
+    let review: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let user = &review["status"]["userInfo"];
+    let groups: Vec<&str> = user["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if user["username"] == "system:serviceaccount:default:default"
+        && groups.contains(&"system:serviceaccounts")
+        && groups.contains(&"system:serviceaccounts:default")
+    {
         Ok(())
     } else {
-        Err(format!("exit {}: {err}", out.status))
+        Err(format!("unexpected identity: {review}"))
     }
 }
 
@@ -130,10 +143,19 @@ fn a_pod_reads_its_token_ca_and_namespace_and_the_token_works_until_the_pod_is_d
     let ca_file = ca_dir.path().join("ca.crt");
     std::fs::write(&ca_file, &ca).expect("write ca.crt");
     authenticates_as(&lab, &ca_file, &token).expect("the pod's token authenticates");
+    // RBAC still applies to it: the default service account may not list pods.
+    let out = as_token(&lab, &ca_file, &token, &["get", "pods"]);
+    assert!(
+        stderr(&out).contains(
+            r#"User "system:serviceaccount:default:default" cannot list resource "pods""#
+        ),
+        "{}",
+        stderr(&out)
+    );
 
     lab.control
         .kubectl_ok(&["delete", "pod", "client", "--wait=true", "--timeout=60s"]);
-    let out = as_token(&lab, &ca_file, &token, &["get", "pods"]);
+    let out = as_token(&lab, &ca_file, &token, &["auth", "whoami"]);
     assert!(
         stderr(&out).contains("Unauthorized"),
         "a deleted pod's token must stop working: {}",

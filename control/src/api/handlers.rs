@@ -46,10 +46,23 @@ pub(crate) async fn dispatch(
         {
             self_subject_access_review(state, &ctx, &t).await
         }
+        (&Method::POST, None, None) if t.kind.kind == "SelfSubjectReview" => {
+            // Ref: upstream `selfsubjectreview` REST: the answer is the authenticated user; the body carries
+            // nothing to read (so neither its JSON nor its protobuf form is decoded).
+            Ok(json_response(
+                201,
+                &json!({
+                    "kind": "SelfSubjectReview",
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "metadata": {"creationTimestamp": objects::now()},
+                    "status": {"userInfo": {"username": ctx.user.name, "groups": ctx.user.groups}},
+                }),
+            ))
+        }
         (_, _, _)
             if matches!(
                 t.kind.kind,
-                "SelfSubjectAccessReview" | "SubjectAccessReview"
+                "SelfSubjectAccessReview" | "SubjectAccessReview" | "SelfSubjectReview"
             ) =>
         {
             Err(ApiError::method_not_allowed(format!(

@@ -441,7 +441,8 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
             role(
                 "system:basic-user",
                 json!([{"apiGroups": ["authorization.k8s.io"],
-            "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]}]),
+            "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
             ),
         ),
         // Ref: bootstrappolicy `NodeRules()`; bound to group system:nodes below (upstream leaves that to the Node
