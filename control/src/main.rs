@@ -84,7 +84,8 @@ struct ServeArgs {
     watch_history: usize,
 
     /// Controllers to run, kube-controller-manager style: `*` all, `foo` one, `-foo` all but one. Names:
-    /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`, ...) and
+    /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`,
+    /// `root-ca-cert-publisher`, ...) and
     /// `scheduler`.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     controllers: Vec<String>,
