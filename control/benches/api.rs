@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
 use windlass_tests::bench::{env_usize, rss_mib, Spread};
@@ -139,6 +139,19 @@ async fn create_namespace(client: &Client, name: &str) {
     api.create(&PostParams::default(), &ns)
         .await
         .expect("create namespace");
+    // Pods are admitted only with their service account; with no controllers running, make the `default` one the
+    // serviceaccount controller would.
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .map(|_| ())
+        .or_else(|e| match e {
+            kube::Error::Api(s) if s.code == 409 => Ok(()),
+            e => Err(e),
+        })
+        .expect("create the default ServiceAccount");
 }
 
 /// Milliseconds for a full list of all pods in `ns`, in one response or in `limit`-sized pages (kubectl's 500).

@@ -84,7 +84,8 @@ struct ServeArgs {
     watch_history: usize,
 
     /// Controllers to run, kube-controller-manager style: `*` all, `foo` one, `-foo` all but one. Names:
-    /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`, ...) and
+    /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`,
+    /// `root-ca-cert-publisher`, ...) and
     /// `scheduler`.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     controllers: Vec<String>,
@@ -94,6 +95,10 @@ struct ServeArgs {
     /// Do not serve the API (and open no store): only the scheduler and controllers, against `--kubeconfig`.
     #[arg(long, requires = "kubeconfig")]
     disable_api: bool,
+    /// CA bundle (PEM) the root-ca-cert-publisher puts in every namespace's `kube-root-ca.crt` (default: the CA
+    /// of the controllers' kubeconfig).
+    #[arg(long)]
+    root_ca_file: Option<PathBuf>,
     /// Pod network that node IPAM carves per-node ranges from.
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: String,
@@ -241,6 +246,45 @@ async fn client_from(path: &Path, agent: &str) -> anyhow::Result<kube::Client> {
         .with_context(|| format!("cannot build a client from {}", path.display()))
 }
 
+/// The cluster CA bundle for `kube-root-ca.crt`: `--root-ca-file`, else the kubeconfig's cluster CA (inline or
+/// a file), as kube-controller-manager falls back to its client's CA.
+fn root_ca(args: &ServeArgs, kubeconfig: &Path) -> anyhow::Result<Option<String>> {
+    use base64::Engine as _;
+    if let Some(file) = &args.root_ca_file {
+        let pem = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read --root-ca-file {}", file.display()))?;
+        return Ok(Some(pem));
+    }
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("cannot read kubeconfig {}", kubeconfig.display()))?;
+    let context = kc
+        .current_context
+        .as_deref()
+        .and_then(|cur| kc.contexts.iter().find(|c| c.name == cur))
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone());
+    let cluster = kc
+        .clusters
+        .iter()
+        .find(|c| context.as_deref().is_none_or(|want| c.name == want))
+        .and_then(|c| c.cluster.as_ref());
+    let Some(cluster) = cluster else {
+        return Ok(None);
+    };
+    if let Some(data) = &cluster.certificate_authority_data {
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .context("the kubeconfig's certificate-authority-data is not base64")?;
+        return Ok(Some(String::from_utf8_lossy(&pem).into_owned()));
+    }
+    match &cluster.certificate_authority {
+        Some(path) => Ok(Some(std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the kubeconfig's certificate-authority {path}")
+        })?)),
+        None => Ok(None),
+    }
+}
+
 /// The controller manager's settings from the flags; `None` when nothing is enabled.
 async fn manager_options(
     args: &ServeArgs,
@@ -259,6 +303,7 @@ async fn manager_options(
         pod_eviction_timeout: Duration::from_secs(
             args.default_unreachable_toleration_seconds.into(),
         ),
+        root_ca: root_ca(args, controller_kubeconfig)?,
     };
     anyhow::ensure!(
         args.node_cidr_mask_size >= config.cluster_cidr.1 && args.node_cidr_mask_size <= 30,

@@ -350,6 +350,13 @@ pub fn container_env(
         };
         out.env.set(var.name.clone(), value);
     }
+    // Then the service variables the container does not define itself (upstream `makeEnvironmentVariables`:
+    // "Append service env vars" after the declared ones), so in-cluster clients find the API server.
+    for (k, v) in service_env {
+        if out.env.get(k).is_none() {
+            out.env.set(k.clone(), v.clone());
+        }
+    }
     Ok(out)
 }
 
@@ -787,6 +794,11 @@ mod tests {
         );
         assert_eq!(e.get("SVC"), Some("10.96.0.1"));
         assert_eq!(e.vars()[0].0, "CFG_LEVEL", "envFrom first");
+        assert_eq!(
+            e.vars().last().map(|(k, v)| (k.as_str(), v.as_str())),
+            Some(("SVC_HOST", "10.96.0.1")),
+            "service variables last"
+        );
         let (cmd, args) = expand_command_and_args(&c, e);
         assert_eq!(cmd, vec!["/bin/echo", "http://web.shop:$(PORT)/$(POD)"]);
         assert_eq!(args, vec!["debug", "$(PASS)", "$(NOPE)"]);

@@ -66,6 +66,18 @@ struct Cli {
     runtime_binary: Option<PathBuf>,
     #[command(flatten)]
     server: windlass_kubelet::server::ServerFlags,
+    /// Replace projected service-account tokens after this fraction of their lifetime (upstream: 0.8). A test
+    /// knob, hidden: lowering it shows rotation without waiting for 10-minute tokens to age.
+    #[arg(long, hide = true, default_value_t = windlass_kubelet::agent::DEFAULT_REFRESH_FRACTION,
+        value_parser = parse_fraction)]
+    token_refresh_fraction: f64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction in (0, 1]")),
+    }
 }
 
 /// `windlass-runtime` next to the running executable, else the bare name for PATH lookup.
@@ -169,6 +181,7 @@ fn run() -> anyhow::Result<()> {
         runtime_binary: cli.runtime_binary.unwrap_or_else(default_runtime_binary),
         cgroup_mount: PathBuf::from(windlass_kubelet::agent::DEFAULT_CGROUP_MOUNT),
         server: cli.server.clone(),
+        token_refresh_fraction: cli.token_refresh_fraction,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -162,6 +162,17 @@ impl ControlPlane {
                 out.status.success().then_some(())
             },
         );
+        // New pods need their namespace's `default` ServiceAccount (upstream's e2e framework waits for it too).
+        if runs_serviceaccount_controller(&self.extra_args) {
+            wait_for(
+                "the default ServiceAccount in namespace default",
+                Duration::from_secs(30),
+                || {
+                    let out = self.kubectl(&["get", "serviceaccount", "default", "-o", "name"]);
+                    out.status.success().then_some(())
+                },
+            );
+        }
     }
 
     /// Stops the server (SIGKILL) and starts it again on the same data directory and port.
@@ -269,4 +280,24 @@ pub fn kubectl_version_path(version: &str) -> PathBuf {
     real.parent()
         .map(|d| d.join(format!("kubectl.{version}")))
         .unwrap_or_else(|| PathBuf::from(format!("kubectl.{version}")))
+}
+
+/// Whether `serve` with these arguments runs the serviceaccount controller (`--controllers` defaults to `*`).
+fn runs_serviceaccount_controller(args: &[String]) -> bool {
+    if args.iter().any(|a| a == "--disable-api") {
+        return false;
+    }
+    let mut enabled = true;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = match a.strip_prefix("--controllers=") {
+            Some(v) => v.to_string(),
+            None if a == "--controllers" => it.next().cloned().unwrap_or_default(),
+            None => continue,
+        };
+        let items: Vec<&str> = value.split(',').map(str::trim).collect();
+        enabled = !items.contains(&"-serviceaccount")
+            && (items.contains(&"*") || items.contains(&"serviceaccount"));
+    }
+    enabled
 }

@@ -52,6 +52,8 @@ pub struct KubeletLab {
     pub image: String,
     registry_addr: String,
     pub netns: NetnsGuard,
+    /// Extra flags for the next [`KubeletLab::start_kubelet`].
+    pub kubelet_args: Vec<String>,
 }
 
 fn next_subnet() -> String {
@@ -141,6 +143,7 @@ impl KubeletLab {
             image,
             registry_addr,
             netns,
+            kubelet_args: Vec::new(),
         };
         lab.start_kubelet();
         lab.wait_node_ready();
@@ -179,6 +182,7 @@ impl KubeletLab {
                 // through the API server reach the kubelet API.
                 .arg("--client-ca-file")
                 .arg(self.control.data_dir().join("pki/ca.crt"))
+                .args(&self.kubelet_args)
                 .env("RUST_LOG", "info,windlass_kubelet=debug")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

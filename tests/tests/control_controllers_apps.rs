@@ -36,7 +36,8 @@ impl Lab {
         let own_controllers = String::from_utf8_lossy(&help.stdout).contains("--controllers");
         let cp = ControlPlane::start_with(|_| {
             if own_controllers {
-                vec!["--controllers=-replicaset,-deployment,-garbagecollector,-namespace".into()]
+                // The service account controller stays on there: pods need their `default` ServiceAccount.
+                vec!["--controllers=serviceaccount,root-ca-cert-publisher".into()]
             } else {
                 Vec::new()
             }

@@ -93,7 +93,14 @@ fn a_token_bound_to_a_pod_dies_with_the_pod_and_bad_requests_are_invalid() {
         "--clusterrole=view",
         "--serviceaccount=default:worker",
     ]);
-    cp.kubectl_ok(&["run", "holder", "--image=busybox", "--restart=Never"]);
+    // Upstream binds a pod's tokens only to the service account the pod runs as.
+    cp.kubectl_ok(&[
+        "run",
+        "holder",
+        "--image=busybox",
+        "--restart=Never",
+        r#"--overrides={"spec":{"serviceAccountName":"worker"}}"#,
+    ]);
     let token = cp
         .kubectl_ok(&[
             "create",

@@ -20,7 +20,9 @@ fn watch_honours_timeout_initial_events_bookmarks_and_expiry() {
     if !require_privileged(&["kubectl"]) {
         return;
     }
-    let mut cp = ControlPlane::start();
+    // The root-ca-cert-publisher would add its `kube-root-ca.crt` to the ConfigMaps this test counts.
+    let mut cp =
+        ControlPlane::start_with(|_| vec!["--controllers=*,-root-ca-cert-publisher".into()]);
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: one\ndata: {a: b}\n";
     cp.kubectl_stdin_ok(&["create", "-f", "-"], cm);
     let list: Value = serde_json::from_str(&cp.kubectl_ok(&[

@@ -47,10 +47,23 @@ pub(crate) async fn dispatch(
         {
             self_subject_access_review(state, &ctx, &t).await
         }
+        (&Method::POST, None, None) if t.kind.kind == "SelfSubjectReview" => {
+            // Ref: upstream `selfsubjectreview` REST: the answer is the authenticated user; the body carries
+            // nothing to read (so neither its JSON nor its protobuf form is decoded).
+            Ok(json_response(
+                201,
+                &json!({
+                    "kind": "SelfSubjectReview",
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "metadata": {"creationTimestamp": objects::now()},
+                    "status": {"userInfo": {"username": ctx.user.name, "groups": ctx.user.groups}},
+                }),
+            ))
+        }
         (_, _, _)
             if matches!(
                 t.kind.kind,
-                "SelfSubjectAccessReview" | "SubjectAccessReview"
+                "SelfSubjectAccessReview" | "SubjectAccessReview" | "SelfSubjectReview"
             ) =>
         {
             Err(ApiError::method_not_allowed(format!(
@@ -510,6 +523,11 @@ pub(crate) async fn create_object(
     objects::default_tolerations(kind, &mut obj, not_ready, unreachable);
     let (mut obj, warnings) = decode(kind, obj, validation)?;
     fields.record(kind, None, &mut obj);
+    // Mutating admission (after the namespace lifecycle check, as upstream orders its plugins), then validation.
+    if let (true, Some(ns)) = (kind.kind == "Pod", namespace) {
+        check_namespace(state, kind, ns, name_of(&obj)).await?;
+        super::sa_admission::admit_pod(state, ns, &mut obj).await?;
+    }
     let name = name_of(&obj).to_string();
     let causes = objects::validate(kind, &obj, state.config.node_ports);
     if !causes.is_empty() {

@@ -46,7 +46,7 @@ pub(crate) fn name_of(obj: &Value) -> &str {
 }
 
 /// Random suffix for `generateName` (upstream `utilrand.String(5)`: consonants and digits, no vowels).
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     uuid::Uuid::new_v4()
         .as_bytes()

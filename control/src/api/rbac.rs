@@ -214,8 +214,8 @@ pub(crate) fn node_of(user: &User) -> Option<&str> {
 
 /// NodeRestriction (Ref: `plugin/pkg/admission/noderestriction`): a kubelet may write only its own Node and
 /// Lease, and only pods bound to it (mirror pods it creates, statuses, deletions). Returns why a request is refused.
-/// Reads are left to RBAC here (upstream's Node authorizer also limits secrets and configmaps to those its pods
-/// use; not modelled).
+/// Tokens only for its pods' service accounts, bound to its pods ([`super::node_tokens`]). Reads are left to RBAC
+/// here (upstream's Node authorizer also limits secrets and configmaps to those its pods use; not modelled).
 pub(crate) async fn node_restriction(
     state: &State,
     user: &User,
@@ -241,6 +241,9 @@ pub(crate) async fn node_restriction(
     });
     let refuse = |why: String| Ok(Some(format!("node \"{node}\" is not allowed to {why}")));
     match (a.group.as_str(), a.resource.as_str()) {
+        ("", "serviceaccounts") if a.subresource.as_deref() == Some("token") => {
+            super::node_tokens::refuse_token_request(state, node, &user.name, a, body).await
+        }
         ("", "nodes") if named.as_deref() != Some(node) => {
             refuse(format!("modify node \"{}\"", named.unwrap_or_default()))
         }
@@ -370,7 +373,33 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
         {"apiGroups": ["apps"], "resources": ["replicasets", "statefulsets"], "verbs": READ},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": READ},
     ]);
+    // Ref: bootstrappolicy `controller_policy.go`: per-controller roles bound to the controllers' service accounts
+    // in kube-system (used when kube-controller-manager runs with --use-service-account-credentials).
+    let controller_binding = |controller: &str| {
+        let name = format!("system:controller:{controller}");
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": controller, "namespace": "kube-system"}]})
+    };
+    let events_rule = json!({"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
+        "verbs": ["create", "update", "patch"]});
     vec![
+        (
+            "clusterroles",
+            role(
+                "system:controller:root-ca-cert-publisher",
+                json!([
+                    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "update"]},
+                    events_rule,
+                ]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            controller_binding("root-ca-cert-publisher"),
+        ),
         (
             "clusterroles",
             role("system:kube-controller-manager", controller_manager),
@@ -412,7 +441,8 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
             role(
                 "system:basic-user",
                 json!([{"apiGroups": ["authorization.k8s.io"],
-            "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]}]),
+            "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
             ),
         ),
         // Ref: bootstrappolicy `NodeRules()`; bound to group system:nodes below (upstream leaves that to the Node

@@ -216,7 +216,7 @@ static DEPLOY_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "Deployment"
 static RS_SUBS: [Subresource; 2] = [SCALE, status("apps", "v1", "ReplicaSet")];
 
 /// Every kind served, in discovery order.
-pub(crate) static KINDS: [ResourceKind; 19] = [
+pub(crate) static KINDS: [ResourceKind; 20] = [
     kind!(core::Namespace, "", "v1", "Namespace", "namespaces", "namespace", false,
         short: &["ns"], cat: &[], sub: &NAMESPACE_SUBS, prefix: "namespaces", create_on_update: false),
     kind!(core::Pod, "", "v1", "Pod", "pods", "pod", true,
@@ -267,6 +267,23 @@ pub(crate) static KINDS: [ResourceKind; 19] = [
         store_prefix: "selfsubjectaccessreviews",
         normalize: normalize::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
         schema: schema::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>,
+        create_on_update: false,
+    },
+    // Not stored: who the caller is (`kubectl auth whoami`).
+    ResourceKind {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "SelfSubjectReview",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: &["create"],
+        subresources: &[],
+        store_prefix: "selfsubjectreviews",
+        normalize: normalize::<k8s_openapi::api::authentication::v1::SelfSubjectReview>,
+        schema: schema::<k8s_openapi::api::authentication::v1::SelfSubjectReview>,
         create_on_update: false,
     },
     // Not stored: whether another user may do something (kubelets authorizing their API's callers).

@@ -404,6 +404,16 @@ pub(crate) async fn create_token(
                     .unwrap_or_else(|| ApiError::not_found(tr_kind, obj_name))
             })?;
         let uid = uid_of(&obj).to_string();
+        // Upstream `TokenREST.Create`: a pod-bound token only for the service account the pod runs as.
+        let pod_sa = obj
+            .pointer("/spec/serviceAccountName")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if kind == "Pod" && pod_sa != name {
+            return Err(ApiError::bad_request(format!(
+                "cannot bind token for serviceaccount \"{name}\" to pod running with different serviceaccount name."
+            )));
+        }
         if !want_uid.is_empty() && want_uid != uid {
             return Err(ApiError::conflict(
                 tr_kind,

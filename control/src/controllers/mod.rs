@@ -23,6 +23,7 @@ mod leader;
 mod manager;
 mod nodeipam;
 mod nodelifecycle;
+mod root_ca_publisher;
 mod serviceaccount;
 mod watch;
 
@@ -52,6 +53,9 @@ pub struct ControllersConfig {
     /// (`--default-unreachable-toleration-seconds`; the API server gives new pods that toleration, this covers
     /// pods created without it, like upstream's old `--pod-eviction-timeout`).
     pub pod_eviction_timeout: Duration,
+    /// The cluster CA bundle (PEM) the root-ca-cert-publisher puts in every namespace: `--root-ca-file`, else the
+    /// CA of the controllers' kubeconfig, as kube-controller-manager does. `None`: that controller does nothing.
+    pub root_ca: Option<String>,
 }
 
 impl Default for ControllersConfig {
@@ -62,6 +66,7 @@ impl Default for ControllersConfig {
             node_monitor_period: Duration::from_secs(5),
             node_monitor_grace_period: Duration::from_secs(40),
             pod_eviction_timeout: Duration::from_secs(300),
+            root_ca: None,
         }
     }
 }
@@ -115,6 +120,10 @@ pub const CONTROLLERS: &[ControllerEntry] = &[
     ControllerEntry {
         name: "serviceaccount",
         start: serviceaccount::start,
+    },
+    ControllerEntry {
+        name: "root-ca-cert-publisher",
+        start: root_ca_publisher::start,
     },
     ControllerEntry {
         name: "nodeipam",

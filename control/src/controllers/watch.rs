@@ -21,11 +21,21 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    cache_with(api, watcher::Config::default(), wake)
+}
+
+/// [`cache`] of only the objects `config` selects (a field or label selector).
+pub(crate) fn cache_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wake: Arc<Notify>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher::watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         futures_util::pin_mut!(stream);
         while let Some(ev) = stream.next().await {

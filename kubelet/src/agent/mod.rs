@@ -16,6 +16,7 @@ mod healthz;
 mod node_status;
 mod pods;
 mod runtime;
+mod tokens;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ use crate::events::EventRecorder;
 use crate::volumes::VolumeManager;
 
 pub use runtime::RuntimeError;
+pub use tokens::DEFAULT_REFRESH_FRACTION;
 
 /// Where the cgroup hierarchies are mounted on a normal host.
 pub const DEFAULT_CGROUP_MOUNT: &str = "/sys/fs/cgroup";
@@ -47,6 +49,9 @@ pub struct AgentConfig {
     pub cgroup_mount: PathBuf,
     /// The kubelet API's TLS and client-CA settings; it serves on `--port` next to the pod workers.
     pub server: crate::server::ServerFlags,
+    /// Fraction of a projected service-account token's lifetime after which it is replaced
+    /// ([`DEFAULT_REFRESH_FRACTION`], upstream's 80 %; tests lower it to see rotation without waiting).
+    pub token_refresh_fraction: f64,
 }
 
 /// Why the kubelet could not run.
@@ -89,6 +94,8 @@ pub(crate) struct Shared {
     pub events: Mutex<EventRecorder>,
     /// The node's allocatable resources (what an unset limit reads as through the downward API).
     pub allocatable: RwLock<BTreeMap<String, Quantity>>,
+    /// Projected service-account tokens, cached and rotated.
+    pub tokens: tokens::TokenManager,
 }
 
 impl Shared {
@@ -160,6 +167,7 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         volumes: VolumeManager::new(&cfg.root_dir),
         events: Mutex::new(EventRecorder::new(cfg.node_name.clone())),
         allocatable: RwLock::new(BTreeMap::new()),
+        tokens: tokens::TokenManager::new(agent.token_refresh_fraction),
         node_ip,
         rt,
         cni,

@@ -32,7 +32,7 @@ use crate::probes::{ContainerProbes, ExecRunner, NetProber, ProbeStatus};
 use crate::restart::{crash_loop_message, BackOff};
 use crate::status::{self, latest, reasons, RuntimeState, StatusInput, WaitingReason};
 use crate::sync::{compute_pod_actions, container_hash};
-use crate::volumes::{MountedVolume, NoTokens};
+use crate::volumes::MountedVolume;
 use crate::{dns, layout, pull, qos};
 
 /// How often a pod is resynced when nothing else wakes its worker (upstream relists every second and resyncs
@@ -542,6 +542,8 @@ impl PodWorker {
             .map_err(|e| {
                 StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
             })?;
+        // Token requests that fail surface when the volume is set up (with the projection's error).
+        let tokens = self.shared.tokens.for_pod(&self.shared.client, pod).await;
         let pod_dir = self.shared.rt.pod_dir(&self.uid);
         let hosts = dns::hosts_file(
             pod,
@@ -575,7 +577,7 @@ impl PodWorker {
                     StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
                 })?
             };
-            let vols = volumes.setup(&pod, &ctx, &source, &NoTokens).map_err(|e| {
+            let vols = volumes.setup(&pod, &ctx, &source, &tokens).map_err(|e| {
                 StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
             })?;
             Ok((files, vols))
@@ -1234,6 +1236,7 @@ impl PodWorker {
         if let Ok(mut rec) = self.shared.events.lock() {
             rec.forget_object(&self.uid);
         }
+        self.shared.tokens.forget_pod(&self.uid);
     }
 
     /// Computes the pod's status and patches it when it differs from what the API (or our last patch) has.

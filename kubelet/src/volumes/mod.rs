@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMapProjection, Pod, SecretProjection, Vol
 
 pub use atomic_writer::{validate_path, write as write_atomic, FileProjection, Payload};
 pub use host_path::check_host_path;
-pub use projection::{NoTokens, TokenSource, DEFAULT_MODE};
+pub use projection::{token_expiration_seconds, NoTokens, TokenSource, DEFAULT_MODE};
 
 use crate::env::{ConfigSource, EnvError, PodContext};
 use crate::quantity::Amount;

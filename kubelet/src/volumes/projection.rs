@@ -207,6 +207,12 @@ pub(crate) fn downward_payload(
     Ok(out)
 }
 
+/// The lifetime a serviceAccountToken projection asks for: upstream's default of one hour, and at least the API's
+/// minimum of 10 minutes.
+pub fn token_expiration_seconds(p: &ServiceAccountTokenProjection) -> i64 {
+    p.expiration_seconds.unwrap_or(3600).max(600)
+}
+
 pub(crate) fn token_payload(
     pod: &Pod,
     p: &ServiceAccountTokenProjection,
@@ -219,8 +225,7 @@ pub(crate) fn token_payload(
         .as_ref()
         .and_then(|s| s.service_account_name.as_deref())
         .unwrap_or("default");
-    // Upstream default expiration is one hour (and at least 10 minutes).
-    let expiration = p.expiration_seconds.unwrap_or(3600).max(600);
+    let expiration = token_expiration_seconds(p);
     let token = tokens
         .service_account_token(ns, sa, p.audience.as_deref(), expiration)
         .map_err(|message| VolumeError::Token {
