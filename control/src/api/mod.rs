@@ -23,6 +23,7 @@ mod bootstrap;
 mod discovery;
 mod handlers;
 mod kubelet_proxy;
+mod mirror_pods;
 mod objects;
 mod openapi;
 mod patch;

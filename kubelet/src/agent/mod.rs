@@ -1,10 +1,11 @@
 //! The running kubelet: the Node and its Lease, a watch of the pods bound to this node, and one worker per pod
 //! that drives the runtime towards the pod's spec.
 //!
-//! Layout: `node_status` (register the Node, post its status, renew its Lease), `pods` (the pod watch, one worker
-//! task per pod UID, adoption and clean-up at start), `worker` (one pod's sync and termination), `runtime` (the
-//! runtime and image store as the sync sees them), `api` (configMaps/secrets, pull secrets, status, Events,
-//! final deletion).
+//! Layout: `node_status` (register the Node, post its status, renew its Lease), `pods` (the pod watch and the
+//! static pods, one worker task per pod UID, adoption and clean-up at start), `worker` (one pod's sync and
+//! termination), `runtime` (the runtime and image store as the sync sees them), `api` (configMaps/secrets, pull
+//! secrets, status, Events, final deletion), `static_source` (`--pod-manifest-path`, watched) and `mirror` (the
+//! static pods' mirror pods in the API).
 //!
 //! Ref: upstream `pkg/kubelet/kubelet.go` (`syncLoop`), `pod_workers.go` (one goroutine per pod UID),
 //! `kuberuntime_manager.go` (`SyncPod`, `KillPod`), `status/status_manager.go`, `nodestatus/` and
@@ -13,9 +14,12 @@
 
 mod api;
 mod healthz;
+mod host_network;
+mod mirror;
 mod node_status;
 mod pods;
 mod runtime;
+mod static_source;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -89,6 +93,8 @@ pub(crate) struct Shared {
     pub events: Mutex<EventRecorder>,
     /// The node's allocatable resources (what an unset limit reads as through the downward API).
     pub allocatable: RwLock<BTreeMap<String, Quantity>>,
+    /// Static pods and their mirror pods in the API.
+    pub mirrors: mirror::MirrorPods,
 }
 
 impl Shared {
@@ -160,6 +166,7 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         volumes: VolumeManager::new(&cfg.root_dir),
         events: Mutex::new(EventRecorder::new(cfg.node_name.clone())),
         allocatable: RwLock::new(BTreeMap::new()),
+        mirrors: mirror::MirrorPods::default(),
         node_ip,
         rt,
         cni,
@@ -200,11 +207,20 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     };
     let node = tokio::spawn(node_status::run(shared.clone()));
-    let pods = tokio::spawn(pods::run(shared.clone()));
+    // Static pods are the kubelet's own config source: read before anything else, run whether or not the API
+    // server answers (upstream kubeadm runs the API server itself this way).
+    let statics = shared
+        .cfg
+        .pod_manifest_path
+        .clone()
+        .map(|dir| static_source::start(shared.clone(), &dir));
+    let pods = tokio::spawn(pods::run(shared.clone(), statics));
+    let mirrors = tokio::spawn(mirror::run(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down; pods keep running");
     node.abort();
     pods.abort();
+    mirrors.abort();
     server.abort();
     healthz.abort();
     Ok(())
