@@ -151,6 +151,11 @@ impl KubeletLab {
         self.root.path().join("kubelet.log")
     }
 
+    /// The kubelet's `--pod-manifest-path` (static pods); not created: a test makes it when it needs it.
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.root.path().join("manifests")
+    }
+
     /// Starts `windlass-kubelet` (appending to its log).
     pub fn start_kubelet(&mut self) {
         let log = std::fs::OpenOptions::new()
@@ -173,6 +178,8 @@ impl KubeletLab {
                 .arg("--cni-conf-dir")
                 .arg(self.cni_dir.path().join("net.d"))
                 .args(["--insecure-registry", &self.registry_addr])
+                .arg("--pod-manifest-path")
+                .arg(self.manifest_dir())
                 .arg("--runtime-binary")
                 .arg(workspace_binary("windlass-runtime"))
                 .env("RUST_LOG", "info,windlass_kubelet=debug")
