@@ -344,3 +344,94 @@ fn a_host_network_pod_serves_on_the_node_ip_and_leaves_the_nodes_network_alone()
     );
     assert!(lab.http_get("127.0.0.1", port).is_err(), "httpd stopped");
 }
+
+#[test]
+fn a_restarted_kubelet_adopts_its_static_and_host_network_pods_and_cleans_up_one_deleted_meanwhile()
+{
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let mut lab = KubeletLab::start();
+    let links_before = node_links(&lab);
+    put_manifest(&lab, "web.yaml", &web_manifest(&lab, "one"));
+    let port = 18_083;
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hostweb\n  namespace: default\n{}  nodeName: {}\n",
+        host_network_spec(&lab, port),
+        lab.node_name
+    ));
+    let name = mirror_name(&lab, "web");
+    let web = lab.wait_pod(&name, "Running", Duration::from_secs(90), running_with_ip);
+    let host = lab.wait_pod(
+        "hostweb",
+        "Running",
+        Duration::from_secs(90),
+        running_with_ip,
+    );
+    let web_container = str_of(&web, "/status/containerStatuses/0/containerID").to_string();
+    let host_container = str_of(&host, "/status/containerStatuses/0/containerID").to_string();
+    let host_uid = str_of(&host, "/metadata/uid").to_string();
+
+    lab.stop_kubelet();
+    lab.start_kubelet();
+    wait_for(
+        "the kubelet to adopt both pods",
+        Duration::from_secs(60),
+        || (lab.kubelet_log().matches("adopting running pod").count() >= 2).then_some(()),
+    );
+    // Nothing was restarted or re-created: same containers, same mirror pod, both still serving.
+    let web_after = lab.pod(&name).expect("mirror pod");
+    assert_eq!(web_after["metadata"]["uid"], web["metadata"]["uid"]);
+    assert_eq!(
+        str_of(&web_after, "/status/containerStatuses/0/containerID"),
+        web_container
+    );
+    let host_after = lab.pod("hostweb").expect("hostweb");
+    assert_eq!(
+        str_of(&host_after, "/status/containerStatuses/0/containerID"),
+        host_container
+    );
+    assert_eq!(
+        host_after["status"]["containerStatuses"][0]["restartCount"],
+        0
+    );
+    serves_page(&lab, str_of(&web, "/status/podIP"), 80);
+    serves_page(&lab, "127.0.0.1", port);
+
+    // A host-network pod force-deleted while the kubelet is down is torn down when it starts, without CNI and
+    // without touching the node's links; the static pod stays.
+    lab.stop_kubelet();
+    lab.control
+        .kubectl_ok(&["delete", "pod", "hostweb", "--grace-period=0", "--force"]);
+    lab.start_kubelet();
+    wait_for(
+        "the deleted pod to be cleaned up",
+        Duration::from_secs(60),
+        || gone_from_node(&lab, &host_uid).then_some(()),
+    );
+    assert!(
+        lab.http_get("127.0.0.1", port).is_err(),
+        "its httpd stopped"
+    );
+    let web_hash = str_of(&web, "/metadata/annotations/kubernetes.io~1config.hash");
+    assert!(sandbox_of(&lab, web_hash), "the static pod still runs");
+    assert_eq!(
+        str_of(
+            &lab.pod(&name).expect("mirror pod"),
+            "/status/containerStatuses/0/containerID"
+        ),
+        web_container
+    );
+    let links_after: Vec<String> = node_links(&lab)
+        .into_iter()
+        .filter(|l| !l.starts_with("veth") && !l.starts_with(&lab.bridge))
+        .collect();
+    let links_before: Vec<String> = links_before
+        .into_iter()
+        .filter(|l| !l.starts_with("veth") && !l.starts_with(&lab.bridge))
+        .collect();
+    assert_eq!(
+        links_after, links_before,
+        "the node's own links are untouched"
+    );
+}

@@ -30,6 +30,17 @@ struct Workers {
     desired: StaticPods,
     /// UIDs of static pods with a worker (wanted, or still terminating): never mistaken for API pods.
     static_uids: HashSet<String>,
+    /// Static pods being terminated, by UID, with their full names: a new static pod of the same name waits
+    /// for them (upstream `allowStaticPodStart`), so an edited host-network pod never races its predecessor for
+    /// the node's ports.
+    terminating: HashMap<String, (String, String)>,
+}
+
+fn full_name(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 impl Workers {
@@ -78,9 +89,33 @@ impl Workers {
         for pod in removed {
             let Some(uid) = uid_of(&pod) else { continue };
             tracing::info!(pod = %uid, name = pod.metadata.name.as_deref().unwrap_or_default(), "static pod removed");
+            self.terminating.insert(uid.clone(), full_name(&pod));
             self.dispatch(&uid, Some(crate::static_pods::deleting(pod)));
         }
-        for (uid, pod) in added {
+        for (uid, pod) in &added {
+            if self.waits_for_predecessor(pod) {
+                tracing::info!(pod = %uid, "static pod waits for its predecessor to terminate");
+            }
+        }
+        self.start_statics();
+    }
+
+    fn waits_for_predecessor(&self, pod: &Pod) -> bool {
+        let name = full_name(pod);
+        self.terminating.values().any(|n| *n == name)
+    }
+
+    /// Starts every wanted static pod that has no worker and no predecessor of its name still terminating.
+    fn start_statics(&mut self) {
+        let ready: Vec<(String, Pod)> = self
+            .desired
+            .iter()
+            .filter(|(uid, pod)| {
+                !self.senders.contains_key(*uid) && !self.waits_for_predecessor(pod)
+            })
+            .map(|(u, p)| (u.clone(), p.clone()))
+            .collect();
+        for (uid, pod) in ready {
             self.dispatch(&uid, Some(pod));
         }
     }
@@ -95,14 +130,13 @@ impl Workers {
                 if !self.static_uids.contains(&uid) {
                     return;
                 }
-                // A static pod that came back (the same manifest again) while its worker was terminating.
-                match self.desired.get(&uid).cloned() {
-                    Some(pod) if !self.senders.contains_key(&uid) => self.dispatch(&uid, Some(pod)),
-                    Some(_) => {}
-                    None => {
-                        self.static_uids.remove(&uid);
-                    }
+                self.terminating.remove(&uid);
+                if !self.desired.contains_key(&uid) {
+                    self.static_uids.remove(&uid);
                 }
+                // Successors that waited for it, and a static pod that came back (the same manifest again) while
+                // its worker was terminating.
+                self.start_statics();
             }
             Err(e) if e.is_panic() => tracing::error!(error = %e, "pod worker panicked"),
             Err(_) => {}
@@ -145,6 +179,7 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
         tasks: JoinSet::new(),
         desired: StaticPods::new(),
         static_uids: HashSet::new(),
+        terminating: HashMap::new(),
     };
     // Static pods start at once, before (and without) the API server.
     let (mut statics, mut statics_open) = match statics {
