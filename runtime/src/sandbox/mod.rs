@@ -6,6 +6,9 @@
 //! namespaces with their own mount (and, unless shared, PID) namespace and rootfs; each is created by its own log
 //! shim process (`windlass-runtime shim`) that writes CRI-format logs and records the exit status. Everything is
 //! on disk under the sandbox root, so a restarted caller lists and adopts what is running.
+//!
+//! A host-network sandbox ([`SandboxConfig::host_network`]) creates no network namespace: its holder stays in the
+//! caller's (the node's), nothing is pinned, and its containers join the holder's network namespace.
 
 mod crilog;
 mod holder;
