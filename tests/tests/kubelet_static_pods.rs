@@ -109,7 +109,8 @@ fn a_static_pod_is_mirrored_in_the_api_and_keeps_running_when_its_mirror_is_dele
     if !require_privileged(TOOLS) {
         return;
     }
-    let lab = KubeletLab::start();
+    // The kubelet creates and deletes its mirror pods with its own node credentials, as NodeRestriction allows.
+    let lab = KubeletLab::start_with_node_credentials();
     put_manifest(&lab, "web.yaml", &web_manifest(&lab, "one"));
     let name = mirror_name(&lab, "web");
     let pod = lab.wait_pod(
