@@ -436,3 +436,37 @@ fn a_restarted_kubelet_adopts_its_static_and_host_network_pods_and_cleans_up_one
         "the node's own links are untouched"
     );
 }
+
+#[test]
+fn a_static_pod_that_completes_is_shown_succeeded_on_its_mirror_and_not_restarted() {
+    if !require_privileged(TOOLS) {
+        return;
+    }
+    let lab = KubeletLab::start();
+    put_manifest(
+        &lab,
+        "job.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job\nspec:\n  restartPolicy: Never\n  containers:\n  - name: once\n    image: {}\n    command: [sh, -c, \"echo done\"]\n",
+            lab.image
+        ),
+    );
+    let pod = lab.wait_pod(
+        &mirror_name(&lab, "job"),
+        "Succeeded",
+        Duration::from_secs(90),
+        |p| p["status"]["phase"] == "Succeeded",
+    );
+    let c = &pod["status"]["containerStatuses"][0];
+    assert_eq!(c["state"]["terminated"]["exitCode"], 0, "{c}");
+    assert_eq!(c["restartCount"], 0);
+    // Its IP is released once it finished (upstream SyncTerminatedPod), and it stays Succeeded.
+    wait_for(
+        "the finished pod's IP to be released",
+        Duration::from_secs(30),
+        || lab.ip_reservations().is_empty().then_some(()),
+    );
+    let later = lab.pod(&mirror_name(&lab, "job")).expect("mirror pod");
+    assert_eq!(later["status"]["phase"], "Succeeded");
+    assert_eq!(later["status"]["containerStatuses"][0]["restartCount"], 0);
+}

@@ -406,7 +406,13 @@ impl PodWorker {
         let view = self.view().await?;
         // A pod that finished (phase Succeeded/Failed, which never changes back) keeps its API object until
         // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`).
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        // A static pod's own object stays Pending: its phase is the one this worker last wrote onto its mirror.
+        let status = if self.static_pod {
+            self.last_status.as_ref()
+        } else {
+            pod.status.as_ref()
+        };
+        let phase = status.and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             let view = if view.sandboxes.iter().any(|s| s.ready) {
                 self.kill_pod(Some(pod), &view, StopReason::Other).await;
