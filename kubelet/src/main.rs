@@ -153,23 +153,6 @@ fn run() -> anyhow::Result<()> {
     }
     tracing::info!(node = %config.node_name, root_dir = %config.root_dir.display(), "windlass-kubelet configured");
 
-    if let Some(dir) = &config.pod_manifest_path {
-        let found = windlass_kubelet::static_pods::load_dir(
-            dir,
-            &config.node_name,
-            jiff::Timestamp::now(),
-        )?;
-        for p in &found.pods {
-            tracing::info!(
-                pod = p.pod.metadata.name.as_deref().unwrap_or(""),
-                source = %p.source.display(),
-                "static pod manifest"
-            );
-        }
-        for e in &found.errors {
-            tracing::warn!(error = %e, "static pod manifest skipped");
-        }
-    }
     match windlass_kubelet::cni::load_first(&config.cni_conf_dir) {
         Ok(net) => tracing::info!(network = %net.name, file = %net.source.display(), "CNI network"),
         Err(e) => {

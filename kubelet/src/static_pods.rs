@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
@@ -260,6 +260,19 @@ pub fn mirror_pod(static_pod: &Pod, node_name: &str, node_uid: &str) -> Pod {
     }]);
     m.status = None;
     m
+}
+
+/// A static pod whose manifest went away, as its worker sees it: deleted now with the grace period its spec asks
+/// for (upstream kills a removed static pod like a deleted API pod, `terminationGracePeriodSeconds`, default 30).
+pub fn deleting(mut pod: Pod) -> Pod {
+    let grace = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
+    pod.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    pod.metadata.deletion_grace_period_seconds = Some(grace);
+    pod
 }
 
 /// Whether an API pod is a mirror pod.

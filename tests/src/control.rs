@@ -175,6 +175,16 @@ impl ControlPlane {
         }
     }
 
+    /// Stops the server (SIGKILL); [`ControlPlane::resume`] starts it again.
+    pub fn stop(&mut self) {
+        self.child.take();
+    }
+
+    /// Starts a stopped server again on the same data directory and port, and waits until it answers.
+    pub fn resume(&mut self) {
+        self.spawn();
+    }
+
     /// Stops the server (SIGKILL) and starts it again on the same data directory and port.
     pub fn restart(&mut self) {
         self.child.take();

@@ -54,6 +54,8 @@ pub struct KubeletLab {
     pub netns: NetnsGuard,
     /// Extra flags for the next [`KubeletLab::start_kubelet`].
     pub kubelet_args: Vec<String>,
+    /// The kubelet's kubeconfig: the admin's, or the node's own (see [`KubeletLab::start_with_node_credentials`]).
+    kubelet_kubeconfig: PathBuf,
 }
 
 fn next_subnet() -> String {
@@ -66,6 +68,16 @@ fn next_subnet() -> String {
 impl KubeletLab {
     /// Starts everything and waits until the node is Ready.
     pub fn start() -> Self {
+        Self::start_as(false)
+    }
+
+    /// Like [`KubeletLab::start`], with the kubelet using its node's own credentials (`system:node:<name>` in
+    /// `system:nodes`), so the API server's node authorization and NodeRestriction apply to it as in a cluster.
+    pub fn start_with_node_credentials() -> Self {
+        Self::start_as(true)
+    }
+
+    fn start_as(node_credentials: bool) -> Self {
         let netns = NetnsGuard::new(&unique_name("wlk")).expect("node netns");
         let registry = Registry::start_in_netns(netns.name()).expect("registry");
         let layout = OciLayout::new().expect("layout");
@@ -129,6 +141,26 @@ impl KubeletLab {
             serde_json::to_vec_pretty(&conf).expect("conf json"),
         )
         .expect("write conflist");
+        let node_name = unique_name("node-");
+        let kubelet_kubeconfig = if node_credentials {
+            let out = control.data_dir().join(format!("{node_name}.kubeconfig"));
+            let mut cmd = Command::new(workspace_binary("windlass-control"));
+            cmd.args(["issue-kubeconfig", "--data-dir"])
+                .arg(control.data_dir())
+                .args(["--user", &format!("system:node:{node_name}")])
+                .args([
+                    "--group",
+                    "system:nodes",
+                    "--server",
+                    &control.url(),
+                    "--out",
+                ])
+                .arg(&out);
+            crate::run_ok(&mut cmd);
+            out
+        } else {
+            control.kubeconfig()
+        };
         let mut lab = Self {
             kubelet: None,
             control,
@@ -136,7 +168,7 @@ impl KubeletLab {
             root,
             cni_dir,
             cgroups: CgroupTreeGuard::new(),
-            node_name: unique_name("node-"),
+            node_name,
             bridge,
             subnet,
             network,
@@ -144,6 +176,7 @@ impl KubeletLab {
             registry_addr,
             netns,
             kubelet_args: Vec::new(),
+            kubelet_kubeconfig,
         };
         lab.start_kubelet();
         lab.wait_node_ready();
@@ -152,6 +185,11 @@ impl KubeletLab {
 
     fn log_path(&self) -> PathBuf {
         self.root.path().join("kubelet.log")
+    }
+
+    /// The kubelet's `--pod-manifest-path` (static pods); not created: a test makes it when it needs it.
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.root.path().join("manifests")
     }
 
     /// Starts `windlass-kubelet` (appending to its log).
@@ -166,7 +204,7 @@ impl KubeletLab {
                 .arg(format!("--net={}", self.netns.path().display()))
                 .arg(workspace_binary("windlass-kubelet"))
                 .arg("--kubeconfig")
-                .arg(self.control.kubeconfig())
+                .arg(&self.kubelet_kubeconfig)
                 .args(["--node-name", &self.node_name, "--node-ip", "127.0.0.1"])
                 .arg("--root-dir")
                 .arg(self.root.path())
@@ -176,6 +214,8 @@ impl KubeletLab {
                 .arg("--cni-conf-dir")
                 .arg(self.cni_dir.path().join("net.d"))
                 .args(["--insecure-registry", &self.registry_addr])
+                .arg("--pod-manifest-path")
+                .arg(self.manifest_dir())
                 .arg("--runtime-binary")
                 .arg(workspace_binary("windlass-runtime"))
                 // The cluster CA signs the API server's kubelet client certificate: exec, logs and port-forward

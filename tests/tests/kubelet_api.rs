@@ -1101,22 +1101,60 @@ fn a_node_may_write_only_its_own_node_lease_and_pods() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Pods: only those bound to it (mirror pods, statuses, deletions).
+    // Pods: only those bound to it (mirror pods, statuses, deletions). NodeRestriction admits only mirror pods
+    // owned by the node itself that reference no other API object.
+    let n1_uid = cp.kubectl_ok(&["get", "node", "n1", "-o", "jsonpath={.metadata.uid}"]);
+    let mirror = |name: &str, node: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS,
+                "annotations": {"kubernetes.io/config.mirror": "h1"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": n1_uid.trim(), "controller": true}]},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
+    };
     let pod = |name: &str, node: &str| {
         serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
             "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
         .to_string()
     };
-    let out = as_node(&["create", "-f", "-"], Some(&pod("mine", "n1")));
+    let out = as_node(
+        &["create", "-f", "-"],
+        Some(&mirror("mine", "n1").to_string()),
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = as_node(&["create", "-f", "-"], Some(&pod("theirs", "n2")));
+    let out = as_node(&["create", "-f", "-"], Some(&pod("plain", "n1")));
+    assert!(
+        !out.status.success(),
+        "a node created a pod that is not a mirror pod"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("can only create mirror pods"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut with_secret = mirror("secretive", "n1");
+    with_secret["spec"]["volumes"] =
+        serde_json::json!([{"name": "s", "secret": {"secretName": "x"}}]);
+    let out = as_node(&["create", "-f", "-"], Some(&with_secret.to_string()));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("can not create pods that reference secrets"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(
+        &["create", "-f", "-"],
+        Some(&mirror("theirs", "n2").to_string()),
+    );
     assert!(
         !out.status.success(),
         "a node created a pod bound elsewhere"
+    );
+    let out = as_node(&["label", "pod", "mine", "x=y"], None);
+    assert!(
+        !out.status.success(),
+        "a node edited a pod's spec or metadata"
     );
     cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("theirs", "n2"));
     let status = r#"{"status":{"phase":"Running"}}"#;
@@ -1156,4 +1194,8 @@ fn a_node_may_write_only_its_own_node_lease_and_pods() {
     // It may read what RBAC's system:node grants, but not secrets' writes or other users' rights.
     assert!(as_node(&["get", "pods", "-A"], None).status.success());
     assert!(!as_node(&["delete", "pod", "theirs"], None).status.success());
+    // It may delete its own mirror pods.
+    assert!(as_node(&["delete", "pod", "mine", "--wait=false"], None)
+        .status
+        .success());
 }

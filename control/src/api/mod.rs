@@ -25,6 +25,7 @@ mod fieldmanager;
 mod handlers;
 mod kubelet_proxy;
 mod node_tokens;
+mod mirror_pods;
 mod objects;
 mod openapi;
 mod patch;

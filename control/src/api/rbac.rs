@@ -213,9 +213,10 @@ pub(crate) fn node_of(user: &User) -> Option<&str> {
 }
 
 /// NodeRestriction (Ref: `plugin/pkg/admission/noderestriction`): a kubelet may write only its own Node and
-/// Lease, and only pods bound to it (mirror pods it creates, statuses, deletions). Returns why a request is refused.
-/// Tokens only for its pods' service accounts, bound to its pods ([`super::node_tokens`]). Reads are left to RBAC
-/// here (upstream's Node authorizer also limits secrets and configmaps to those its pods use; not modelled).
+/// Lease, and only pods bound to it: mirror pods it creates (see `mirror_pods`), statuses, deletions. Returns why
+/// a request is refused. Tokens only for its pods' service accounts, bound to its pods ([`super::node_tokens`]).
+/// Reads are left to RBAC here (upstream's Node authorizer also limits secrets and configmaps to those its pods
+/// use; not modelled).
 pub(crate) async fn node_restriction(
     state: &State,
     user: &User,
@@ -254,15 +255,34 @@ pub(crate) async fn node_restriction(
             refuse(format!("modify lease \"{}\"", named.unwrap_or_default()))
         }
         ("", "pods") if a.verb == "create" && a.subresource.is_none() => {
-            let bound = body_obj
-                .as_ref()
-                .and_then(|b| b.pointer("/spec/nodeName"))
-                .and_then(Value::as_str);
-            if bound == Some(node) {
-                Ok(None)
-            } else {
-                refuse("create pods not bound to itself".into())
-            }
+            let Some(pod) = body_obj.as_ref() else {
+                return refuse("create pods it cannot read".into());
+            };
+            let node_uid = match resources::find("", "v1", "nodes") {
+                Some(kind) => match state.store.get(&kind.key(None, node)).await?.0 {
+                    Some(kv) => object_of(&kv).ok().and_then(|o| {
+                        o.pointer("/metadata/uid")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    }),
+                    None => None,
+                },
+                None => None,
+            };
+            Ok(super::mirror_pods::refuse_create(
+                node,
+                node_uid.as_deref(),
+                pod,
+            ))
+        }
+        // Ref: NodeRestriction allows a node only status updates (and eviction, deletion) of pods, not edits.
+        ("", "pods")
+            if matches!(a.verb.as_str(), "update" | "patch") && a.subresource.is_none() =>
+        {
+            refuse(format!(
+                "{} pods: a node can only update pod status",
+                a.verb
+            ))
         }
         ("", "pods") => {
             let (Some(ns), Some(name)) = (a.namespace.as_deref(), a.name.as_deref()) else {

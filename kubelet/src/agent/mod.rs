@@ -1,10 +1,11 @@
 //! The running kubelet: the Node and its Lease, a watch of the pods bound to this node, and one worker per pod
 //! that drives the runtime towards the pod's spec.
 //!
-//! Layout: `node_status` (register the Node, post its status, renew its Lease), `pods` (the pod watch, one worker
-//! task per pod UID, adoption and clean-up at start), `worker` (one pod's sync and termination), `runtime` (the
-//! runtime and image store as the sync sees them), `api` (configMaps/secrets, pull secrets, status, Events,
-//! final deletion).
+//! Layout: `node_status` (register the Node, post its status, renew its Lease), `pods` (the pod watch and the
+//! static pods, one worker task per pod UID, adoption and clean-up at start), `worker` (one pod's sync and
+//! termination), `runtime` (the runtime and image store as the sync sees them), `api` (configMaps/secrets, pull
+//! secrets, status, Events, final deletion), `static_source` (`--pod-manifest-path`, watched) and `mirror` (the
+//! static pods' mirror pods in the API).
 //!
 //! Ref: upstream `pkg/kubelet/kubelet.go` (`syncLoop`), `pod_workers.go` (one goroutine per pod UID),
 //! `kuberuntime_manager.go` (`SyncPod`, `KillPod`), `status/status_manager.go`, `nodestatus/` and
@@ -13,10 +14,13 @@
 
 mod api;
 mod healthz;
+mod host_network;
+mod mirror;
 mod node_status;
 mod pods;
 mod runtime;
 mod tokens;
+mod static_source;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     pub allocatable: RwLock<BTreeMap<String, Quantity>>,
     /// Projected service-account tokens, cached and rotated.
     pub tokens: tokens::TokenManager,
+    /// Static pods and their mirror pods in the API.
+    pub mirrors: mirror::MirrorPods,
 }
 
 impl Shared {
@@ -168,6 +174,7 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         events: Mutex::new(EventRecorder::new(cfg.node_name.clone())),
         allocatable: RwLock::new(BTreeMap::new()),
         tokens: tokens::TokenManager::new(agent.token_refresh_fraction),
+        mirrors: mirror::MirrorPods::default(),
         node_ip,
         rt,
         cni,
@@ -208,11 +215,20 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     };
     let node = tokio::spawn(node_status::run(shared.clone()));
-    let pods = tokio::spawn(pods::run(shared.clone()));
+    // Static pods are the kubelet's own config source: read before anything else, run whether or not the API
+    // server answers (upstream kubeadm runs the API server itself this way).
+    let statics = shared
+        .cfg
+        .pod_manifest_path
+        .clone()
+        .map(|dir| static_source::start(shared.clone(), &dir));
+    let pods = tokio::spawn(pods::run(shared.clone(), statics));
+    let mirrors = tokio::spawn(mirror::run(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down; pods keep running");
     node.abort();
     pods.abort();
+    mirrors.abort();
     server.abort();
     healthz.abort();
     Ok(())

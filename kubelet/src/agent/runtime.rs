@@ -281,7 +281,7 @@ impl PodRuntime {
                 id: sb.id.clone(),
                 ready: sb.state == RtSandboxState::Ready,
                 ip: record.ips.first().cloned(),
-                host_network: false,
+                host_network: sb.host_network,
                 attempt,
                 created_at,
             });

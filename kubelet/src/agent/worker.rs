@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use windlass_runtime::image::{BundleOptions, ContainerProcessSpec, PullOptions};
 use windlass_runtime::{ContainerConfig, SandboxConfig};
 
-use super::api;
 use super::runtime::{
     api_container_id, ContainerRecord, PodRuntime, PodView, RuntimeError, SandboxRecord,
 };
 use super::Shared;
+use super::{api, host_network};
 use crate::cni::RuntimeConf;
 use crate::env::{self, PodContext};
 use crate::events::{self, reasons as ev, EventType};
@@ -104,6 +104,11 @@ pub(crate) struct PodWorker {
     probes: HashMap<String, (String, ContainerProbes)>,
     probe_changed: Arc<Notify>,
     last_status: Option<PodStatus>,
+    /// A static pod (from `--pod-manifest-path`): its status goes to its mirror pod, and nothing deletes it in
+    /// the API when it is torn down.
+    static_pod: bool,
+    /// The UID of the API pod `last_status` was written to (a static pod's mirror can be re-created).
+    last_status_target: Option<String>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -248,6 +253,7 @@ impl PodWorker {
         shared: Arc<Shared>,
         uid: String,
         pod_rx: watch::Receiver<Option<Pod>>,
+        static_pod: bool,
     ) -> Self {
         let exec = Arc::new(SandboxExec {
             rt: shared.rt.clone(),
@@ -264,6 +270,8 @@ impl PodWorker {
             probes: HashMap::new(),
             probe_changed: Arc::new(Notify::new()),
             last_status: None,
+            static_pod,
+            last_status_target: None,
         }
     }
 
@@ -293,6 +301,10 @@ impl PodWorker {
                 }
                 Some(p) if p.metadata.deletion_timestamp.is_some() => {
                     self.terminate(Some(&p)).await;
+                    // A static pod is not an API object (its mirror pod is the mirror manager's).
+                    if self.static_pod {
+                        return;
+                    }
                     if let Err(e) = api::delete_pod(&self.shared.client, &p).await {
                         tracing::warn!(pod = %self.uid, error = %e, "final pod deletion failed");
                     }
@@ -394,7 +406,13 @@ impl PodWorker {
         let view = self.view().await?;
         // A pod that finished (phase Succeeded/Failed, which never changes back) keeps its API object until
         // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`).
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        // A static pod's own object stays Pending: its phase is the one this worker last wrote onto its mirror.
+        let status = if self.static_pod {
+            self.last_status.as_ref()
+        } else {
+            pod.status.as_ref()
+        };
+        let phase = status.and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             let view = if view.sandboxes.iter().any(|s| s.ready) {
                 self.kill_pod(Some(pod), &view, StopReason::Other).await;
@@ -403,27 +421,6 @@ impl PodWorker {
                 view
             };
             self.update_status(pod, &view, true).await;
-            return Ok(RESYNC * 5);
-        }
-        // Pods sharing the node's network namespace need a sandbox mode the runtime does not offer yet; refuse
-        // them visibly rather than run them on a network they did not ask for.
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            let message = "hostNetwork pods are not supported by this kubelet yet".to_string();
-            for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-                self.reasons.insert(
-                    c.name.clone(),
-                    WaitingReason {
-                        reason: reasons::CREATE_CONTAINER_CONFIG_ERROR.into(),
-                        message: message.clone(),
-                    },
-                );
-            }
-            self.update_status(pod, &view, false).await;
             return Ok(RESYNC * 5);
         }
         self.refresh_probes(pod, &view);
@@ -552,7 +549,11 @@ impl PodWorker {
             &self.shared.node_hosts,
         );
         let resolv = dns::pod_resolv_conf(pod, &self.shared.dns).render();
-        let hostname = dns::hostname_file(pod, &self.shared.cfg.cluster_domain);
+        let hostname = if host_network::enabled(pod) {
+            format!("{}\n", host_network::hostname(&self.shared.cfg.node_name))
+        } else {
+            dns::hostname_file(pod, &self.shared.cfg.cluster_domain)
+        };
         let ctx = self.pod_context(ips);
         let volumes = self.shared.volumes.clone();
         let pod = pod.clone();
@@ -610,20 +611,42 @@ impl PodWorker {
             .into_iter()
             .map(|s| (s.name, s.value))
             .collect();
+        let host_net = host_network::enabled(pod);
         let cfg = SandboxConfig {
             id: id.clone(),
-            hostname: dns::hostname_and_domain(pod, &self.shared.cfg.cluster_domain).0,
+            hostname: if host_net {
+                host_network::hostname(&self.shared.cfg.node_name)
+            } else {
+                dns::hostname_and_domain(pod, &self.shared.cfg.cluster_domain).0
+            },
             cgroup_parent: qos::pod_cgroup(&self.shared.cfg.cgroup_root, qos_class, &self.uid),
             resources: qos::pod_resources(pod).ok(),
             share_pid: spec.share_process_namespace.unwrap_or(false),
             sysctls,
             labels,
             annotations: HashMap::new(),
+            host_network: host_net,
         };
         let rt = self.shared.rt.clone();
         let info = blocking(move || Ok(rt.sandboxes.create_sandbox(&cfg)?))
             .await
             .map_err(|e| e.to_string())?;
+        if host_net {
+            // The node's network: no CNI, and the pod's IPs are the node's (upstream: podIPs = hostIPs).
+            let record = SandboxRecord {
+                ips: host_network::pod_ips(&self.shared.node_ip),
+            };
+            let rt = self.shared.rt.clone();
+            let (uid, sid) = (self.uid.clone(), id.clone());
+            if let Err(e) = blocking(move || rt.write_sandbox_record(&uid, &sid, &record)).await {
+                let rt = self.shared.rt.clone();
+                let (uid, sid) = (self.uid.clone(), id.clone());
+                let _ = blocking(move || Ok(rt.remove_sandbox(&uid, &sid))).await;
+                return Err(e.to_string());
+            }
+            tracing::info!(pod = %self.uid, sandbox = %id, "host-network sandbox ready");
+            return Ok(id);
+        }
         let net = self
             .shared
             .cni
@@ -1116,7 +1139,9 @@ impl PodWorker {
         .await;
         self.probes.clear();
         for sb in view.sandboxes.iter().filter(|s| s.ready) {
-            self.detach_network(pod, &sb.id).await;
+            if !sb.host_network {
+                self.detach_network(pod, &sb.id).await;
+            }
             let rt = self.shared.rt.clone();
             let id = sb.id.clone();
             if let Err(e) =
@@ -1196,7 +1221,12 @@ impl PodWorker {
                 })
             });
         // Sandboxes that were not ready were not detached by kill_pod.
-        for sb in view.sandboxes.iter().filter(|s| !s.ready) {
+        // Host-network sandboxes never had a CNI attachment: the node's network is not touched.
+        for sb in view
+            .sandboxes
+            .iter()
+            .filter(|s| !s.ready && !s.host_network)
+        {
             self.detach_network(pod, &sb.id).await;
         }
         let volumes = self.shared.volumes.clone();
@@ -1253,8 +1283,27 @@ impl PodWorker {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let host_ips = vec![self.shared.node_ip.clone()];
+        // A static pod's status is written onto its mirror pod (none yet: wait, the next sync tries again), built
+        // on what this worker last wrote so a re-created mirror does not reset restart counts or start time.
+        let mut mirror_base = None;
+        if self.static_pod {
+            let Some(mirror) = self.shared.mirrors.mirror_of(pod) else {
+                return;
+            };
+            let mut base = pod.clone();
+            base.status = self
+                .last_status
+                .clone()
+                .or_else(|| mirror.status.clone())
+                .or(base.status);
+            mirror_base = Some((mirror, base));
+        }
+        let (target, base) = match &mirror_base {
+            Some((mirror, base)) => (mirror, base),
+            None => (pod, pod),
+        };
         let input = StatusInput {
-            pod,
+            pod: base,
             containers: &view.containers,
             pod_ips: &view.ips,
             host_ips: &host_ips,
@@ -1265,13 +1314,17 @@ impl PodWorker {
             now: Timestamp::now(),
         };
         let status = status::generate_pod_status(&input);
-        if pod.status.as_ref() == Some(&status) || self.last_status.as_ref() == Some(&status) {
+        if target.status.as_ref() == Some(&status)
+            || (self.last_status.as_ref() == Some(&status)
+                && self.last_status_target == target.metadata.uid)
+        {
             return;
         }
-        match api::patch_status(&self.shared.client, pod, &status).await {
+        match api::patch_status(&self.shared.client, target, &status).await {
             Ok(()) => {
                 tracing::debug!(pod = %self.uid, phase = ?status.phase, "status patched");
                 self.last_status = Some(status);
+                self.last_status_target = target.metadata.uid.clone();
             }
             Err(e) => tracing::warn!(pod = %self.uid, error = %e, "status update failed"),
         }

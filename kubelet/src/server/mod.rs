@@ -723,7 +723,12 @@ async fn port_forward(
             format!("pod {ns}/{pod} has no running sandbox"),
         );
     };
-    let netns = sandbox.netns_path.clone();
+    // A host-network pod listens in the node's namespace, which its holder is in.
+    let netns = if sandbox.host_network {
+        PathBuf::from(format!("/proc/{}/ns/net", sandbox.holder_pid))
+    } else {
+        sandbox.netns_path.clone()
+    };
     let name = format!("{ns}/{pod}");
     tracing::debug!(
         pod = %name,

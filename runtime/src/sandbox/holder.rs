@@ -49,6 +49,7 @@ fn loopback_up() -> Result<(), Failed> {
 pub(crate) fn run(
     hostname: &str,
     sysctls: &[(String, String)],
+    own_network: bool,
     report: &crate::container::Reporter,
 ) -> Failed {
     if let Err(e) = nix::unistd::setsid() {
@@ -59,8 +60,11 @@ pub(crate) fn run(
             return format!("sethostname: {e}");
         }
     }
-    if let Err(e) = loopback_up() {
-        return e;
+    // In the node's network namespace (hostNetwork) the node's loopback is left as it is.
+    if own_network {
+        if let Err(e) = loopback_up() {
+            return e;
+        }
     }
     // /proc/sys/net and the IPC sysctls show the namespaces of the process that opens them: ours, now.
     for (key, value) in sysctls {

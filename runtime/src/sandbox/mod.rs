@@ -6,6 +6,9 @@
 //! namespaces with their own mount (and, unless shared, PID) namespace and rootfs; each is created by its own log
 //! shim process (`windlass-runtime shim`) that writes CRI-format logs and records the exit status. Everything is
 //! on disk under the sandbox root, so a restarted caller lists and adopts what is running.
+//!
+//! A host-network sandbox ([`SandboxConfig::host_network`]) creates no network namespace: its holder stays in the
+//! caller's (the node's), nothing is pinned, and its containers join the holder's network namespace.
 
 mod crilog;
 mod holder;
@@ -99,6 +102,11 @@ pub struct SandboxConfig {
     pub sysctls: HashMap<String, String>,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
+    /// The pod uses the node's network namespace (`hostNetwork`): the holder joins the caller's network namespace
+    /// instead of creating one, nothing is pinned for CNI, and teardown never touches the node's network. The pod
+    /// keeps its own UTS namespace carrying the hostname it is given (the node's name), so a container cannot
+    /// rename the node (upstream CRI shares the host's UTS namespace, whose name is the same).
+    pub host_network: bool,
 }
 
 /// Whether the sandbox's holder is alive.
@@ -123,6 +131,10 @@ pub struct SandboxInfo {
     pub created: String,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
+    /// Created with [`SandboxConfig::host_network`]: `netns_path` is empty and containers join the holder's
+    /// (the node's) network namespace.
+    #[serde(default)]
+    pub host_network: bool,
     #[serde(skip_deserializing, default = "not_ready")]
     pub state: SandboxState,
 }
@@ -217,13 +229,21 @@ impl SandboxManager {
     pub fn create_sandbox(&self, cfg: &SandboxConfig) -> Result<SandboxInfo, SandboxError> {
         validate_id(&cfg.id)?;
         for key in cfg.sysctls.keys() {
-            if !matches!(
-                oci::sysctl_namespace(key),
-                Some(LinuxNamespaceType::Network | LinuxNamespaceType::Ipc)
-            ) {
-                return Err(
-                    OciError::Invalid(format!("pod sysctl {key:?} is not namespaced")).into(),
-                );
+            match oci::sysctl_namespace(key) {
+                Some(LinuxNamespaceType::Ipc) => {}
+                Some(LinuxNamespaceType::Network) if !cfg.host_network => {}
+                // Ref: upstream pod validation refuses net.* sysctls with hostNetwork: they would change the node.
+                Some(LinuxNamespaceType::Network) => {
+                    return Err(OciError::Invalid(format!(
+                        "pod sysctl {key:?} would change the node's network namespace (hostNetwork)"
+                    ))
+                    .into())
+                }
+                _ => {
+                    return Err(
+                        OciError::Invalid(format!("pod sysctl {key:?} is not namespaced")).into(),
+                    )
+                }
             }
         }
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
@@ -250,12 +270,17 @@ impl SandboxManager {
             hostname: cfg.hostname.clone(),
             holder_pid: 0,
             holder_start: 0,
-            netns_path: dir.join(NETNS_FILE),
+            netns_path: if cfg.host_network {
+                PathBuf::new()
+            } else {
+                dir.join(NETNS_FILE)
+            },
             cgroup_parent,
             share_pid: cfg.share_pid,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             labels: cfg.labels.clone(),
             annotations: cfg.annotations.clone(),
+            host_network: cfg.host_network,
             state: SandboxState::NotReady,
         };
         match self.start_holder(cfg, &mut info) {
@@ -287,8 +312,10 @@ impl SandboxManager {
             cgroups::create_manager(&self.cgroup_root, &info.cgroup_parent.join(HOLDER_CGROUP))?;
         holder_cg.create()?;
 
-        let mut unshare =
-            CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+        let mut unshare = CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+        if !cfg.host_network {
+            unshare |= CloneFlags::CLONE_NEWNET;
+        }
         if cfg.share_pid {
             unshare |= CloneFlags::CLONE_NEWPID;
         }
@@ -303,8 +330,9 @@ impl SandboxManager {
         })?;
         let hostname = cfg.hostname.clone();
         let sysctls: Vec<(String, String)> = cfg.sysctls.clone().into_iter().collect();
+        let own_network = !cfg.host_network;
         let stage1 = container::spawn(&joins, Some(holder_cg.as_ref()), &[], &reporter, || {
-            holder::run(&hostname, &sysctls, &reporter)
+            holder::run(&hostname, &sysctls, own_network, &reporter)
         })
         .map_err(|source| SandboxError::Sys {
             what: "fork".into(),
@@ -327,6 +355,10 @@ impl SandboxManager {
         }
         if !outcome.ready || info.holder_pid == 0 {
             return Err(SandboxError::Holder("exited during setup".into()));
+        }
+        if cfg.host_network {
+            // The node's namespace: nothing to pin, nothing for CNI.
+            return Ok(());
         }
         // Pin the network namespace for CNI: a bind mount of the holder's nsfs file.
         fs::File::create(&info.netns_path).map_err(io_err(&info.netns_path))?;
@@ -448,7 +480,12 @@ impl SandboxManager {
             n.set_path(path);
             n
         };
-        namespaces.push(ns(LinuxNamespaceType::Network, Some(sb.netns_path.clone())));
+        let netns = if sb.host_network {
+            holder_ns("net")
+        } else {
+            sb.netns_path.clone()
+        };
+        namespaces.push(ns(LinuxNamespaceType::Network, Some(netns)));
         namespaces.push(ns(LinuxNamespaceType::Ipc, Some(holder_ns("ipc"))));
         namespaces.push(ns(LinuxNamespaceType::Uts, Some(holder_ns("uts"))));
         namespaces.push(ns(LinuxNamespaceType::Mount, None));
@@ -879,7 +916,7 @@ impl SandboxManager {
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
         }
-        if sb.netns_path.exists() {
+        if !sb.host_network && !sb.netns_path.as_os_str().is_empty() && sb.netns_path.exists() {
             match nix::mount::umount2(&sb.netns_path, MntFlags::MNT_DETACH) {
                 Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
                 Err(e) => errors.push(format!("unmount {}: {e}", sb.netns_path.display())),
