@@ -19,8 +19,8 @@ mod mirror;
 mod node_status;
 mod pods;
 mod runtime;
-mod tokens;
 mod static_source;
+mod tokens;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -134,9 +134,15 @@ async fn client_from_kubeconfig(path: &Path) -> Result<Client, AgentError> {
         message,
     };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(|e| err(e.to_string()))?;
+    // The API server records the User-Agent product as the field manager of writes that name none (upstream's
+    // kubelet sends `kubelet/v1.x ...`; kube-rs sends no User-Agent by itself).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("windlass-kubelet/v", env!("CARGO_PKG_VERSION"))),
+    ));
     Client::try_from(config).map_err(AgentError::Client)
 }
 
