@@ -77,13 +77,14 @@ fn authenticates_as(
     }
 }
 
-/// A lab whose kubelet trusts the cluster CA for its API (so `kubectl exec` reaches it), with `extra` flags.
+/// A lab (whose kubelet trusts the cluster CA for its API, so `kubectl exec` reaches it) with `extra` kubelet flags.
 fn lab_with(extra: &[&str]) -> KubeletLab {
+    if extra.is_empty() {
+        return KubeletLab::start();
+    }
     let mut lab = KubeletLab::start();
     lab.stop_kubelet();
-    let ca = lab.control.data_dir().join("pki/ca.crt");
-    lab.kubelet_args = vec![format!("--client-ca-file={}", ca.display())];
-    lab.kubelet_args.extend(extra.iter().map(|s| s.to_string()));
+    lab.kubelet_args = extra.iter().map(|s| s.to_string()).collect();
     lab.start_kubelet();
     lab
 }
