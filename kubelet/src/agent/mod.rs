@@ -12,6 +12,7 @@
 //! their own processes and are found again from their state on disk.
 
 mod api;
+mod exit_watch;
 mod healthz;
 mod node_status;
 mod pods;
@@ -23,6 +24,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Client;
 
@@ -89,9 +91,35 @@ pub(crate) struct Shared {
     pub events: Mutex<EventRecorder>,
     /// The node's allocatable resources (what an unset limit reads as through the downward API).
     pub allocatable: RwLock<BTreeMap<String, Quantity>>,
+    /// The last list of Services (for containers' service environment variables) and when it was asked for.
+    pub services: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Vec<Service>>)>>,
 }
 
 impl Shared {
+    /// Every Service, for the service environment of a starting container. Pods starting together share one
+    /// LIST: a caller reuses a list that was asked for after the caller itself asked, which is as fresh as its own
+    /// would be (upstream reads an informer cache instead; one list per burst keeps a node without one cheap).
+    pub async fn services(&self) -> Arc<Vec<Service>> {
+        let asked = std::time::Instant::now();
+        let mut cached = self.services.lock().await;
+        if let Some((at, list)) = cached.as_ref() {
+            if *at >= asked {
+                return list.clone();
+            }
+        }
+        let at = std::time::Instant::now();
+        let api: kube::Api<Service> = kube::Api::all(self.client.clone());
+        let list = match api.list(&Default::default()).await {
+            Ok(list) => Arc::new(list.items),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list services for the service environment");
+                Arc::new(Vec::new())
+            }
+        };
+        *cached = Some((at, list.clone()));
+        list
+    }
+
     /// Records an Event about `object` and posts it in the background.
     pub fn event(
         &self,
@@ -160,6 +188,7 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         volumes: VolumeManager::new(&cfg.root_dir),
         events: Mutex::new(EventRecorder::new(cfg.node_name.clone())),
         allocatable: RwLock::new(BTreeMap::new()),
+        services: tokio::sync::Mutex::new(None),
         node_ip,
         rt,
         cni,
