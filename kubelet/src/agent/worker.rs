@@ -175,6 +175,21 @@ enum Started {
     Failed,
 }
 
+/// The container instances that have exited and the sandboxes that are not ready.
+fn ended(view: &PodView) -> HashSet<String> {
+    view.containers
+        .iter()
+        .filter(|c| c.state == RuntimeState::Exited)
+        .map(|c| c.id.clone())
+        .chain(
+            view.sandboxes
+                .iter()
+                .filter(|s| !s.ready)
+                .map(|s| s.id.clone()),
+        )
+        .collect()
+}
+
 fn is_terminal(status: Option<&PodStatus>) -> bool {
     matches!(
         status.and_then(|s| s.phase.as_deref()),
@@ -554,6 +569,8 @@ impl PodWorker {
             return Ok(RESYNC * 5);
         }
         self.refresh_probes(pod, &view);
+        // What had ended when the actions were computed: an exit during this sync needs another look.
+        let ended_before: HashSet<String> = ended(&view);
         let probe_status = self.probe_statuses(&view);
         let actions = compute_pod_actions(pod, &view.sandboxes, &view.containers, &probe_status);
         tracing::debug!(pod = %self.uid, ?actions, "sync");
@@ -693,6 +710,11 @@ impl PodWorker {
         self.refresh_probes(pod, &view);
         if !self.refresh_exit_watches(&view).await {
             next = next.min(RETRY);
+        }
+        if ended(&view).difference(&ended_before).next().is_some() {
+            // A container or sandbox ended while this sync ran (a container that exits at once ends before its
+            // watch exists): sync again now, as upstream's PLEG would report the change.
+            next = Duration::ZERO;
         }
         if !self.update_status(pod, &view, false).await {
             next = next.min(RETRY);
