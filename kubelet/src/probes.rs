@@ -148,6 +148,21 @@ pub trait ExecRunner: Send + Sync + 'static {
         cmd: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<i32, String>> + Send;
+
+    /// Like [`ExecRunner::exec`], with the command's output (stdout then stderr), which upstream puts in the
+    /// `Unhealthy` event of a failed exec probe. Runners that do not collect output return none.
+    fn exec_output(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(i32, String), String>> + Send {
+        async move {
+            self.exec(container_id, cmd, timeout)
+                .await
+                .map(|code| (code, String::new()))
+        }
+    }
 }
 
 /// An [`ExecRunner`] for when no runtime is connected: exec probes fail with that reason.
@@ -242,14 +257,16 @@ impl<E: ExecRunner> Prober for NetProber<E> {
             let cmd = e.command.clone().unwrap_or_default();
             return match tokio::time::timeout(
                 timeout,
-                self.exec.exec(&self.container_id, &cmd, timeout),
+                self.exec.exec_output(&self.container_id, &cmd, timeout),
             )
             .await
             {
-                Ok(Ok(0)) => ProbeOutcome::Success,
-                Ok(Ok(code)) => {
+                Ok(Ok((0, _))) => ProbeOutcome::Success,
+                // Upstream's message is the command's output; without any, say how it ended.
+                Ok(Ok((code, output))) if output.trim().is_empty() => {
                     ProbeOutcome::Failure(format!("command {cmd:?} exited with {code}"))
                 }
+                Ok(Ok((_, output))) => ProbeOutcome::Failure(output.trim_end().to_string()),
                 Ok(Err(e)) => ProbeOutcome::Failure(e),
                 Err(_) => ProbeOutcome::Failure(format!("command {cmd:?} timed out")),
             };

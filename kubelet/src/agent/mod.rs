@@ -138,6 +138,8 @@ impl Shared {
             ),
             Err(_) => return,
         };
+        // Dropped by the spam filter.
+        let Some(action) = action else { return };
         let client = self.client.clone();
         tokio::spawn(async move { api::post_event(&client, action).await });
     }

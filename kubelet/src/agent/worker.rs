@@ -124,6 +124,17 @@ impl ExecRunner for SandboxExec {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<i32, String> {
+        self.exec_output(container_id, cmd, timeout)
+            .await
+            .map(|(code, _)| code)
+    }
+
+    async fn exec_output(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<(i32, String), String> {
         let (sb, cid) = split_api_id(container_id)
             .ok_or_else(|| format!("unknown container {container_id}"))?;
         let rt = self.rt.clone();
@@ -136,7 +147,14 @@ impl ExecRunner for SandboxExec {
         if result.timed_out {
             return Err(format!("command timed out after {timeout:?}"));
         }
-        Ok(result.exit_code)
+        // Upstream keeps at most 10 KiB of a probe's output.
+        let mut output = result.stdout;
+        output.extend_from_slice(&result.stderr);
+        output.truncate(10 * 1024);
+        Ok((
+            result.exit_code,
+            String::from_utf8_lossy(&output).into_owned(),
+        ))
     }
 }
 
