@@ -100,10 +100,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut listing: HashSet<String> = HashSet::new();
     let mut first_list = true;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
+    // Whether pods came or went since the last tick (then freed memory is handed back to the system).
+    let mut churn = false;
     loop {
         tokio::select! {
             ev = stream.next() => {
                 let Some(ev) = ev else { break };
+                churn = true;
                 match ev {
                     Ok(Event::Init) => listing.clear(),
                     Ok(Event::InitApply(pod)) => {
@@ -141,7 +144,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
                 }
             }
-            _ = tick.tick() => workers.reap(),
+            _ = tick.tick() => {
+                workers.reap();
+                if std::mem::take(&mut churn) {
+                    super::trim_heap();
+                }
+            }
         }
     }
 }

@@ -430,20 +430,22 @@ impl PodWorker {
             }
             first = false;
             let pod = self.pod_rx.borrow_and_update().clone();
+            // Sync and termination are boxed: their state machines are large, and an idle worker (most of them)
+            // should only hold the small one that waits for the next wake-up.
             match pod {
                 None => {
-                    self.terminate(None).await;
+                    Box::pin(self.terminate(None)).await;
                     return;
                 }
                 Some(p) if p.metadata.deletion_timestamp.is_some() => {
-                    self.terminate(Some(&p)).await;
+                    Box::pin(self.terminate(Some(&p))).await;
                     if let Err(e) = api::delete_pod(&self.shared.client, &p).await {
                         tracing::warn!(pod = %self.uid, error = %e, "final pod deletion failed");
                     }
                     return;
                 }
                 Some(p) => {
-                    next = match self.sync(&p, why).await {
+                    next = match Box::pin(self.sync(&p, why)).await {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::warn!(pod = %self.uid, error = %e, "pod sync failed");

@@ -12,7 +12,8 @@
 //!
 //! Usage (root): `cargo build --release -p windlass-tests --bins && target/release/bench-kubelet` (env
 //! `BENCH_RUNS` single-pod runs (10), `BENCH_BATCH` pods per batch (30), `BENCH_BATCH_ROUNDS` (3),
-//! `BENCH_IDLE_PODS` (100), `BENCH_IDLE_SECONDS` CPU sampling window (30)).
+//! `BENCH_IDLE_PODS` (100), `BENCH_IDLE_SECONDS` CPU sampling window (30), `BENCH_KUBELET_LOG` a file to keep the
+//! kubelet's log in).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -136,6 +137,38 @@ async fn start_pods(api: &Api<Pod>, names: &[String], image: &str) -> Vec<Starte
         }
     }
     out.into_values().collect()
+}
+
+/// `RssAnon` and `RssFile` (MiB) and `Threads` of a process: heap and stacks versus mapped program text.
+fn rss_parts(pid: u32) -> (f64, f64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (
+        field("RssAnon:") / 1024.0,
+        field("RssFile:") / 1024.0,
+        field("Threads:") as u64,
+    )
+}
+
+/// Open sockets of a process (API connections kept alive, watches, listeners).
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// CPU seconds (user + system) of the waited-for children of a process (CNI plugins, the runtime's first shim
@@ -283,6 +316,9 @@ fn main() {
     let lab = KubeletLab::start();
     let image = lab.image.clone();
     let kubelet_pid = lab.kubelet_pid();
+    // The kubelet's footprint with no pods yet (registered, watching, serving).
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_empty, anon_empty) = (rss_mib(kubelet_pid).0, rss_parts(kubelet_pid).0);
     let netns = lab.netns.path();
     let report = windlass_tests::lab::in_netns(&netns, || {
         let rt = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(&format!("tokio: {e}")));
@@ -328,6 +364,8 @@ fn main() {
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_secs(idle_secs as u64)).await;
             let (rss1, cpu1) = (rss_mib(kubelet_pid).0, cpu_seconds(kubelet_pid));
+            let (anon, file, threads) = rss_parts(kubelet_pid);
+            let socks = sockets(kubelet_pid);
             let cpu_pct = (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
             delete_pods(&api).await;
 
@@ -352,11 +390,20 @@ fn main() {
                 kubelet_cpu, children_cpu, batch_wall.as_secs_f64()
             ));
             md.push_str(&format!(
-                "\n### The kubelet with {idle} idle pods\n\nRSS {rss1:.1} MiB (before the idle window {rss0:.1} MiB); CPU {cpu_pct:.2}% of one core over {idle_secs} s.\n"
+                "\n### The kubelet with {idle} idle pods\n\nRSS {rss1:.1} MiB (anonymous {anon:.1} MiB, file-backed {file:.1} MiB; {threads} threads, {socks} sockets; before the idle window {rss0:.1} MiB; with no pods at start {rss_empty:.1} MiB, anonymous {anon_empty:.1} MiB); CPU {cpu_pct:.2}% of one core over {idle_secs} s.\n"
             ));
             md
         })
     })
     .unwrap_or_else(|e| fail(&format!("lab netns: {e}")));
+    if let Some(path) = std::env::var_os("BENCH_KUBELET_LOG") {
+        // The kubelet's log (its debug "sync timings" lines give each pod's phases) before the lab is removed.
+        if let Err(e) = std::fs::write(&path, lab.kubelet_log()) {
+            eprintln!(
+                "bench-kubelet: {}: {e}",
+                std::path::Path::new(&path).display()
+            );
+        }
+    }
     println!("{report}");
 }
