@@ -1569,6 +1569,18 @@ mod tests {
     }
 
     #[test]
+    fn pods_resync_between_one_minute_and_a_minute_and_a_half_at_spread_times() {
+        let periods: HashSet<Duration> = (0..50)
+            .map(|i| jittered_resync(&format!("uid-{i}"), 1))
+            .collect();
+        assert!(periods
+            .iter()
+            .all(|p| *p >= RESYNC && *p < RESYNC + RESYNC / 2));
+        assert!(periods.len() > 40, "spread, not synchronised: {periods:?}");
+        assert_ne!(jittered_resync("u", 1), jittered_resync("u", 2));
+    }
+
+    #[test]
     fn api_container_ids_split_back_into_sandbox_and_container() {
         let id = api_container_id("u1-0", "web.2");
         assert_eq!(id, "windlass://u1-0/web.2");
