@@ -148,6 +148,21 @@ pub trait ExecRunner: Send + Sync + 'static {
         cmd: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<i32, String>> + Send;
+
+    /// Like [`ExecRunner::exec`], with the command's output (stdout then stderr), which upstream puts in the
+    /// `Unhealthy` event of a failed exec probe. Runners that do not collect output return none.
+    fn exec_output(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(i32, String), String>> + Send {
+        async move {
+            self.exec(container_id, cmd, timeout)
+                .await
+                .map(|code| (code, String::new()))
+        }
+    }
 }
 
 /// An [`ExecRunner`] for when no runtime is connected: exec probes fail with that reason.
@@ -242,14 +257,16 @@ impl<E: ExecRunner> Prober for NetProber<E> {
             let cmd = e.command.clone().unwrap_or_default();
             return match tokio::time::timeout(
                 timeout,
-                self.exec.exec(&self.container_id, &cmd, timeout),
+                self.exec.exec_output(&self.container_id, &cmd, timeout),
             )
             .await
             {
-                Ok(Ok(0)) => ProbeOutcome::Success,
-                Ok(Ok(code)) => {
+                Ok(Ok((0, _))) => ProbeOutcome::Success,
+                // Upstream's message is the command's output; without any, say how it ended.
+                Ok(Ok((code, output))) if output.trim().is_empty() => {
                     ProbeOutcome::Failure(format!("command {cmd:?} exited with {code}"))
                 }
+                Ok(Ok((_, output))) => ProbeOutcome::Failure(output.trim_end().to_string()),
                 Ok(Err(e)) => ProbeOutcome::Failure(e),
                 Err(_) => ProbeOutcome::Failure(format!("command {cmd:?} timed out")),
             };
@@ -479,6 +496,18 @@ impl Drop for ContainerProbes {
 impl ContainerProbes {
     /// Starts the container's probes; `started_at` is when the container started (initial delays count from it).
     pub fn spawn<P: Prober>(container: &Container, prober: Arc<P>, started_at: Instant) -> Self {
+        Self::spawn_with_events(container, prober, started_at, |_, _| {})
+    }
+
+    /// [`ContainerProbes::spawn`], calling `on_failure` with the probe and its output after every failed try (the
+    /// kubelet's `Unhealthy` events: upstream records one per failure, not only when the threshold is reached).
+    pub fn spawn_with_events<P: Prober>(
+        container: &Container,
+        prober: Arc<P>,
+        started_at: Instant,
+        on_failure: impl Fn(ProbeKind, &str) + Send + Sync + 'static,
+    ) -> Self {
+        let on_failure: Arc<FailureHook> = Arc::new(on_failure);
         let initial = ProbeStatus {
             started: container.startup_probe.as_ref().map(|_| false),
             ready: container.readiness_probe.as_ref().map(|_| false),
@@ -495,8 +524,9 @@ impl ContainerProbes {
         for (kind, probe) in probes {
             let Some(probe) = probe else { continue };
             let (tx, prober, gate) = (tx.clone(), prober.clone(), rx.clone());
+            let on_failure = on_failure.clone();
             tasks.push(tokio::spawn(async move {
-                run_worker(kind, probe, prober, started_at, gate, tx).await;
+                run_worker(kind, probe, prober, started_at, gate, tx, on_failure).await;
             }));
         }
         Self { status: rx, tasks }
@@ -513,6 +543,9 @@ impl ContainerProbes {
     }
 }
 
+/// Called with the probe and its output after each failed try.
+type FailureHook = dyn Fn(ProbeKind, &str) + Send + Sync;
+
 async fn run_worker<P: Prober>(
     kind: ProbeKind,
     probe: Probe,
@@ -520,6 +553,7 @@ async fn run_worker<P: Prober>(
     started_at: Instant,
     mut gate: watch::Receiver<ProbeStatus>,
     tx: Arc<watch::Sender<ProbeStatus>>,
+    on_failure: Arc<FailureHook>,
 ) {
     let th = Thresholds::of(kind, &probe);
     let mut state = ProbeState::new(kind, th);
@@ -544,6 +578,7 @@ async fn run_worker<P: Prober>(
         };
         if !success {
             tracing::debug!(?kind, %message, "probe failed");
+            on_failure(kind, &message);
         }
         if let Some(result) = state.record(success) {
             tx.send_modify(|s| match kind {

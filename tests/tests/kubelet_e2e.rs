@@ -450,6 +450,63 @@ fn failing_liveness_probe_restarts_the_container_and_readiness_gates_ready() {
     assert_eq!(cond("Ready"), "False", "{pod}");
     assert_eq!(cond("ContainersReady"), "False", "{pod}");
     assert_eq!(pod["status"]["phase"], "Running");
+
+    // The failures are Events, as upstream's kubelet records them: a Warning `Unhealthy` per failed try with the
+    // probe's output (repeats of one message bump its count instead of adding objects), and `Killing` with why.
+    let sick_event = |events: &Value, reason: &str, prefix: &str| -> Option<Value> {
+        events["items"].as_array()?.iter().find_map(|e| {
+            (e["involvedObject"]["name"] == "probed"
+                && e["involvedObject"]["fieldPath"] == "spec.containers{sick}"
+                && e["reason"] == reason
+                && e["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .then(|| e.clone())
+        })
+    };
+    let (liveness, readiness, killing) = windlass_tests::wait_for(
+        "Unhealthy and Killing events for the sick container",
+        Duration::from_secs(30),
+        || {
+            let out = lab
+                .control
+                .kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+            let events: Value = serde_json::from_str(&out).ok()?;
+            let readiness = sick_event(&events, "Unhealthy", "Readiness probe failed: ")?;
+            if readiness["count"].as_i64() < Some(2) {
+                return None;
+            }
+            Some((
+                sick_event(&events, "Unhealthy", "Liveness probe failed: ")?,
+                readiness,
+                sick_event(&events, "Killing", "Container sick failed liveness probe")?,
+            ))
+        },
+    );
+    assert_eq!(liveness["type"], "Warning", "{liveness}");
+    assert_eq!(liveness["source"]["component"], "kubelet", "{liveness}");
+    assert!(
+        liveness["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/tmp/healthy")),
+        "the exec probe's output is the message: {liveness}"
+    );
+    assert!(
+        readiness["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(":81")),
+        "{readiness}"
+    );
+    assert_eq!(
+        killing["message"], "Container sick failed liveness probe, will be restarted",
+        "{killing}"
+    );
+    assert_eq!(killing["type"], "Normal", "{killing}");
+    let describe = lab
+        .control
+        .kubectl_ok(&["describe", "pod", "probed", "-n", "default"]);
+    assert!(
+        describe.contains("Unhealthy") && describe.contains("Liveness probe failed:"),
+        "kubectl describe shows the probe failures:\n{describe}"
+    );
 }
 
 #[test]

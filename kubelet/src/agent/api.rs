@@ -211,9 +211,17 @@ pub(crate) async fn post_event(client: &Client, action: EventAction) {
             "lastTimestamp": event.last_timestamp,
             "message": event.message,
         });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map(|_| ())
+        {
+            // Never created (the spam filter dropped the first occurrence) or expired: create it whole, as
+            // upstream's recorder falls back to a create when its patch finds nothing.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                api.create(&PostParams::default(), &event).await.map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
     } else {
         api.create(&PostParams::default(), &event).await.map(|_| ())
     };

@@ -13,6 +13,7 @@
 //! their own processes and are found again from their state on disk.
 
 mod api;
+mod exit_watch;
 mod healthz;
 mod host_network;
 mod mirror;
@@ -28,6 +29,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Client;
 
@@ -96,15 +98,40 @@ pub(crate) struct Shared {
     /// The node's /etc/hosts, for host-network pods.
     pub node_hosts: String,
     pub events: Mutex<EventRecorder>,
+    /// Events to post, in order, by one task (upstream's broadcaster writes to the API one event at a time, so
+    /// a burst of pod starts does not put dozens of event writes next to their status patches).
+    pub events_tx: tokio::sync::mpsc::Sender<crate::events::EventAction>,
     /// The node's allocatable resources (what an unset limit reads as through the downward API).
     pub allocatable: RwLock<BTreeMap<String, Quantity>>,
     /// Projected service-account tokens, cached and rotated.
     pub tokens: tokens::TokenManager,
     /// Static pods and their mirror pods in the API.
     pub mirrors: mirror::MirrorPods,
+    /// The cluster's Services as the kubelet's watch sees them (containers' service environment variables).
+    pub services: kube::runtime::reflector::Store<Service>,
 }
 
 impl Shared {
+    /// Every Service, for the service environment of a starting container, from the kubelet's watch of
+    /// Services (upstream's service informer): no API call on the pod start path. Until the first list arrived
+    /// a start waits for it (bounded), as upstream refuses to build service variables before it has read the
+    /// Services once.
+    pub async fn services(&self) -> Vec<Service> {
+        if tokio::time::timeout(SERVICES_SYNC_WAIT, self.services.wait_until_ready())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "services not listed yet; starting without service environment variables"
+            );
+        }
+        self.services
+            .state()
+            .iter()
+            .map(|s| (**s).clone())
+            .collect()
+    }
+
     /// Records an Event about `object` and posts it in the background.
     pub fn event(
         &self,
@@ -123,8 +150,50 @@ impl Shared {
             ),
             Err(_) => return,
         };
-        let client = self.client.clone();
-        tokio::spawn(async move { api::post_event(&client, action).await });
+        // Dropped by the spam filter.
+        let Some(action) = action else { return };
+        if self.events_tx.try_send(action).is_err() {
+            tracing::debug!(reason, "event queue full; event dropped");
+        }
+    }
+}
+
+/// Hands memory the allocator holds but no longer uses back to the system. A burst of pod starts spreads
+/// allocations over many blocking threads and malloc arenas; once they are freed, glibc keeps most of them mapped
+/// (it only trims the top of the main heap by itself), which would show as resident memory of an idle kubelet.
+pub(crate) fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own arenas; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Events waiting to be posted before new ones are dropped (upstream `maxQueuedEvents`).
+const EVENT_QUEUE: usize = 1000;
+
+/// How long a container start waits for the first list of Services.
+const SERVICES_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `writer` in step with the cluster's Services until aborted. Only what the service environment reads is
+/// kept (name, namespace, spec): managed fields, annotations and status would only cost memory.
+async fn watch_services(client: Client, writer: kube::runtime::reflector::store::Writer<Service>) {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let api: kube::Api<Service> = kube::Api::all(client);
+    let stream = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
+        .default_backoff()
+        .modify(|svc| {
+            svc.metadata.managed_fields = None;
+            svc.metadata.annotations = None;
+            svc.status = None;
+        })
+        .reflect(writer);
+    futures_util::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        if let Err(e) = ev {
+            tracing::debug!(error = %e, "service watch failed; retrying");
+        }
     }
 }
 
@@ -174,13 +243,26 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
         host: ResolvConf::parse(&host_resolv),
     };
     let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let (services_reader, services_writer) = kube::runtime::reflector::store();
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let event_poster = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(action) = events_rx.recv().await {
+                api::post_event(&client, action).await;
+            }
+        })
+    };
+    let services = tokio::spawn(watch_services(client.clone(), services_writer));
     let shared = Arc::new(Shared {
         client,
         volumes: VolumeManager::new(&cfg.root_dir),
         events: Mutex::new(EventRecorder::new(cfg.node_name.clone())),
+        events_tx,
         allocatable: RwLock::new(BTreeMap::new()),
         tokens: tokens::TokenManager::new(agent.token_refresh_fraction),
         mirrors: mirror::MirrorPods::default(),
+        services: services_reader,
         node_ip,
         rt,
         cni,
@@ -235,6 +317,8 @@ pub async fn run(agent: AgentConfig, shutdown: impl Future<Output = ()>) -> Resu
     node.abort();
     pods.abort();
     mirrors.abort();
+    services.abort();
+    event_poster.abort();
     server.abort();
     healthz.abort();
     Ok(())

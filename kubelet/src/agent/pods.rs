@@ -195,6 +195,9 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
     // UIDs seen in the current (re)list; what the runtime has beyond them is cleaned up after the first list.
     let mut listing: HashSet<String> = HashSet::new();
     let mut first_list = true;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    // Whether pods came or went since the last tick (then freed memory is handed back to the system).
+    let mut churn = false;
     loop {
         tokio::select! {
             changed = statics.changed(), if statics_open => {
@@ -209,6 +212,7 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
             Some(done) = workers.tasks.join_next(), if !workers.tasks.is_empty() => workers.finished(done),
             ev = stream.next() => {
                 let Some(ev) = ev else { break };
+                churn = true;
                 match ev {
                     Ok(Event::Init) => {
                         listing.clear();
@@ -254,6 +258,11 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+                }
+            }
+            _ = tick.tick() => {
+                if std::mem::take(&mut churn) {
+                    super::trim_heap();
                 }
             }
         }

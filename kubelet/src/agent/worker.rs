@@ -5,7 +5,7 @@
 //! `SyncTerminatedPod`), `kuberuntime_manager.go` (`SyncPod`: kill → sandbox → init container → containers) and
 //! `kuberuntime_container.go` (`startContainer`, `killContainer`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,26 +18,92 @@ use tokio::time::Instant;
 use windlass_runtime::image::{BundleOptions, ContainerProcessSpec, PullOptions};
 use windlass_runtime::{ContainerConfig, SandboxConfig};
 
+use super::exit_watch::{ExitWatches, Watched};
 use super::runtime::{
     api_container_id, ContainerRecord, PodRuntime, PodView, RuntimeError, SandboxRecord,
 };
 use super::Shared;
 use super::{api, host_network};
 use crate::cni::RuntimeConf;
-use crate::env::{self, PodContext};
+use crate::env::{self, MapSource, PodContext};
 use crate::events::{self, reasons as ev, EventType};
 use crate::lifecycle::{self, HookTarget, StopReason};
 use crate::mounts::{self, MountSpec, PodFiles};
-use crate::probes::{ContainerProbes, ExecRunner, NetProber, ProbeStatus};
+use crate::probes::{ContainerProbes, ExecRunner, NetProber, ProbeKind, ProbeStatus};
 use crate::restart::{crash_loop_message, BackOff};
 use crate::status::{self, latest, reasons, RuntimeState, StatusInput, WaitingReason};
 use crate::sync::{compute_pod_actions, container_hash};
 use crate::volumes::MountedVolume;
 use crate::{dns, layout, pull, qos};
 
-/// How often a pod is resynced when nothing else wakes its worker (upstream relists every second and resyncs
-/// every minute; a short period here keeps exited containers and their restarts prompt).
-const RESYNC: Duration = Duration::from_secs(2);
+/// The safety resync of a pod when nothing wakes its worker: container and sandbox exits, pod changes and probe
+/// results all wake it at once, so this only refreshes configMap/secret/downwardAPI volumes and catches what an
+/// event could have missed. Upstream: `--sync-frequency` 1 min, jittered by up to half of it.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// How soon to look again after something failed (a container that could not start, a status patch the API
+/// refused) or when an exit cannot be watched. Upstream's pod workers back off 10 s after a sync error; failures
+/// here retry sooner so `ErrImagePull` → `ImagePullBackOff` and similar transitions show promptly.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The resync period for one pod: [`RESYNC`] plus up to half of it, spread by the pod's UID and the sync count, so
+/// a hundred pods started together do not resync together (upstream `wait.Jitter(resyncInterval, 0.5)`).
+fn jittered_resync(uid: &str, round: u64) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (uid, round).hash(&mut h);
+    let half = RESYNC.as_millis() as u64 / 2;
+    RESYNC + Duration::from_millis(h.finish() % half.max(1))
+}
+
+/// Why the worker woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// First sync, or the pod object changed: everything is refreshed.
+    PodChanged,
+    /// The periodic resync: volumes are refreshed too.
+    Resync,
+    /// A probe result or a container/sandbox exit: only the runtime state matters.
+    RuntimeEvent,
+}
+
+/// Wall time of a sync's phases, logged at debug for syncs that did something (pod startup profiling).
+struct Phases {
+    start: Instant,
+    last: Instant,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            marks: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.marks.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, uid: &str) {
+        let phases: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(p, d)| format!("{p}={:.1}ms", d.as_secs_f64() * 1000.0))
+            .collect();
+        tracing::debug!(
+            pod = %uid,
+            total_ms = format_args!("{:.1}", self.start.elapsed().as_secs_f64() * 1000.0),
+            phases = %phases.join(" "),
+            "sync timings"
+        );
+    }
+}
 
 /// Runs commands in a pod's containers for exec probes and hooks. Container IDs are the API's
 /// (`windlass://<sandbox>/<container>`).
@@ -58,6 +124,17 @@ impl ExecRunner for SandboxExec {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<i32, String> {
+        self.exec_output(container_id, cmd, timeout)
+            .await
+            .map(|(code, _)| code)
+    }
+
+    async fn exec_output(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<(i32, String), String> {
         let (sb, cid) = split_api_id(container_id)
             .ok_or_else(|| format!("unknown container {container_id}"))?;
         let rt = self.rt.clone();
@@ -70,7 +147,14 @@ impl ExecRunner for SandboxExec {
         if result.timed_out {
             return Err(format!("command timed out after {timeout:?}"));
         }
-        Ok(result.exit_code)
+        // Upstream keeps at most 10 KiB of a probe's output.
+        let mut output = result.stdout;
+        output.extend_from_slice(&result.stderr);
+        output.truncate(10 * 1024);
+        Ok((
+            result.exit_code,
+            String::from_utf8_lossy(&output).into_owned(),
+        ))
     }
 }
 
@@ -89,6 +173,58 @@ impl StartFailure {
     }
 }
 
+/// What a container start needs from the sync that decided it.
+#[derive(Clone, Copy)]
+struct StartContext<'a> {
+    view: &'a PodView,
+    sandbox_id: &'a str,
+    files: &'a PodFiles,
+    volumes: &'a [MountedVolume],
+    /// The configMaps and secrets the pod references, read once per sync.
+    source: &'a MapSource,
+}
+
+/// How a container start went.
+enum Started {
+    Yes,
+    /// Crash-loop back-off: look again after this long.
+    BackingOff(Duration),
+    /// Not started (the reason is recorded for the status): retry soon.
+    Failed,
+}
+
+/// The container instances that have exited and the sandboxes that are not ready.
+fn ended(view: &PodView) -> HashSet<String> {
+    view.containers
+        .iter()
+        .filter(|c| c.state == RuntimeState::Exited)
+        .map(|c| c.id.clone())
+        .chain(
+            view.sandboxes
+                .iter()
+                .filter(|s| !s.ready)
+                .map(|s| s.id.clone()),
+        )
+        .collect()
+}
+
+fn is_terminal(status: Option<&PodStatus>) -> bool {
+    matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// The message of an `Unhealthy` event (upstream prober.go: `"%s probe failed: %s"`).
+fn probe_failure_message(kind: ProbeKind, output: &str) -> String {
+    let what = match kind {
+        ProbeKind::Liveness => "Liveness",
+        ProbeKind::Readiness => "Readiness",
+        ProbeKind::Startup => "Startup",
+    };
+    format!("{what} probe failed: {output}")
+}
+
 pub(crate) struct PodWorker {
     shared: Arc<Shared>,
     uid: String,
@@ -102,13 +238,17 @@ pub(crate) struct PodWorker {
     reasons: HashMap<String, WaitingReason>,
     /// Probe workers per running container instance (API container ID) → (container name, workers).
     probes: HashMap<String, (String, ContainerProbes)>,
-    probe_changed: Arc<Notify>,
+    /// Woken by probe result changes and by container/sandbox exits.
+    wake: Arc<Notify>,
+    exits: ExitWatches,
     last_status: Option<PodStatus>,
     /// A static pod (from `--pod-manifest-path`): its status goes to its mirror pod, and nothing deletes it in
     /// the API when it is torn down.
     static_pod: bool,
     /// The UID of the API pod `last_status` was written to (a static pod's mirror can be re-created).
     last_status_target: Option<String>,
+    /// Syncs so far (spreads the resync jitter).
+    syncs: u64,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -268,10 +408,12 @@ impl PodWorker {
             image_backoff_since: HashMap::new(),
             reasons: HashMap::new(),
             probes: HashMap::new(),
-            probe_changed: Arc::new(Notify::new()),
+            wake: Arc::new(Notify::new()),
+            exits: ExitWatches::default(),
             last_status: None,
             static_pod,
             last_status_target: None,
+            syncs: 0,
         }
     }
 
@@ -280,27 +422,31 @@ impl PodWorker {
         let mut next = Duration::ZERO;
         let mut first = true;
         loop {
+            let mut why = Wake::PodChanged;
             if !first {
-                let notify = self.probe_changed.clone();
-                tokio::select! {
+                let notify = self.wake.clone();
+                why = tokio::select! {
                     changed = self.pod_rx.changed() => {
                         if changed.is_err() {
                             return; // the manager is gone (kubelet shutting down)
                         }
+                        Wake::PodChanged
                     }
-                    _ = tokio::time::sleep(next) => {}
-                    _ = notify.notified() => {}
-                }
+                    _ = tokio::time::sleep(next) => Wake::Resync,
+                    _ = notify.notified() => Wake::RuntimeEvent,
+                };
             }
             first = false;
             let pod = self.pod_rx.borrow_and_update().clone();
+            // Sync and termination are boxed: their state machines are large, and an idle worker (most of them)
+            // should only hold the small one that waits for the next wake-up.
             match pod {
                 None => {
-                    self.terminate(None).await;
+                    Box::pin(self.terminate(None)).await;
                     return;
                 }
                 Some(p) if p.metadata.deletion_timestamp.is_some() => {
-                    self.terminate(Some(&p)).await;
+                    Box::pin(self.terminate(Some(&p))).await;
                     // A static pod is not an API object (its mirror pod is the mirror manager's).
                     if self.static_pod {
                         return;
@@ -311,11 +457,11 @@ impl PodWorker {
                     return;
                 }
                 Some(p) => {
-                    next = match self.sync(&p).await {
+                    next = match Box::pin(self.sync(&p, why)).await {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::warn!(pod = %self.uid, error = %e, "pod sync failed");
-                            RESYNC
+                            RETRY
                         }
                     };
                 }
@@ -376,9 +522,21 @@ impl PodWorker {
                 exec: self.exec.clone(),
             };
             let started = rc.started_at.map(instant_of).unwrap_or_else(Instant::now);
-            let probes = ContainerProbes::spawn(c, Arc::new(prober), started);
+            // Every failed try is an `Unhealthy` Warning (upstream prober.go); the recorder aggregates repeats.
+            let shared = self.shared.clone();
+            let object = events::pod_ref(pod, Some(&c.name));
+            let on_failure = move |kind: ProbeKind, output: &str| {
+                shared.event(
+                    &object,
+                    EventType::Warning,
+                    ev::UNHEALTHY,
+                    &probe_failure_message(kind, output),
+                );
+            };
+            let probes =
+                ContainerProbes::spawn_with_events(c, Arc::new(prober), started, on_failure);
             let mut rx = probes.watch();
-            let notify = self.probe_changed.clone();
+            let notify = self.wake.clone();
             tokio::spawn(async move {
                 while rx.changed().await.is_ok() {
                     notify.notify_one();
@@ -401,19 +559,23 @@ impl PodWorker {
     }
 
     /// One sync; returns when the next one is due at the latest.
-    async fn sync(&mut self, pod: &Pod) -> Result<Duration, RuntimeError> {
-        let mut next = RESYNC;
+    async fn sync(&mut self, pod: &Pod, why: Wake) -> Result<Duration, RuntimeError> {
+        self.syncs += 1;
+        let mut next = jittered_resync(&self.uid, self.syncs);
+        let mut phases = Phases::new();
         let view = self.view().await?;
+        phases.mark("view");
         // A pod that finished (phase Succeeded/Failed, which never changes back) keeps its API object until
-        // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`).
-        // A static pod's own object stays Pending: its phase is the one this worker last wrote onto its mirror.
-        let status = if self.static_pod {
-            self.last_status.as_ref()
+        // deleted, but its sandbox stops and its IP is released at once (upstream `SyncTerminatedPod`). The
+        // phase we patched last counts too: the watch does not wake the worker for its own status patches. A static
+        // pod's own object stays Pending: its phase is the one this worker last wrote onto its mirror.
+        let own_status = if self.static_pod {
+            None
         } else {
             pod.status.as_ref()
         };
-        let phase = status.and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
+        if is_terminal(own_status) || is_terminal(self.last_status.as_ref()) {
+            self.exits.clear();
             let view = if view.sandboxes.iter().any(|s| s.ready) {
                 self.kill_pod(Some(pod), &view, StopReason::Other).await;
                 self.view().await?
@@ -424,9 +586,13 @@ impl PodWorker {
             return Ok(RESYNC * 5);
         }
         self.refresh_probes(pod, &view);
+        // What had ended when the actions were computed: an exit during this sync needs another look.
+        let ended_before: HashSet<String> = ended(&view);
         let probe_status = self.probe_statuses(&view);
         let actions = compute_pod_actions(pod, &view.sandboxes, &view.containers, &probe_status);
         tracing::debug!(pod = %self.uid, ?actions, "sync");
+        // Whether the runtime state changed in this sync (then it is read again before the status).
+        let mut changed = actions.kill_pod || !actions.containers_to_kill.is_empty();
 
         if actions.kill_pod {
             self.kill_pod(Some(pod), &view, StopReason::Other).await;
@@ -439,11 +605,18 @@ impl PodWorker {
                 } else {
                     StopReason::Other
                 };
+                // Upstream's killContainer message: why it is killed ("Container web failed liveness probe,
+                // will be restarted"), else "Stopping container web".
                 self.shared.event(
                     &events::pod_ref(pod, Some(&why.name)),
                     EventType::Normal,
                     ev::KILLING,
-                    &format!("Stopping container {}", why.name),
+                    if why.message.is_empty() {
+                        format!("Stopping container {}", why.name)
+                    } else {
+                        why.message.clone()
+                    }
+                    .as_str(),
                 );
                 self.probes.remove(id);
                 self.kill_container(Some(pod), &view, id, reason).await;
@@ -451,9 +624,12 @@ impl PodWorker {
         }
 
         let sandbox_id = if actions.create_sandbox {
-            match self.create_sandbox(pod, actions.attempt).await {
+            changed = true;
+            let created = self.create_sandbox(pod, actions.attempt, &mut phases).await;
+            match created {
                 Ok(id) => Some(id),
                 Err(e) => {
+                    next = next.min(RETRY);
                     self.shared.event(
                         &events::pod_ref(pod, None),
                         EventType::Warning,
@@ -471,37 +647,57 @@ impl PodWorker {
 
         if let Some(sandbox_id) = sandbox_id {
             let view = if actions.create_sandbox {
-                self.view().await?
+                let v = self.view().await?;
+                phases.mark("view");
+                v
             } else {
-                view
+                view.clone()
             };
-            match self.prepare_pod(pod, &view.ips).await {
-                Ok((files, volumes)) => {
-                    let to_start: Vec<(Container, bool)> = match actions.next_init_container {
-                        Some(i) => pod
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.init_containers.as_ref())
-                            .and_then(|ics| ics.get(i))
-                            .map(|c| vec![(c.clone(), true)])
-                            .unwrap_or_default(),
-                        None => actions
-                            .containers_to_start
-                            .iter()
-                            .filter_map(|&i| pod.spec.as_ref()?.containers.get(i).cloned())
-                            .map(|c| (c, false))
-                            .collect(),
-                    };
+            let to_start: Vec<(Container, bool)> = match actions.next_init_container {
+                Some(i) => pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.init_containers.as_ref())
+                    .and_then(|ics| ics.get(i))
+                    .map(|c| vec![(c.clone(), true)])
+                    .unwrap_or_default(),
+                None => actions
+                    .containers_to_start
+                    .iter()
+                    .filter_map(|&i| pod.spec.as_ref()?.containers.get(i).cloned())
+                    .map(|c| (c, false))
+                    .collect(),
+            };
+            // Volumes and pod files are refreshed when containers start, when the pod changed and on the periodic
+            // resync (configMap/secret/downwardAPI volumes follow their sources, as upstream's do on its sync
+            // period); a probe result or an exit alone does not rewrite them.
+            let prepare = !to_start.is_empty() || why != Wake::RuntimeEvent;
+            match if prepare {
+                Some(self.prepare_pod(pod, &view.ips).await)
+            } else {
+                None
+            } {
+                None => {}
+                Some(Ok((files, volumes, source))) => {
+                    phases.mark("prepare");
                     for (c, init) in to_start {
-                        if let Some(wait) = self
-                            .start_container(pod, &view, &sandbox_id, &c, init, &files, &volumes)
-                            .await
-                        {
-                            next = next.min(wait);
+                        changed = true;
+                        let ctx = StartContext {
+                            view: &view,
+                            sandbox_id: &sandbox_id,
+                            files: &files,
+                            volumes: &volumes,
+                            source: &source,
+                        };
+                        match self.start_container(pod, &ctx, &c, init, &mut phases).await {
+                            Started::Yes => {}
+                            Started::BackingOff(wait) => next = next.min(wait),
+                            Started::Failed => next = next.min(RETRY),
                         }
                     }
                 }
-                Err(f) => {
+                Some(Err(f)) => {
+                    next = next.min(RETRY);
                     self.shared.event(
                         &events::pod_ref(pod, None),
                         EventType::Warning,
@@ -521,10 +717,88 @@ impl PodWorker {
             }
         }
 
-        let view = self.view().await?;
+        let view = if changed {
+            let v = self.view().await?;
+            phases.mark("view");
+            v
+        } else {
+            view
+        };
         self.refresh_probes(pod, &view);
-        self.update_status(pod, &view, false).await;
+        if !self.refresh_exit_watches(&view).await {
+            next = next.min(RETRY);
+        }
+        if ended(&view).difference(&ended_before).next().is_some() {
+            // A container or sandbox ended while this sync ran (a container that exits at once ends before its
+            // watch exists): sync again now, as upstream's PLEG would report the change.
+            next = Duration::ZERO;
+        }
+        if !self.update_status(pod, &view, false).await {
+            next = next.min(RETRY);
+        }
+        phases.mark("status");
+        if changed {
+            phases.log(&self.uid);
+        }
+        if is_terminal(self.last_status.as_ref()) {
+            // Finished just now: stop the sandbox and release the IP at once (the next round's terminal branch).
+            next = Duration::ZERO;
+        }
         Ok(next)
+    }
+
+    /// Keeps one exit watch per running container and ready sandbox, so their end wakes this worker; false when
+    /// some cannot be watched (then the worker polls at [`RETRY`]).
+    async fn refresh_exit_watches(&mut self, view: &PodView) -> bool {
+        let mut wanted: HashSet<Watched> = view
+            .containers
+            .iter()
+            .filter(|c| matches!(c.state, RuntimeState::Running | RuntimeState::Created))
+            .map(|c| Watched::Container(c.id.clone()))
+            .collect();
+        wanted.extend(
+            view.sandboxes
+                .iter()
+                .filter(|s| s.ready)
+                .map(|s| Watched::Sandbox(s.id.clone())),
+        );
+        let missing = self.exits.keep_only(&wanted);
+        if missing.is_empty() {
+            return true;
+        }
+        let rt = self.shared.rt.clone();
+        let locations = view.locations.clone();
+        let opened = blocking(move || {
+            Ok(missing
+                .into_iter()
+                .map(|w| {
+                    let fd = match &w {
+                        Watched::Container(api_id) => match locations.get(api_id) {
+                            Some((sb, cid)) => rt.sandboxes.container_exit_fd(sb, cid),
+                            None => Ok(None),
+                        },
+                        Watched::Sandbox(id) => rt.sandboxes.sandbox_exit_fd(id),
+                    };
+                    (w, fd)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await
+        .unwrap_or_default();
+        let mut all = true;
+        for (what, fd) in opened {
+            match fd {
+                Ok(Some(fd)) => {
+                    if let Err(e) = self.exits.watch(what, fd, self.wake.clone()) {
+                        tracing::debug!(pod = %self.uid, error = %e, "cannot watch for an exit");
+                        all = false;
+                    }
+                }
+                // Ended already (the next sync sees it) or no shim to watch: poll.
+                Ok(None) | Err(_) => all = false,
+            }
+        }
+        all
     }
 
     /// Pod files (`/etc/hosts`, resolv.conf, hostname) and volumes, refreshed every sync (configMap and
@@ -533,7 +807,7 @@ impl PodWorker {
         &self,
         pod: &Pod,
         ips: &[String],
-    ) -> Result<(PodFiles, Vec<MountedVolume>), StartFailure> {
+    ) -> Result<(PodFiles, Vec<MountedVolume>, MapSource), StartFailure> {
         let source = api::config_source(&self.shared.client, pod)
             .await
             .map_err(|e| {
@@ -557,7 +831,7 @@ impl PodWorker {
         let ctx = self.pod_context(ips);
         let volumes = self.shared.volumes.clone();
         let pod = pod.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             // Rewritten only when the content changes: containers bind-mount these files, and a rename would
             // leave them looking at the old inode anyway.
             let current = PodFiles {
@@ -581,15 +855,21 @@ impl PodWorker {
             let vols = volumes.setup(&pod, &ctx, &source, &tokens).map_err(|e| {
                 StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
             })?;
-            Ok((files, vols))
+            Ok((files, vols, source))
         })
         .await
-        .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?
+        .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?;
+        result
     }
 
     /// Creates the sandbox (pod cgroup, namespaces) and attaches it to the pod network through CNI; undone on
     /// failure. Returns its ID.
-    async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) -> Result<String, String> {
+    async fn create_sandbox(
+        &mut self,
+        pod: &Pod,
+        attempt: u32,
+        phases: &mut Phases,
+    ) -> Result<String, String> {
         let (ns, name) = pod_name(pod);
         let id = layout::sandbox_id(&self.uid, attempt);
         let qos_class = qos::pod_qos(pod);
@@ -631,6 +911,7 @@ impl PodWorker {
         let info = blocking(move || Ok(rt.sandboxes.create_sandbox(&cfg)?))
             .await
             .map_err(|e| e.to_string())?;
+        phases.mark("sandbox");
         if host_net {
             // The node's network: no CNI, and the pod's IPs are the node's (upstream: podIPs = hostIPs).
             let record = SandboxRecord {
@@ -664,6 +945,7 @@ impl PodWorker {
             }
             Err(e) => Err(e),
         };
+        phases.mark("cni_add");
         let result = match attached {
             Ok(r) => r,
             Err(e) => {
@@ -752,18 +1034,16 @@ impl PodWorker {
         }
     }
 
-    /// Starts one container unless it is backing off; returns how soon to look again when it is.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts one container unless it is backing off.
     async fn start_container(
         &mut self,
         pod: &Pod,
-        view: &PodView,
-        sandbox_id: &str,
+        ctx: &StartContext<'_>,
         c: &Container,
         init: bool,
-        files: &PodFiles,
-        volumes: &[MountedVolume],
-    ) -> Option<Duration> {
+        phases: &mut Phases,
+    ) -> Started {
+        let view = ctx.view;
         let (ns, name) = pod_name(pod);
         let key = BackOff::key(name, ns, &self.uid, &c.name);
         let previous = latest(&view.containers, &c.name);
@@ -788,18 +1068,18 @@ impl PodWorker {
                         message,
                     },
                 );
-                return Some(wait);
+                return Started::BackingOff(wait);
             }
             self.backoff.next(&key);
         }
         let restart = previous.map(|p| p.restart_count + 1).unwrap_or(0).max(0) as u32;
         match self
-            .create_and_start(pod, view, sandbox_id, c, init, restart, files, volumes)
+            .create_and_start(pod, ctx, c, init, restart, phases)
             .await
         {
             Ok(()) => {
                 self.reasons.remove(&c.name);
-                None
+                Started::Yes
             }
             Err(f) => {
                 let backing_off = f.reason == reasons::IMAGE_PULL_BACK_OFF;
@@ -821,41 +1101,42 @@ impl PodWorker {
                         message: f.message,
                     },
                 );
-                None
+                Started::Failed
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn create_and_start(
         &mut self,
         pod: &Pod,
-        view: &PodView,
-        sandbox_id: &str,
+        start: &StartContext<'_>,
         c: &Container,
         init: bool,
         restart: u32,
-        files: &PodFiles,
-        volumes: &[MountedVolume],
+        phases: &mut Phases,
     ) -> Result<(), StartFailure> {
+        let StartContext {
+            view,
+            sandbox_id,
+            files,
+            volumes,
+            source,
+        } = *start;
         let (ns, name) = pod_name(pod);
         let image_ref = self.ensure_image(pod, c).await?;
+        phases.mark("image");
         let image = c.image.clone().unwrap_or_default();
         let cid = layout::container_id(&c.name, restart);
         let ctx = self.pod_context(&view.ips);
-        let services = self.services(ns).await;
-        let source = api::config_source(&self.shared.client, pod)
-            .await
-            .map_err(|e| {
-                StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
-            })?;
+        let services = self.shared.services().await;
+        phases.mark("services");
         let enable_links = pod
             .spec
             .as_ref()
             .and_then(|s| s.enable_service_links)
             .unwrap_or(true);
         let service_env = env::service_env(&services, ns, enable_links);
-        let resolved = env::container_env(pod, c, &ctx, &source, &service_env).map_err(|e| {
+        let resolved = env::container_env(pod, c, &ctx, source, &service_env).map_err(|e| {
             StartFailure::new(reasons::CREATE_CONTAINER_CONFIG_ERROR, e.to_string())
         })?;
         if !resolved.invalid_keys.is_empty() {
@@ -954,6 +1235,7 @@ impl PodWorker {
         .await
         .map_err(|e| StartFailure::new(reasons::CREATE_CONTAINER_ERROR, e.to_string()))?;
         created?;
+        phases.mark("create");
         let cref = events::pod_ref(pod, Some(&c.name));
         self.shared.event(
             &cref,
@@ -986,6 +1268,7 @@ impl PodWorker {
             let _ = blocking(move || rt.remove_container(&uid, &sid, &cid2)).await;
             return Err(StartFailure::new(reasons::RUN_CONTAINER_ERROR, e));
         }
+        phases.mark("start");
         self.shared.event(
             &cref,
             EventType::Normal,
@@ -1042,18 +1325,6 @@ impl PodWorker {
             Ok(())
         })
         .await;
-    }
-
-    async fn services(&self, _ns: &str) -> Vec<k8s_openapi::api::core::v1::Service> {
-        let api: kube::Api<k8s_openapi::api::core::v1::Service> =
-            kube::Api::all(self.shared.client.clone());
-        match api.list(&Default::default()).await {
-            Ok(list) => list.items,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list services for the service environment");
-                Vec::new()
-            }
-        }
     }
 
     /// Stops one container instance: preStop hook, then the stop signal with what is left of the grace period.
@@ -1270,7 +1541,8 @@ impl PodWorker {
     }
 
     /// Computes the pod's status and patches it when it differs from what the API (or our last patch) has.
-    async fn update_status(&mut self, pod: &Pod, view: &PodView, terminal: bool) {
+    /// False when the API refused the patch (the caller retries soon).
+    async fn update_status(&mut self, pod: &Pod, view: &PodView, terminal: bool) -> bool {
         let probe_status = self.probe_statuses(view);
         let (readiness, startup) = status::probe_maps(&probe_status);
         // Reasons only matter for containers not running now.
@@ -1288,7 +1560,8 @@ impl PodWorker {
         let mut mirror_base = None;
         if self.static_pod {
             let Some(mirror) = self.shared.mirrors.mirror_of(pod) else {
-                return;
+                // Not written: look again soon.
+                return false;
             };
             let mut base = pod.clone();
             base.status = self
@@ -1318,15 +1591,19 @@ impl PodWorker {
             || (self.last_status.as_ref() == Some(&status)
                 && self.last_status_target == target.metadata.uid)
         {
-            return;
+            return true;
         }
         match api::patch_status(&self.shared.client, target, &status).await {
             Ok(()) => {
                 tracing::debug!(pod = %self.uid, phase = ?status.phase, "status patched");
                 self.last_status = Some(status);
                 self.last_status_target = target.metadata.uid.clone();
+                true
             }
-            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "status update failed"),
+            Err(e) => {
+                tracing::warn!(pod = %self.uid, error = %e, "status update failed");
+                false
+            }
         }
     }
 }
@@ -1346,6 +1623,18 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn pods_resync_between_one_minute_and_a_minute_and_a_half_at_spread_times() {
+        let periods: HashSet<Duration> = (0..50)
+            .map(|i| jittered_resync(&format!("uid-{i}"), 1))
+            .collect();
+        assert!(periods
+            .iter()
+            .all(|p| *p >= RESYNC && *p < RESYNC + RESYNC / 2));
+        assert!(periods.len() > 40, "spread, not synchronised: {periods:?}");
+        assert_ne!(jittered_resync("u", 1), jittered_resync("u", 2));
     }
 
     #[test]

@@ -627,6 +627,56 @@ impl SandboxManager {
         })
     }
 
+    /// A pidfd that becomes readable once the container has ended and its exit status is recorded: the fd of its
+    /// log shim, which exits right after writing the exit status. `None` when there is no live shim to watch (the
+    /// container stopped already, or its shim is gone): the caller then looks at the state instead. Lets a caller
+    /// wait for exits without polling (upstream's PLEG relists every second; an exit event makes that moot).
+    pub fn container_exit_fd(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+    ) -> Result<Option<std::os::fd::OwnedFd>, SandboxError> {
+        validate_id(sandbox_id)?;
+        validate_id(id)?;
+        let path = self
+            .dir(sandbox_id)
+            .join(BUNDLES_DIR)
+            .join(id)
+            .join(shim::SHIM_PID_FILE);
+        let pid = match fs::read_to_string(&path) {
+            Ok(t) => match t.trim().parse::<i32>() {
+                Ok(p) if p > 0 => p,
+                _ => return Ok(None),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let Some(fd) = pidfd_open(pid)? else {
+            return Ok(None);
+        };
+        // The fd pins this process; make sure it is this container's shim and not a reused PID.
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .collect();
+        let is_shim = args.iter().any(|a| *a == b"shim") && args.last() == Some(&id.as_bytes());
+        Ok(is_shim.then_some(fd))
+    }
+
+    /// A pidfd that becomes readable when the sandbox's holder process dies; `None` when it is not running.
+    pub fn sandbox_exit_fd(&self, id: &str) -> Result<Option<std::os::fd::OwnedFd>, SandboxError> {
+        let sb = self.load(id)?;
+        if sb.holder_pid <= 0 {
+            return Ok(None);
+        }
+        let Some(fd) = pidfd_open(sb.holder_pid)? else {
+            return Ok(None);
+        };
+        // Checked after opening: the fd now refers to the process that was alive with the recorded start time.
+        Ok(container::alive(sb.holder_pid, sb.holder_start).then_some(fd))
+    }
+
     /// Runs `cmd` in a running container and collects its output, killing it after `timeout` (probes, `kubectl
     /// exec` without a terminal). Runs through `windlass-runtime exec`, which waits for the process as a subreaper.
     pub fn exec_sync(
@@ -953,6 +1003,27 @@ impl SandboxManager {
             })
         }
     }
+}
+
+/// `pidfd_open(2)`: `None` when the process does not exist.
+fn pidfd_open(pid: i32) -> Result<Option<std::os::fd::OwnedFd>, SandboxError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let errno = nix::errno::Errno::last();
+        return match errno {
+            nix::errno::Errno::ESRCH => Ok(None),
+            source => Err(SandboxError::Sys {
+                what: format!("pidfd_open {pid}"),
+                source,
+            }),
+        };
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    Ok(Some(unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+    }))
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SandboxError> {

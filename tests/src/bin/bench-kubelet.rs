@@ -12,7 +12,8 @@
 //!
 //! Usage (root): `cargo build --release -p windlass-tests --bins && target/release/bench-kubelet` (env
 //! `BENCH_RUNS` single-pod runs (10), `BENCH_BATCH` pods per batch (30), `BENCH_BATCH_ROUNDS` (3),
-//! `BENCH_IDLE_PODS` (100), `BENCH_IDLE_SECONDS` CPU sampling window (30)).
+//! `BENCH_IDLE_PODS` (100), `BENCH_IDLE_SECONDS` CPU sampling window (30), `BENCH_KUBELET_LOG` a file to keep the
+//! kubelet's log in).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -66,8 +67,16 @@ async fn client(lab: &KubeletLab) -> Client {
     Client::try_from(config).unwrap_or_else(|e| fail(&format!("kube client: {e}")))
 }
 
-/// Creates `names` at once; returns each pod's create → all-containers-running latency, as the watch saw it.
-async fn start_pods(api: &Api<Pod>, names: &[String], image: &str) -> Vec<Duration> {
+/// One pod's start as the watch saw it: create → bound to the node (the scheduler's share) and create → all
+/// containers running.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    bound: Duration,
+    running: Duration,
+}
+
+/// Creates `names` at once; returns each pod's latencies, as the watch saw them.
+async fn start_pods(api: &Api<Pod>, names: &[String], image: &str) -> Vec<Started> {
     let rv = api
         .list(&ListParams::default().limit(1))
         .await
@@ -102,6 +111,7 @@ async fn start_pods(api: &Api<Pod>, names: &[String], image: &str) -> Vec<Durati
         created.insert(n.clone(), at);
     }
     let mut out = HashMap::new();
+    let mut bound: HashMap<String, Duration> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     while out.len() < names.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -115,12 +125,70 @@ async fn start_pods(api: &Api<Pod>, names: &[String], image: &str) -> Vec<Durati
         };
         let name = p.metadata.name.clone().unwrap_or_default();
         if let Some(at) = created.get(&name) {
+            let on_node = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            if on_node && !bound.contains_key(&name) {
+                bound.insert(name.clone(), at.elapsed());
+            }
             if all_running(&p) && !out.contains_key(&name) {
-                out.insert(name, at.elapsed());
+                let running = at.elapsed();
+                let b = bound.get(&name).copied().unwrap_or(running);
+                out.insert(name, Started { bound: b, running });
             }
         }
     }
     out.into_values().collect()
+}
+
+/// `RssAnon` and `RssFile` (MiB) and `Threads` of a process: heap and stacks versus mapped program text.
+fn rss_parts(pid: u32) -> (f64, f64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (
+        field("RssAnon:") / 1024.0,
+        field("RssFile:") / 1024.0,
+        field("Threads:") as u64,
+    )
+}
+
+/// Open sockets of a process (API connections kept alive, watches, listeners).
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) of the waited-for children of a process (CNI plugins, the runtime's first shim
+/// process): `cutime` and `cstime` of /proc/<pid>/stat.
+fn children_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // cutime and cstime are fields 16 and 17 (1-based), i.e. 13 and 14 after the state field.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(13) + ticks(14)) / hz.max(1.0)
 }
 
 async fn delete_pods(api: &Api<Pod>) {
@@ -248,6 +316,9 @@ fn main() {
     let lab = KubeletLab::start();
     let image = lab.image.clone();
     let kubelet_pid = lab.kubelet_pid();
+    // The kubelet's footprint with no pods yet (registered, watching, serving).
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_empty, anon_empty) = (rss_mib(kubelet_pid).0, rss_parts(kubelet_pid).0);
     let netns = lab.netns.path();
     let report = windlass_tests::lab::in_netns(&netns, || {
         let rt = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(&format!("tokio: {e}")));
@@ -260,7 +331,7 @@ fn main() {
             if !out.status.success() {
                 fail(&format!("podman pull: {}", String::from_utf8_lossy(&out.stderr)));
             }
-            let mut one_w = Vec::new();
+            let mut one_w: Vec<Started> = Vec::new();
             let mut one_p = Vec::new();
             for i in 0..runs {
                 // Interleaved, so background load hits both alike.
@@ -270,11 +341,16 @@ fn main() {
                 one_p.extend(podman_start(&names, &image));
                 podman_cleanup(&names);
             }
-            let mut many_w = Vec::new();
+            let mut many_w: Vec<Started> = Vec::new();
             let mut many_p = Vec::new();
+            let (mut kubelet_cpu, mut children_cpu, mut batch_wall) = (0.0, 0.0, Duration::ZERO);
             for r in 0..batch_rounds {
                 let names: Vec<String> = (0..batch).map(|i| format!("b{r}-{i}")).collect();
+                let (cpu0, child0, t0) = (cpu_seconds(kubelet_pid), children_cpu_seconds(kubelet_pid), Instant::now());
                 many_w.extend(start_pods(&api, &names, &image).await);
+                kubelet_cpu += cpu_seconds(kubelet_pid) - cpu0;
+                children_cpu += children_cpu_seconds(kubelet_pid) - child0;
+                batch_wall += t0.elapsed();
                 delete_pods(&api).await;
                 many_p.extend(podman_start(&names, &image));
                 podman_cleanup(&names);
@@ -288,24 +364,46 @@ fn main() {
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_secs(idle_secs as u64)).await;
             let (rss1, cpu1) = (rss_mib(kubelet_pid).0, cpu_seconds(kubelet_pid));
+            let (anon, file, threads) = rss_parts(kubelet_pid);
+            let socks = sockets(kubelet_pid);
             let cpu_pct = (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
             delete_pods(&api).await;
 
             let mut md = String::new();
-            let (w1, p1) = (samples("windlass (API → scheduler → kubelet)", &one_w), samples("podman pod create + run -d", &one_p));
+            let running = |v: &[Started]| v.iter().map(|s| s.running).collect::<Vec<_>>();
+            let (w1, p1) = (samples("windlass (API → scheduler → kubelet)", &running(&one_w)), samples("podman pod create + run -d", &one_p));
             md.push_str(&format!("### One pod at a time ({runs} runs)\n\n"));
             md.push_str(&markdown_table(&[&w1, &p1], &p1));
             md.push_str(&format!("\np99: windlass {:.0} ms, podman {:.0} ms\n", w1.quantile(0.99), p1.quantile(0.99)));
-            let (wb, pb) = (samples("windlass (API → scheduler → kubelet)", &many_w), samples("podman pod create + run -d", &many_p));
+            let (wb, pb) = (samples("windlass (API → scheduler → kubelet)", &running(&many_w)), samples("podman pod create + run -d", &many_p));
             md.push_str(&format!("\n### {batch} pods at once ({batch_rounds} rounds, per-pod latency)\n\n"));
             md.push_str(&markdown_table(&[&wb, &pb], &pb));
             md.push_str(&format!("\np99: windlass {:.0} ms, podman {:.0} ms\n", wb.quantile(0.99), pb.quantile(0.99)));
+            // Where a batch pod's time went: create → bound (API server + scheduler) and bound → running (kubelet,
+            // runtime, CNI, status patch), and what the kubelet and the processes it waited for cost in CPU.
+            let bound = samples("bound", &many_w.iter().map(|s| s.bound).collect::<Vec<_>>());
+            let on_node = samples("on node", &many_w.iter().map(|s| s.running.saturating_sub(s.bound)).collect::<Vec<_>>());
             md.push_str(&format!(
-                "\n### The kubelet with {idle} idle pods\n\nRSS {rss1:.1} MiB (before the idle window {rss0:.1} MiB); CPU {cpu_pct:.2}% of one core over {idle_secs} s.\n"
+                "\nBreakdown: create → bound median {:.0} ms (p99 {:.0}); bound → running median {:.0} ms (p99 {:.0}). \
+                 Kubelet CPU {:.2} s + its waited-for children (CNI plugins, runtime) {:.2} s over {:.2} s of batches.\n",
+                bound.median(), bound.quantile(0.99), on_node.median(), on_node.quantile(0.99),
+                kubelet_cpu, children_cpu, batch_wall.as_secs_f64()
+            ));
+            md.push_str(&format!(
+                "\n### The kubelet with {idle} idle pods\n\nRSS {rss1:.1} MiB (anonymous {anon:.1} MiB, file-backed {file:.1} MiB; {threads} threads, {socks} sockets; before the idle window {rss0:.1} MiB; with no pods at start {rss_empty:.1} MiB, anonymous {anon_empty:.1} MiB); CPU {cpu_pct:.2}% of one core over {idle_secs} s.\n"
             ));
             md
         })
     })
     .unwrap_or_else(|e| fail(&format!("lab netns: {e}")));
+    if let Some(path) = std::env::var_os("BENCH_KUBELET_LOG") {
+        // The kubelet's log (its debug "sync timings" lines give each pod's phases) before the lab is removed.
+        if let Err(e) = std::fs::write(&path, lab.kubelet_log()) {
+            eprintln!(
+                "bench-kubelet: {}: {e}",
+                std::path::Path::new(&path).display()
+            );
+        }
+    }
     println!("{report}");
 }
