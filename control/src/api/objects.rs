@@ -279,7 +279,7 @@ pub(crate) fn decode(
         )));
     }
     stringify_quantities(&mut obj, false);
-    let typed = (kind.normalize)(obj.clone()).map_err(|e| {
+    let typed = (kind.normalize)(&obj).map_err(|e| {
         ApiError::bad_request(format!(
             "{} in version \"{}\" cannot be handled as a {}: {e}",
             kind.kind, kind.version, kind.kind
