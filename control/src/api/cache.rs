@@ -1,5 +1,6 @@
 //! In-memory caches of the objects the API server consults on every request: RBAC roles and bindings (for the
-//! authorizer) and namespaces (for the "namespace exists and is not terminating" check on create). Upstream's
+//! authorizer), namespaces (for the "namespace exists and is not terminating" check on create) and service
+//! accounts (for service-account token authentication). Upstream's
 //! authorizer and admission plugins read these from informer caches, never from etcd per request (Ref:
 //! `plugin/pkg/auth/authorizer/rbac/rbac.go` built on `rbaclisters`, `plugin/pkg/admission/namespace/lifecycle`).
 //!
@@ -182,6 +183,32 @@ pub(crate) struct NamespaceState {
     pub terminating: bool,
 }
 
+/// What token authentication needs of a service account.
+pub(crate) struct ServiceAccountState {
+    pub uid: String,
+    /// `deletionTimestamp` set: its tokens no longer authenticate.
+    pub deleting: bool,
+}
+
+fn project_service_account(kv: &KeyValue) -> Option<ServiceAccountState> {
+    #[derive(Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        uid: String,
+        #[serde(rename = "deletionTimestamp")]
+        deletion_timestamp: Option<serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    struct Sa {
+        metadata: Meta,
+    }
+    let sa: Sa = serde_json::from_slice(&kv.value).ok()?;
+    Some(ServiceAccountState {
+        uid: sa.metadata.uid,
+        deleting: sa.metadata.deletion_timestamp.is_some_and(|v| !v.is_null()),
+    })
+}
+
 fn project_rules(kv: &KeyValue) -> Option<Rules> {
     #[derive(Deserialize)]
     struct Role {
@@ -237,6 +264,7 @@ pub(crate) struct Caches {
     pub cluster_role_bindings: Arc<Cache<Binding>>,
     pub role_bindings: Arc<Cache<Binding>>,
     pub namespaces: Arc<Cache<NamespaceState>>,
+    pub service_accounts: Arc<Cache<ServiceAccountState>>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -259,14 +287,17 @@ impl Caches {
             Cache::new(prefix_of(RBAC, "clusterrolebindings"), project_binding);
         let role_bindings = Cache::new(prefix_of(RBAC, "rolebindings"), project_binding);
         let namespaces = Cache::new(prefix_of("", "namespaces"), project_namespace);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(5);
+        let service_accounts =
+            Cache::new(prefix_of("", "serviceaccounts"), project_service_account);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
         let tasks = vec![
             tokio::spawn(cluster_roles.clone().run(store.clone(), tx.clone())).abort_handle(),
             tokio::spawn(roles.clone().run(store.clone(), tx.clone())).abort_handle(),
             tokio::spawn(cluster_role_bindings.clone().run(store.clone(), tx.clone()))
                 .abort_handle(),
             tokio::spawn(role_bindings.clone().run(store.clone(), tx.clone())).abort_handle(),
-            tokio::spawn(namespaces.clone().run(store, tx)).abort_handle(),
+            tokio::spawn(namespaces.clone().run(store.clone(), tx.clone())).abort_handle(),
+            tokio::spawn(service_accounts.clone().run(store, tx)).abort_handle(),
         ];
         for _ in 0..tasks.len() {
             if rx.recv().await.is_none() {
@@ -279,6 +310,7 @@ impl Caches {
             cluster_role_bindings,
             role_bindings,
             namespaces,
+            service_accounts,
             tasks,
         })
     }
