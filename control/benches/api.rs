@@ -368,6 +368,8 @@ async fn main() {
         );
     }
     let total = rounds * n;
+    // Steady state with every pod stored, before any list.
+    let rss_stored = [embedded.rss_mib(), on_etcd.rss_mib()];
 
     // List latency with `total` pods stored.
     let mut lists: Vec<(String, Vec<f64>)> = Vec::new();
@@ -411,15 +413,15 @@ async fn main() {
         println!("| {label} | {:.0} | {:.0}–{:.0} |", s.median, s.min, s.max);
     }
     println!("\n### Memory with {total} pods stored\n");
-    println!("| server | RSS (MiB) | peak RSS (MiB) |\n|---|---|---|");
     println!(
-        "| windlass-control, embedded store | {:.0} | {:.0} |",
-        rss[0].0, rss[0].1
+        "| server | RSS after the creates (MiB) | RSS after the lists (MiB) | peak RSS (MiB) |\n|---|---|---|---|"
     );
-    println!(
-        "| windlass-control, etcd backend | {:.0} | {:.0} |",
-        rss[1].0, rss[1].1
-    );
+    for (i, label) in ["embedded store", "etcd backend"].iter().enumerate() {
+        println!(
+            "| windlass-control, {label} | {:.0} | {:.0} | {:.0} |",
+            rss_stored[i].0, rss[i].0, rss[i].1
+        );
+    }
     println!("\n### Watch fan-out: one pod create seen by {watchers} watchers ({events} events)\n");
     println!("| target | median (ms) | min–max (ms) | vs etcd |\n|---|---|---|---|");
     let (a, e) = (Spread::of(fan_api), Spread::of(fan_etcd));

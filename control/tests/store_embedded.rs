@@ -197,3 +197,62 @@ async fn a_slow_watcher_past_the_history_gets_compacted() {
         );
     }
 }
+
+/// Group commit folds concurrent writes into one transaction, but each keeps its own precondition: of many
+/// compare-and-swap updates racing on one key from the same revision exactly one wins, the rest get a conflict
+/// naming the winner's revision, and the unrelated creates committed alongside them all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_precondition_in_a_group_commit_fails_only_its_own_write() {
+    let (store, _dir) = fresh().await;
+    let base = store
+        .create("/race/shared", b"v0".to_vec())
+        .await
+        .expect("create shared key");
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let update = store.update(
+                "/race/shared",
+                base.mod_revision,
+                format!("v-{i}").into_bytes(),
+            );
+            let own = format!("/race/own/{i:02}");
+            let create = store.create(&own, b"x".to_vec());
+            let duplicate = store.create("/race/shared", b"dup".to_vec());
+            tokio::join!(update, create, duplicate)
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut conflicts = Vec::new();
+    for t in tasks {
+        let (update, create, duplicate) = t.await.expect("task");
+        create.expect("an unrelated create in the same batch succeeds");
+        assert!(
+            matches!(duplicate, Err(StoreError::AlreadyExists { .. })),
+            "{duplicate:?}"
+        );
+        match update {
+            Ok(kv) => winners.push(kv),
+            Err(StoreError::Conflict { current, .. }) => conflicts.push(current.mod_revision),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one CAS from the same revision wins"
+    );
+    assert_eq!(conflicts.len(), 31);
+    let winner = &winners[0];
+    // Each loser saw the key as it was when its own write was applied: the winner's revision once it committed
+    // (or a later one), never the base revision it expected.
+    assert!(conflicts.iter().all(|r| *r >= winner.mod_revision));
+    let (kv, _) = store.get("/race/shared").await.expect("get");
+    assert_eq!(kv.expect("shared key").value, winner.value);
+    let own = store
+        .list("/race/own/", &Default::default())
+        .await
+        .expect("list");
+    assert_eq!(own.items.len(), 32);
+}

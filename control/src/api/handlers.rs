@@ -169,7 +169,7 @@ async fn self_subject_access_review(
     } else {
         ctx.user.clone()
     };
-    let allowed = super::rbac::authorize(state, &subject, &attrs).await?;
+    let allowed = super::rbac::authorize(&state.caches, &subject, &attrs);
     review["status"] = json!({"allowed": allowed});
     if allowed {
         review["status"]["reason"] = json!("allowed by RBAC");
@@ -189,11 +189,17 @@ pub(crate) fn object_of(kv: &KeyValue) -> Result<Value, ApiError> {
 
 /// Serialises an object for storage (without resourceVersion: the store's mod revision is the truth).
 fn to_stored(obj: &Value) -> Vec<u8> {
-    let mut o = obj.clone();
-    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
+    match obj.get("metadata").and_then(|m| m.get("resourceVersion")) {
+        // Only copy the object when there is something to leave out.
+        Some(_) => {
+            let mut o = obj.clone();
+            if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            serde_json::to_vec(&o).unwrap_or_default()
+        }
+        None => serde_json::to_vec(obj).unwrap_or_default(),
     }
-    serde_json::to_vec(&o).unwrap_or_default()
 }
 
 fn ns_of(t: &Target) -> Option<&str> {
@@ -251,7 +257,9 @@ fn check_type(kind: &ResourceKind, obj: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Namespaced objects need an existing namespace that is not being terminated.
+/// Namespaced objects need an existing namespace that is not being terminated. Answered from the namespace cache;
+/// a namespace the cache does not (yet) have is read from the store, as upstream's NamespaceLifecycle admission
+/// falls back to a live lookup.
 async fn check_namespace(
     state: &State,
     kind: &ResourceKind,
@@ -260,20 +268,24 @@ async fn check_namespace(
 ) -> Result<(), ApiError> {
     let ns_kind = resources::find("", "v1", "namespaces")
         .ok_or_else(|| ApiError::internal("no namespace kind"))?;
-    match state.store.get(&ns_kind.key(None, ns)).await? {
-        (None, _) => Err(ApiError::not_found(ns_kind, ns)),
-        (Some(kv), _) => {
-            let obj = object_of(&kv)?;
-            let terminating = meta(&obj)
-                .get("deletionTimestamp")
-                .is_some_and(|v| !v.is_null())
-                || obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating");
-            if terminating {
-                Err(ApiError::namespace_terminating(kind, name, ns))
-            } else {
-                Ok(())
+    let key = ns_kind.key(None, ns);
+    let terminating = match state.caches.namespaces.get(&key) {
+        Some(cached) => cached.terminating,
+        None => match state.store.get(&key).await? {
+            (None, _) => return Err(ApiError::not_found(ns_kind, ns)),
+            (Some(kv), _) => {
+                let obj = object_of(&kv)?;
+                meta(&obj)
+                    .get("deletionTimestamp")
+                    .is_some_and(|v| !v.is_null())
+                    || obj.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating")
             }
-        }
+        },
+    };
+    if terminating {
+        Err(ApiError::namespace_terminating(kind, name, ns))
+    } else {
+        Ok(())
     }
 }
 
@@ -339,32 +351,41 @@ impl Selection {
     }
 }
 
-/// Lists objects matching the selection: items, list revision, continue token, remaining count.
-pub(crate) async fn list_objects(
+/// One page of a list: the stored items (matching the selection), the list revision, the continue token and the
+/// remaining count.
+pub(crate) struct ListPage {
+    pub items: Vec<KeyValue>,
+    pub revision: i64,
+    pub continue_token: Option<String>,
+    pub remaining: Option<u64>,
+}
+
+/// Lists objects matching the selection, as upstream's list with `limit`/`continue`. Items stay in their stored
+/// form (one parse per item only to apply a selector), so a caller can encode them one at a time.
+pub(crate) async fn list_kvs(
     state: &State,
     kind: &ResourceKind,
     namespace: Option<&str>,
     sel: &Selection,
     limit: Option<usize>,
     continue_token: Option<&str>,
-) -> Result<(Vec<Value>, i64, Option<String>, Option<u64>), ApiError> {
+) -> Result<ListPage, ApiError> {
     let prefix = kind.prefix(namespace);
+    let done = |items, revision| ListPage {
+        items,
+        revision,
+        continue_token: None,
+        remaining: None,
+    };
     // A single named object: read it directly instead of scanning.
     if let (Some(name), true) = (sel.fields.single_name(), continue_token.is_none()) {
         if namespace.is_some() || !kind.namespaced {
             let (kv, rev) = state.store.get(&format!("{prefix}{name}")).await?;
             let items = match kv {
-                Some(kv) => {
-                    let o = object_of(&kv)?;
-                    if sel.matches(&o) {
-                        vec![o]
-                    } else {
-                        vec![]
-                    }
-                }
-                None => vec![],
+                Some(kv) if sel.matches(&object_of(&kv)?) => vec![kv],
+                _ => vec![],
             };
-            return Ok((items, rev, None, None));
+            return Ok(done(items, rev));
         }
     }
     let mut start_after = match continue_token {
@@ -372,7 +393,7 @@ pub(crate) async fn list_objects(
         None => None,
     };
     let want = limit.filter(|l| *l > 0);
-    let mut items = Vec::new();
+    let mut items: Vec<KeyValue> = Vec::new();
     let mut revision = None;
     loop {
         let page = state
@@ -387,12 +408,13 @@ pub(crate) async fn list_objects(
             )
             .await?;
         revision.get_or_insert(page.revision);
-        let mut last_key = None;
-        for kv in &page.items {
-            last_key = Some(kv.key.clone());
-            let o = object_of(kv)?;
-            if sel.matches(&o) {
-                items.push((kv.key.clone(), o));
+        let last_key = page.items.last().map(|kv| kv.key.clone());
+        let page_len = page.items.len();
+        let mut taken = 0;
+        for kv in page.items {
+            taken += 1;
+            if sel.is_empty() || sel.matches(&object_of(&kv)?) {
+                items.push(kv);
                 if want.is_some_and(|w| items.len() >= w) {
                     break;
                 }
@@ -402,43 +424,109 @@ pub(crate) async fn list_objects(
         let revision = revision.unwrap_or(page.revision);
         if full {
             // More may follow: either the page had more keys after the one we stopped at, or the store has more.
-            let stopped_at = items.last().map(|(k, _)| k.clone()).unwrap_or_default();
-            let page_has_more = page.items.last().is_some_and(|kv| kv.key != stopped_at);
-            if page_has_more || page.more {
+            let after = (page_len - taken) as u64;
+            if after > 0 || page.more {
+                let stopped_at = items.last().map(|kv| kv.key.clone()).unwrap_or_default();
                 let remaining = if sel.is_empty() {
-                    let after = page
-                        .items
-                        .iter()
-                        .skip_while(|kv| kv.key != stopped_at)
-                        .count() as u64;
-                    page.remaining.map(|r| r + after.saturating_sub(1))
+                    page.remaining.map(|r| r + after)
                 } else {
                     None
                 };
-                return Ok((
-                    items.into_iter().map(|(_, o)| o).collect(),
+                return Ok(ListPage {
+                    items,
                     revision,
-                    Some(encode_continue(revision, &stopped_at)),
+                    continue_token: Some(encode_continue(revision, &stopped_at)),
                     remaining,
-                ));
+                });
             }
-            return Ok((
-                items.into_iter().map(|(_, o)| o).collect(),
-                revision,
-                None,
-                None,
-            ));
+            return Ok(done(items, revision));
         }
         if !page.more || last_key.is_none() {
-            return Ok((
-                items.into_iter().map(|(_, o)| o).collect(),
-                revision,
-                None,
-                None,
-            ));
+            return Ok(done(items, revision));
         }
         start_after = last_key;
     }
+}
+
+/// Lists objects matching the selection: items, list revision, continue token, remaining count.
+pub(crate) async fn list_objects(
+    state: &State,
+    kind: &ResourceKind,
+    namespace: Option<&str>,
+    sel: &Selection,
+    limit: Option<usize>,
+    continue_token: Option<&str>,
+) -> Result<(Vec<Value>, i64, Option<String>, Option<u64>), ApiError> {
+    let page = list_kvs(state, kind, namespace, sel, limit, continue_token).await?;
+    let items = page
+        .items
+        .iter()
+        .map(object_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((items, page.revision, page.continue_token, page.remaining))
+}
+
+/// Items encoded per chunk of a streamed list body.
+const LIST_CHUNK: usize = 64;
+
+/// A list response encoded item by item from the stored bytes as the client reads it, so a list of 10k pods never
+/// exists as one JSON tree or one buffer in the server (upstream 1.33 streams list encoding the same way). Its
+/// `metadata` comes before `items`, as upstream writes it.
+fn list_response(kind: &ResourceKind, page: ListPage) -> Response<Body> {
+    let mut list_meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(c) = page.continue_token {
+        list_meta["continue"] = json!(c);
+    }
+    if let Some(r) = page.remaining.filter(|r| *r > 0) {
+        list_meta["remainingItemCount"] = json!(r);
+    }
+    let head = format!(
+        "{{\"kind\":{},\"apiVersion\":{},\"metadata\":{},\"items\":[",
+        json!(format!("{}List", kind.kind)),
+        json!(kind.api_version()),
+        list_meta
+    );
+    let mut items = page.items.into_iter();
+    let mut head = Some(head.into_bytes());
+    let mut first = true;
+    let mut finished = false;
+    let chunks = std::iter::from_fn(move || {
+        if finished {
+            return None;
+        }
+        let mut buf = head.take().unwrap_or_default();
+        for kv in items.by_ref().take(LIST_CHUNK) {
+            match object_of(&kv) {
+                Ok(obj) => {
+                    if !first {
+                        buf.push(b',');
+                    }
+                    first = false;
+                    if let Err(e) = serde_json::to_writer(&mut buf, &obj) {
+                        tracing::error!(key = %kv.key, error = %e, "cannot encode a listed object");
+                    }
+                }
+                // The status line is already sent: leave the object out and say so in the log.
+                Err(e) => {
+                    tracing::error!(key = %kv.key, error = %e.message, "left a corrupt object out of a list")
+                }
+            }
+        }
+        if items.len() == 0 {
+            buf.extend_from_slice(b"]}");
+            finished = true;
+        }
+        Some(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+            bytes::Bytes::from(buf),
+        )))
+    });
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+    let mut r = Response::new(http_body_util::BodyExt::boxed(body));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 async fn list(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
@@ -450,7 +538,7 @@ async fn list(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, Ap
         ),
         None => None,
     };
-    let (items, rev, cont, remaining) = list_objects(
+    let page = list_kvs(
         state,
         t.kind,
         ns_of(t),
@@ -460,33 +548,23 @@ async fn list(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, Ap
     )
     .await?;
     if ctx.wants_table() {
+        let items = page
+            .items
+            .iter()
+            .map(object_of)
+            .collect::<Result<Vec<_>, _>>()?;
         return Ok(json_response(
             200,
             &table::table(
                 t.kind,
                 &items,
-                &rev.to_string(),
-                cont.as_deref(),
+                &page.revision.to_string(),
+                page.continue_token.as_deref(),
                 ctx.query.get("includeObject"),
             ),
         ));
     }
-    let mut list_meta = json!({"resourceVersion": rev.to_string()});
-    if let Some(c) = cont {
-        list_meta["continue"] = json!(c);
-    }
-    if let Some(r) = remaining.filter(|r| *r > 0) {
-        list_meta["remainingItemCount"] = json!(r);
-    }
-    Ok(json_response(
-        200,
-        &json!({
-            "kind": format!("{}List", t.kind.kind),
-            "apiVersion": t.kind.api_version(),
-            "metadata": list_meta,
-            "items": items,
-        }),
-    ))
+    Ok(list_response(t.kind, page))
 }
 
 fn dry_run(ctx: &Ctx) -> bool {
@@ -557,7 +635,9 @@ pub(crate) async fn create_object(
         state.store.create(&key, to_stored(&obj)).await
     };
     let kv = stored.map_err(|e| ApiError::from_store(kind, &name, e))?;
-    Ok((object_of(&kv)?, warnings))
+    // The stored form plus its resourceVersion, without decoding what was just encoded.
+    meta_mut(&mut obj).insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    Ok((obj, warnings))
 }
 
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {

@@ -244,7 +244,7 @@ async fn proxy(
         name: Some(name.into()),
         path: None,
     };
-    if !rbac::authorize(state, user, &attrs).await? {
+    if !rbac::authorize(&state.caches, user, &attrs) {
         let mut e = ApiError::forbidden(attrs.forbidden_message(user));
         e.details = Some(serde_json::json!({"name": name, "kind": "pods"}));
         return Err(e);

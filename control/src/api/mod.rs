@@ -20,6 +20,7 @@ use crate::store::Store;
 
 mod auth;
 mod bootstrap;
+mod cache;
 mod discovery;
 mod fieldmanager;
 mod handlers;
@@ -77,7 +78,10 @@ pub struct ApiConfig {
 
 /// Shared server state.
 pub(crate) struct State {
+    /// The store, wrapped so that writes to cached objects are acknowledged once the caches have them.
     pub store: Arc<dyn Store>,
+    /// RBAC roles and bindings and namespaces, kept current from the store's watch.
+    pub caches: Arc<cache::Caches>,
     pub config: ApiConfig,
     /// Serialises ClusterIP/NodePort allocation with the create that records it.
     pub alloc_lock: tokio::sync::Mutex<()>,
@@ -364,28 +368,19 @@ async fn route(state: &Arc<State>, ctx: Ctx) -> Routed {
         Ok(a) => a,
         Err(e) => return Err((e, None)),
     };
-    match rbac::authorize(state, &ctx.user, &attrs).await {
-        Ok(true) => {}
-        Ok(false) => {
-            let mut e = ApiError::forbidden(attrs.forbidden_message(&ctx.user));
-            if attrs.path.is_none() {
-                let mut d = serde_json::json!({"kind": attrs.resource});
-                if let Some(n) = &attrs.name {
-                    d["name"] = serde_json::json!(n);
-                }
-                if !attrs.group.is_empty() {
-                    d["group"] = serde_json::json!(attrs.group);
-                }
-                e.details = Some(d);
+    if !rbac::authorize(&state.caches, &ctx.user, &attrs) {
+        let mut e = ApiError::forbidden(attrs.forbidden_message(&ctx.user));
+        if attrs.path.is_none() {
+            let mut d = serde_json::json!({"kind": attrs.resource});
+            if let Some(n) = &attrs.name {
+                d["name"] = serde_json::json!(n);
             }
-            return Err((e, Some(attrs)));
+            if !attrs.group.is_empty() {
+                d["group"] = serde_json::json!(attrs.group);
+            }
+            e.details = Some(d);
         }
-        Err(e) => {
-            return Err((
-                ApiError::internal(format!("cannot authorize: {e}")),
-                Some(attrs),
-            ))
-        }
+        return Err((e, Some(attrs)));
     }
     match rbac::node_restriction(state, &ctx.user, &attrs, &ctx.body).await {
         Ok(None) => {}

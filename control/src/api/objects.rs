@@ -216,28 +216,37 @@ pub(crate) fn stringify_quantities(v: &mut Value, in_quantity_map: bool) {
 }
 
 /// Paths present (non-null) in `orig` but absent from its typed round-trip: fields the schema does not declare.
-fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+/// Appends to `out` the paths of fields in `orig` that the typed round trip dropped. `path` is a scratch buffer
+/// holding the current path (extended and truncated in place, so a clean object costs no allocations).
+fn unknown_fields(orig: &Value, typed: &Value, path: &mut String, out: &mut Vec<String>) {
+    let len = path.len();
     match (orig, typed) {
         (Value::Object(o), Value::Object(t)) => {
             for (k, v) in o {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
                 match t.get(k) {
-                    Some(tv) => unknown_fields(v, tv, &p, out),
+                    Some(tv) => {
+                        if !path.is_empty() {
+                            path.push('.');
+                        }
+                        path.push_str(k);
+                        unknown_fields(v, tv, path, out);
+                        path.truncate(len);
+                    }
                     None if v.is_null() => {}
                     // Empty maps/lists may be dropped by the typed encoder without being unknown.
                     None if v.as_object().is_some_and(Map::is_empty)
                         || v.as_array().is_some_and(Vec::is_empty) => {}
-                    None => out.push(p),
+                    None if path.is_empty() => out.push(k.clone()),
+                    None => out.push(format!("{path}.{k}")),
                 }
             }
         }
         (Value::Array(o), Value::Array(t)) => {
             for (i, (ov, tv)) in o.iter().zip(t).enumerate() {
-                unknown_fields(ov, tv, &format!("{path}[{i}]"), out);
+                use std::fmt::Write;
+                let _ = write!(path, "[{i}]");
+                unknown_fields(ov, tv, path, out);
+                path.truncate(len);
             }
         }
         _ => {}
@@ -279,7 +288,7 @@ pub(crate) fn decode(
         )));
     }
     stringify_quantities(&mut obj, false);
-    let typed = (kind.normalize)(obj.clone()).map_err(|e| {
+    let typed = (kind.normalize)(&obj).map_err(|e| {
         ApiError::bad_request(format!(
             "{} in version \"{}\" cannot be handled as a {}: {e}",
             kind.kind, kind.version, kind.kind
@@ -287,7 +296,7 @@ pub(crate) fn decode(
     })?;
     let mut unknown = Vec::new();
     if validation != FieldValidation::Ignore {
-        unknown_fields(&obj, &typed, "", &mut unknown);
+        unknown_fields(&obj, &typed, &mut String::new(), &mut unknown);
     }
     let warnings: Vec<String> = unknown
         .iter()

@@ -7,15 +7,20 @@
 //! with a rule covering the verb, API group, resource(/subresource) and name — or the non-resource path.
 //!
 //! Approximation: upstream builds `admin`/`edit`/`view` by label aggregation; here their rules are written out
-//! (covering the kinds this server serves). Bindings and roles are read from the store on every check.
+//! (covering the kinds this server serves). Bindings and roles come from the API server's cache (`cache.rs`), kept
+//! current by the store's watch, as upstream's authorizer reads them from informers.
 
+use std::sync::Arc;
+
+use k8s_openapi::api::rbac::v1::{PolicyRule, RoleRef, Subject};
 use serde_json::{json, Value};
 
+use super::cache::{Binding, Caches, Rules};
 use super::handlers::object_of;
 use super::resources;
 use super::State;
 use super::User;
-use crate::store::{ListOptions, StoreError};
+use crate::store::StoreError;
 
 /// What a request wants to do.
 #[derive(Clone, Debug)]
@@ -63,146 +68,111 @@ impl Attributes {
     }
 }
 
-fn strs(v: Option<&Value>) -> Vec<&str> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
-}
-
-fn rule_allows(rule: &Value, a: &Attributes) -> bool {
-    let verbs = strs(rule.get("verbs"));
-    if !verbs.iter().any(|v| *v == "*" || *v == a.verb) {
+fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
+    if !rule.verbs.iter().any(|v| v == "*" || *v == a.verb) {
         return false;
     }
     if let Some(path) = &a.path {
-        return strs(rule.get("nonResourceURLs")).iter().any(|p| {
-            *p == "*"
-                || *p == path
+        return rule.non_resource_urls.iter().flatten().any(|p| {
+            p == "*"
+                || p == path
                 || p.strip_suffix('*')
                     .is_some_and(|prefix| path.starts_with(prefix))
         });
     }
-    let groups = strs(rule.get("apiGroups"));
-    if !groups.iter().any(|g| *g == "*" || *g == a.group) {
+    if !rule
+        .api_groups
+        .iter()
+        .flatten()
+        .any(|g| g == "*" || *g == a.group)
+    {
         return false;
     }
-    let full = match &a.subresource {
-        Some(s) => format!("{}/{s}", a.resource),
-        None => a.resource.clone(),
-    };
-    let resources = strs(rule.get("resources"));
-    let resource_ok = resources.iter().any(|r| {
-        *r == "*"
-            || *r == full
-            || (a.subresource.is_none() && *r == a.resource)
-            || a.subresource
-                .as_ref()
-                .is_some_and(|s| *r == format!("*/{s}"))
-    });
+    let resource_ok = rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|r| match &a.subresource {
+            None => r == "*" || *r == a.resource,
+            Some(s) => {
+                r == "*"
+                    || r.strip_prefix("*/") == Some(s.as_str())
+                    || r.split_once('/') == Some((a.resource.as_str(), s.as_str()))
+            }
+        });
     if !resource_ok {
         return false;
     }
-    let names = strs(rule.get("resourceNames"));
-    names.is_empty() || a.name.as_deref().is_some_and(|n| names.contains(&n))
+    match &rule.resource_names {
+        Some(names) if !names.is_empty() => a.name.as_ref().is_some_and(|n| names.contains(n)),
+        _ => true,
+    }
 }
 
-fn subject_matches(s: &Value, user: &User) -> bool {
-    let name = s.get("name").and_then(Value::as_str).unwrap_or_default();
-    match s.get("kind").and_then(Value::as_str) {
-        Some("User") => name == user.name,
-        Some("Group") => user.groups.iter().any(|g| g == name),
-        Some("ServiceAccount") => {
-            let ns = s
-                .get("namespace")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            user.name == format!("system:serviceaccount:{ns}:{name}")
-        }
+fn subject_matches(s: &Subject, user: &User) -> bool {
+    match s.kind.as_str() {
+        "User" => s.name == user.name,
+        "Group" => user.groups.contains(&s.name),
+        "ServiceAccount" => user
+            .name
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(ns, name)| {
+                ns == s.namespace.as_deref().unwrap_or_default() && name == s.name
+            }),
         _ => false,
     }
 }
 
-async fn role_rules(
-    state: &State,
-    role_ref: &Value,
-    namespace: Option<&str>,
-) -> Result<Vec<Value>, StoreError> {
-    let name = role_ref
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let kind = match role_ref.get("kind").and_then(Value::as_str) {
-        Some("ClusterRole") => resources::find("rbac.authorization.k8s.io", "v1", "clusterroles"),
-        Some("Role") => resources::find("rbac.authorization.k8s.io", "v1", "roles"),
+/// The rules of the role a binding refers to (a RoleBinding in `namespace` may name a Role there or a
+/// ClusterRole; a ClusterRoleBinding only a ClusterRole).
+fn role_rules(caches: &Caches, role_ref: &RoleRef, namespace: Option<&str>) -> Option<Arc<Rules>> {
+    match (role_ref.kind.as_str(), namespace) {
+        ("ClusterRole", _) => caches.cluster_roles.get(&format!(
+            "{}{}",
+            caches.cluster_roles.prefix(),
+            role_ref.name
+        )),
+        ("Role", Some(ns)) => {
+            caches
+                .roles
+                .get(&format!("{}{ns}/{}", caches.roles.prefix(), role_ref.name))
+        }
         _ => None,
-    };
-    let Some(kind) = kind else { return Ok(vec![]) };
-    let ns = if kind.namespaced { namespace } else { None };
-    if kind.namespaced && ns.is_none() {
-        return Ok(vec![]);
-    }
-    match state.store.get(&kind.key(ns, name)).await?.0 {
-        Some(kv) => Ok(object_of(&kv)
-            .ok()
-            .and_then(|o| o.get("rules").and_then(Value::as_array).cloned())
-            .unwrap_or_default()),
-        None => Ok(vec![]),
     }
 }
 
-/// Whether `user` may do `a`.
-pub(crate) async fn authorize(
-    state: &State,
-    user: &User,
-    a: &Attributes,
-) -> Result<bool, StoreError> {
+/// Whether `user` may do `a`, from the API server's RBAC cache (no store reads).
+pub(crate) fn authorize(caches: &Caches, user: &User, a: &Attributes) -> bool {
     if user.groups.iter().any(|g| g == "system:masters") {
-        return Ok(true);
+        return true;
     }
-    let crb = resources::find("rbac.authorization.k8s.io", "v1", "clusterrolebindings");
-    let rb = resources::find("rbac.authorization.k8s.io", "v1", "rolebindings");
-    let mut bindings: Vec<(Value, Option<String>)> = Vec::new();
-    if let Some(crb) = crb {
-        for kv in state
-            .store
-            .list(&crb.prefix(None), &ListOptions::default())
-            .await?
-            .items
+    let allows = |binding: &Binding, ns: Option<&str>| {
+        binding.subjects.iter().any(|s| subject_matches(s, user))
+            && role_rules(caches, &binding.role_ref, ns)
+                .is_some_and(|rules| rules.0.iter().any(|r| rule_allows(r, a)))
+    };
+    let cluster_prefix = caches.cluster_role_bindings.prefix().to_string();
+    if caches
+        .cluster_role_bindings
+        .under(&cluster_prefix)
+        .iter()
+        .any(|b| allows(b, None))
+    {
+        return true;
+    }
+    if let Some(ns) = a.namespace.as_deref() {
+        let prefix = format!("{}{ns}/", caches.role_bindings.prefix());
+        if caches
+            .role_bindings
+            .under(&prefix)
+            .iter()
+            .any(|b| allows(b, Some(ns)))
         {
-            if let Ok(o) = object_of(&kv) {
-                bindings.push((o, None));
-            }
+            return true;
         }
     }
-    if let (Some(rb), Some(ns)) = (rb, a.namespace.as_deref()) {
-        for kv in state
-            .store
-            .list(&rb.prefix(Some(ns)), &ListOptions::default())
-            .await?
-            .items
-        {
-            if let Ok(o) = object_of(&kv) {
-                bindings.push((o, Some(ns.to_string())));
-            }
-        }
-    }
-    for (binding, ns) in bindings {
-        let subjects = binding
-            .get("subjects")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        if !subjects.iter().any(|s| subject_matches(s, user)) {
-            continue;
-        }
-        let role_ref = binding.get("roleRef").cloned().unwrap_or(json!({}));
-        for rule in role_rules(state, &role_ref, ns.as_deref()).await? {
-            if rule_allows(&rule, a) {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
+    false
 }
 
 /// The node a kubelet's credentials name (`system:node:<name>` in group `system:nodes`), as upstream's Node
@@ -547,10 +517,16 @@ mod tests {
         }
     }
 
+    fn policy(v: Value) -> PolicyRule {
+        serde_json::from_value(v).expect("a PolicyRule")
+    }
+
     #[test]
     fn rules_match_verbs_groups_resources_and_names() {
-        let rule = json!({"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
-            "verbs": ["get", "patch"], "resourceNames": ["web"]});
+        let rule = policy(
+            json!({"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
+            "verbs": ["get", "patch"], "resourceNames": ["web"]}),
+        );
         assert!(rule_allows(
             &rule,
             &attrs("get", "apps", "deployments", None, Some("web"))
@@ -575,12 +551,12 @@ mod tests {
             &rule,
             &attrs("get", "apps", "deployments", Some("status"), Some("web"))
         ));
-        let star = json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]});
+        let star = policy(json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}));
         assert!(rule_allows(
             &star,
             &attrs("delete", "x", "y", Some("z"), None)
         ));
-        let urls = json!({"nonResourceURLs": ["/apis/*", "/version"], "verbs": ["get"]});
+        let urls = policy(json!({"nonResourceURLs": ["/apis/*", "/version"], "verbs": ["get"]}));
         let mut a = attrs("get", "", "", None, None);
         a.path = Some("/apis/apps/v1".into());
         assert!(rule_allows(&urls, &a));

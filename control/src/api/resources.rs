@@ -29,7 +29,7 @@ pub(crate) struct ResourceKind {
     /// The upstream etcd key prefix under `/registry/` (usually the plural; `services/specs`, `minions`, ...).
     pub store_prefix: &'static str,
     /// Decodes into the `k8s-openapi` type and re-encodes: type errors fail, unknown fields are dropped.
-    pub normalize: fn(Value) -> Result<Value, serde_json::Error>,
+    pub normalize: fn(&Value) -> Result<Value, serde_json::Error>,
     /// Adds this kind's schema (and what it references) to an OpenAPI generator; returns the schema name.
     pub schema: fn(&mut schemars::SchemaGenerator) -> String,
     /// `PUT` on a missing object creates it (upstream `AllowCreateOnUpdate`).
@@ -85,9 +85,10 @@ impl ResourceKind {
 }
 
 fn normalize<T: serde::de::DeserializeOwned + serde::Serialize>(
-    v: Value,
+    v: &Value,
 ) -> Result<Value, serde_json::Error> {
-    let typed: T = serde_json::from_value(v)?;
+    // Deserialising from a reference spares a deep copy of the request body.
+    let typed = T::deserialize(v)?;
     serde_json::to_value(typed)
 }
 

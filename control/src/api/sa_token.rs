@@ -244,24 +244,32 @@ pub(crate) async fn authenticate(state: &State, token: &str) -> Result<User, Tok
     let claims = state.sa_tokens.verify(token, now_unix())?;
     let k = &claims.kubernetes;
     let ns = k.namespace.as_str();
-    let sa = get_object(
-        state,
-        "",
-        "serviceaccounts",
-        Some(ns),
-        &k.serviceaccount.name,
-    )
-    .await?
-    .filter(|sa| uid_of(sa) == k.serviceaccount.uid)
-    .ok_or_else(|| TokenError::ServiceAccountGone(format!("{ns}/{}", k.serviceaccount.name)))?;
-    if sa
-        .pointer("/metadata/deletionTimestamp")
-        .is_some_and(|v| !v.is_null())
-    {
-        return Err(TokenError::ServiceAccountGone(format!(
-            "{ns}/{}",
-            k.serviceaccount.name
-        )));
+    let gone = || TokenError::ServiceAccountGone(format!("{ns}/{}", k.serviceaccount.name));
+    let sa_kind = resources::find("", "v1", "serviceaccounts")
+        .ok_or_else(|| TokenError::Store("no kind serviceaccounts".into()))?;
+    // From the cache (upstream's authenticator reads service accounts from an informer); one it does not have
+    // yet is read from the store.
+    let sa_key = sa_kind.key(Some(ns), &k.serviceaccount.name);
+    let (uid, deleting) = match state.caches.service_accounts.get(&sa_key) {
+        Some(sa) => (sa.uid.clone(), sa.deleting),
+        None => {
+            let sa = get_object(
+                state,
+                "",
+                "serviceaccounts",
+                Some(ns),
+                &k.serviceaccount.name,
+            )
+            .await?
+            .ok_or_else(gone)?;
+            let deleting = sa
+                .pointer("/metadata/deletionTimestamp")
+                .is_some_and(|v| !v.is_null());
+            (uid_of(&sa).to_string(), deleting)
+        }
+    };
+    if uid != k.serviceaccount.uid || deleting {
+        return Err(gone());
     }
     if let Some(pod) = &k.pod {
         let gone = || TokenError::BoundObjectGone {

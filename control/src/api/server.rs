@@ -159,9 +159,17 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
             message,
         })?,
     );
+    // The caches list and watch the store itself; handlers write through `SyncedStore`, which acknowledges a
+    // write to a cached object once the caches have it.
+    let caches = super::cache::Caches::start(store.clone()).await;
+    let store: Arc<dyn Store> = Arc::new(super::cache::SyncedStore {
+        inner: store,
+        caches: caches.clone(),
+    });
     let state = Arc::new(State {
         kubelet_tls,
         store,
+        caches,
         openapi: openapi::render(),
         alloc_lock: tokio::sync::Mutex::new(()),
         tokens,

@@ -21,7 +21,7 @@ use hyper::body::Frame;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::handlers::{list_objects, object_of, Selection};
+use super::handlers::{list_kvs, object_of, Selection};
 use super::objects::meta_mut;
 use super::resources::ResourceKind;
 use super::selectors::FieldSelector;
@@ -63,9 +63,9 @@ pub(crate) async fn serve(
         None => Duration::from_secs(1800 + u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 7),
     };
     let (initial, start) = if rv == "0" || send_initial {
-        let (items, rev, _, _) =
-            list_objects(state, t.kind, t.namespace.as_deref(), &sel, None, None).await?;
-        (items, rev + 1)
+        // Stored bytes, not JSON trees: each initial object is decoded only when its event is sent.
+        let page = list_kvs(state, t.kind, t.namespace.as_deref(), &sel, None, None).await?;
+        (page.items, page.revision + 1)
     } else {
         let n: i64 = rv
             .parse()
@@ -84,7 +84,16 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let mut last_rev = start - 1;
-        for obj in initial {
+        for kv in initial {
+            let obj = match object_of(&kv) {
+                Ok(obj) => obj,
+                Err(e) => {
+                    let _ = tx
+                        .send(encode(&json!({"type": "ERROR", "object": e.to_status()})))
+                        .await;
+                    return;
+                }
+            };
             if tx.send(w.line("ADDED", obj)).await.is_err() {
                 return;
             }
