@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::static_source::StaticPods;
 use super::worker::PodWorker;
 use super::Shared;
-use crate::static_pods::is_mirror_pod;
+use crate::static_pods::{is_mirror_pod, CONFIG_MIRROR_ANNOTATION};
 
 struct Workers {
     shared: Arc<Shared>,
@@ -34,6 +34,9 @@ struct Workers {
     /// for them (upstream `allowStaticPodStart`), so an edited host-network pod never races its predecessor for
     /// the node's ports.
     terminating: HashMap<String, (String, String)>,
+    /// The mirror pod UID each static pod's worker last heard of: a new mirror (re-created after a delete) wakes
+    /// the worker so it writes the status onto it at once, not at its next safety resync.
+    mirror_uids: HashMap<String, String>,
 }
 
 fn full_name(pod: &Pod) -> (String, String) {
@@ -67,6 +70,28 @@ impl Workers {
             worker.run().await;
             uid
         });
+    }
+
+    /// Wakes the static pod's worker when `mirror` is a mirror it has not written to yet.
+    fn mirror_seen(&mut self, mirror: &Pod) {
+        let (Some(hash), Some(mirror_uid)) = (
+            mirror
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CONFIG_MIRROR_ANNOTATION)),
+            mirror.metadata.uid.as_ref(),
+        ) else {
+            return;
+        };
+        if self.mirror_uids.get(hash) == Some(mirror_uid) {
+            return;
+        }
+        self.mirror_uids.insert(hash.clone(), mirror_uid.clone());
+        if let Some(tx) = self.senders.get(hash) {
+            // Same pod, new target: `send_modify` wakes the worker whatever it compares.
+            tx.send_modify(|_| {});
+        }
     }
 
     /// The file source's new set of static pods: new ones start, removed ones terminate with their grace period
@@ -133,6 +158,7 @@ impl Workers {
                 self.terminating.remove(&uid);
                 if !self.desired.contains_key(&uid) {
                     self.static_uids.remove(&uid);
+                    self.mirror_uids.remove(&uid);
                 }
                 // Successors that waited for it, and a static pod that came back (the same manifest again) while
                 // its worker was terminating.
@@ -180,6 +206,7 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
         desired: StaticPods::new(),
         static_uids: HashSet::new(),
         terminating: HashMap::new(),
+        mirror_uids: HashMap::new(),
     };
     // Static pods start at once, before (and without) the API server.
     let (mut statics, mut statics_open) = match statics {
@@ -218,8 +245,10 @@ pub(crate) async fn run(shared: Arc<Shared>, statics: Option<watch::Receiver<Sta
                         listing.clear();
                         shared.mirrors.relist_started();
                     }
-                    Ok(Event::InitApply(pod)) if is_mirror_pod(&pod) => shared.mirrors.observe(pod),
-                    Ok(Event::Apply(pod)) if is_mirror_pod(&pod) => shared.mirrors.observe(pod),
+                    Ok(Event::InitApply(pod) | Event::Apply(pod)) if is_mirror_pod(&pod) => {
+                        workers.mirror_seen(&pod);
+                        shared.mirrors.observe(pod);
+                    }
                     Ok(Event::Delete(pod)) if is_mirror_pod(&pod) => shared.mirrors.forget(&pod),
                     Ok(Event::InitApply(pod)) => {
                         if let Some(uid) = uid_of(&pod).filter(|u| !workers.static_uids.contains(u)) {

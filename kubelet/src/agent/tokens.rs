@@ -128,6 +128,27 @@ impl TokenManager {
         }
     }
 
+    /// How long until the first of the pod's cached tokens is due for refresh (zero if one is due now), `None`
+    /// when the pod has none. The pod's worker resyncs by then, so a rotated token reaches its volume promptly
+    /// even though the pod's safety resync is a minute or more (upstream's volume manager remounts projected
+    /// volumes on its own period for the same reason).
+    pub fn next_refresh(&self, pod_uid: &str) -> Option<Duration> {
+        let cache = self.cache.lock().ok()?;
+        let now = Timestamp::now().as_millisecond();
+        cache
+            .iter()
+            .filter(|(k, _)| k.pod_uid == pod_uid)
+            .map(|(_, c)| {
+                let ttl_ms = c.ttl_seconds.saturating_mul(1000);
+                let issued = c.expires.as_millisecond().saturating_sub(ttl_ms);
+                let refresh_after = (((ttl_ms as f64) * self.refresh_fraction) as i64)
+                    .min(MAX_AGE.as_millis() as i64);
+                let due = issued.saturating_add(refresh_after);
+                Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+            })
+            .min()
+    }
+
     /// Drops the pod's tokens (upstream `DeleteServiceAccountToken` when a pod is removed).
     pub fn forget_pod(&self, pod_uid: &str) {
         if let Ok(mut cache) = self.cache.lock() {
@@ -270,6 +291,38 @@ mod tests {
         assert!(requires_refresh(at(year), year, at(86_401), f, none));
         // A smaller fraction (the test knob) refreshes sooner.
         assert!(requires_refresh(at(600), 600, at(7), 0.01, none));
+    }
+
+    #[test]
+    fn the_next_refresh_is_when_the_pods_first_token_is_due() {
+        let tokens = TokenManager::new(0.8);
+        assert_eq!(tokens.next_refresh("pod-a"), None);
+        let key = |pod: &str, exp: i64| Key {
+            namespace: "ns".into(),
+            service_account: "default".into(),
+            audience: None,
+            expiration_seconds: exp,
+            pod_uid: pod.into(),
+        };
+        let issued_now = |ttl: i64| Cached {
+            token: "t".into(),
+            expires: Timestamp::now() + jiff::SignedDuration::from_secs(ttl),
+            ttl_seconds: ttl,
+        };
+        if let Ok(mut cache) = tokens.cache.lock() {
+            cache.insert(key("pod-a", 3607), issued_now(3607));
+            cache.insert(key("pod-a", 600), issued_now(600));
+            cache.insert(key("pod-b", 600), issued_now(100_000));
+        }
+        // 80 % of the 600 s token: about 480 s from now.
+        let due = tokens.next_refresh("pod-a").expect("pod-a has tokens");
+        assert!(
+            due > Duration::from_secs(470) && due <= Duration::from_secs(480),
+            "{due:?}"
+        );
+        tokens.forget_pod("pod-a");
+        assert_eq!(tokens.next_refresh("pod-a"), None);
+        assert!(tokens.next_refresh("pod-b").is_some());
     }
 
     #[test]

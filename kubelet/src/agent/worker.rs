@@ -740,6 +740,11 @@ impl PodWorker {
         if changed {
             phases.log(&self.uid);
         }
+        // A projected service-account token due for rotation: resync (which rewrites the volumes) by then, not a
+        // safety-resync period later; no sooner than RETRY while a refresh keeps failing.
+        if let Some(due) = self.shared.tokens.next_refresh(&self.uid) {
+            next = next.min(due.max(RETRY));
+        }
         if is_terminal(self.last_status.as_ref()) {
             // Finished just now: stop the sandbox and release the IP at once (the next round's terminal branch).
             next = Duration::ZERO;
