@@ -284,6 +284,15 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 /// Path of `kubectl.<version>` next to the real `kubectl` (the gcloud SDK ships several versions).
+/// The local port of a `kubectl port-forward` from its first stdout line, "Forwarding from 127.0.0.1:PORT -> N".
+pub fn forwarded_local_port(line: &str) -> u16 {
+    line.split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {line:?}"))
+}
+
 pub fn kubectl_version_path(version: &str) -> PathBuf {
     let kubectl = crate::which("kubectl").expect("kubectl on PATH");
     let real = std::fs::canonicalize(&kubectl).unwrap_or(kubectl);

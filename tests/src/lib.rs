@@ -128,6 +128,22 @@ impl ChildGuard {
         self.child.as_mut().expect("child taken")
     }
 
+    /// The child's stdout (spawned piped), line by line, read on a thread of its own: a long-running client such
+    /// as `kubectl logs -f` or `kubectl port-forward` keeps writing, and a pipe nobody drains would block or kill it.
+    pub fn stdout_lines(&mut self) -> std::sync::mpsc::Receiver<String> {
+        use std::io::BufRead;
+        let stdout = self.child_mut().stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
     /// Takes the child out of the guard, e.g. to wait for it with its output.
     pub fn into_inner(mut self) -> Child {
         self.child.take().expect("child taken")

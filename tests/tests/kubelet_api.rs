@@ -4,7 +4,7 @@
 //! certificates, a WebSocket client speaking the channel protocol, and `kubectl` through the API server's proxy.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -758,15 +758,7 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
             .stderr(Stdio::null()),
     )
     .expect("kubectl logs -f");
-    let stdout = follow.child_mut().stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = follow.stdout_lines();
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(20))
             .expect("first line"),
@@ -968,23 +960,11 @@ fn port_forward_through_the_api_server_reaches_the_pods_localhost() {
     )
     .expect("kubectl port-forward");
     // Keep reading kubectl's stdout: it writes a line per connection, and a closed pipe would kill it.
-    let stdout = pf.child_mut().stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let line = rx
+    let lines = pf.stdout_lines();
+    let line = lines
         .recv_timeout(Duration::from_secs(20))
         .expect("kubectl port-forward listening");
-    // "Forwarding from 127.0.0.1:PORT -> 8080"
-    let local: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    let local = windlass_tests::control::forwarded_local_port(&line);
     // Two connections in a row: each is its own pair of SPDY streams in the one session.
     for attempt in 0..2 {
         let mut conn =

@@ -4,7 +4,7 @@
 //! attach, `portforward.k8s.io` for port-forward. The kubelet logs the transport of every session, which shows the
 //! upgrade really was SPDY (and WebSocket when kubectl is left to its default).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -246,23 +246,11 @@ fn kubectl_port_forward_over_plain_spdy_fetches_from_the_pods_httpd() {
     )
     .expect("kubectl port-forward");
     // Keep reading kubectl's stdout: it writes a line per connection, and a closed pipe would kill it.
-    let stdout = pf.child_mut().stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let line = rx
+    let lines = pf.stdout_lines();
+    let line = lines
         .recv_timeout(Duration::from_secs(30))
         .expect("kubectl port-forward listening");
-    // "Forwarding from 127.0.0.1:PORT -> 80"
-    let local: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    let local = windlass_tests::control::forwarded_local_port(&line);
     // Two connections in a row (kubectl listens in the node's namespace): each is a pair of streams in the one
     // SPDY connection.
     for attempt in 0..2 {
