@@ -60,13 +60,19 @@ pub(crate) fn requires_refresh(
     refresh_fraction: f64,
     jitter: Duration,
 ) -> bool {
+    let jitter = jitter.as_millis() as i64;
+    now.as_millisecond()
+        > refresh_due_ms(expires, ttl_seconds, refresh_fraction).saturating_sub(jitter)
+}
+
+/// When (Unix milliseconds) a token issued for `ttl_seconds` and expiring at `expires` is due for replacement:
+/// `refresh_fraction` of its lifetime or [`MAX_AGE`] after issue, whichever comes first.
+fn refresh_due_ms(expires: Timestamp, ttl_seconds: i64, refresh_fraction: f64) -> i64 {
     // In milliseconds: no overflow for any lifetime the API allows (at most 2^32 s).
     let ttl_ms = ttl_seconds.saturating_mul(1000);
     let issued = expires.as_millisecond().saturating_sub(ttl_ms);
     let refresh_after = ((ttl_ms as f64) * refresh_fraction) as i64;
-    let age_limit = refresh_after.min(MAX_AGE.as_millis() as i64);
-    let jitter = jitter.as_millis() as i64;
-    now.as_millisecond() > issued.saturating_add(age_limit).saturating_sub(jitter)
+    issued.saturating_add(refresh_after.min(MAX_AGE.as_millis() as i64))
 }
 
 /// A random jitter below [`MAX_JITTER`] (std's randomly keyed hasher is random enough to spread refreshes).
@@ -139,11 +145,7 @@ impl TokenManager {
             .iter()
             .filter(|(k, _)| k.pod_uid == pod_uid)
             .map(|(_, c)| {
-                let ttl_ms = c.ttl_seconds.saturating_mul(1000);
-                let issued = c.expires.as_millisecond().saturating_sub(ttl_ms);
-                let refresh_after = (((ttl_ms as f64) * self.refresh_fraction) as i64)
-                    .min(MAX_AGE.as_millis() as i64);
-                let due = issued.saturating_add(refresh_after);
+                let due = refresh_due_ms(c.expires, c.ttl_seconds, self.refresh_fraction);
                 Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
             })
             .min()
