@@ -30,6 +30,9 @@ for _ in $(seq 100); do
 done
 curl "${TLS[@]}" -o /dev/null -X POST -H 'Content-Type: application/json' \
     -d '{"metadata":{"name":"bench"}}' "$URL/api/v1/namespaces"
+# No controllers run, so the ServiceAccount admission plugin's `default` account is made here.
+curl "${TLS[@]}" -o /dev/null -X POST -H 'Content-Type: application/json' \
+    -d '{"metadata":{"name":"default"}}' "$URL/api/v1/namespaces/bench/serviceaccounts"
 cat >"$D/pod.json" <<'EOF'
 {"apiVersion":"v1","kind":"Pod","metadata":{"generateName":"pod-","labels":{"app":"bench","tier":"web"},"annotations":{"bench.windlass.io/note":"a realistic annotation of some length"}},"spec":{"containers":[{"name":"web","image":"registry.example:5000/web:1.2.3","args":["--port=8080","--verbose"],"ports":[{"name":"http","containerPort":8080}],"env":[{"name":"MODE","value":"production"}],"resources":{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"128Mi"}},"readinessProbe":{"httpGet":{"path":"/healthz","port":8080}}}]}}
 EOF
@@ -39,12 +42,14 @@ done >"$D/curl.cfg"
 rss() { echo "$1: $(grep -E 'VmRSS|VmHWM' "/proc/$PID/status" | tr -s ' \t\n' ' ')"; }
 
 rss "started"
+if [ -n "${PERF_OUT:-}" ]; then perf record -F 999 -g -p "$PID" -o "$PERF_OUT" 2>/dev/null & PERF=$!; fi
 T0=$(date +%s.%N)
 curl "${TLS[@]}" --parallel --parallel-max 64 --no-progress-meter -X POST -H 'Content-Type: application/json' \
     --data-binary @"$D/pod.json" -K "$D/curl.cfg"
 T1=$(date +%s.%N)
 echo "creates/s: $(echo "$N / ($T1 - $T0)" | bc -l | cut -c1-7)"
 rss "after $N creates"
+if [ -n "${PERF_OUT:-}" ]; then kill -INT "$PERF"; wait "$PERF" || true; fi
 T0=$(date +%s.%N)
 curl "${TLS[@]}" "$URL/api/v1/namespaces/bench/pods" -o "$D/list.json"
 T1=$(date +%s.%N)

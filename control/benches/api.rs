@@ -18,7 +18,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
-use windlass_tests::bench::{env_usize, rss_mib, Spread};
+use windlass_tests::bench::{cpu_seconds, env_usize, machine_idle_seconds, rss_mib, Spread};
 use windlass_tests::{free_port, wait_for, ChildGuard};
 
 /// A realistic pod as a user submits it (the server adds defaults, uid, timestamps).
@@ -356,12 +356,38 @@ async fn main() {
         "raw etcd-client put (same JSON)",
     ];
     let mut creates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    // Where the CPU goes per write, summed over rounds: [client, embedded server, etcd-backed server, etcd,
+    // machine idle] seconds for each target.
+    let etcd_pid = cluster.members[0].pid().expect("etcd runs");
+    let pids = [
+        std::process::id(),
+        embedded.process.id(),
+        on_etcd.process.id(),
+        etcd_pid,
+    ];
+    let sample = || {
+        let mut v: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+        v.push(machine_idle_seconds());
+        v
+    };
+    let mut cpu = vec![vec![0.0; 5]; 3];
+    let mut account = |target: usize, before: Vec<f64>| {
+        for (i, (a, b)) in sample().iter().zip(before).enumerate() {
+            cpu[target][i] += a - b;
+        }
+    };
     for round in 0..rounds {
         // Each round adds to the same namespace, so the last round runs with (rounds-1)*n pods already stored.
         let offset = round * n;
+        let before = sample();
         creates[0].push(create_pods(&ce, "bench", offset, n, conc).await);
+        account(0, before);
+        let before = sample();
         creates[1].push(create_pods(&cx, "bench", offset, n, conc).await);
+        account(1, before);
+        let before = sample();
         creates[2].push(raw_puts(&raw, &round.to_string(), &stored, n, conc).await);
+        account(2, before);
         eprintln!(
             "round {round}: {:.0} / {:.0} / {:.0} writes/s",
             creates[0][round], creates[1][round], creates[2][round]
@@ -404,6 +430,25 @@ async fn main() {
             s.min,
             s.max,
             s.median / raw_median
+        );
+    }
+    println!("\nCPU per write (µs, all rounds; user + system of each process, and the machine's idle time on its {} CPUs):\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("| target | client (bench process) | windlass-control | etcd | machine idle |\n|---|---|---|---|---|");
+    let writes = total as f64;
+    for (i, name) in names.iter().enumerate() {
+        let us = |s: f64| s * 1e6 / writes;
+        let server = match i {
+            0 => us(cpu[i][1]),
+            1 => us(cpu[i][2]),
+            _ => 0.0,
+        };
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            us(cpu[i][0]),
+            server,
+            us(cpu[i][3]),
+            us(cpu[i][4])
         );
     }
     println!("\n### Listing {total} pods ({rounds} lists each)\n");

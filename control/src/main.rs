@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Recent store events kept in memory for watches that resume from a past resourceVersion.
     #[arg(long, default_value_t = 5000)]
     watch_history: usize,
+    /// Bound on the bytes of objects in that history (MiB); the oldest events go first.
+    #[arg(long, default_value_t = 8)]
+    watch_history_mib: usize,
 
     /// Controllers to run, kube-controller-manager style: `*` all, `foo` one, `-foo` all but one. Names:
     /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`,
@@ -403,6 +406,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 dir: args.data_dir.join("store"),
                 options: EmbeddedOptions {
                     history: args.watch_history,
+                    history_bytes: args.watch_history_mib << 20,
                     ..EmbeddedOptions::default()
                 },
             },

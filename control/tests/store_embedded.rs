@@ -198,6 +198,53 @@ async fn a_slow_watcher_past_the_history_gets_compacted() {
     }
 }
 
+/// The watch history is bounded by bytes too: after large writes only the newest events that fit are kept, so
+/// a watch from before them is refused (the client relists) while one from the newest event still works.
+#[tokio::test]
+async fn the_watch_history_keeps_only_as_many_bytes_as_allowed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(
+        dir.path(),
+        EmbeddedOptions {
+            history: 1000,
+            history_bytes: 10_000,
+            ..EmbeddedOptions::default()
+        },
+    )
+    .expect("open");
+    let first = store
+        .create("/b/000", vec![b'x'; 3000])
+        .await
+        .expect("create");
+    let mut last = first.clone();
+    for i in 1..10 {
+        last = store
+            .create(&format!("/b/{i:03}"), vec![b'x'; 3000])
+            .await
+            .expect("create");
+    }
+    assert!(
+        matches!(
+            store.watch("/b/", first.mod_revision).await,
+            Err(StoreError::Compacted { .. })
+        ),
+        "30 kB of events do not fit in a 10 kB history"
+    );
+    let mut w = store
+        .watch("/b/", last.mod_revision - 2)
+        .await
+        .expect("the newest three events fit");
+    use futures_util::StreamExt;
+    for want in last.mod_revision - 2..=last.mod_revision {
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("watch stalled")
+            .expect("an event")
+            .expect("no error");
+        assert_eq!(ev.revision(), want);
+    }
+}
+
 /// Group commit folds concurrent writes into one transaction, but each keeps its own precondition: of many
 /// compare-and-swap updates racing on one key from the same revision exactly one wins, the rest get a conflict
 /// naming the winner's revision, and the unrelated creates committed alongside them all succeed.

@@ -36,6 +36,13 @@ pub struct Member {
     process: Option<ChildGuard>,
 }
 
+impl Member {
+    /// The member's process id while it runs (for benchmarks' CPU accounting).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildGuard::id)
+    }
+}
+
 /// An etcd cluster (of one or more members) started for one test.
 pub struct EtcdCluster {
     pub members: Vec<Member>,

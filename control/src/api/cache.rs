@@ -1,6 +1,6 @@
 //! In-memory caches of the objects the API server consults on every request: RBAC roles and bindings (for the
 //! authorizer), namespaces (for the "namespace exists and is not terminating" check on create) and service
-//! accounts (for service-account token authentication). Upstream's
+//! accounts (for service-account token authentication and the ServiceAccount admission plugin). Upstream's
 //! authorizer and admission plugins read these from informer caches, never from etcd per request (Ref:
 //! `plugin/pkg/auth/authorizer/rbac/rbac.go` built on `rbaclisters`, `plugin/pkg/admission/namespace/lifecycle`).
 //!
@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::resources;
 use crate::store::{
-    Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream,
+    ChunkedList, Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream,
 };
 
 /// How long a write waits for the caches to see it before it is acknowledged anyway (with a warning): a stuck
@@ -183,14 +183,18 @@ pub(crate) struct NamespaceState {
     pub terminating: bool,
 }
 
-/// What token authentication needs of a service account.
+/// What token authentication and the ServiceAccount admission plugin need of a service account.
 pub(crate) struct ServiceAccountState {
     pub uid: String,
     /// `deletionTimestamp` set: its tokens no longer authenticate.
     pub deleting: bool,
+    /// `automountServiceAccountToken`, when the service account says.
+    pub automount: Option<bool>,
+    /// `imagePullSecrets`, as stored (pods without their own get these).
+    pub image_pull_secrets: Vec<serde_json::Value>,
 }
 
-fn project_service_account(kv: &KeyValue) -> Option<ServiceAccountState> {
+pub(crate) fn project_service_account(kv: &KeyValue) -> Option<ServiceAccountState> {
     #[derive(Deserialize)]
     struct Meta {
         #[serde(default)]
@@ -201,11 +205,17 @@ fn project_service_account(kv: &KeyValue) -> Option<ServiceAccountState> {
     #[derive(Deserialize)]
     struct Sa {
         metadata: Meta,
+        #[serde(rename = "automountServiceAccountToken")]
+        automount: Option<bool>,
+        #[serde(rename = "imagePullSecrets", default)]
+        image_pull_secrets: Option<Vec<serde_json::Value>>,
     }
     let sa: Sa = serde_json::from_slice(&kv.value).ok()?;
     Some(ServiceAccountState {
         uid: sa.metadata.uid,
         deleting: sa.metadata.deletion_timestamp.is_some_and(|v| !v.is_null()),
+        automount: sa.automount,
+        image_pull_secrets: sa.image_pull_secrets.unwrap_or_default(),
     })
 }
 
@@ -335,6 +345,10 @@ impl Caches {
             self.namespaces
                 .wait_for(revision, WRITE_VISIBLE_WITHIN)
                 .await
+        } else if self.service_accounts.covers(key) {
+            self.service_accounts
+                .wait_for(revision, WRITE_VISIBLE_WITHIN)
+                .await
         } else {
             true
         };
@@ -375,6 +389,10 @@ impl Store for SyncedStore {
 
     async fn list(&self, prefix: &str, options: &ListOptions) -> Result<ListResult, StoreError> {
         self.inner.list(prefix, options).await
+    }
+
+    async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
+        self.inner.list_chunked(prefix, chunk).await
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError> {

@@ -13,7 +13,10 @@ use super::objects::{self, decode, meta, meta_mut, name_of, FieldValidation};
 use super::resources::{self, ResourceKind};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::{ApiError, Cause};
-use super::{json_response, patch, table, watch, with_warnings, Body, Ctx, State, Target};
+use super::{
+    json_bytes_response, json_response, patch, table, watch, with_warnings, Body, Ctx, State,
+    Target,
+};
 use crate::store::{KeyValue, ListOptions, StoreError};
 
 /// How many times an update without a client-given resourceVersion retries after losing a race.
@@ -181,10 +184,38 @@ async fn self_subject_access_review(
 
 /// Parses a stored value and stamps its resourceVersion.
 pub(crate) fn object_of(kv: &KeyValue) -> Result<Value, ApiError> {
-    let mut v: Value = serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key)))?;
-    meta_mut(&mut v).insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    stored_object(&kv.key, &kv.value, kv.mod_revision)
+}
+
+/// Parses the stored value of `key` and stamps `revision` as its resourceVersion.
+pub(crate) fn stored_object(key: &str, value: &[u8], revision: i64) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_slice(value)
+        .map_err(|e| ApiError::internal(format!("stored object {key} is not JSON: {e}")))?;
+    meta_mut(&mut v).insert("resourceVersion".into(), json!(revision.to_string()));
     Ok(v)
+}
+
+/// The JSON a client gets for a stored value: the stored bytes with `revision` spliced in as the
+/// resourceVersion (no JSON tree), or — for bytes not of the plain shape the splice expects — parsed and encoded.
+pub(crate) fn stored_json(key: &str, value: &[u8], revision: i64) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::new();
+    append_stored_json(&mut out, key, value, revision)?;
+    Ok(out)
+}
+
+/// [`stored_json`] appended to `out` (nothing appended on error).
+pub(crate) fn append_stored_json(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: &[u8],
+    revision: i64,
+) -> Result<(), ApiError> {
+    if super::stored::append_with_resource_version(out, value, revision) {
+        return Ok(());
+    }
+    let obj = stored_object(key, value, revision)?;
+    serde_json::to_writer(out, &obj)
+        .map_err(|e| ApiError::internal(format!("cannot encode {key}: {e}")))
 }
 
 /// Serialises an object for storage (without resourceVersion: the store's mod revision is the truth).
@@ -290,20 +321,27 @@ async fn check_namespace(
 }
 
 async fn get(state: &State, ctx: &Ctx, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
-    let (obj, kv) = read(state, t, name).await?;
-    if ctx.wants_table() {
-        return Ok(json_response(
-            200,
-            &table::table(
-                t.kind,
-                &[obj],
-                &kv.mod_revision.to_string(),
-                None,
-                ctx.query.get("includeObject"),
-            ),
-        ));
+    if !ctx.wants_table() {
+        let key = t.kind.key(ns_of(t), name);
+        return match state.store.get(&key).await? {
+            (Some(kv), _) => Ok(json_bytes_response(
+                200,
+                stored_json(&kv.key, &kv.value, kv.mod_revision)?,
+            )),
+            (None, _) => Err(ApiError::not_found(t.kind, name)),
+        };
     }
-    Ok(json_response(200, &obj))
+    let (obj, kv) = read(state, t, name).await?;
+    Ok(json_response(
+        200,
+        &table::table(
+            t.kind,
+            &[obj],
+            &kv.mod_revision.to_string(),
+            None,
+            ctx.query.get("includeObject"),
+        ),
+    ))
 }
 
 /// The continue token: where the next page starts and the revision of the first page (as upstream encodes it).
@@ -468,16 +506,46 @@ pub(crate) async fn list_objects(
 
 /// Items encoded per chunk of a streamed list body.
 const LIST_CHUNK: usize = 64;
+/// Items read from the store per chunk of a full (unpaginated) list.
+const STORE_LIST_CHUNK: usize = 256;
 
 /// A list response encoded item by item from the stored bytes as the client reads it, so a list of 10k pods never
 /// exists as one JSON tree or one buffer in the server (upstream 1.33 streams list encoding the same way). Its
 /// `metadata` comes before `items`, as upstream writes it.
 fn list_response(kind: &ResourceKind, page: ListPage) -> Response<Body> {
-    let mut list_meta = json!({"resourceVersion": page.revision.to_string()});
-    if let Some(c) = page.continue_token {
+    let mut items = page.items;
+    let mut chunks = Vec::new();
+    while !items.is_empty() {
+        let rest = items.split_off(items.len().min(LIST_CHUNK));
+        chunks.push(Ok(std::mem::replace(&mut items, rest)));
+    }
+    list_body(
+        kind,
+        page.revision,
+        page.continue_token,
+        page.remaining,
+        futures_util::stream::iter(chunks),
+        None,
+    )
+}
+
+/// The body of a list: its head, then each chunk of stored items (those `filter` admits, when given) with their
+/// resourceVersions spliced in. A store error mid-way ends the body without closing the JSON, so the client
+/// fails to decode it instead of taking a short list for the whole.
+fn list_body(
+    kind: &ResourceKind,
+    revision: i64,
+    continue_token: Option<String>,
+    remaining: Option<u64>,
+    chunks: impl futures_util::Stream<Item = Result<Vec<KeyValue>, StoreError>> + Send + 'static,
+    filter: Option<Selection>,
+) -> Response<Body> {
+    use futures_util::StreamExt;
+    let mut list_meta = json!({"resourceVersion": revision.to_string()});
+    if let Some(c) = continue_token {
         list_meta["continue"] = json!(c);
     }
-    if let Some(r) = page.remaining.filter(|r| *r > 0) {
+    if let Some(r) = remaining.filter(|r| *r > 0) {
         list_meta["remainingItemCount"] = json!(r);
     }
     let head = format!(
@@ -486,42 +554,72 @@ fn list_response(kind: &ResourceKind, page: ListPage) -> Response<Body> {
         json!(kind.api_version()),
         list_meta
     );
-    let mut items = page.items.into_iter();
-    let mut head = Some(head.into_bytes());
-    let mut first = true;
-    let mut finished = false;
-    let chunks = std::iter::from_fn(move || {
-        if finished {
-            return None;
-        }
-        let mut buf = head.take().unwrap_or_default();
-        for kv in items.by_ref().take(LIST_CHUNK) {
-            match object_of(&kv) {
-                Ok(obj) => {
-                    if !first {
-                        buf.push(b',');
-                    }
-                    first = false;
-                    if let Err(e) = serde_json::to_writer(&mut buf, &obj) {
-                        tracing::error!(key = %kv.key, error = %e, "cannot encode a listed object");
-                    }
+    // Encoded on a task feeding a small channel: the client's reading paces the store read, and a client that
+    // goes away stops it.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+    tokio::spawn(async move {
+        let mut chunks = std::pin::pin!(chunks);
+        let mut buf = head.into_bytes();
+        let mut first = true;
+        loop {
+            match chunks.next().await {
+                None => {
+                    buf.extend_from_slice(b"]}");
+                    let _ = tx.send(bytes::Bytes::from(buf)).await;
+                    return;
                 }
-                // The status line is already sent: leave the object out and say so in the log.
-                Err(e) => {
-                    tracing::error!(key = %kv.key, error = %e.message, "left a corrupt object out of a list")
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a list failed while it was being sent; its body is cut short");
+                    let _ = tx.send(bytes::Bytes::from(buf)).await;
+                    return;
+                }
+                Some(Ok(kvs)) => {
+                    for kv in kvs {
+                        if let Some(sel) = &filter {
+                            match object_of(&kv) {
+                                Ok(obj) if sel.matches(&obj) => {}
+                                Ok(_) => continue,
+                                Err(e) => {
+                                    tracing::error!(key = %kv.key, error = %e.message, "left a corrupt object out of a list");
+                                    continue;
+                                }
+                            }
+                        }
+                        let mark = buf.len();
+                        if !first {
+                            buf.push(b',');
+                        }
+                        match append_stored_json(&mut buf, &kv.key, &kv.value, kv.mod_revision) {
+                            Ok(()) => first = false,
+                            // The status line is already sent: leave the object out and say so in the log.
+                            Err(e) => {
+                                buf.truncate(mark);
+                                tracing::error!(key = %kv.key, error = %e.message, "left a corrupt object out of a list")
+                            }
+                        }
+                    }
                 }
             }
+            if tx
+                .send(bytes::Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
-        if items.len() == 0 {
-            buf.extend_from_slice(b"]}");
-            finished = true;
-        }
-        Some(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-            bytes::Bytes::from(buf),
-        )))
     });
-    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
-    let mut r = Response::new(http_body_util::BodyExt::boxed(body));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let mut r = Response::new(http_body_util::BodyExt::boxed(
+        http_body_util::StreamBody::new(body),
+    ));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -538,6 +636,26 @@ async fn list(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, Ap
         ),
         None => None,
     };
+    // A whole list (no page asked for): streamed from one consistent store read, a chunk at a time.
+    let whole = limit.unwrap_or(0) == 0
+        && ctx.query.get("continue").is_none()
+        && !ctx.wants_table()
+        && sel.fields.single_name().is_none();
+    if whole {
+        let listed = state
+            .store
+            .list_chunked(&t.kind.prefix(ns_of(t)), STORE_LIST_CHUNK)
+            .await?;
+        let filter = (!sel.is_empty()).then_some(sel);
+        return Ok(list_body(
+            t.kind,
+            listed.revision,
+            None,
+            None,
+            listed.chunks,
+            filter,
+        ));
+    }
     let page = list_kvs(
         state,
         t.kind,
@@ -571,7 +689,8 @@ fn dry_run(ctx: &Ctx) -> bool {
     ctx.query.get("dryRun").is_some()
 }
 
-/// Validates and stores a new object; returns it with its resourceVersion and any warnings.
+/// Validates and stores a new object; returns its JSON (with its resourceVersion) for the response, and any
+/// warnings.
 pub(crate) async fn create_object(
     state: &State,
     kind: &'static ResourceKind,
@@ -580,7 +699,7 @@ pub(crate) async fn create_object(
     validation: FieldValidation,
     fields: Fields<'_>,
     dry: bool,
-) -> Result<(Value, Vec<String>), ApiError> {
+) -> Result<(Vec<u8>, Vec<String>), ApiError> {
     check_type(kind, &obj)?;
     if kind.namespaced {
         let body_ns = meta(&obj)
@@ -623,21 +742,22 @@ pub(crate) async fn create_object(
         None
     };
     if dry {
-        return Ok((obj, warnings));
+        return Ok((serde_json::to_vec(&obj).unwrap_or_default(), warnings));
     }
+    let stored = to_stored(&obj);
+    drop(obj);
     // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
-    let stored = if kind.kind == "Event" {
+    let created = if kind.kind == "Event" {
         state
             .store
-            .create_with_ttl(&key, to_stored(&obj), state.config.event_ttl)
+            .create_with_ttl(&key, stored.clone(), state.config.event_ttl)
             .await
     } else {
-        state.store.create(&key, to_stored(&obj)).await
+        state.store.create(&key, stored.clone()).await
     };
-    let kv = stored.map_err(|e| ApiError::from_store(kind, &name, e))?;
-    // The stored form plus its resourceVersion, without decoding what was just encoded.
-    meta_mut(&mut obj).insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
-    Ok((obj, warnings))
+    let kv = created.map_err(|e| ApiError::from_store(kind, &name, e))?;
+    // The response is the stored bytes plus the resourceVersion: one JSON encoding per create.
+    Ok((stored_json(&key, &stored, kv.mod_revision)?, warnings))
 }
 
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
@@ -648,7 +768,7 @@ async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, 
         manager: &manager,
         subresource: None,
     };
-    let (obj, warnings) = create_object(
+    let (json, warnings) = create_object(
         state,
         t.kind,
         ns_of(t),
@@ -658,7 +778,7 @@ async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, 
         dry_run(ctx),
     )
     .await?;
-    Ok(with_warnings(json_response(201, &obj), &warnings))
+    Ok(with_warnings(json_bytes_response(201, json), &warnings))
 }
 
 /// Who is making an update: a client (system fields are carried over from the stored object) or the server
@@ -963,7 +1083,7 @@ async fn create_at_url(
             name_of(&obj)
         )));
     }
-    let (obj, warnings) = create_object(
+    let (json, warnings) = create_object(
         state,
         t.kind,
         ns_of(t),
@@ -973,7 +1093,7 @@ async fn create_at_url(
         dry_run(ctx),
     )
     .await?;
-    Ok(with_warnings(json_response(201, &obj), &warnings))
+    Ok(with_warnings(json_bytes_response(201, json), &warnings))
 }
 
 /// Request options validation errors (Ref: apiserver `ValidatePatchOptions` and friends): 422 on

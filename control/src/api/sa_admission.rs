@@ -6,10 +6,12 @@
 //! init container. Mirror pods (the kubelet's copies of static pods) are left alone, but may not carry
 //! credentials (no service account, secrets or token projections).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::cache::{project_service_account, ServiceAccountState};
 use super::objects::{self, meta};
 use super::resources;
 use super::status::ApiError;
@@ -73,7 +75,7 @@ pub(crate) async fn admit_pod(
              serviceaccount \"{sa_name}\" not found"
         ))
     })?;
-    if should_automount(&sa, spec.get("automountServiceAccountToken")) {
+    if should_automount(sa.automount, spec.get("automountServiceAccountToken")) {
         mount_token(spec);
     }
     // Pods without their own pull secrets use their service account's (upstream does the same here).
@@ -82,12 +84,11 @@ pub(crate) async fn admit_pod(
         .and_then(Value::as_array)
         .is_some_and(|a| !a.is_empty());
     if !has_pull_secrets {
-        if let Some(secrets) = sa
-            .get("imagePullSecrets")
-            .and_then(Value::as_array)
-            .filter(|a| !a.is_empty())
-        {
-            spec.insert("imagePullSecrets".into(), Value::Array(secrets.clone()));
+        if !sa.image_pull_secrets.is_empty() {
+            spec.insert(
+                "imagePullSecrets".into(),
+                Value::Array(sa.image_pull_secrets.clone()),
+            );
         }
     }
     Ok(())
@@ -135,11 +136,20 @@ fn mirror_pod_refusal(pod: &Value) -> Option<&'static str> {
     None
 }
 
-/// Reads the service account, retrying for `default` as upstream does.
-async fn lookup(state: &State, namespace: &str, name: &str) -> Result<Option<Value>, ApiError> {
+/// The service account from the watch-fed cache (no store read per pod create, as upstream's plugin reads its
+/// lister); one the cache does not have yet is read from the store, retrying for `default` as upstream's live
+/// lookup does (the cache may trail a service account created a moment ago by another server or the controller).
+async fn lookup(
+    state: &State,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Arc<ServiceAccountState>>, ApiError> {
     let kind = resources::find("", "v1", "serviceaccounts")
         .ok_or_else(|| ApiError::internal("no serviceaccounts kind"))?;
     let key = kind.key(Some(namespace), name);
+    if let Some(cached) = state.caches.service_accounts.get(&key) {
+        return Ok(Some(cached));
+    }
     let attempts = if name == DEFAULT_SERVICE_ACCOUNT {
         DEFAULT_SA_ATTEMPTS
     } else {
@@ -151,22 +161,21 @@ async fn lookup(state: &State, namespace: &str, name: &str) -> Result<Option<Val
             tokio::time::sleep(Duration::from_millis(100 + jitter)).await;
         }
         if let (Some(kv), _) = state.store.get(&key).await? {
-            return serde_json::from_slice(&kv.value)
-                .map(Some)
-                .map_err(|e| ApiError::internal(format!("stored service account: {e}")));
+            return project_service_account(&kv)
+                .map(|sa| Some(Arc::new(sa)))
+                .ok_or_else(|| {
+                    ApiError::internal(format!("stored service account {key} is not valid"))
+                });
         }
     }
     Ok(None)
 }
 
 /// The pod's `automountServiceAccountToken` wins, then the service account's; the default is to mount.
-fn should_automount(sa: &Value, pod_says: Option<&Value>) -> bool {
+fn should_automount(sa_says: Option<bool>, pod_says: Option<&Value>) -> bool {
     pod_says
         .and_then(Value::as_bool)
-        .or_else(|| {
-            sa.get("automountServiceAccountToken")
-                .and_then(Value::as_bool)
-        })
+        .or(sa_says)
         .unwrap_or(true)
 }
 
@@ -302,11 +311,9 @@ mod tests {
 
     #[test]
     fn the_pod_setting_wins_over_the_service_accounts() {
-        let sa_off = json!({"automountServiceAccountToken": false});
-        let sa_unset = json!({});
-        assert!(!should_automount(&sa_off, None));
-        assert!(should_automount(&sa_off, Some(&json!(true))));
-        assert!(!should_automount(&sa_unset, Some(&json!(false))));
-        assert!(should_automount(&sa_unset, None));
+        assert!(!should_automount(Some(false), None));
+        assert!(should_automount(Some(false), Some(&json!(true))));
+        assert!(!should_automount(None, Some(&json!(false))));
+        assert!(should_automount(None, None));
     }
 }

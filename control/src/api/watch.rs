@@ -21,13 +21,12 @@ use hyper::body::Frame;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::handlers::{list_kvs, object_of, Selection};
-use super::objects::meta_mut;
+use super::handlers::{append_stored_json, list_kvs, object_of, stored_object, Selection};
 use super::resources::ResourceKind;
 use super::selectors::FieldSelector;
 use super::status::ApiError;
 use super::{table, Body, Ctx, State, Target};
-use crate::store::{Event, StoreError};
+use crate::store::{Event, KeyValue, StoreError};
 
 /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
@@ -85,8 +84,8 @@ pub(crate) async fn serve(
     tokio::spawn(async move {
         let mut last_rev = start - 1;
         for kv in initial {
-            let obj = match object_of(&kv) {
-                Ok(obj) => obj,
+            let line = match w.stored_line("ADDED", &kv.key, &kv.value, kv.mod_revision) {
+                Ok(line) => line,
                 Err(e) => {
                     let _ = tx
                         .send(encode(&json!({"type": "ERROR", "object": e.to_status()})))
@@ -94,7 +93,7 @@ pub(crate) async fn serve(
                     return;
                 }
             };
-            if tx.send(w.line("ADDED", obj)).await.is_err() {
+            if tx.send(line).await.is_err() {
                 return;
             }
         }
@@ -201,28 +200,58 @@ impl Watcher {
         }})
     }
 
+    /// The event line for a stored object: its stored bytes with the revision spliced in (no JSON tree per
+    /// watcher), or — for Table watches and bytes the splice does not take — parsed and encoded.
+    fn stored_line(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &[u8],
+        revision: i64,
+    ) -> Result<Bytes, ApiError> {
+        if !self.table {
+            let mut line = Vec::with_capacity(value.len() + 48);
+            line.extend_from_slice(b"{\"type\":\"");
+            line.extend_from_slice(kind.as_bytes());
+            line.extend_from_slice(b"\",\"object\":");
+            append_stored_json(&mut line, key, value, revision)?;
+            line.extend_from_slice(b"}\n");
+            return Ok(Bytes::from(line));
+        }
+        Ok(self.line(kind, stored_object(key, value, revision)?))
+    }
+
+    /// Whether the watch's selectors admit the object (parsed only when there is a selector).
+    fn admits(&self, kv: &KeyValue) -> Result<bool, ApiError> {
+        Ok(self.sel.is_empty() || self.sel.matches(&object_of(kv)?))
+    }
+
     fn convert(&self, ev: &Event) -> Result<Option<Bytes>, ApiError> {
-        Ok(match ev {
+        let (kind, kv, revision) = match ev {
             Event::Created(kv) => {
-                let o = object_of(kv)?;
-                self.sel.matches(&o).then(|| self.line("ADDED", o))
+                if !self.admits(kv)? {
+                    return Ok(None);
+                }
+                ("ADDED", kv, kv.mod_revision)
             }
             Event::Updated { prev, kv } => {
-                let old = object_of(prev)?;
-                let new = object_of(kv)?;
-                match (self.sel.matches(&old), self.sel.matches(&new)) {
-                    (true, true) => Some(self.line("MODIFIED", new)),
-                    (false, true) => Some(self.line("ADDED", new)),
-                    (true, false) => Some(self.line("DELETED", new)),
-                    (false, false) => None,
-                }
+                let kind = match (self.admits(prev)?, self.admits(kv)?) {
+                    (true, true) => "MODIFIED",
+                    (false, true) => "ADDED",
+                    (true, false) => "DELETED",
+                    (false, false) => return Ok(None),
+                };
+                (kind, kv, kv.mod_revision)
             }
             Event::Deleted { prev, revision } => {
-                let mut o = object_of(prev)?;
+                if !self.admits(prev)? {
+                    return Ok(None);
+                }
                 // The deleted object carries the revision of its deletion.
-                meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
-                self.sel.matches(&o).then(|| self.line("DELETED", o))
+                ("DELETED", prev, *revision)
             }
-        })
+        };
+        self.stored_line(kind, &kv.key, &kv.value, revision)
+            .map(Some)
     }
 }

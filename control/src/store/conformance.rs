@@ -299,6 +299,49 @@ pub async fn ttl_keys_expire_with_a_delete_event(store: &dyn Store) {
     assert!(store.get("/ev/b").await.expect("get").0.is_some());
 }
 
+/// A chunked list hands out every key under the prefix, in key order and chunks of at most the asked size,
+/// from one revision: a write made while the list is being read is not in it.
+pub async fn chunked_list_reads_one_revision(store: &dyn Store) {
+    for i in 0..7 {
+        store
+            .create(&format!("/registry/pods/c/p{i}"), format!("v{i}").into_bytes())
+            .await
+            .expect("create");
+    }
+    store
+        .create("/registry/pods/d/other", b"x".to_vec())
+        .await
+        .expect("create");
+    let listed = store
+        .list_chunked("/registry/pods/c/", 3)
+        .await
+        .expect("list");
+    let mut chunks = listed.chunks;
+    let first = tokio::time::timeout(WAIT, chunks.next())
+        .await
+        .expect("a chunk in time")
+        .expect("a first chunk")
+        .expect("no error");
+    let late = store
+        .create("/registry/pods/c/p9", b"late".to_vec())
+        .await
+        .expect("create during the list");
+    assert!(late.mod_revision > listed.revision);
+    let mut keys: Vec<String> = first.iter().map(|kv| kv.key.clone()).collect();
+    let mut sizes = vec![first.len()];
+    while let Some(chunk) = tokio::time::timeout(WAIT, chunks.next())
+        .await
+        .expect("a chunk in time")
+    {
+        let chunk = chunk.expect("no error");
+        sizes.push(chunk.len());
+        keys.extend(chunk.into_iter().map(|kv| kv.key));
+    }
+    let want: Vec<String> = (0..7).map(|i| format!("/registry/pods/c/p{i}")).collect();
+    assert_eq!(keys, want, "every key once, in order, without the late write");
+    assert!(sizes.iter().all(|n| *n <= 3 && *n > 0), "chunk sizes {sizes:?}");
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]`, given an expression (evaluated once per test)
 /// that is a future producing a fresh store (anything that derefs to `dyn Store`) — plus anything to keep
 /// alive (e.g. a temp dir) as a tuple `(store, guard)`.
@@ -312,7 +355,8 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@tests $run; $fresh;
             create_then_get, compare_and_swap, list_prefix_and_paginate, watch_replays_then_follows,
             watch_from_now_sees_concurrent_writes_in_order, watch_before_compaction_is_refused,
-            values_are_stored_verbatim, ttl_keys_expire_with_a_delete_event);
+            values_are_stored_verbatim, ttl_keys_expire_with_a_delete_event,
+            chunked_list_reads_one_revision);
     };
     ($fresh:expr) => {
         $crate::store_conformance_tests!(if true; $fresh);

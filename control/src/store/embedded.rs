@@ -32,7 +32,9 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream};
+use super::{
+    ChunkedList, Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream,
+};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
@@ -53,6 +55,10 @@ const HEADER: usize = 24;
 pub struct EmbeddedOptions {
     /// How many recent events are kept in memory for watches that start in the past.
     pub history: usize,
+    /// At most this many bytes of keys and values in that history: the oldest events go first, so a burst of
+    /// large objects cannot grow the server (at 10k pods of ~3 KB, 5000 events would hold ~15 MB). A watch
+    /// older than the history gets `410 Gone` and relists, as from upstream's watch cache.
+    pub history_bytes: usize,
     /// redb's page cache (bytes). redb's own default is 1 GiB, which a control plane on a small VM cannot spare;
     /// the store is mostly read through the API server's watch cache and lists, so a small cache costs little.
     pub cache_bytes: usize,
@@ -62,6 +68,7 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             history: 5000,
+            history_bytes: 8 << 20,
             cache_bytes: 32 << 20,
         }
     }
@@ -84,6 +91,9 @@ struct Shared {
     floor: Revision,
     history: VecDeque<Arc<Event>>,
     history_limit: usize,
+    /// Bytes of keys and values in `history`, and their bound.
+    history_bytes: usize,
+    history_bytes_limit: usize,
     tx: broadcast::Sender<Arc<Event>>,
 }
 
@@ -185,6 +195,8 @@ impl EmbeddedStore {
             floor: revision,
             history: VecDeque::new(),
             history_limit: options.history.max(1),
+            history_bytes: 0,
+            history_bytes_limit: options.history_bytes,
             tx,
         }));
         let db = Arc::new(db);
@@ -306,6 +318,16 @@ impl Drop for EmbeddedStore {
     }
 }
 
+/// What an event holds in memory, for the history's byte bound.
+fn event_bytes(event: &Event) -> usize {
+    let kv_bytes = |kv: &KeyValue| kv.key.len() + kv.value.len();
+    match event {
+        Event::Created(kv) => kv_bytes(kv),
+        Event::Updated { prev, kv } => kv_bytes(prev) + kv_bytes(kv),
+        Event::Deleted { prev, .. } => kv_bytes(prev),
+    }
+}
+
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     // A panic while holding this lock cannot leave the history inconsistent (each field is updated atomically),
     // so a poisoned lock is still usable.
@@ -407,10 +429,16 @@ fn apply(db: &Database, path: &Path, shared: &Mutex<Shared>, batch: Vec<WriteReq
                     if let Some(event) = event {
                         let event = Arc::new(event.clone());
                         sh.revision = event.revision();
+                        sh.history_bytes += event_bytes(&event);
                         sh.history.push_back(event.clone());
-                        while sh.history.len() > sh.history_limit {
+                        // The newest event always stays, however large.
+                        while sh.history.len() > 1
+                            && (sh.history.len() > sh.history_limit
+                                || sh.history_bytes > sh.history_bytes_limit)
+                        {
                             if let Some(old) = sh.history.pop_front() {
                                 sh.floor = old.revision();
+                                sh.history_bytes -= event_bytes(&old);
                             }
                         }
                         // No receivers is fine: nobody watches.
@@ -662,6 +690,88 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
+        // One read transaction (a redb snapshot) serves every chunk, so the list is consistent however slowly
+        // the client reads it; the bounded channel keeps at most two chunks in memory.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<KeyValue>, StoreError>>(1);
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let db = self.db.clone();
+        let path = self.path.clone();
+        let prefix = prefix.to_string();
+        let chunk = chunk.max(1);
+        tokio::task::spawn_blocking(move || {
+            let open = || {
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| backend("cannot read", &path, e))?;
+                let revision = read_revision(&txn, &path)?;
+                let table = txn
+                    .open_table(KV)
+                    .map_err(|e| backend("cannot open table in", &path, e))?;
+                Ok::<_, StoreError>((revision, table))
+            };
+            let table = match open() {
+                Ok((revision, table)) => {
+                    if opened_tx.send(Ok(revision)).is_err() {
+                        return;
+                    }
+                    table
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                    return;
+                }
+            };
+            let range =
+                match table.range::<&str>((Bound::Included(prefix.as_str()), Bound::Unbounded)) {
+                    Ok(range) => range,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(backend("cannot read", &path, e)));
+                        return;
+                    }
+                };
+            let mut items = Vec::with_capacity(chunk);
+            for entry in range {
+                let kv = entry
+                    .map_err(|e| backend("cannot read", &path, e))
+                    .and_then(|(k, v)| {
+                        let k = k.value();
+                        if k.starts_with(prefix.as_str()) {
+                            decode(k, v.value()).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    });
+                match kv {
+                    Ok(Some(kv)) => items.push(kv),
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+                // A closed channel: the client went away.
+                if items.len() >= chunk && tx.blocking_send(Ok(std::mem::take(&mut items))).is_err()
+                {
+                    return;
+                }
+            }
+            if !items.is_empty() {
+                let _ = tx.blocking_send(Ok(items));
+            }
+        });
+        let revision = opened_rx
+            .await
+            .map_err(|_| StoreError::Backend("list task failed".into()))??;
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        Ok(ChunkedList {
+            revision,
+            chunks: Box::pin(chunks),
+        })
+    }
+
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError> {
         match self
             .write(Op::Create {
@@ -764,7 +874,9 @@ impl Store for EmbeddedStore {
         if floor > sh.floor {
             sh.floor = floor;
             while sh.history.front().is_some_and(|e| e.revision() <= floor) {
-                sh.history.pop_front();
+                if let Some(old) = sh.history.pop_front() {
+                    sh.history_bytes -= event_bytes(&old);
+                }
             }
         }
         Ok(())

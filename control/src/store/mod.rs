@@ -110,6 +110,14 @@ impl Event {
 /// on, e.g. [`StoreError::Compacted`] when this watcher fell so far behind that the history it needs is gone.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
 
+/// A whole prefix read from one consistent view of the store, handed out in chunks.
+pub struct ChunkedList {
+    /// The store revision the list was read at.
+    pub revision: Revision,
+    /// The keys in key order, a chunk at a time; an `Err` ends the list early.
+    pub chunks: Pin<Box<dyn Stream<Item = Result<Vec<KeyValue>, StoreError>> + Send>>,
+}
+
 /// What went wrong in a store operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -158,6 +166,23 @@ pub trait Store: Send + Sync + 'static {
     /// The keys starting with `prefix`, in key order, with the store revision they were read at.
     /// Reads the latest state (there is no reading at a past revision).
     async fn list(&self, prefix: &str, options: &ListOptions) -> Result<ListResult, StoreError>;
+
+    /// Every key starting with `prefix`, read at one revision, in chunks of at most `chunk` keys, so a caller
+    /// can send a long list without holding all of it (a full list of 10k pods is ~30 MB). The default reads
+    /// the whole list first.
+    async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
+        let listed = self.list(prefix, &ListOptions::default()).await?;
+        let mut items = listed.items;
+        let mut chunks = Vec::new();
+        while !items.is_empty() {
+            let rest = items.split_off(items.len().min(chunk.max(1)));
+            chunks.push(Ok(std::mem::replace(&mut items, rest)));
+        }
+        Ok(ChunkedList {
+            revision: listed.revision,
+            chunks: Box::pin(futures_util::stream::iter(chunks)),
+        })
+    }
 
     /// Creates `key`; fails with [`StoreError::AlreadyExists`] if it exists. Returns the stored key.
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError>;

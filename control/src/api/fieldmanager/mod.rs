@@ -485,9 +485,8 @@ pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope
         (None, Some(list)) => decode_entries(list).unwrap_or_else(|_| live_entries()),
         _ => live_entries(),
     };
-    let live_clean = live.map(without_managed_fields);
-    let new_clean = without_managed_fields(new);
-    let cmp = match typed::compare(live_clean.as_ref(), &new_clean) {
+    // `compare` skips metadata.managedFields itself.
+    let cmp = match typed::compare(live, new) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(manager, error = %e, "cannot compare objects; managed fields kept");
