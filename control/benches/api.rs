@@ -42,6 +42,7 @@ fn pod(name: &str) -> Pod {
 struct Server {
     _dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
+    port: u16,
     process: ChildGuard,
 }
 
@@ -73,6 +74,7 @@ impl Server {
         Self {
             _dir: dir,
             kubeconfig,
+            port,
             process,
         }
     }
@@ -83,6 +85,50 @@ impl Server {
             .await
             .expect("kube config");
         Client::try_from(config).expect("kube client")
+    }
+
+    /// A thin HTTP/2 client (`conns` connections, TLS with the admin certificate): what client-go speaks, without
+    /// kube-rs's typed encoding, so it sends pre-encoded bytes as the etcd-client peer does.
+    async fn raw_client(&self, conns: usize) -> RawApi {
+        use rustls_pki_types::pem::PemObject;
+        let pki = self._dir.path().join("pki");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(pki.join("ca.crt")).expect("ca") {
+            roots.add(c.expect("ca pem")).expect("ca cert");
+        }
+        let cert: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(pki.join("admin.crt"))
+            .expect("admin cert")
+            .map(|c| c.expect("admin cert pem"))
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(pki.join("admin.key"))
+            .expect("admin key");
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(cert, key)
+            .expect("client config");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut senders = Vec::new();
+        for _ in 0..conns {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .expect("connect");
+            tcp.set_nodelay(true).expect("nodelay");
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = connector.connect(name, tcp).await.expect("tls");
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .expect("h2 handshake");
+            tokio::spawn(conn);
+            senders.push(sender);
+        }
+        RawApi {
+            senders,
+            authority: format!("https://localhost:{}", self.port),
+        }
     }
 
     /// Resident set size (and its peak) in MiB.
@@ -102,6 +148,53 @@ async fn create_pods(client: &Client, ns: &str, first: usize, n: usize, concurre
                 api.create(&PostParams::default(), &pod(&format!("pod-{i:06}")))
                     .await
                     .expect("create pod")
+            }
+        })
+        .buffer_unordered(concurrency)
+        .for_each(|_| async {})
+        .await;
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// HTTP/2 connections to one API server.
+struct RawApi {
+    senders: Vec<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+    authority: String,
+}
+
+/// Creates pods `first..first + n` in `ns` by POSTing their JSON (encoded before the clock starts, as the etcd
+/// peer's value is) over `api`'s connections, `concurrency` at a time; every answer must be 201 and is read whole.
+/// Returns creates/s.
+async fn raw_api_creates(
+    api: &RawApi,
+    ns: &str,
+    first: usize,
+    n: usize,
+    concurrency: usize,
+) -> f64 {
+    use http_body_util::BodyExt;
+    let uri = format!("{}/api/v1/namespaces/{ns}/pods", api.authority);
+    let bodies: Vec<bytes::Bytes> = (first..first + n)
+        .map(|i| {
+            serde_json::to_vec(&pod(&format!("pod-{i:06}")))
+                .expect("json")
+                .into()
+        })
+        .collect();
+    let start = Instant::now();
+    futures_util::stream::iter(bodies.into_iter().enumerate())
+        .map(|(i, body)| {
+            let mut sender = api.senders[i % api.senders.len()].clone();
+            let req = http::Request::post(&uri)
+                .header("content-type", "application/json")
+                .header("accept", "application/json")
+                .body(http_body_util::Full::new(body))
+                .expect("request");
+            async move {
+                let resp = sender.send_request(req).await.expect("create pod");
+                let status = resp.status();
+                let body = resp.into_body().collect().await.expect("answer").to_bytes();
+                assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
             }
         })
         .buffer_unordered(concurrency)
@@ -328,7 +421,11 @@ async fn main() {
         .expect("etcd-client");
     let embedded = Server::start(&[]);
     let on_etcd = Server::start(&["--etcd-servers".into(), endpoint.clone()]);
+    // A second embedded server for the thin HTTP/2 client, so each server holds the same pods.
+    let embedded_h2 = Server::start(&[]);
     let (ce, cx) = (embedded.client().await, on_etcd.client().await);
+    let h2 = embedded_h2.raw_client(4).await;
+    create_namespace(&embedded_h2.client().await, "bench").await;
     for c in [&ce, &cx] {
         create_namespace(c, "bench").await;
         create_namespace(c, "fanout").await;
@@ -353,44 +450,52 @@ async fn main() {
     let names = [
         "API, embedded store (kube client)",
         "API, etcd backend (kube client)",
+        "API, embedded store (HTTP/2 client, same JSON bytes)",
         "raw etcd-client put (same JSON)",
     ];
-    let mut creates: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    // Where the CPU goes per write, summed over rounds: [client, embedded server, etcd-backed server, etcd,
-    // machine idle] seconds for each target.
+    const RAW: usize = 3;
+    let mut creates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // Where the CPU goes per write, summed over rounds, for each target: the client (this process), the target's
+    // API server, etcd, and the machine's idle time.
     let etcd_pid = cluster.members[0].pid().expect("etcd runs");
-    let pids = [
-        std::process::id(),
-        embedded.process.id(),
-        on_etcd.process.id(),
-        etcd_pid,
+    let servers = [
+        Some(embedded.process.id()),
+        Some(on_etcd.process.id()),
+        Some(embedded_h2.process.id()),
+        None,
     ];
-    let sample = || {
-        let mut v: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
-        v.push(machine_idle_seconds());
-        v
+    let sample = |server: Option<u32>| {
+        [
+            cpu_seconds(std::process::id()),
+            server.map_or(0.0, cpu_seconds),
+            cpu_seconds(etcd_pid),
+            machine_idle_seconds(),
+        ]
     };
-    let mut cpu = vec![vec![0.0; 5]; 3];
-    let mut account = |target: usize, before: Vec<f64>| {
-        for (i, (a, b)) in sample().iter().zip(before).enumerate() {
-            cpu[target][i] += a - b;
-        }
-    };
+    let mut cpu = vec![[0.0; 4]; names.len()];
     for round in 0..rounds {
         // Each round adds to the same namespace, so the last round runs with (rounds-1)*n pods already stored.
         let offset = round * n;
-        let before = sample();
-        creates[0].push(create_pods(&ce, "bench", offset, n, conc).await);
-        account(0, before);
-        let before = sample();
-        creates[1].push(create_pods(&cx, "bench", offset, n, conc).await);
-        account(1, before);
-        let before = sample();
-        creates[2].push(raw_puts(&raw, &round.to_string(), &stored, n, conc).await);
-        account(2, before);
+        for target in 0..names.len() {
+            let before = sample(servers[target]);
+            let rate = match target {
+                0 => create_pods(&ce, "bench", offset, n, conc).await,
+                1 => create_pods(&cx, "bench", offset, n, conc).await,
+                2 => raw_api_creates(&h2, "bench", offset, n, conc).await,
+                _ => raw_puts(&raw, &round.to_string(), &stored, n, conc).await,
+            };
+            creates[target].push(rate);
+            for (i, after) in sample(servers[target]).iter().enumerate() {
+                cpu[target][i] += after - before[i];
+            }
+        }
         eprintln!(
-            "round {round}: {:.0} / {:.0} / {:.0} writes/s",
-            creates[0][round], creates[1][round], creates[2][round]
+            "round {round}: {} writes/s",
+            creates
+                .iter()
+                .map(|c| format!("{:.0}", c[round]))
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
     }
     let total = rounds * n;
@@ -419,7 +524,7 @@ async fn main() {
     let fan_etcd = etcd_fanout(&raw, watchers, events).await;
 
     // Report (Markdown, pasted into BENCHMARKS.md).
-    let raw_median = Spread::of(creates[2].clone()).median;
+    let raw_median = Spread::of(creates[RAW].clone()).median;
     println!("### Pod creates ({n} per round, {rounds} rounds, {conc} concurrent clients; up to {total} pods stored)\n");
     println!("| target | median creates/s | min–max | vs raw etcd-client put |\n|---|---|---|---|");
     for (i, name) in names.iter().enumerate() {
@@ -436,19 +541,14 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()));
     println!("| target | client (bench process) | windlass-control | etcd | machine idle |\n|---|---|---|---|---|");
     let writes = total as f64;
-    for (i, name) in names.iter().enumerate() {
+    for (name, c) in names.iter().zip(&cpu) {
         let us = |s: f64| s * 1e6 / writes;
-        let server = match i {
-            0 => us(cpu[i][1]),
-            1 => us(cpu[i][2]),
-            _ => 0.0,
-        };
         println!(
             "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            us(cpu[i][0]),
-            server,
-            us(cpu[i][3]),
-            us(cpu[i][4])
+            us(c[0]),
+            us(c[1]),
+            us(c[2]),
+            us(c[3])
         );
     }
     println!("\n### Listing {total} pods ({rounds} lists each)\n");

@@ -136,7 +136,11 @@ pub fn machine_idle_seconds() -> f64 {
         .lines()
         .next()
         .and_then(|l| l.strip_prefix("cpu "))
-        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;

@@ -304,7 +304,10 @@ pub async fn ttl_keys_expire_with_a_delete_event(store: &dyn Store) {
 pub async fn chunked_list_reads_one_revision(store: &dyn Store) {
     for i in 0..7 {
         store
-            .create(&format!("/registry/pods/c/p{i}"), format!("v{i}").into_bytes())
+            .create(
+                &format!("/registry/pods/c/p{i}"),
+                format!("v{i}").into_bytes(),
+            )
             .await
             .expect("create");
     }
@@ -338,8 +341,14 @@ pub async fn chunked_list_reads_one_revision(store: &dyn Store) {
         keys.extend(chunk.into_iter().map(|kv| kv.key));
     }
     let want: Vec<String> = (0..7).map(|i| format!("/registry/pods/c/p{i}")).collect();
-    assert_eq!(keys, want, "every key once, in order, without the late write");
-    assert!(sizes.iter().all(|n| *n <= 3 && *n > 0), "chunk sizes {sizes:?}");
+    assert_eq!(
+        keys, want,
+        "every key once, in order, without the late write"
+    );
+    assert!(
+        sizes.iter().all(|n| *n <= 3 && *n > 0),
+        "chunk sizes {sizes:?}"
+    );
 }
 
 /// Instantiates every conformance check as a `#[tokio::test]`, given an expression (evaluated once per test)
