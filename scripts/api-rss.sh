@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" serve --bind-address 127.0.0.1 --secure-port "$PORT" --data-dir "$D" --controllers=-scheduler \
+"$BIN" serve --bind-address 127.0.0.1 --secure-port "$PORT" --data-dir "$D" --controllers=-scheduler ${SERVER_ARGS:-} \
     >"$D/server.log" 2>&1 &
 PID=$!
 TLS=(--cacert "$D/pki/ca.crt" --cert "$D/pki/admin.crt" --key "$D/pki/admin.key" -s)

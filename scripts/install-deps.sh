@@ -3,8 +3,8 @@
 set -euo pipefail
 
 PACKAGES=(
-  # build
-  protobuf-compiler pkg-config gcc
+  # build (make: jemalloc, the API server's allocator, builds with it)
+  protobuf-compiler pkg-config gcc make
   # runtime tests and peers
   busybox-static runc crun umoci skopeo docker-registry podman openssl
   # networking tests and peers

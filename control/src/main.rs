@@ -85,6 +85,10 @@ struct ServeArgs {
     /// Bound on the bytes of objects in that history (MiB); the oldest events go first.
     #[arg(long, default_value_t = 8)]
     watch_history_mib: usize,
+    /// The embedded store's page cache (MiB). Lists are streamed and most reads come from the server's caches,
+    /// so a small cache costs little; the OS page cache still holds the file.
+    #[arg(long, default_value_t = 8)]
+    store_cache_mib: usize,
 
     /// Controllers to run, kube-controller-manager style: `*` all, `foo` one, `-foo` all but one. Names:
     /// the controllers (`endpoints`, `endpointslice`, `nodeipam`, `nodelifecycle`, `serviceaccount`,
@@ -197,27 +201,22 @@ fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
     Ok((a, b))
 }
 
-/// Caps glibc's malloc arenas at two. glibc adds arenas as threads contend (up to 8 per core) and memory freed
-/// into one is rarely returned or reused by another thread; with tokio's workers and blocking pool the API server
-/// kept the peaks of large lists and write bursts. Measured with `cargo bench --bench api` (10k pods stored):
-/// RSS after the lists 76 → 54 MiB and peak 125 → 66 MiB, creates/s within the run's noise. An explicit
-/// `MALLOC_ARENA_MAX` in the environment wins (glibc reads it at start-up; we then leave it alone).
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes an allocator tunable; it is called first thing in main, before any other
-        // thread exists, and takes no pointers.
-        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-        if ok != 1 {
-            eprintln!(
-                "windlass-control: mallopt(M_ARENA_MAX) failed; using glibc's default arenas"
-            );
-        }
-    }
-}
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options: two arenas (a control plane on a small VM, as glibc's were capped at two), and freed
+/// pages given back within a second by a background thread, so RSS follows the live heap.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"narenas:2,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// jemalloc reads its options through a `const char *` symbol.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+// SAFETY: the pointer is to a static, immutable byte string.
+unsafe impl Sync for MallocConf {}
 
 fn main() -> anyhow::Result<()> {
-    limit_malloc_arenas();
     // The workspace enables both of rustls's crypto backends (ring here, aws-lc-rs through reqwest), so rustls
     // cannot pick one by itself: choose ring for the whole process before any TLS client or server is built.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -407,7 +406,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 options: EmbeddedOptions {
                     history: args.watch_history,
                     history_bytes: args.watch_history_mib << 20,
-                    ..EmbeddedOptions::default()
+                    cache_bytes: args.store_cache_mib << 20,
                 },
             },
         };

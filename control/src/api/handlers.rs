@@ -714,6 +714,17 @@ pub(crate) async fn create_object(
             }
         }
     }
+    // A name made from `generateName` may collide with an existing one; upstream (RetryGenerateName, GA in 1.32)
+    // then tries fresh names, 8 attempts in all, instead of failing the create.
+    let generate_prefix = meta(&obj)
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .is_empty()
+        .then(|| meta(&obj).get("generateName").and_then(Value::as_str))
+        .flatten()
+        .filter(|p| !p.is_empty())
+        .map(String::from);
     objects::prepare_create(kind, &mut obj, namespace);
     objects::apply_defaults(kind, &mut obj, true);
     let (not_ready, unreachable) = state.config.default_toleration_seconds;
@@ -733,7 +744,8 @@ pub(crate) async fn create_object(
     if let (true, Some(ns)) = (kind.namespaced, namespace) {
         check_namespace(state, kind, ns, &name).await?;
     }
-    let key = kind.key(namespace, &name);
+    let mut name = name;
+    let mut key = kind.key(namespace, &name);
     let _alloc = if kind.kind == "Service" {
         let guard = state.alloc_lock.lock().await;
         allocate_service(state, kind, &mut obj, None).await?;
@@ -744,20 +756,35 @@ pub(crate) async fn create_object(
     if dry {
         return Ok((serde_json::to_vec(&obj).unwrap_or_default(), warnings));
     }
-    let stored = to_stored(&obj);
-    drop(obj);
-    // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
-    let created = if kind.kind == "Event" {
-        state
-            .store
-            .create_with_ttl(&key, stored.clone(), state.config.event_ttl)
-            .await
-    } else {
-        state.store.create(&key, stored.clone()).await
-    };
-    let kv = created.map_err(|e| ApiError::from_store(kind, &name, e))?;
-    // The response is the stored bytes plus the resourceVersion: one JSON encoding per create.
-    Ok((stored_json(&key, &stored, kv.mod_revision)?, warnings))
+    const GENERATE_NAME_ATTEMPTS: usize = 8;
+    let mut attempt = 1;
+    loop {
+        let stored = to_stored(&obj);
+        // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
+        let created = if kind.kind == "Event" {
+            state
+                .store
+                .create_with_ttl(&key, stored.clone(), state.config.event_ttl)
+                .await
+        } else {
+            state.store.create(&key, stored.clone()).await
+        };
+        match (created, &generate_prefix) {
+            (Ok(kv), _) => {
+                // The response is the stored bytes plus the resourceVersion: one JSON encoding per create.
+                return Ok((stored_json(&key, &stored, kv.mod_revision)?, warnings));
+            }
+            (Err(StoreError::AlreadyExists { .. }), Some(prefix))
+                if attempt < GENERATE_NAME_ATTEMPTS =>
+            {
+                attempt += 1;
+                name = format!("{prefix}{}", objects::random_suffix());
+                key = kind.key(namespace, &name);
+                meta_mut(&mut obj).insert("name".into(), json!(name));
+            }
+            (Err(e), _) => return Err(ApiError::from_store(kind, &name, e)),
+        }
+    }
 }
 
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {

@@ -83,13 +83,11 @@ pub(crate) async fn admit_pod(
         .get("imagePullSecrets")
         .and_then(Value::as_array)
         .is_some_and(|a| !a.is_empty());
-    if !has_pull_secrets {
-        if !sa.image_pull_secrets.is_empty() {
-            spec.insert(
-                "imagePullSecrets".into(),
-                Value::Array(sa.image_pull_secrets.clone()),
-            );
-        }
+    if !has_pull_secrets && !sa.image_pull_secrets.is_empty() {
+        spec.insert(
+            "imagePullSecrets".into(),
+            Value::Array(sa.image_pull_secrets.clone()),
+        );
     }
     Ok(())
 }

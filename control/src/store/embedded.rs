@@ -69,7 +69,7 @@ impl Default for EmbeddedOptions {
         Self {
             history: 5000,
             history_bytes: 8 << 20,
-            cache_bytes: 32 << 20,
+            cache_bytes: 8 << 20,
         }
     }
 }
