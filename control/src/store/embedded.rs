@@ -421,13 +421,13 @@ fn expired_keys(db: &Database, path: &Path, now_ms: i64) -> Result<Vec<String>, 
 /// Commits a batch, publishes its events to watchers, then answers each request.
 fn apply(db: &Database, path: &Path, shared: &Mutex<Shared>, batch: Vec<WriteRequest>) {
     match commit_batch(db, path, &batch) {
-        Ok(results) => {
+        Ok(mut results) => {
             // Publish before replying, so a writer that then watches from its own revision sees its event.
             {
                 let mut sh = lock(shared);
-                for (_, event) in &results {
-                    if let Some(event) = event {
-                        let event = Arc::new(event.clone());
+                for (_, event) in results.iter_mut() {
+                    if let Some(event) = event.take() {
+                        let event = Arc::new(event);
                         sh.revision = event.revision();
                         sh.history_bytes += event_bytes(&event);
                         sh.history.push_back(event.clone());
@@ -496,45 +496,55 @@ fn commit_batch(
                     key.as_str()
                 }
             };
+            if let Op::Create {
+                value,
+                expires_at_ms,
+                ..
+            } = &req.op
+            {
+                // One B-tree walk for the usual create of a new key: insert, and put the old value back in the
+                // rare case the key existed (all inside this uncommitted transaction).
+                let new = KeyValue {
+                    key: key.to_string(),
+                    value: value.clone(),
+                    create_revision: revision + 1,
+                    mod_revision: revision + 1,
+                    version: 1,
+                };
+                let replaced = kv
+                    .insert(key, encode(&new).as_slice())
+                    .map_err(|e| backend("cannot write", path, e))?
+                    .map(|old| old.value().to_vec());
+                if let Some(old) = replaced {
+                    kv.insert(key, old.as_slice())
+                        .map_err(|e| backend("cannot write", path, e))?;
+                    results.push((
+                        Err(StoreError::AlreadyExists {
+                            key: key.to_string(),
+                        }),
+                        None,
+                    ));
+                    continue;
+                }
+                revision += 1;
+                if let Some(deadline) = expires_at_ms {
+                    expiry
+                        .insert(key, *deadline)
+                        .map_err(|e| backend("cannot write", path, e))?;
+                    by_time
+                        .insert(expiry_index_key(*deadline, key).as_str(), ())
+                        .map_err(|e| backend("cannot write", path, e))?;
+                }
+                results.push((Ok(Reply::Kv(new.clone())), Some(Event::Created(new))));
+                continue;
+            }
             let current = match kv.get(key).map_err(|e| backend("cannot read", path, e))? {
                 Some(raw) => Some(decode(key, raw.value())?),
                 None => None,
             };
             let result = match (&req.op, current) {
-                (Op::Create { .. }, Some(_)) => (
-                    Err(StoreError::AlreadyExists {
-                        key: key.to_string(),
-                    }),
-                    None,
-                ),
-                (
-                    Op::Create {
-                        value,
-                        expires_at_ms,
-                        ..
-                    },
-                    None,
-                ) => {
-                    revision += 1;
-                    if let Some(deadline) = expires_at_ms {
-                        expiry
-                            .insert(key, *deadline)
-                            .map_err(|e| backend("cannot write", path, e))?;
-                        by_time
-                            .insert(expiry_index_key(*deadline, key).as_str(), ())
-                            .map_err(|e| backend("cannot write", path, e))?;
-                    }
-                    let new = KeyValue {
-                        key: key.to_string(),
-                        value: value.clone(),
-                        create_revision: revision,
-                        mod_revision: revision,
-                        version: 1,
-                    };
-                    kv.insert(key, encode(&new).as_slice())
-                        .map_err(|e| backend("cannot write", path, e))?;
-                    (Ok(Reply::Kv(new.clone())), Some(Event::Created(new)))
-                }
+                // Handled above.
+                (Op::Create { .. }, _) => continue,
                 (Op::Update { .. } | Op::Delete { .. }, None) => (
                     Err(StoreError::NotFound {
                         key: key.to_string(),
