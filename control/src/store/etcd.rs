@@ -32,7 +32,9 @@ use etcd_client::{
     WatchOptions,
 };
 
-use super::{Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream};
+use super::{
+    ChunkedList, Event, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchStream,
+};
 
 /// What is wrong with an etcd backend configuration.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +170,17 @@ pub struct EtcdStore {
     lease: tokio::sync::Mutex<Option<ReusableLease>>,
 }
 
+/// One page of a range read.
+struct Page {
+    items: Vec<KeyValue>,
+    /// The revision it was read at.
+    revision: Revision,
+    /// More keys follow in the range.
+    more: bool,
+    /// Keys in the whole range (regardless of the limit).
+    count: u64,
+}
+
 /// A granted etcd lease and when it expires.
 #[derive(Clone, Copy, Debug)]
 struct ReusableLease {
@@ -263,6 +276,46 @@ impl EtcdStore {
 
     /// Reads `[start, end)` in pages of at most [`LIST_PAGE`] keys, all at the first page's revision, until
     /// `wanted` keys (all when `None`) are read. Paging keeps each response small, whatever the list's size.
+    /// One page of `[start, end)`: at most `limit` keys read at revision `at` (0: the latest), the revision it was
+    /// read at, whether more keys follow, and how many keys the whole range has.
+    async fn read_page(
+        &self,
+        prefix: &str,
+        start: Vec<u8>,
+        end: &[u8],
+        limit: usize,
+        at: Revision,
+    ) -> Result<Page, StoreError> {
+        let resp = self
+            .call(Op::Read("list", prefix), |mut kv| {
+                let (start, end) = (start.clone(), end.to_vec());
+                async move {
+                    let opts = GetOptions::new()
+                        .with_range(end)
+                        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .with_revision(at);
+                    kv.get(start, Some(opts)).await
+                }
+            })
+            .await?;
+        // For a read at a past revision the header has the current one.
+        let revision = if at == 0 {
+            header_revision(resp.header())?
+        } else {
+            at
+        };
+        Ok(Page {
+            items: resp
+                .kvs()
+                .iter()
+                .map(to_kv)
+                .collect::<Result<Vec<_>, _>>()?,
+            revision,
+            more: resp.more(),
+            count: u64::try_from(resp.count()).unwrap_or(0),
+        })
+    }
+
     async fn list_pages(
         &self,
         prefix: &str,
@@ -274,43 +327,26 @@ impl EtcdStore {
         // 0: the latest revision; then the revision the first page was read at.
         let mut at = 0;
         loop {
-            let page = wanted.map_or(LIST_PAGE, |w| (w - items.len()).min(LIST_PAGE));
-            let resp = self
-                .call(Op::Read("list", prefix), |mut kv| {
-                    let (start, end) = (start.clone(), end.to_vec());
-                    async move {
-                        let opts = GetOptions::new()
-                            .with_range(end)
-                            .with_limit(i64::try_from(page).unwrap_or(i64::MAX))
-                            .with_revision(at);
-                        kv.get(start, Some(opts)).await
-                    }
-                })
+            let limit = wanted.map_or(LIST_PAGE, |w| (w - items.len()).min(LIST_PAGE));
+            let page = self
+                .read_page(prefix, start.clone(), end, limit, at)
                 .await?;
-            if at == 0 {
-                // For a read at a past revision the header has the current one, so only the first page's counts.
-                at = header_revision(resp.header())?;
+            at = page.revision;
+            let got = page.items.len() as u64;
+            if let Some(last) = page.items.last() {
+                start = last.key.clone().into_bytes();
+                start.push(0);
             }
-            let kvs = resp.kvs();
-            for kv in kvs {
-                items.push(to_kv(kv)?);
-            }
+            items.extend(page.items);
             let done = wanted.is_some_and(|w| items.len() >= w);
-            if !resp.more() || done || kvs.is_empty() {
+            if !page.more || done || got == 0 {
                 // `count` is the number of keys in this page's whole range, regardless of the limit.
-                let remaining = u64::try_from(resp.count())
-                    .unwrap_or(0)
-                    .saturating_sub(kvs.len() as u64);
                 return Ok(ListResult {
                     items,
                     revision: at,
-                    more: resp.more(),
-                    remaining: Some(remaining),
+                    more: page.more,
+                    remaining: Some(page.count.saturating_sub(got)),
                 });
-            }
-            if let Some(last) = kvs.last() {
-                start = last.key().to_vec();
-                start.push(0);
             }
         }
     }
@@ -508,6 +544,70 @@ impl Store for EtcdStore {
             .await?;
         let found = resp.kvs().first().map(to_kv).transpose()?;
         Ok((found, header_revision(resp.header())?))
+    }
+
+    async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
+        // Pages of `chunk` keys, every page after the first read at the first one's revision (etcd's MVCC keeps
+        // it until compaction; a compaction mid-list ends the stream with the error).
+        let chunk = chunk.clamp(1, LIST_PAGE);
+        let end = prefix_end(prefix);
+        let Page {
+            items: first,
+            revision,
+            more,
+            ..
+        } = self
+            .read_page(prefix, prefix.as_bytes().to_vec(), &end, chunk, 0)
+            .await?;
+        struct Pager {
+            store: EtcdStore,
+            prefix: String,
+            end: Vec<u8>,
+            chunk: usize,
+            revision: Revision,
+            /// The first page, not yet handed out.
+            first: Option<Vec<KeyValue>>,
+            /// The last key handed out, while more may follow.
+            after: Option<String>,
+        }
+        let more_after =
+            |items: &[KeyValue], more: bool| items.last().filter(|_| more).map(|kv| kv.key.clone());
+        let pager = Pager {
+            store: EtcdStore {
+                client: self.client.clone(),
+                config: self.config.clone(),
+                lease: tokio::sync::Mutex::new(None),
+            },
+            prefix: prefix.to_string(),
+            end,
+            chunk,
+            revision,
+            after: more_after(&first, more),
+            first: Some(first),
+        };
+        let chunks = futures_util::stream::unfold(pager, move |mut p| async move {
+            if let Some(items) = p.first.take() {
+                return (!items.is_empty()).then_some((Ok(items), p));
+            }
+            let mut start = p.after.take()?.into_bytes();
+            // The smallest key after the last one.
+            start.push(0);
+            match p
+                .store
+                .read_page(&p.prefix, start, &p.end, p.chunk, p.revision)
+                .await
+            {
+                Ok(page) => {
+                    p.after = more_after(&page.items, page.more);
+                    (!page.items.is_empty()).then_some((Ok(page.items), p))
+                }
+                Err(e) => Some((Err(e), p)),
+            }
+        });
+        Ok(ChunkedList {
+            revision,
+            chunks: Box::pin(chunks),
+        })
     }
 
     async fn list(&self, prefix: &str, options: &ListOptions) -> Result<ListResult, StoreError> {
