@@ -189,3 +189,90 @@ async fn the_kube_crate_discovers_lists_creates_and_watches() {
         }
     }
 }
+
+/// A whole list (no `limit`) is streamed from the store a chunk at a time: with more objects than one chunk it
+/// still returns every object once, in name order, each with its own resourceVersion, and selectors still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_list_longer_than_a_chunk_returns_every_object_once() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = tokio::task::spawn_blocking(ControlPlane::start)
+        .await
+        .expect("start");
+    let client = client(&cp).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // More than the server's store chunk (256 items), so the list spans several chunks.
+    let count = 600;
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let maps = maps.clone();
+            async move {
+                let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("cm-{i:04}"),
+                                 "labels": {"parity": if i % 2 == 0 { "even" } else { "odd" }}},
+                    "data": {"i": i.to_string()},
+                }))
+                .expect("configmap");
+                maps.create(&PostParams::default(), &cm)
+                    .await
+                    .expect("create configmap")
+            }
+        })
+        .buffer_unordered(16)
+        .for_each(|_| async {})
+        .await;
+
+    let all = maps.list(&ListParams::default()).await.expect("list");
+    let names: Vec<String> = all
+        .items
+        .iter()
+        .filter_map(|cm| cm.metadata.name.clone())
+        .filter(|n| n.starts_with("cm-"))
+        .collect();
+    let want: Vec<String> = (0..count).map(|i| format!("cm-{i:04}")).collect();
+    assert_eq!(names, want, "every configmap once, in name order");
+    let list_rv: i64 = all
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .expect("list resourceVersion");
+    for cm in &all.items {
+        let rv: i64 = cm
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .expect("item resourceVersion");
+        assert!(
+            rv > 0 && rv <= list_rv,
+            "item rv {rv} within the list's {list_rv}"
+        );
+    }
+
+    let even = maps
+        .list(&ListParams::default().labels("parity=even"))
+        .await
+        .expect("list by label");
+    assert_eq!(even.items.len(), count / 2);
+    assert!(even.items.iter().all(|cm| cm
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("parity"))
+        .is_some_and(|p| p == "even")));
+    let one = maps
+        .list(&ListParams::default().fields("metadata.name=cm-0007"))
+        .await
+        .expect("list by name");
+    assert_eq!(one.items.len(), 1);
+    assert_eq!(
+        one.items[0]
+            .data
+            .as_ref()
+            .and_then(|d| d.get("i"))
+            .map(String::as_str),
+        Some("7")
+    );
+}
