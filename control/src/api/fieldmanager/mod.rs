@@ -868,3 +868,211 @@ mod tests {
         );
     }
 }
+
+/// A realistic pod as the API server stores it, the golden `managedFields` of writes to it, and a timing
+/// harness (`cargo test --release -p windlass-control --lib fieldmanager -- --ignored --nocapture`).
+#[cfg(test)]
+mod pod_tests {
+    use super::*;
+
+    const POD_SCOPE: Scope<'static> = Scope {
+        api_version: "v1",
+        has_status: true,
+        subresource: None,
+    };
+
+    /// The pod of `control/benches/api.rs` after defaulting and the ServiceAccount and DefaultTolerationSeconds
+    /// admission plugins.
+    fn pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "bench-00042", "namespace": "default", "uid": "8d5e9c2a-1b7f-4c3e-9a0d-2f6b8e4c1a90",
+                "resourceVersion": "1042", "creationTimestamp": "2026-11-24T05:00:00Z",
+                "labels": {"app": "bench", "tier": "web"},
+                "annotations": {"bench.windlass.io/note": "a realistic annotation of some length"}},
+            "spec": {
+                "containers": [{
+                    "name": "web", "image": "registry.example:5000/web:1.2.3",
+                    "args": ["--port=8080", "--verbose"],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "env": [{"name": "MODE", "value": "production"}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
+                        "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3},
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent",
+                    "volumeMounts": [{"name": "kube-api-access-x7k2q", "readOnly": true,
+                        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+                }],
+                "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "terminationGracePeriodSeconds": 30,
+                "schedulerName": "default-scheduler", "securityContext": {}, "enableServiceLinks": true,
+                "serviceAccountName": "default", "serviceAccount": "default",
+                "tolerations": [
+                    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
+                        "tolerationSeconds": 300},
+                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+                        "tolerationSeconds": 300},
+                ],
+                "volumes": [{"name": "kube-api-access-x7k2q", "projected": {"defaultMode": 420, "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace",
+                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+                ]}}],
+            },
+            "status": {"phase": "Pending", "qosClass": "Burstable"},
+        })
+    }
+
+    fn created() -> Value {
+        let mut p = pod();
+        update(None, &mut p, "kubectl-create", POD_SCOPE);
+        p
+    }
+
+    fn relabelled(live: &Value) -> Value {
+        let mut new = live.clone();
+        new["metadata"]["labels"]["tier"] = json!("db");
+        new
+    }
+
+    /// The managed fields with their times blanked, as text.
+    fn golden(obj: &Value) -> String {
+        let mut mf = obj["metadata"]["managedFields"].clone();
+        for e in mf.as_array_mut().into_iter().flatten() {
+            if e.get("time").is_some() {
+                e["time"] = json!("T");
+            }
+        }
+        serde_json::to_string_pretty(&mf).unwrap_or_default()
+    }
+
+    /// A sequence of writes touching every path of the field manager: create, relabel, an editor changing the
+    /// container and adding an item, the kubelet writing status, an apply taking over fields, and a PUT that
+    /// removes a container field.
+    fn history() -> Vec<Value> {
+        let mut out = vec![created()];
+        let mut next = relabelled(&out[0]);
+        update(Some(&out[0]), &mut next, "kubectl-label", POD_SCOPE);
+        out.push(next);
+
+        let live = out[1].clone();
+        let mut next = live.clone();
+        next["spec"]["containers"][0]["image"] = json!("registry.example:5000/web:1.2.4");
+        next["spec"]["containers"][0]["env"]
+            .as_array_mut()
+            .expect("env")
+            .push(
+                json!({"name": "EXTRA", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
+            );
+        next["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+            .push(
+                json!({"name": "side", "image": "busybox", "command": ["sleep", "inf"],
+                "ports": [{"containerPort": 9090}]}),
+            );
+        next["metadata"]["finalizers"] = json!(["example.com/a", "example.com/b"]);
+        update(Some(&live), &mut next, "kubectl-edit", POD_SCOPE);
+        out.push(next);
+
+        let live = out[2].clone();
+        let mut next = live.clone();
+        next["status"] = json!({"phase": "Running", "qosClass": "Burstable", "podIP": "10.0.0.5",
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}],
+            "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0}]});
+        let status = Scope {
+            subresource: Some("status"),
+            ..POD_SCOPE
+        };
+        update(Some(&live), &mut next, "kubelet", status);
+        out.push(next);
+
+        let live = out[3].clone();
+        let cfg = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench-00042",
+                "labels": {"tier": "db", "owner": "me"}},
+            "spec": {"containers": [{"name": "web", "image": "registry.example:5000/web:1.2.5",
+                "resources": {"limits": {"memory": "256Mi"}}}]}});
+        out.push(apply(&live, &cfg, "kubectl", true, POD_SCOPE).expect("applies"));
+
+        let live = out[4].clone();
+        let mut next = live.clone();
+        next["spec"]["containers"][0]
+            .as_object_mut()
+            .expect("container")
+            .remove("readinessProbe");
+        next["metadata"]["finalizers"] = json!(["example.com/b"]);
+        update(Some(&live), &mut next, "kubectl-replace", POD_SCOPE);
+        out.push(next);
+        out
+    }
+
+    #[test]
+    fn managed_fields_of_a_pods_history_match_the_golden_output() {
+        let got: Vec<String> = history().iter().map(golden).collect();
+        let want: Vec<&str> = include_str!("testdata/pod_history.golden")
+            .split("\n----\n")
+            .collect();
+        if std::env::var_os("WINDLASS_BLESS").is_some() {
+            let text = got.join("\n----\n");
+            std::fs::write(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/src/api/fieldmanager/testdata/pod_history.golden"
+                ),
+                text,
+            )
+            .expect("writes the golden file");
+            return;
+        }
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "write {i} of the history");
+        }
+    }
+
+    fn time_per_op(what: &str, n: u32, mut op: impl FnMut()) {
+        for _ in 0..n / 10 {
+            op();
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            op();
+        }
+        let ns = start.elapsed().as_nanos() / u128::from(n);
+        println!("{what}: {ns} ns/op");
+    }
+
+    #[test]
+    #[ignore = "timing harness, run in release with --ignored --nocapture"]
+    fn time_creating_and_relabelling_a_pod() {
+        let p = pod();
+        time_per_op("create (live = None)", 20_000, || {
+            let mut new = p.clone();
+            update(None, &mut new, "kubectl-create", POD_SCOPE);
+            std::hint::black_box(&new);
+        });
+        time_per_op("clone of the pod alone", 20_000, || {
+            std::hint::black_box(p.clone());
+        });
+        let live = created();
+        let next = relabelled(&live);
+        time_per_op("update of one label (live = Some)", 20_000, || {
+            let mut new = next.clone();
+            update(Some(&live), &mut new, "kubectl-label", POD_SCOPE);
+            std::hint::black_box(&new);
+        });
+        time_per_op("clone of the updated pod alone", 20_000, || {
+            std::hint::black_box(next.clone());
+        });
+        let hist = history();
+        let (live, mut next) = (hist[5].clone(), hist[5].clone());
+        next["metadata"]["labels"]["tier"] = json!("cache");
+        time_per_op("update of one label, six managers", 20_000, || {
+            let mut new = next.clone();
+            update(Some(&live), &mut new, "kubectl-label", POD_SCOPE);
+            std::hint::black_box(&new);
+        });
+    }
+}
