@@ -42,20 +42,21 @@ const ATOMIC: ListSchema = ListSchema {
     patch_merges_scalars: false,
 };
 
-fn in_container(parents: &[String]) -> bool {
+fn in_container<S: AsRef<str>>(parents: &[S]) -> bool {
     parents.iter().any(|p| {
         matches!(
-            p.as_str(),
+            p.as_ref(),
             "containers" | "initContainers" | "ephemeralContainers"
         )
     })
 }
 
-fn is_path(parents: &[String], want: &[&str]) -> bool {
-    parents.iter().map(String::as_str).eq(want.iter().copied())
+fn is_path<S: AsRef<str>>(parents: &[S], want: &[&str]) -> bool {
+    parents.iter().map(AsRef::as_ref).eq(want.iter().copied())
 }
 
-pub(crate) fn list_schema(parents: &[String], field: &str) -> ListSchema {
+/// Generic over the name type: field management walks borrowed names, patches owned ones.
+pub(crate) fn list_schema<S: AsRef<str>>(parents: &[S], field: &str) -> ListSchema {
     match field {
         "containers"
         | "initContainers"

@@ -4,11 +4,11 @@
 //!
 //! Ref: structured-merge-diff `typed/tofieldset.go`, `typed/compare.go`, `typed/merge.go`, `typed/remove.go`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use super::set::{self, Element, Path, Set};
+use super::set::{self, Element, Set};
 use crate::api::schema::{self, ListType};
 
 /// Where a node sits: a field of an object (by name) or an item of a list.
@@ -21,10 +21,10 @@ enum Node<'a> {
     },
 }
 
-/// The object keys from the root to the current node (list items add none).
-type Names = Vec<String>;
+/// The object keys from the root to the current node (list items add none), borrowed from the objects walked.
+type Names<'v> = Vec<&'v str>;
 
-fn list_type(names: &Names, field: &str) -> ListType {
+fn list_type(names: &[&str], field: &str) -> ListType {
     let parents = &names[..names.len().saturating_sub(1)];
     schema::list_schema(parents, field).apply
 }
@@ -36,9 +36,9 @@ fn object_is_atomic(node: Node<'_>) -> bool {
     }
 }
 
-/// The path element of a list item, or an error naming what is wrong with it.
-fn item_element(names: &Names, field: &str, item: &Value) -> Result<Element, String> {
-    match list_type(names, field) {
+/// The path element of an item of a list of type `lt`, or an error naming what is wrong with it.
+fn item_element(lt: ListType, names: &[&str], item: &Value) -> Result<Element, String> {
+    match lt {
         ListType::Set => Ok(set::value(item)),
         ListType::Map(keys) => {
             let Value::Object(m) = item else {
@@ -47,83 +47,103 @@ fn item_element(names: &Names, field: &str, item: &Value) -> Result<Element, Str
                     names.join(".")
                 ));
             };
-            let mut fields = Vec::new();
+            // Key fields in name order (`set::key`); the schema lists them sorted already.
+            let mut sorted = [""; 4];
+            let keys: &[&str] = if keys.is_sorted() || keys.len() > sorted.len() {
+                keys
+            } else {
+                sorted[..keys.len()].copy_from_slice(keys);
+                sorted[..keys.len()].sort_unstable();
+                &sorted[..keys.len()]
+            };
+            let mut el = String::from("k:{");
+            let mut any = false;
             for k in keys {
-                match m.get(*k) {
-                    Some(v) if !v.is_null() => fields.push((*k, v.clone())),
-                    _ => {
-                        if let Some(d) = schema::key_default(k) {
-                            fields.push((*k, Value::String(d.to_string())));
+                let default;
+                let v = match m.get(*k) {
+                    Some(v) if !v.is_null() => v,
+                    _ => match schema::key_default(k) {
+                        Some(d) => {
+                            default = Value::String(d.to_string());
+                            &default
                         }
-                    }
+                        None => continue,
+                    },
+                };
+                if any {
+                    el.push(',');
                 }
+                any = true;
+                set::push_key_field(&mut el, k, v);
             }
-            if fields.is_empty() {
+            if !any {
                 return Err(format!(
                     ".{}: associative list with keys has an element that omits all key fields {keys:?}",
                     names.join(".")
                 ));
             }
-            Ok(set::key(fields))
+            el.push('}');
+            Ok(el)
         }
         ListType::Atomic => Err(format!(".{} is an atomic list", names.join("."))),
     }
 }
 
-fn items_atomic(names: &Names, field: &str) -> bool {
-    list_type(names, field) == ListType::Set || schema::items_are_atomic(field)
+fn items_atomic(lt: ListType, field: &str) -> bool {
+    lt == ListType::Set || schema::items_are_atomic(field)
 }
 
 /// The fields an applied configuration sets (upstream `ToFieldSet`).
 pub(crate) fn field_set(obj: &Value) -> Result<Set, String> {
     let mut out = Set::new();
     if let Value::Object(m) = obj {
-        object_fields(m, &mut Vec::new(), &mut Vec::new(), &mut out)?;
+        object_fields(m, &mut Vec::new(), &mut out)?;
     }
     Ok(out)
 }
 
-fn object_fields(
-    m: &Map<String, Value>,
-    path: &mut Path,
-    names: &mut Names,
+fn object_fields<'v>(
+    m: &'v Map<String, Value>,
+    names: &mut Names<'v>,
     out: &mut Set,
 ) -> Result<(), String> {
     for (k, child) in m {
-        path.push(set::field(k));
-        names.push(k.clone());
-        let r = value_fields(Node::Field(k), child, path, names, out);
+        names.push(k);
+        let mut sub = Set::new();
+        let r = value_fields(Node::Field(k), child, names, &mut sub);
         names.pop();
-        path.pop();
         r?;
+        out.attach_hinted(set::field(k), sub, m.len());
     }
     Ok(())
 }
 
-fn value_fields(
+/// Records the fields of `v` into `out`, the set node of `v`'s own path.
+fn value_fields<'v>(
     node: Node<'_>,
-    v: &Value,
-    path: &mut Path,
-    names: &mut Names,
+    v: &'v Value,
+    names: &mut Names<'v>,
     out: &mut Set,
 ) -> Result<(), String> {
     match (v, node) {
-        (Value::Object(m), _) if m.is_empty() || object_is_atomic(node) => out.insert(path),
-        (Value::Object(m), _) => object_fields(m, path, names, out)?,
+        (Value::Object(m), _) if m.is_empty() || object_is_atomic(node) => out.mark(),
+        (Value::Object(m), _) => object_fields(m, names, out)?,
         (Value::Array(items), Node::Field(f)) => {
-            if list_type(names, f) == ListType::Atomic {
-                out.insert(path);
+            let lt = list_type(names, f);
+            if lt == ListType::Atomic {
+                out.mark();
                 return Ok(());
             }
-            let atomic = items_atomic(names, f);
+            let atomic = items_atomic(lt, f);
             for item in items {
-                path.push(item_element(names, f, item)?);
-                out.insert(path);
-                value_fields(Node::Item { atomic }, item, path, names, out)?;
-                path.pop();
+                let el = item_element(lt, names, item)?;
+                let mut sub = Set::new();
+                sub.mark();
+                value_fields(Node::Item { atomic }, item, names, &mut sub)?;
+                out.attach(el, sub);
             }
         }
-        _ => out.insert(path),
+        _ => out.mark(),
     }
     Ok(())
 }
@@ -136,6 +156,34 @@ pub(crate) struct Comparison {
     pub removed: Set,
 }
 
+impl Comparison {
+    /// Puts the comparison of a child node under `el`; the element is only built when something changed.
+    fn attach(&mut self, el: impl FnOnce() -> Element, child: Comparison, hint: usize) {
+        let parts = [
+            (&mut self.added, child.added),
+            (&mut self.modified, child.modified),
+            (&mut self.removed, child.removed),
+        ];
+        let mut left = parts.iter().filter(|(_, c)| !c.is_empty()).count();
+        if left == 0 {
+            return;
+        }
+        let mut el = el();
+        for (parent, c) in parts {
+            if c.is_empty() {
+                continue;
+            }
+            left -= 1;
+            let el = if left == 0 {
+                std::mem::take(&mut el)
+            } else {
+                el.clone()
+            };
+            parent.attach_hinted(el, c, hint);
+        }
+    }
+}
+
 /// Compares `old` (None: the object is being created) with `new`.
 pub(crate) fn compare(old: Option<&Value>, new: &Value) -> Result<Comparison, String> {
     let mut cmp = Comparison::default();
@@ -145,45 +193,102 @@ pub(crate) fn compare(old: Option<&Value>, new: &Value) -> Result<Comparison, St
         Some(old.unwrap_or(&empty)),
         Some(new),
         &mut Vec::new(),
-        &mut Vec::new(),
         &mut cmp,
     )?;
+    // The root is never a member.
+    cmp.added.unmark_self();
+    cmp.modified.unmark_self();
+    cmp.removed.unmark_self();
     Ok(cmp)
 }
 
-fn leaf(l: Option<&Value>, r: Option<&Value>, path: &Path, cmp: &mut Comparison) {
+fn leaf(l: Option<&Value>, r: Option<&Value>, cmp: &mut Comparison) {
     match (l, r) {
-        (None, Some(_)) => cmp.added.insert(path),
-        (Some(_), None) => cmp.removed.insert(path),
-        (Some(a), Some(b)) if a != b => cmp.modified.insert(path),
+        (None, Some(_)) => cmp.added.mark(),
+        (Some(_), None) => cmp.removed.mark(),
+        (Some(a), Some(b)) if a != b => cmp.modified.mark(),
         _ => {}
     }
 }
 
-/// Items of a keyed or set list by element, in first-seen order (later duplicates ignored).
-fn index_items<'v>(
-    names: &Names,
-    field: &str,
-    items: &'v [Value],
-) -> Result<(Vec<Element>, BTreeMap<Element, &'v Value>), String> {
-    let mut order = Vec::new();
-    let mut by = BTreeMap::new();
-    for item in items {
-        let el = item_element(names, field, item)?;
-        if !by.contains_key(&el) {
-            by.insert(el.clone(), item);
-            order.push(el);
-        }
-    }
-    Ok((order, by))
+/// The items of a keyed or set list by element, in first-seen order (later duplicates ignored), with an index
+/// sorted by element for lookups.
+struct Items<'v> {
+    order: Vec<(Element, &'v Value)>,
+    sorted: Vec<usize>,
 }
 
-fn compare_node(
+impl<'v> Items<'v> {
+    fn new(lt: ListType, names: &[&str], items: &'v [Value]) -> Result<Self, String> {
+        let mut order = Vec::with_capacity(items.len());
+        for item in items {
+            order.push((item_element(lt, names, item)?, item));
+        }
+        let mut sorted: Vec<usize> = (0..order.len()).collect();
+        if order.len() > 1 {
+            // Stable: of equal elements the first seen comes first, and dedup keeps it.
+            sorted.sort_by(|a, b| order[*a].0.cmp(&order[*b].0));
+            sorted.dedup_by(|a, b| order[*a].0 == order[*b].0);
+            if sorted.len() < order.len() {
+                let mut keep = vec![false; order.len()];
+                for i in &sorted {
+                    keep[*i] = true;
+                }
+                let mut i = 0;
+                order.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+                sorted = (0..order.len()).collect();
+                sorted.sort_by(|a, b| order[*a].0.cmp(&order[*b].0));
+            }
+        }
+        Ok(Self { order, sorted })
+    }
+
+    fn get(&self, el: &str) -> Option<&'v Value> {
+        self.sorted
+            .binary_search_by(|i| self.order[*i].0.as_str().cmp(el))
+            .ok()
+            .map(|i| self.order[self.sorted[i]].1)
+    }
+
+    fn contains(&self, el: &str) -> bool {
+        self.get(el).is_some()
+    }
+}
+
+/// The fields of two objects by name, in name order: a merge of the two maps, which iterate in key order
+/// (serde_json's `Map` is a `BTreeMap` without its `preserve_order` feature; a test below checks).
+fn zip_fields<'v>(
+    l: Option<&'v Map<String, Value>>,
+    r: Option<&'v Map<String, Value>>,
+) -> impl Iterator<Item = (&'v String, Option<&'v Value>, Option<&'v Value>)> {
+    let mut l = l.into_iter().flatten().peekable();
+    let mut r = r.into_iter().flatten().peekable();
+    std::iter::from_fn(move || {
+        let order = match (l.peek(), r.peek()) {
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => return None,
+        };
+        match order {
+            std::cmp::Ordering::Less => l.next().map(|(k, v)| (k, Some(v), None)),
+            std::cmp::Ordering::Greater => r.next().map(|(k, v)| (k, None, Some(v))),
+            std::cmp::Ordering::Equal => {
+                let (k, lv) = l.next()?;
+                r.next().map(|(_, rv)| (k, Some(lv), Some(rv)))
+            }
+        }
+    })
+}
+
+fn compare_node<'v>(
     node: Node<'_>,
-    l: Option<&Value>,
-    r: Option<&Value>,
-    path: &mut Path,
-    names: &mut Names,
+    l: Option<&'v Value>,
+    r: Option<&'v Value>,
+    names: &mut Names<'v>,
     cmp: &mut Comparison,
 ) -> Result<(), String> {
     let shape_ok = |v: Option<&Value>, f: &dyn Fn(&Value) -> bool| v.is_none_or(f);
@@ -191,29 +296,22 @@ fn compare_node(
         let (lm, rm) = (l.and_then(Value::as_object), r.and_then(Value::as_object));
         let empty = lm.is_none_or(Map::is_empty) && rm.is_none_or(Map::is_empty);
         if object_is_atomic(node) || empty {
-            leaf(l, r, path, cmp);
+            leaf(l, r, cmp);
             return Ok(());
         }
-        let keys: BTreeSet<&String> = lm.into_iter().chain(rm).flat_map(Map::keys).collect();
-        for k in keys {
+        let hint = lm.map_or(0, Map::len).max(rm.map_or(0, Map::len));
+        for (k, lv, rv) in zip_fields(lm, rm) {
             // Field management never tracks the object's own managedFields (upstream strips them), so the
             // callers need not copy the objects to drop them first.
             if k == "managedFields" && names.len() == 1 && names[0] == "metadata" {
                 continue;
             }
-            path.push(set::field(k));
-            names.push(k.clone());
-            let res = compare_node(
-                Node::Field(k),
-                lm.and_then(|m| m.get(k)),
-                rm.and_then(|m| m.get(k)),
-                path,
-                names,
-                cmp,
-            );
+            names.push(k);
+            let mut child = Comparison::default();
+            let res = compare_node(Node::Field(k), lv, rv, names, &mut child);
             names.pop();
-            path.pop();
             res?;
+            cmp.attach(|| set::field(k), child, hint);
         }
     } else if let (true, true, Node::Field(f)) = (
         shape_ok(l, &Value::is_array),
@@ -222,41 +320,40 @@ fn compare_node(
     ) {
         let (la, ra) = (l.and_then(Value::as_array), r.and_then(Value::as_array));
         let empty = la.is_none_or(Vec::is_empty) && ra.is_none_or(Vec::is_empty);
-        if list_type(names, f) == ListType::Atomic || empty {
-            leaf(l, r, path, cmp);
+        let lt = list_type(names, f);
+        if lt == ListType::Atomic || empty {
+            leaf(l, r, cmp);
             return Ok(());
         }
-        let (lorder, lby) = index_items(names, f, la.map(Vec::as_slice).unwrap_or_default())?;
-        let (rorder, rby) = index_items(names, f, ra.map(Vec::as_slice).unwrap_or_default())?;
-        let atomic = items_atomic(names, f);
-        let mut seen = BTreeSet::new();
-        for el in lorder.iter().chain(&rorder) {
-            if !seen.insert(el) {
-                continue;
-            }
-            path.push(el.clone());
-            let res = compare_node(
-                Node::Item { atomic },
-                lby.get(el).copied(),
-                rby.get(el).copied(),
-                path,
-                names,
-                cmp,
-            );
-            path.pop();
-            res?;
+        let litems = Items::new(lt, names, la.map(Vec::as_slice).unwrap_or_default())?;
+        let ritems = Items::new(lt, names, ra.map(Vec::as_slice).unwrap_or_default())?;
+        let atomic = items_atomic(lt, f);
+        let hint = litems.order.len().max(ritems.order.len());
+        let from_left = litems
+            .order
+            .iter()
+            .map(|(el, lv)| (el, Some(*lv), ritems.get(el)));
+        let from_right = ritems
+            .order
+            .iter()
+            .filter(|(el, _)| !litems.contains(el))
+            .map(|(el, rv)| (el, None, Some(*rv)));
+        for (el, lv, rv) in from_left.chain(from_right) {
+            let mut child = Comparison::default();
+            compare_node(Node::Item { atomic }, lv, rv, names, &mut child)?;
+            cmp.attach(|| el.clone(), child, hint);
         }
     } else {
-        leaf(l, r, path, cmp);
+        leaf(l, r, cmp);
         return Ok(());
     }
     // A map or list that appears or disappears as a whole is itself added or removed, except the non-pointer
     // structs an empty Go object already has (see `schema::always_present`).
     match (l, r) {
         (None, Some(_)) if !matches!(node, Node::Field(f) if schema::always_present(f)) => {
-            cmp.added.insert(path)
+            cmp.added.mark()
         }
-        (Some(_), None) => cmp.removed.insert(path),
+        (Some(_), None) => cmp.removed.mark(),
         _ => {}
     }
     Ok(())
@@ -273,11 +370,11 @@ pub(crate) fn merge(live: &Value, config: &Value) -> Result<Value, String> {
     )
 }
 
-fn merge_node(
+fn merge_node<'v>(
     node: Node<'_>,
     l: Option<&Value>,
-    r: &Value,
-    names: &mut Names,
+    r: &'v Value,
+    names: &mut Names<'v>,
 ) -> Result<Value, String> {
     match (l, r, node) {
         (None | Some(Value::Object(_)), Value::Object(rm), _) if !object_is_atomic(node) => {
@@ -285,7 +382,7 @@ fn merge_node(
             let lm = l.and_then(Value::as_object);
             let mut out = lm.cloned().unwrap_or_default();
             for (k, rv) in rm {
-                names.push(k.clone());
+                names.push(k);
                 let merged = merge_node(Node::Field(k), lm.and_then(|m| m.get(k)), rv, names);
                 names.pop();
                 out.insert(k.clone(), merged?);
@@ -307,41 +404,43 @@ fn merge_node(
 
 /// Upstream's list merge order: shared items follow the configuration's order, live-only items keep their
 /// place relative to them, new items come where the configuration puts them.
-fn merge_list(
-    names: &mut Names,
+fn merge_list<'v>(
+    names: &mut Names<'v>,
     field: &str,
     live: &[Value],
-    config: &[Value],
+    config: &'v [Value],
 ) -> Result<Vec<Value>, String> {
-    let (lpes, lby) = index_items(names, field, live)?;
+    let lt = list_type(names, field);
+    let litems = Items::new(lt, names, live)?;
+    let lpes: Vec<&Element> = litems.order.iter().map(|(el, _)| el).collect();
     let mut rpes = Vec::new();
-    let mut rby: BTreeMap<Element, &Value> = BTreeMap::new();
+    let mut rby: std::collections::BTreeMap<Element, &Value> = std::collections::BTreeMap::new();
     for item in config {
-        let el = item_element(names, field, item)?;
+        let el = item_element(lt, names, item)?;
         if rby.insert(el.clone(), item).is_some() {
             return Err(format!(
                 ".{}: duplicate entries for key {}",
                 names.join("."),
-                set::display(&[el])
+                set::display([el])
             ));
         }
         rpes.push(el);
     }
-    let atomic = items_atomic(names, field);
-    let item = |el: &Element, names: &mut Names| -> Result<Value, String> {
+    let atomic = items_atomic(lt, field);
+    let item = |el: &Element, names: &mut Names<'v>| -> Result<Value, String> {
         match rby.get(el) {
-            Some(r) => merge_node(Node::Item { atomic }, lby.get(el).copied(), r, names),
-            None => Ok(lby.get(el).copied().cloned().unwrap_or(Value::Null)),
+            Some(r) => merge_node(Node::Item { atomic }, litems.get(el), r, names),
+            None => Ok(litems.get(el).cloned().unwrap_or(Value::Null)),
         }
     };
-    let mut shared = rpes.iter().filter(|e| lby.contains_key(*e));
+    let mut shared = rpes.iter().filter(|e| litems.contains(e));
     let mut next_shared = shared.next();
     let mut merged_rhs = BTreeSet::new();
     let mut out = Vec::with_capacity(lpes.len().max(rpes.len()));
     let (mut li, mut ri) = (0, 0);
     while li < lpes.len() || ri < rpes.len() {
         if li < lpes.len() && ri < rpes.len() {
-            let pe = &lpes[li];
+            let pe = lpes[li];
             if *pe == rpes[ri] {
                 merged_rhs.insert(pe.clone());
                 out.push(item(pe, names)?);
@@ -356,7 +455,7 @@ fn merge_list(
             }
         }
         if li < lpes.len() {
-            let pe = &lpes[li];
+            let pe = lpes[li];
             if !rby.contains_key(pe) {
                 out.push(item(pe, names)?);
                 li += 1;
@@ -383,7 +482,7 @@ pub(crate) fn remove(obj: &mut Value, path: &[Element]) {
     remove_at(obj, path, &mut Vec::new());
 }
 
-fn remove_at(v: &mut Value, path: &[Element], names: &mut Names) {
+fn remove_at<'p>(v: &mut Value, path: &'p [Element], names: &mut Names<'p>) {
     let Some((first, rest)) = path.split_first() else {
         return;
     };
@@ -396,14 +495,15 @@ fn remove_at(v: &mut Value, path: &[Element], names: &mut Names) {
         return;
     }
     let Some(child) = m.get_mut(name) else { return };
-    names.push(name.to_string());
+    names.push(name);
     match child {
         Value::Object(_) => remove_at(child, rest, names),
         Value::Array(items) => {
             let (el, below) = (&rest[0], &rest[1..]);
+            let lt = list_type(names, name);
             let pos = items
                 .iter()
-                .position(|i| item_element(names, name, i).is_ok_and(|e| e == *el));
+                .position(|i| item_element(lt, names, i).is_ok_and(|e| e == *el));
             if let Some(pos) = pos {
                 if below.is_empty() {
                     items.remove(pos);
@@ -424,7 +524,19 @@ mod tests {
     use super::*;
 
     fn paths(s: &Set) -> Vec<String> {
-        s.iter().map(|p| set::display(p)).collect()
+        s.iter().map(set::display).collect()
+    }
+
+    #[test]
+    fn json_objects_iterate_in_key_order_as_the_comparison_assumes() {
+        let v: Value =
+            serde_json::from_str(r#"{"b": 1, "a": 2, "c": {"z": 1, "y": 2}}"#).expect("json");
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        let mut m = Map::new();
+        m.insert("z".into(), Value::Null);
+        m.insert("a".into(), Value::Null);
+        assert!(m.keys().is_sorted());
     }
 
     #[test]
