@@ -95,6 +95,17 @@ impl ControlPlane {
         self.dir.path().join("admin.kubeconfig")
     }
 
+    /// A `kube` client with the admin credentials (`system:masters`).
+    pub async fn kube_client(&self) -> kube::Client {
+        crate::install_rustls_provider();
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("read admin.kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("kube config from admin.kubeconfig");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
     pub fn url(&self) -> String {
         format!("https://{}:{}", self.address(), self.port)
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
 use windlass_control::controllers::{Context, ControllersConfig, CONTROLLERS};
 use windlass_tests::control::ControlPlane;
@@ -47,14 +47,7 @@ impl Lab {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let client = rt.block_on(async {
-            let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig())
-                .expect("read admin.kubeconfig");
-            let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .expect("kube config");
-            Client::try_from(config).expect("kube client")
-        });
+        let client = rt.block_on(cp.kube_client());
         let config = Arc::new(ControllersConfig::default());
         for name in ["replicaset", "deployment", "garbagecollector", "namespace"] {
             let entry = CONTROLLERS

@@ -7,21 +7,11 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
-use kube::{Client, Config, Discovery};
+use kube::Discovery;
 use windlass_tests::control::ControlPlane;
 use windlass_tests::require_privileged;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn client(cp: &ControlPlane) -> Client {
-    windlass_tests::install_rustls_provider();
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(cp.kubeconfig()).expect("read admin.kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kube config from admin.kubeconfig");
-    Client::try_from(config).expect("kube client")
-}
 
 fn pod(name: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
@@ -40,7 +30,7 @@ async fn the_kube_crate_discovers_lists_creates_and_watches() {
     let cp = tokio::task::spawn_blocking(ControlPlane::start)
         .await
         .expect("start");
-    let client = client(&cp).await;
+    let client = cp.kube_client().await;
 
     // Both discovery flavours kube-rs offers.
     let discovery = Discovery::new(client.clone())
@@ -166,7 +156,7 @@ async fn the_kube_crate_discovers_lists_creates_and_watches() {
     })
     .await
     .expect("restart");
-    let client = self::client(&cp).await;
+    let client = cp.kube_client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
     let mut stream = cms
         .watch(&WatchParams::default(), &old_rv)
@@ -200,7 +190,7 @@ async fn a_whole_list_longer_than_a_chunk_returns_every_object_once() {
     let cp = tokio::task::spawn_blocking(ControlPlane::start)
         .await
         .expect("start");
-    let client = client(&cp).await;
+    let client = cp.kube_client().await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     // More than the server's store chunk (256 items), so the list spans several chunks.
     let count = 600;

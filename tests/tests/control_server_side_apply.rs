@@ -4,7 +4,6 @@
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Config};
 use serde_json::{json, Value};
 use windlass_tests::control::ControlPlane;
 use windlass_tests::require_privileged;
@@ -301,16 +300,6 @@ fn server_side_apply_takes_over_from_client_side_apply() {
     assert_eq!(d["spec"]["replicas"], 3);
 }
 
-async fn client(cp: &ControlPlane) -> Client {
-    windlass_tests::install_rustls_provider();
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(cp.kubeconfig()).expect("read admin.kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kube config from admin.kubeconfig");
-    Client::try_from(config).expect("kube client")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_patch_apply_conflicts_without_force_and_takes_ownership_with_it() {
     if !require_privileged(&["kubectl"]) {
@@ -319,7 +308,7 @@ async fn kube_patch_apply_conflicts_without_force_and_takes_ownership_with_it() 
     let cp = tokio::task::spawn_blocking(ControlPlane::start)
         .await
         .expect("start");
-    let client = client(&cp).await;
+    let client = cp.kube_client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let config = |v: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-ssa"}, "data": {"k": v}});
 
