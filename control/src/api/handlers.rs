@@ -17,7 +17,7 @@ use super::{
     json_bytes_response, json_response, patch, table, watch, with_warnings, Body, Ctx, State,
     Target,
 };
-use crate::store::{KeyValue, ListOptions, StoreError};
+use crate::store::{KeyValue, ListOptions, Store, StoreError};
 
 /// How many times an update without a client-given resourceVersion retries after losing a race.
 const RETRIES: usize = 8;
@@ -744,8 +744,6 @@ pub(crate) async fn create_object(
     if let (true, Some(ns)) = (kind.namespaced, namespace) {
         check_namespace(state, kind, ns, &name).await?;
     }
-    let mut name = name;
-    let mut key = kind.key(namespace, &name);
     let _alloc = if kind.kind == "Service" {
         let guard = state.alloc_lock.lock().await;
         allocate_service(state, kind, &mut obj, None).await?;
@@ -756,30 +754,50 @@ pub(crate) async fn create_object(
     if dry {
         return Ok((serde_json::to_vec(&obj).unwrap_or_default(), warnings));
     }
+    let json = store_new(
+        &*state.store,
+        kind,
+        namespace,
+        obj,
+        generate_prefix.as_deref(),
+        state.config.event_ttl,
+        objects::random_suffix,
+    )
+    .await?;
+    Ok((json, warnings))
+}
+
+/// Stores a validated new object and returns its JSON with its resourceVersion (the stored bytes plus the
+/// revision: one JSON encoding per create). A name made from `generate_prefix` that is taken is replaced by the
+/// prefix and a fresh `suffix()`, 8 attempts in all (upstream's RetryGenerateName).
+async fn store_new(
+    store: &dyn Store,
+    kind: &ResourceKind,
+    namespace: Option<&str>,
+    mut obj: Value,
+    generate_prefix: Option<&str>,
+    event_ttl: std::time::Duration,
+    mut suffix: impl FnMut() -> String,
+) -> Result<Vec<u8>, ApiError> {
     const GENERATE_NAME_ATTEMPTS: usize = 8;
+    let mut name = name_of(&obj).to_string();
     let mut attempt = 1;
     loop {
+        let key = kind.key(namespace, &name);
         let stored = to_stored(&obj);
         // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
         let created = if kind.kind == "Event" {
-            state
-                .store
-                .create_with_ttl(&key, stored.clone(), state.config.event_ttl)
-                .await
+            store.create_with_ttl(&key, stored.clone(), event_ttl).await
         } else {
-            state.store.create(&key, stored.clone()).await
+            store.create(&key, stored.clone()).await
         };
-        match (created, &generate_prefix) {
-            (Ok(kv), _) => {
-                // The response is the stored bytes plus the resourceVersion: one JSON encoding per create.
-                return Ok((stored_json(&key, &stored, kv.mod_revision)?, warnings));
-            }
+        match (created, generate_prefix) {
+            (Ok(kv), _) => return stored_json(&key, &stored, kv.mod_revision),
             (Err(StoreError::AlreadyExists { .. }), Some(prefix))
                 if attempt < GENERATE_NAME_ATTEMPTS =>
             {
                 attempt += 1;
-                name = format!("{prefix}{}", objects::random_suffix());
-                key = kind.key(namespace, &name);
+                name = format!("{prefix}{}", suffix());
                 meta_mut(&mut obj).insert("name".into(), json!(name));
             }
             (Err(e), _) => return Err(ApiError::from_store(kind, &name, e)),
@@ -1932,4 +1950,81 @@ async fn allocate_service(
         p.insert("nodePort".into(), json!(port));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+    fn config_map(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name, "namespace": "default", "generateName": "cfg-"}})
+    }
+
+    #[tokio::test]
+    async fn a_taken_generated_name_is_replaced_until_a_free_one_is_found() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("store");
+        let kind = resources::find("", "v1", "configmaps").expect("configmaps");
+        let ttl = std::time::Duration::from_secs(3600);
+        for taken in ["cfg-aaaaa", "cfg-bbbbb"] {
+            store
+                .create(&kind.key(Some("default"), taken), b"{}".to_vec())
+                .await
+                .expect("occupy a name");
+        }
+        // The first name and the first retry are taken; the second retry is free.
+        let mut suffixes = ["bbbbb", "ccccc"].into_iter().map(String::from);
+        let json = store_new(
+            &store,
+            kind,
+            Some("default"),
+            config_map("cfg-aaaaa"),
+            Some("cfg-"),
+            ttl,
+            || suffixes.next().unwrap_or_default(),
+        )
+        .await
+        .expect("created under a free name");
+        let created: Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(created["metadata"]["name"], "cfg-ccccc");
+        assert!(created["metadata"]["resourceVersion"].is_string());
+        let (kv, _) = store
+            .get(&kind.key(Some("default"), "cfg-ccccc"))
+            .await
+            .expect("get");
+        assert!(kv.is_some(), "stored under the name it answered with");
+
+        // A name the client chose is never replaced, and generated names give up after 8 attempts.
+        let err = store_new(
+            &store,
+            kind,
+            Some("default"),
+            config_map("cfg-aaaaa"),
+            None,
+            ttl,
+            || "zzzzz".into(),
+        )
+        .await
+        .expect_err("a chosen name that is taken");
+        assert_eq!(err.code, 409);
+        let mut calls = 0;
+        let err = store_new(
+            &store,
+            kind,
+            Some("default"),
+            config_map("cfg-aaaaa"),
+            Some("cfg-"),
+            ttl,
+            || {
+                calls += 1;
+                "aaaaa".into()
+            },
+        )
+        .await
+        .expect_err("every generated name taken");
+        assert_eq!(err.code, 409);
+        assert_eq!(calls, 7, "one name plus seven retries");
+    }
 }
