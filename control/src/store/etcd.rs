@@ -276,6 +276,32 @@ impl EtcdStore {
 
     /// Reads `[start, end)` in pages of at most [`LIST_PAGE`] keys, all at the first page's revision, until
     /// `wanted` keys (all when `None`) are read. Paging keeps each response small, whatever the list's size.
+    /// Puts `key` only if it does not exist (a transaction comparing its create revision with 0).
+    async fn create_put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        options: Option<PutOptions>,
+    ) -> Result<KeyValue, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.clone(), options)]);
+        let resp = self.txn(Op::Write("create", key), txn).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        let revision = header_revision(resp.header())?;
+        Ok(KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+        })
+    }
+
     /// One page of `[start, end)`: at most `limit` keys read at revision `at` (0: the latest), the revision it was
     /// read at, whether more keys follow, and how many keys the whole range has.
     async fn read_page(
@@ -638,23 +664,7 @@ impl Store for EtcdStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value.clone(), None)]);
-        let resp = self.txn(Op::Write("create", key), txn).await?;
-        if !resp.succeeded() {
-            return Err(StoreError::AlreadyExists {
-                key: key.to_string(),
-            });
-        }
-        let revision = header_revision(resp.header())?;
-        Ok(KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-        })
+        self.create_put(key, value, None).await
     }
 
     async fn create_with_ttl(
@@ -664,27 +674,8 @@ impl Store for EtcdStore {
         ttl: Duration,
     ) -> Result<KeyValue, StoreError> {
         let lease = self.lease_for(ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let resp = self.txn(Op::Write("create", key), txn).await?;
-        if !resp.succeeded() {
-            return Err(StoreError::AlreadyExists {
-                key: key.to_string(),
-            });
-        }
-        let revision = header_revision(resp.header())?;
-        Ok(KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-        })
+        self.create_put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
     }
 
     async fn update(
