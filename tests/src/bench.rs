@@ -111,6 +111,19 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
 
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime: fields 14 and 15 (1-based) of /proc/<pid>/stat.
+    proc_stat_seconds(pid, 11, 12)
+}
+
+/// CPU seconds (user + system) of the waited-for children of a process: `cutime` and `cstime`.
+pub fn children_cpu_seconds(pid: u32) -> f64 {
+    // Fields 16 and 17 (1-based).
+    proc_stat_seconds(pid, 13, 14)
+}
+
+/// The sum of two clock-tick fields of /proc/<pid>/stat in seconds; `a` and `b` count from the field after the
+/// state (field 3), so field N (1-based) is N - 3. 0 when unreadable.
+fn proc_stat_seconds(pid: u32, a: usize, b: usize) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start at ") ".
     let fields: Vec<&str> = stat
@@ -123,10 +136,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the state field.
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz.max(1.0)
+    (ticks(a) + ticks(b)) / hz.max(1.0)
 }
 
 /// Seconds the whole machine has spent idle (all CPUs, `/proc/stat` idle + iowait) so far.

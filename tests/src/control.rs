@@ -226,6 +226,25 @@ impl ControlPlane {
         c
     }
 
+    /// kubectl authenticated only by a bearer `token` (no kubeconfig, no client certificate), trusting this
+    /// server's CA.
+    pub fn kubectl_with_token(&self, token: &str, args: &[&str]) -> Output {
+        self.command_here("kubectl")
+            .env("HOME", self.dir.path())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .arg("--kubeconfig=/dev/null")
+            .arg(format!("--server={}", self.url()))
+            .arg(format!(
+                "--certificate-authority={}",
+                self.dir.path().join("pki/ca.crt").display()
+            ))
+            .arg(format!("--token={token}"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_cmd().args(args).output().expect("run kubectl")
     }

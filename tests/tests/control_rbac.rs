@@ -25,22 +25,6 @@ fn start() -> ControlPlane {
     })
 }
 
-/// kubectl as the user owning `token` (no client certificate).
-fn as_user(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
-    Command::new("kubectl")
-        .env("HOME", cp.data_dir())
-        .arg("--kubeconfig=/dev/null")
-        .arg(format!("--server={}", cp.url()))
-        .arg(format!(
-            "--certificate-authority={}",
-            cp.data_dir().join("pki/ca.crt").display()
-        ))
-        .arg(format!("--token={token}"))
-        .args(args)
-        .output()
-        .expect("run kubectl")
-}
-
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
@@ -51,7 +35,7 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
         return;
     }
     let cp = start();
-    let out = as_user(&cp, "bob-token", &["get", "pods"]);
+    let out = cp.kubectl_with_token("bob-token", &["get", "pods"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -60,15 +44,12 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
         "{err}"
     );
     // Discovery is open to every authenticated user (system:discovery), so kubectl can resolve resources.
-    assert!(as_user(&cp, "bob-token", &["api-resources"])
+    assert!(cp
+        .kubectl_with_token("bob-token", &["api-resources"])
         .status
         .success());
     assert_eq!(
-        stdout(&as_user(
-            &cp,
-            "bob-token",
-            &["auth", "can-i", "list", "pods"]
-        )),
+        stdout(&cp.kubectl_with_token("bob-token", &["auth", "can-i", "list", "pods"])),
         "no"
     );
 
@@ -81,47 +62,33 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
         "-n",
         "default",
     ]);
-    let out = as_user(&cp, "bob-token", &["get", "pods"]);
+    let out = cp.kubectl_with_token("bob-token", &["get", "pods"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        stdout(&as_user(
-            &cp,
-            "bob-token",
-            &["auth", "can-i", "list", "pods"]
-        )),
+        stdout(&cp.kubectl_with_token("bob-token", &["auth", "can-i", "list", "pods"])),
         "yes"
     );
     assert_eq!(
-        stdout(&as_user(
-            &cp,
-            "bob-token",
-            &["auth", "can-i", "create", "deployments"]
-        )),
+        stdout(&cp.kubectl_with_token("bob-token", &["auth", "can-i", "create", "deployments"])),
         "no"
     );
     assert_eq!(
-        stdout(&as_user(
-            &cp,
-            "bob-token",
-            &["auth", "can-i", "get", "secrets"]
-        )),
+        stdout(&cp.kubectl_with_token("bob-token", &["auth", "can-i", "get", "secrets"])),
         "no",
         "view excludes secrets"
     );
     assert_eq!(
-        stdout(&as_user(
-            &cp,
+        stdout(&cp.kubectl_with_token(
             "bob-token",
             &["auth", "can-i", "list", "pods", "-n", "kube-system"]
         )),
         "no"
     );
-    let out = as_user(
-        &cp,
+    let out = cp.kubectl_with_token(
         "bob-token",
         &["create", "configmap", "x", "--from-literal=a=b"],
     );
@@ -136,8 +103,7 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
         "--group=dev",
     ]);
     assert_eq!(
-        stdout(&as_user(
-            &cp,
+        stdout(&cp.kubectl_with_token(
             "alice-token",
             &[
                 "auth",
@@ -151,11 +117,7 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
         "yes"
     );
     assert_eq!(
-        stdout(&as_user(
-            &cp,
-            "alice-token",
-            &["auth", "can-i", "create", "rolebindings"]
-        )),
+        stdout(&cp.kubectl_with_token("alice-token", &["auth", "can-i", "create", "rolebindings"])),
         "no",
         "edit cannot grant"
     );
@@ -163,7 +125,7 @@ fn a_user_without_bindings_is_forbidden_until_bound_to_a_role() {
     assert_eq!(cp.kubectl_ok(&["auth", "can-i", "*", "*"]).trim(), "yes");
 
     // A wrong token is a 401.
-    let out = as_user(&cp, "nope", &["get", "pods"]);
+    let out = cp.kubectl_with_token("nope", &["get", "pods"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthorized"));
 
     // Every request is in the audit log with user, verb, resource and code.
@@ -196,8 +158,7 @@ fn rbac_changes_take_effect_for_the_next_request() {
     }
     let cp = start();
     let can_bob = |verb: &str, what: &str| {
-        stdout(&as_user(
-            &cp,
+        stdout(&cp.kubectl_with_token(
             "bob-token",
             &["auth", "can-i", verb, what, "-n", "kube-public"],
         ))
@@ -222,8 +183,7 @@ fn rbac_changes_take_effect_for_the_next_request() {
     // cache from hanging the test.
     assert_eq!(can_bob("get", "configmaps"), "yes");
     assert!(bound.elapsed() < std::time::Duration::from_secs(10));
-    let out = as_user(
-        &cp,
+    let out = cp.kubectl_with_token(
         "bob-token",
         &["get", "configmap", "-n", "kube-public", "nope"],
     );
@@ -246,11 +206,7 @@ fn rbac_changes_take_effect_for_the_next_request() {
     // Deleting the binding revokes at once.
     cp.kubectl_ok(&["delete", "clusterrolebinding", "bob-cm"]);
     assert_eq!(can_bob("get", "configmaps"), "no");
-    let out = as_user(
-        &cp,
-        "bob-token",
-        &["get", "configmaps", "-n", "kube-public"],
-    );
+    let out = cp.kubectl_with_token("bob-token", &["get", "configmaps", "-n", "kube-public"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Forbidden"));
 }
 

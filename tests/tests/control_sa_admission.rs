@@ -4,7 +4,6 @@
 //! service account is refused with upstream's message; every namespace has the `kube-root-ca.crt` ConfigMap, put
 //! back after deletion or edits; and a kubelet may request tokens only for its own pods.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -222,22 +221,6 @@ fn every_namespace_gets_the_cluster_ca_config_map_and_it_is_restored_after_delet
     assert_eq!(role, r#"["configmaps"]["create","update"]"#);
 }
 
-/// kubectl authenticated only by `token`.
-fn as_token(cp: &ControlPlane, token: &str, args: &[&str]) -> Output {
-    Command::new("kubectl")
-        .env("HOME", cp.data_dir())
-        .arg("--kubeconfig=/dev/null")
-        .arg(format!("--server={}", cp.url()))
-        .arg(format!(
-            "--certificate-authority={}",
-            cp.data_dir().join("pki/ca.crt").display()
-        ))
-        .arg(format!("--token={token}"))
-        .args(args)
-        .output()
-        .expect("run kubectl")
-}
-
 #[test]
 fn a_kubelet_gets_tokens_only_for_its_own_pods_and_their_service_accounts() {
     if !require_privileged(&["kubectl"]) {
@@ -270,7 +253,7 @@ fn a_kubelet_gets_tokens_only_for_its_own_pods_and_their_service_accounts() {
             .to_string()
     };
     let node = |args: &[&str]| {
-        let out = as_token(&cp, "node-one-secret", args);
+        let out = cp.kubectl_with_token("node-one-secret", args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -2,26 +2,10 @@
 //! accepts it as `system:serviceaccount:<ns>:<name>` (RBAC applies to that user and its groups), and it stops
 //! working once the service account, or the pod it is bound to, is deleted.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use windlass_tests::control::ControlPlane;
 use windlass_tests::require_privileged;
-
-/// kubectl authenticated only by `token` (no client certificate).
-fn with_token(cp: &ControlPlane, token: &str, args: &[&str]) -> Output {
-    Command::new("kubectl")
-        .env("HOME", cp.data_dir())
-        .arg("--kubeconfig=/dev/null")
-        .arg(format!("--server={}", cp.url()))
-        .arg(format!(
-            "--certificate-authority={}",
-            cp.data_dir().join("pki/ca.crt").display()
-        ))
-        .arg(format!("--token={token}"))
-        .args(args)
-        .output()
-        .expect("run kubectl")
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -41,7 +25,7 @@ fn a_service_account_token_authenticates_as_the_service_account_until_it_is_dele
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
 
     // Authenticated as the service account, which has no rights yet.
-    let out = with_token(&cp, &token, &["get", "pods"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods"]);
     assert!(
         stderr(&out).contains(
             r#"User "system:serviceaccount:default:robot" cannot list resource "pods" in API group "" in the namespace "default""#
@@ -57,25 +41,25 @@ fn a_service_account_token_authenticates_as_the_service_account_until_it_is_dele
         "--clusterrole=view",
         "--group=system:serviceaccounts:default",
     ]);
-    let out = with_token(&cp, &token, &["get", "pods"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // A tampered token (another signature) is refused as unauthenticated.
     let mut parts: Vec<String> = token.split('.').map(String::from).collect();
     parts[2] = parts[2].chars().rev().collect();
-    let out = with_token(&cp, &parts.join("."), &["get", "pods"]);
+    let out = cp.kubectl_with_token(&parts.join("."), &["get", "pods"]);
     assert!(stderr(&out).contains("Unauthorized"), "{}", stderr(&out));
 
     // Tokens outlive API server restarts (the signing key is kept in the data dir)...
     let mut cp = cp;
     cp.restart();
-    let out = with_token(&cp, &token, &["get", "pods"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // ... but not their service account, even if one of the same name is created again.
     cp.kubectl_ok(&["delete", "serviceaccount", "robot"]);
     cp.kubectl_ok(&["create", "serviceaccount", "robot"]);
-    let out = with_token(&cp, &token, &["get", "pods"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods"]);
     assert!(stderr(&out).contains("Unauthorized"), "{}", stderr(&out));
 }
 
@@ -111,7 +95,7 @@ fn a_token_bound_to_a_pod_dies_with_the_pod_and_bad_requests_are_invalid() {
         ])
         .trim()
         .to_string();
-    let out = with_token(&cp, &token, &["get", "pods", "holder"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods", "holder"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // Shorter than upstream's 10-minute minimum: 422 with the field named.
@@ -138,6 +122,6 @@ fn a_token_bound_to_a_pod_dies_with_the_pod_and_bad_requests_are_invalid() {
 
     // No kubelet runs here, so the pod is removed at once with a zero grace period.
     cp.kubectl_ok(&["delete", "pod", "holder", "--grace-period=0", "--force"]);
-    let out = with_token(&cp, &token, &["get", "pods"]);
+    let out = cp.kubectl_with_token(&token, &["get", "pods"]);
     assert!(stderr(&out).contains("Unauthorized"), "{}", stderr(&out));
 }

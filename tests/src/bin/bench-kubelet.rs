@@ -23,7 +23,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
-use windlass_tests::bench::{cpu_seconds, env_usize, markdown_table, rss_mib, Samples};
+use windlass_tests::bench::{
+    children_cpu_seconds, cpu_seconds, env_usize, markdown_table, rss_mib, Samples,
+};
 use windlass_tests::kubelet_lab::KubeletLab;
 
 const IN_NS: &str = "WINDLASS_BENCH_IN_PRIVATE_MOUNT_NS";
@@ -169,26 +171,6 @@ fn sockets(pid: u32) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) of the waited-for children of a process (CNI plugins, the runtime's first shim
-/// process): `cutime` and `cstime` of /proc/<pid>/stat.
-fn children_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // cutime and cstime are fields 16 and 17 (1-based), i.e. 13 and 14 after the state field.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(13) + ticks(14)) / hz.max(1.0)
 }
 
 async fn delete_pods(api: &Api<Pod>) {
