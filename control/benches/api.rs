@@ -40,7 +40,7 @@ fn pod(name: &str) -> Pod {
 }
 
 struct Server {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
     port: u16,
     process: ChildGuard,
@@ -72,7 +72,7 @@ impl Server {
                 .then_some(())
         });
         Self {
-            _dir: dir,
+            dir,
             kubeconfig,
             port,
             process,
@@ -91,7 +91,7 @@ impl Server {
     /// kube-rs's typed encoding, so it sends pre-encoded bytes as the etcd-client peer does.
     async fn raw_client(&self, conns: usize) -> RawApi {
         use rustls_pki_types::pem::PemObject;
-        let pki = self._dir.path().join("pki");
+        let pki = self.dir.path().join("pki");
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_file_iter(pki.join("ca.crt")).expect("ca") {
             roots.add(c.expect("ca pem")).expect("ca cert");

@@ -81,18 +81,6 @@ impl<T: Send + Sync + 'static> Cache<T> {
         &self.prefix
     }
 
-    fn covers(&self, key: &str) -> bool {
-        key.starts_with(&self.prefix)
-    }
-
-    /// Waits until the cache reflects store revision `revision`; false on timeout.
-    async fn wait_for(&self, revision: Revision, within: Duration) -> bool {
-        let mut rx = self.applied.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|r| *r >= revision))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
     fn apply(&self, event: &Event) {
         match event {
             Event::Created(kv) | Event::Updated { kv, .. } => {
@@ -175,6 +163,18 @@ pub(crate) struct Rules(pub Vec<PolicyRule>);
 pub(crate) struct Binding {
     pub subjects: Vec<Subject>,
     pub role_ref: RoleRef,
+}
+
+/// Waits until a cache's `applied` revision reaches `revision`; false on timeout.
+async fn reflects(
+    applied: &tokio::sync::watch::Sender<Revision>,
+    revision: Revision,
+    within: Duration,
+) -> bool {
+    let mut rx = applied.subscribe();
+    tokio::time::timeout(within, rx.wait_for(|r| *r >= revision))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// What the create path needs of a namespace.
@@ -325,34 +325,27 @@ impl Caches {
         })
     }
 
-    /// Waits until every cache holding `key` reflects revision `revision` (bounded by [`WRITE_VISIBLE_WITHIN`]).
+    /// Waits until the cache holding `key`, if any, reflects revision `revision` (bounded by
+    /// [`WRITE_VISIBLE_WITHIN`]).
     async fn written(&self, key: &str, revision: Revision) {
-        let visible = if self.cluster_roles.covers(key) {
-            self.cluster_roles
-                .wait_for(revision, WRITE_VISIBLE_WITHIN)
-                .await
-        } else if self.roles.covers(key) {
-            self.roles.wait_for(revision, WRITE_VISIBLE_WITHIN).await
-        } else if self.cluster_role_bindings.covers(key) {
-            self.cluster_role_bindings
-                .wait_for(revision, WRITE_VISIBLE_WITHIN)
-                .await
-        } else if self.role_bindings.covers(key) {
-            self.role_bindings
-                .wait_for(revision, WRITE_VISIBLE_WITHIN)
-                .await
-        } else if self.namespaces.covers(key) {
-            self.namespaces
-                .wait_for(revision, WRITE_VISIBLE_WITHIN)
-                .await
-        } else if self.service_accounts.covers(key) {
-            self.service_accounts
-                .wait_for(revision, WRITE_VISIBLE_WITHIN)
-                .await
-        } else {
-            true
+        let applied = [
+            (self.cluster_roles.prefix(), &self.cluster_roles.applied),
+            (self.roles.prefix(), &self.roles.applied),
+            (
+                self.cluster_role_bindings.prefix(),
+                &self.cluster_role_bindings.applied,
+            ),
+            (self.role_bindings.prefix(), &self.role_bindings.applied),
+            (self.namespaces.prefix(), &self.namespaces.applied),
+            (
+                self.service_accounts.prefix(),
+                &self.service_accounts.applied,
+            ),
+        ];
+        let Some((_, applied)) = applied.into_iter().find(|(p, _)| key.starts_with(p)) else {
+            return;
         };
-        if !visible {
+        if !reflects(applied, revision, WRITE_VISIBLE_WITHIN).await {
             tracing::warn!(%key, revision, "the API server's cache has not seen this write yet");
         }
     }
@@ -538,11 +531,12 @@ mod tests {
             .await
             .expect("create namespace");
         assert!(
-            store
-                .caches
-                .namespaces
-                .wait_for(kv.mod_revision, Duration::from_secs(5))
-                .await,
+            reflects(
+                &store.caches.namespaces.applied,
+                kv.mod_revision,
+                Duration::from_secs(5)
+            )
+            .await,
             "the cache saw the namespace within 5 s"
         );
         let ns = store.caches.namespaces.get("/registry/namespaces/team-a");
@@ -556,11 +550,12 @@ mod tests {
             .await
             .expect("mark terminating");
         assert!(
-            store
-                .caches
-                .namespaces
-                .wait_for(kv.mod_revision, Duration::from_secs(5))
-                .await
+            reflects(
+                &store.caches.namespaces.applied,
+                kv.mod_revision,
+                Duration::from_secs(5)
+            )
+            .await
         );
         let ns = store.caches.namespaces.get("/registry/namespaces/team-a");
         assert!(ns.is_some_and(|n| n.terminating));

@@ -238,9 +238,15 @@ fn ns_of(t: &Target) -> Option<&str> {
 }
 
 async fn read(state: &State, t: &Target, name: &str) -> Result<(Value, KeyValue), ApiError> {
+    let kv = read_kv(state, t, name).await?;
+    Ok((object_of(&kv)?, kv))
+}
+
+/// The stored object `name` of the target's kind and namespace, or 404.
+async fn read_kv(state: &State, t: &Target, name: &str) -> Result<KeyValue, ApiError> {
     let key = t.kind.key(ns_of(t), name);
     match state.store.get(&key).await? {
-        (Some(kv), _) => Ok((object_of(&kv)?, kv)),
+        (Some(kv), _) => Ok(kv),
         (None, _) => Err(ApiError::not_found(t.kind, name)),
     }
 }
@@ -322,14 +328,11 @@ async fn check_namespace(
 
 async fn get(state: &State, ctx: &Ctx, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
     if !ctx.wants_table() {
-        let key = t.kind.key(ns_of(t), name);
-        return match state.store.get(&key).await? {
-            (Some(kv), _) => Ok(json_bytes_response(
-                200,
-                stored_json(&kv.key, &kv.value, kv.mod_revision)?,
-            )),
-            (None, _) => Err(ApiError::not_found(t.kind, name)),
-        };
+        let kv = read_kv(state, t, name).await?;
+        return Ok(json_bytes_response(
+            200,
+            stored_json(&kv.key, &kv.value, kv.mod_revision)?,
+        ));
     }
     let (obj, kv) = read(state, t, name).await?;
     Ok(json_response(
@@ -513,12 +516,7 @@ const STORE_LIST_CHUNK: usize = 256;
 /// exists as one JSON tree or one buffer in the server (upstream 1.33 streams list encoding the same way). Its
 /// `metadata` comes before `items`, as upstream writes it.
 fn list_response(kind: &ResourceKind, page: ListPage) -> Response<Body> {
-    let mut items = page.items;
-    let mut chunks = Vec::new();
-    while !items.is_empty() {
-        let rest = items.split_off(items.len().min(LIST_CHUNK));
-        chunks.push(Ok(std::mem::replace(&mut items, rest)));
-    }
+    let chunks = crate::store::into_chunks(page.items, LIST_CHUNK).map(Ok);
     list_body(
         kind,
         page.revision,
@@ -732,7 +730,8 @@ pub(crate) async fn create_object(
     let (mut obj, warnings) = decode(kind, obj, validation)?;
     fields.record(kind, None, &mut obj);
     // Mutating admission (after the namespace lifecycle check, as upstream orders its plugins), then validation.
-    if let (true, Some(ns)) = (kind.kind == "Pod", namespace) {
+    let is_pod = kind.kind == "Pod";
+    if let (true, Some(ns)) = (is_pod, namespace) {
         check_namespace(state, kind, ns, name_of(&obj)).await?;
         super::sa_admission::admit_pod(state, ns, &mut obj).await?;
     }
@@ -741,7 +740,8 @@ pub(crate) async fn create_object(
     if !causes.is_empty() {
         return Err(ApiError::invalid(kind, &name, causes));
     }
-    if let (true, Some(ns)) = (kind.namespaced, namespace) {
+    // Pods had theirs before admission.
+    if let (true, false, Some(ns)) = (kind.namespaced, is_pod, namespace) {
         check_namespace(state, kind, ns, &name).await?;
     }
     let _alloc = if kind.kind == "Service" {

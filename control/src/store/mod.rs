@@ -110,6 +110,18 @@ impl Event {
 /// on, e.g. [`StoreError::Compacted`] when this watcher fell so far behind that the history it needs is gone.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
 
+/// `items` in consecutive chunks of at most `chunk` (at least 1), without copying them.
+pub(crate) fn into_chunks<T>(mut items: Vec<T>, chunk: usize) -> impl Iterator<Item = Vec<T>> {
+    let chunk = chunk.max(1);
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let rest = items.split_off(items.len().min(chunk));
+        Some(std::mem::replace(&mut items, rest))
+    })
+}
+
 /// A whole prefix read from one consistent view of the store, handed out in chunks.
 pub struct ChunkedList {
     /// The store revision the list was read at.
@@ -172,15 +184,11 @@ pub trait Store: Send + Sync + 'static {
     /// the whole list first.
     async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
         let listed = self.list(prefix, &ListOptions::default()).await?;
-        let mut items = listed.items;
-        let mut chunks = Vec::new();
-        while !items.is_empty() {
-            let rest = items.split_off(items.len().min(chunk.max(1)));
-            chunks.push(Ok(std::mem::replace(&mut items, rest)));
-        }
         Ok(ChunkedList {
             revision: listed.revision,
-            chunks: Box::pin(futures_util::stream::iter(chunks)),
+            chunks: Box::pin(futures_util::stream::iter(
+                into_chunks(listed.items, chunk).map(Ok),
+            )),
         })
     }
 
