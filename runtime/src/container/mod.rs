@@ -742,7 +742,7 @@ impl Runtime {
             }
             Err(e) => errors.push(format!("cgroup: {e}")),
         }
-        if let Err(e) = fs::remove_dir_all(&dir.dir) {
+        if let Err(e) = remove_state_dir(&dir.dir) {
             errors.push(format!("removing {}: {e}", dir.dir.display()));
         }
         tracing::info!(container = %id, "deleted");
@@ -1100,6 +1100,22 @@ pub fn receive_pty(local: &UnixStream) -> Result<OwnedFd, ContainerError> {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// Removes a container's state directory. The shim that reaped the init may still be writing the exit status
+/// into it when a forced delete gets here, which makes `remove_dir_all` fail with "Directory not empty"; such a
+/// late write is retried a few times (bounded: 5 attempts, 20 ms apart) instead of failing the delete.
+fn remove_state_dir(path: &Path) -> io::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match fs::remove_dir_all(path) {
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && attempts < 4 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
