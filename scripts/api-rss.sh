@@ -42,12 +42,17 @@ done >"$D/curl.cfg"
 rss() { echo "$1: $(grep -E 'VmRSS|VmHWM' "/proc/$PID/status" | tr -s ' \t\n' ' ')"; }
 
 rss "started"
+# Server CPU (user + system, clock ticks) from /proc/PID/stat fields 14 and 15; the comm field has no spaces here.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+CPU0=$(cpu_ticks)
 if [ -n "${PERF_OUT:-}" ]; then perf record -F 999 -g -p "$PID" -o "$PERF_OUT" 2>/dev/null & PERF=$!; fi
 T0=$(date +%s.%N)
 curl "${TLS[@]}" --parallel --parallel-max 64 --no-progress-meter -X POST -H 'Content-Type: application/json' \
     --data-binary @"$D/pod.json" -K "$D/curl.cfg"
 T1=$(date +%s.%N)
+CPU1=$(cpu_ticks)
 echo "creates/s: $(echo "$N / ($T1 - $T0)" | bc -l | cut -c1-7)"
+echo "server CPU per create: $(echo "($CPU1 - $CPU0) * 1000000 / $(getconf CLK_TCK) / $N" | bc) µs"
 rss "after $N creates"
 if [ -n "${PERF_OUT:-}" ]; then kill -INT "$PERF"; wait "$PERF" || true; fi
 T0=$(date +%s.%N)

@@ -220,17 +220,7 @@ pub(crate) fn append_stored_json(
 
 /// Serialises an object for storage (without resourceVersion: the store's mod revision is the truth).
 fn to_stored(obj: &Value) -> Vec<u8> {
-    match obj.get("metadata").and_then(|m| m.get("resourceVersion")) {
-        // Only copy the object when there is something to leave out.
-        Some(_) => {
-            let mut o = obj.clone();
-            if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-                m.remove("resourceVersion");
-            }
-            serde_json::to_vec(&o).unwrap_or_default()
-        }
-        None => serde_json::to_vec(obj).unwrap_or_default(),
-    }
+    super::stored::encode_for_store(obj).0
 }
 
 fn ns_of(t: &Target) -> Option<&str> {
@@ -784,15 +774,30 @@ async fn store_new(
     let mut attempt = 1;
     loop {
         let key = kind.key(namespace, &name);
-        let stored = to_stored(&obj);
+        let (stored, metadata_at) = super::stored::encode_for_store(&obj);
         // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
         let created = if kind.kind == "Event" {
-            store.create_with_ttl(&key, stored.clone(), event_ttl).await
+            store.create_with_ttl(&key, stored, event_ttl).await
         } else {
-            store.create(&key, stored.clone()).await
+            store.create(&key, stored).await
         };
         match (created, generate_prefix) {
-            (Ok(kv), _) => return stored_json(&key, &stored, kv.mod_revision),
+            // The store hands the stored bytes back: the answer is them with the revision put in.
+            (Ok(kv), _) => {
+                return match metadata_at {
+                    Some(at) => {
+                        let mut out = Vec::new();
+                        super::stored::splice_resource_version(
+                            &mut out,
+                            &kv.value,
+                            at,
+                            kv.mod_revision,
+                        );
+                        Ok(out)
+                    }
+                    None => stored_json(&key, &kv.value, kv.mod_revision),
+                }
+            }
             (Err(StoreError::AlreadyExists { .. }), Some(prefix))
                 if attempt < GENERATE_NAME_ATTEMPTS =>
             {

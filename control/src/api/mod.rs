@@ -41,6 +41,7 @@ mod server;
 mod status;
 mod stored;
 mod table;
+mod typed_eq;
 mod watch;
 
 pub use auth::User;

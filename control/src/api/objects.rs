@@ -294,6 +294,10 @@ pub(crate) fn decode(
             kind.kind, kind.version, kind.kind
         ))
     })?;
+    let Some(typed) = typed else {
+        // Already in its typed form: nothing was dropped.
+        return Ok((obj, Vec::new()));
+    };
     let mut unknown = Vec::new();
     if validation != FieldValidation::Ignore {
         unknown_fields(&obj, &typed, &mut String::new(), &mut unknown);
@@ -1022,5 +1026,50 @@ mod tests {
         assert!(!is_dns1123_label("-a"));
         assert!(is_dns1123_subdomain("a.b-c.d"));
         assert!(!is_dns1123_subdomain("a..b"));
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// The pod of the API benchmark, as a client sends it.
+    fn submitted_pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "pod-", "labels": {"app": "bench"}},
+            "spec": {"containers": [{"name": "web", "image": "registry.example:5000/web:1.2.3",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}})
+    }
+
+    #[test]
+    fn a_defaulted_new_pod_is_already_in_its_typed_form() {
+        let kind = crate::api::resources::find("", "v1", "pods").expect("pods");
+        let mut pod = submitted_pod();
+        prepare_create(kind, &mut pod, Some("default"));
+        apply_defaults(kind, &mut pod, true);
+        default_tolerations(kind, &mut pod, 300, 300);
+        // `None`: the round trip found nothing to change, so the create path builds no second tree.
+        assert_eq!((kind.normalize)(&pod).expect("decodes"), None);
+        let (decoded, warnings) =
+            decode(kind, pod.clone(), FieldValidation::Strict).expect("decodes");
+        assert_eq!(decoded, pod);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_and_nulls_are_still_dropped_and_reported() {
+        let kind = crate::api::resources::find("", "v1", "pods").expect("pods");
+        let mut pod = submitted_pod();
+        pod["spec"]["colour"] = json!("red");
+        pod["metadata"]["annotations"] = Value::Null;
+        let (decoded, warnings) = decode(kind, pod, FieldValidation::Warn).expect("decodes");
+        assert_eq!(warnings, vec!["unknown field \"spec.colour\"".to_string()]);
+        assert!(decoded["spec"].get("colour").is_none());
+        assert!(decoded["metadata"].get("annotations").is_none());
+        let mut pod = submitted_pod();
+        pod["spec"]["colour"] = json!("red");
+        assert!(decode(kind, pod, FieldValidation::Strict).is_err());
     }
 }

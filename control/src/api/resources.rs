@@ -29,7 +29,8 @@ pub(crate) struct ResourceKind {
     /// The upstream etcd key prefix under `/registry/` (usually the plural; `services/specs`, `minions`, ...).
     pub store_prefix: &'static str,
     /// Decodes into the `k8s-openapi` type and re-encodes: type errors fail, unknown fields are dropped.
-    pub normalize: fn(&Value) -> Result<Value, serde_json::Error>,
+    /// `None`: the object already is what its type encodes to (the usual case), so no new tree was built.
+    pub normalize: fn(&Value) -> Result<Option<Value>, serde_json::Error>,
     /// Adds this kind's schema (and what it references) to an OpenAPI generator; returns the schema name.
     pub schema: fn(&mut schemars::SchemaGenerator) -> String,
     /// `PUT` on a missing object creates it (upstream `AllowCreateOnUpdate`).
@@ -86,10 +87,13 @@ impl ResourceKind {
 
 fn normalize<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
-) -> Result<Value, serde_json::Error> {
+) -> Result<Option<Value>, serde_json::Error> {
     // Deserialising from a reference spares a deep copy of the request body.
     let typed = T::deserialize(v)?;
-    serde_json::to_value(typed)
+    if super::typed_eq::encodes_to(&typed, v) {
+        return Ok(None);
+    }
+    serde_json::to_value(typed).map(Some)
 }
 
 fn schema<T: schemars::JsonSchema>(generator: &mut schemars::SchemaGenerator) -> String {

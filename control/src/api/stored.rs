@@ -26,19 +26,73 @@ pub(crate) fn append_with_resource_version(out: &mut Vec<u8>, value: &[u8], revi
     let Some(at) = metadata_body_start(value) else {
         return false;
     };
+    splice_resource_version(out, value, at, revision);
+    true
+}
+
+/// An object as the store holds it: compact JSON without `metadata.resourceVersion` (byte for byte what
+/// `serde_json::to_vec` gives for the object without that field), and — when the object has a `metadata`
+/// object — the offset just after metadata's `{`, where [`splice_resource_version`] puts the revision back for
+/// the response without scanning the bytes again.
+pub(crate) fn encode_for_store(obj: &serde_json::Value) -> (Vec<u8>, Option<usize>) {
+    use serde_json::Value;
+    let Value::Object(top) = obj else {
+        return (serde_json::to_vec(obj).unwrap_or_default(), None);
+    };
+    // Encoding a `Value` into a `Vec` cannot fail (its keys are strings; writing to memory does not fail).
+    let mut out = Vec::with_capacity(4096);
+    let mut at = None;
+    out.push(b'{');
+    for (i, (key, value)) in top.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, key);
+        out.push(b':');
+        match (key.as_str(), value) {
+            ("metadata", Value::Object(meta)) => {
+                out.push(b'{');
+                at = Some(out.len());
+                let members = meta.iter().filter(|(k, _)| k.as_str() != "resourceVersion");
+                for (j, (k, v)) in members.enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut out, k);
+                    out.push(b':');
+                    let _ = serde_json::to_writer(&mut out, v);
+                }
+                out.push(b'}');
+            }
+            _ => {
+                let _ = serde_json::to_writer(&mut out, value);
+            }
+        }
+    }
+    out.push(b'}');
+    (out, at)
+}
+
+/// Appends `value` to `out` with `"resourceVersion":"<revision>"` inserted at `at`, the offset just after the
+/// `{` of its top-level metadata (which has no resourceVersion member).
+pub(crate) fn splice_resource_version(out: &mut Vec<u8>, value: &[u8], at: usize, revision: i64) {
+    let Some((head, rest)) = value.split_at_checked(at) else {
+        // Not an offset into `value`: callers pass one from [`encode_for_store`] or the scan, so this does not
+        // happen; the bytes go out unchanged rather than cut.
+        out.extend_from_slice(value);
+        return;
+    };
     let rv = revision.to_string();
     out.reserve(value.len() + rv.len() + 24);
-    out.extend_from_slice(&value[..at]);
+    out.extend_from_slice(head);
     out.extend_from_slice(b"\"resourceVersion\":\"");
     out.extend_from_slice(rv.as_bytes());
     out.push(b'"');
     // An empty metadata object gets no separator.
-    let rest = &value[at..];
     if skip_ws(rest, 0).is_some_and(|i| rest[i] != b'}') {
         out.push(b',');
     }
     out.extend_from_slice(rest);
-    true
 }
 
 /// Offset just after the `{` of the top-level `metadata` object, once the whole document scanned cleanly and
@@ -222,6 +276,39 @@ mod tests {
         let mut expected = pod.clone();
         expected["metadata"]["resourceVersion"] = json!("42");
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn an_object_is_stored_without_its_resource_version_and_answered_with_the_new_one() {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "resourceVersion": "9", "labels": {"a\"b": "c"}},
+            "spec": {"containers": [{"name": "c", "args": ["}"]}], "x": null, "n": -1.5e3},
+        });
+        let (stored, at) = encode_for_store(&pod);
+        let mut without = pod.clone();
+        without["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("resourceVersion"));
+        // Byte for byte what the generic encoder writes, so stored objects look as before.
+        assert_eq!(stored, serde_json::to_vec(&without).expect("encode"));
+        let mut answer = Vec::new();
+        splice_resource_version(&mut answer, &stored, at.expect("has metadata"), 42);
+        // The same bytes the scan of a stored object gives.
+        assert_eq!(Some(answer), with_resource_version(&stored, 42));
+        for other in [
+            json!({"metadata": {"resourceVersion": "1"}}),
+            json!({"kind": "X"}),
+            json!([1]),
+        ] {
+            let (stored, at) = encode_for_store(&other);
+            let mut without = other.clone();
+            if let Some(m) = without.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            assert_eq!(stored, serde_json::to_vec(&without).expect("encode"));
+            assert_eq!(at.is_some(), other.get("metadata").is_some());
+        }
     }
 
     #[test]
