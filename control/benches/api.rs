@@ -1,5 +1,6 @@
 //! API benchmark (issue 4): pod creates/s and list latency at 10k pods through `windlass-control serve` on the
-//! embedded store and on etcd, next to raw etcd-client puts of the same stored JSON in the same run; watch fan-out
+//! embedded store and on etcd, next to raw etcd-client puts of the same stored JSON in the same run (to a plain
+//! member, and to one serving TLS with client certificates as kube-apiserver's etcd does); watch fan-out
 //! to 1,000 watchers next to 1,000 etcd watchers; and the server's RSS once it holds 10k pods.
 //!
 //! Clients: the `kube` crate (what our daemons and most controllers use), `BENCH_CONCURRENCY` concurrent creates
@@ -7,6 +8,7 @@
 //!
 //! Run: `cargo bench -p windlass-control --bench api` (needs `etcd`; env `BENCH_PODS` (per round, default 2000),
 //! `BENCH_ROUNDS` (5), `BENCH_CONCURRENCY` (64), `BENCH_WATCHERS` (1000), `BENCH_WATCH_EVENTS` (10),
+//! `BENCH_H2_CONNECTIONS` (the thin HTTP/2 client's connections, default 4; etcd-client uses one),
 //! `BENCH_CONTROLLERS` (the servers' `--controllers`; default `-scheduler`, which selects none: the API server
 //! alone, as the issue's benchmark asks; `*` runs the scheduler and every controller too — with no nodes the
 //! scheduler then writes a FailedScheduling event per pod)).
@@ -419,12 +421,32 @@ async fn main() {
     let raw = etcd_client::Client::connect([endpoint.as_str()], None)
         .await
         .expect("etcd-client");
+    // The same member as kube-apiserver deployments run it: clients over TLS with client certificates.
+    let tls_cluster = windlass_tests::etcd::EtcdCluster::start_tls(1).await;
+    let raw_tls = {
+        let certs = tls_cluster.tls.as_ref().expect("TLS member");
+        let read = |p: &std::path::Path| std::fs::read(p).expect("read etcd certificate");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&certs.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&certs.client_cert),
+                read(&certs.client_key),
+            ));
+        etcd_client::Client::connect(
+            [tls_cluster.members[0].client_url.as_str()],
+            Some(etcd_client::ConnectOptions::new().with_tls(tls)),
+        )
+        .await
+        .expect("etcd-client over TLS")
+    };
     let embedded = Server::start(&[]);
     let on_etcd = Server::start(&["--etcd-servers".into(), endpoint.clone()]);
     // A second embedded server for the thin HTTP/2 client, so each server holds the same pods.
     let embedded_h2 = Server::start(&[]);
     let (ce, cx) = (embedded.client().await, on_etcd.client().await);
-    let h2 = embedded_h2.raw_client(4).await;
+    let h2 = embedded_h2
+        .raw_client(env_usize("BENCH_H2_CONNECTIONS", 4))
+        .await;
     create_namespace(&embedded_h2.client().await, "bench").await;
     for c in [&ce, &cx] {
         create_namespace(c, "bench").await;
@@ -452,23 +474,29 @@ async fn main() {
         "API, etcd backend (kube client)",
         "API, embedded store (HTTP/2 client, same JSON bytes)",
         "raw etcd-client put (same JSON)",
+        "raw etcd-client put over TLS with a client certificate (same JSON)",
     ];
     const RAW: usize = 3;
+    const RAW_TLS: usize = 4;
     let mut creates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     // Where the CPU goes per write, summed over rounds, for each target: the client (this process), the target's
     // API server, etcd, and the machine's idle time.
     let etcd_pid = cluster.members[0].pid().expect("etcd runs");
+    let etcd_tls_pid = tls_cluster.members[0].pid().expect("etcd runs");
     let servers = [
         Some(embedded.process.id()),
         Some(on_etcd.process.id()),
         Some(embedded_h2.process.id()),
         None,
+        None,
     ];
-    let sample = |server: Option<u32>| {
+    // Each target's etcd: the TLS row has its own member.
+    let etcds = [etcd_pid, etcd_pid, etcd_pid, etcd_pid, etcd_tls_pid];
+    let sample = |server: Option<u32>, etcd: u32| {
         [
             cpu_seconds(std::process::id()),
             server.map_or(0.0, cpu_seconds),
-            cpu_seconds(etcd_pid),
+            cpu_seconds(etcd),
             machine_idle_seconds(),
         ]
     };
@@ -477,15 +505,16 @@ async fn main() {
         // Each round adds to the same namespace, so the last round runs with (rounds-1)*n pods already stored.
         let offset = round * n;
         for target in 0..names.len() {
-            let before = sample(servers[target]);
+            let before = sample(servers[target], etcds[target]);
             let rate = match target {
                 0 => create_pods(&ce, "bench", offset, n, conc).await,
                 1 => create_pods(&cx, "bench", offset, n, conc).await,
                 2 => raw_api_creates(&h2, "bench", offset, n, conc).await,
-                _ => raw_puts(&raw, &round.to_string(), &stored, n, conc).await,
+                RAW => raw_puts(&raw, &round.to_string(), &stored, n, conc).await,
+                _ => raw_puts(&raw_tls, &round.to_string(), &stored, n, conc).await,
             };
             creates[target].push(rate);
-            for (i, after) in sample(servers[target]).iter().enumerate() {
+            for (i, after) in sample(servers[target], etcds[target]).iter().enumerate() {
                 cpu[target][i] += after - before[i];
             }
         }
@@ -525,16 +554,18 @@ async fn main() {
 
     // Report (Markdown, pasted into BENCHMARKS.md).
     let raw_median = Spread::of(creates[RAW].clone()).median;
+    let raw_tls_median = Spread::of(creates[RAW_TLS].clone()).median;
     println!("### Pod creates ({n} per round, {rounds} rounds, {conc} concurrent clients; up to {total} pods stored)\n");
-    println!("| target | median creates/s | min–max | vs raw etcd-client put |\n|---|---|---|---|");
+    println!("| target | median creates/s | min–max | vs raw etcd-client put | vs raw put over TLS |\n|---|---|---|---|---|");
     for (i, name) in names.iter().enumerate() {
         let s = Spread::of(creates[i].clone());
         println!(
-            "| {name} | {:.0} | {:.0}–{:.0} | {:.2}× |",
+            "| {name} | {:.0} | {:.0}–{:.0} | {:.2}× | {:.2}× |",
             s.median,
             s.min,
             s.max,
-            s.median / raw_median
+            s.median / raw_median,
+            s.median / raw_tls_median
         );
     }
     println!("\nCPU per write (µs, all rounds; user + system of each process, and the machine's idle time on its {} CPUs):\n",
