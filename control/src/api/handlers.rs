@@ -718,7 +718,7 @@ pub(crate) async fn create_object(
     let (not_ready, unreachable) = state.config.default_toleration_seconds;
     objects::default_tolerations(kind, &mut obj, not_ready, unreachable);
     let (mut obj, warnings) = decode(kind, obj, validation)?;
-    fields.record(kind, None, &mut obj);
+    let managed_fields = fields.record_encoded(kind, &mut obj);
     // Mutating admission (after the namespace lifecycle check, as upstream orders its plugins), then validation.
     let is_pod = kind.kind == "Pod";
     if let (true, Some(ns)) = (is_pod, namespace) {
@@ -742,19 +742,30 @@ pub(crate) async fn create_object(
         None
     };
     if dry {
-        return Ok((serde_json::to_vec(&obj).unwrap_or_default(), warnings));
+        let (json, _) = super::stored::encode_for_store_with(&obj, managed_fields.as_deref());
+        return Ok((json, warnings));
     }
     let json = store_new(
         &*state.store,
         kind,
         namespace,
-        obj,
+        NewObject {
+            obj,
+            managed_fields: managed_fields.as_deref(),
+        },
         generate_prefix.as_deref(),
         state.config.event_ttl,
         objects::random_suffix,
     )
     .await?;
     Ok((json, warnings))
+}
+
+/// A validated object on its way to the store, with its managedFields encoded apart
+/// ([`fieldmanager::update_encoded`]; `None` when they are in the object or there are none).
+struct NewObject<'a> {
+    obj: Value,
+    managed_fields: Option<&'a [u8]>,
 }
 
 /// Stores a validated new object and returns its JSON with its resourceVersion (the stored bytes plus the
@@ -764,17 +775,21 @@ async fn store_new(
     store: &dyn Store,
     kind: &ResourceKind,
     namespace: Option<&str>,
-    mut obj: Value,
+    new: NewObject<'_>,
     generate_prefix: Option<&str>,
     event_ttl: std::time::Duration,
     mut suffix: impl FnMut() -> String,
 ) -> Result<Vec<u8>, ApiError> {
+    let NewObject {
+        mut obj,
+        managed_fields,
+    } = new;
     const GENERATE_NAME_ATTEMPTS: usize = 8;
     let mut name = name_of(&obj).to_string();
     let mut attempt = 1;
     loop {
         let key = kind.key(namespace, &name);
-        let (stored, metadata_at) = super::stored::encode_for_store(&obj);
+        let (stored, metadata_at) = super::stored::encode_for_store_with(&obj, managed_fields);
         // Events expire (upstream `--event-ttl`, an etcd lease); everything else lives until deleted.
         let created = if kind.kind == "Event" {
             store.create_with_ttl(&key, stored, event_ttl).await
@@ -865,6 +880,21 @@ impl Fields<'_> {
             let scope = scope_of(kind, &api_version, subresource);
             fieldmanager::update(live, new, manager, scope);
         }
+    }
+
+    /// [`Fields::record`] for a new object on its way to the store: an update's managedFields come back encoded
+    /// (and `new` has none) for [`super::stored::encode_for_store_with`]; an apply's stay in the object.
+    fn record_encoded(self, kind: &ResourceKind, new: &mut Value) -> Option<Vec<u8>> {
+        let Fields::Update {
+            manager,
+            subresource,
+        } = self
+        else {
+            return None;
+        };
+        let api_version = kind.api_version();
+        let scope = scope_of(kind, &api_version, subresource);
+        fieldmanager::update_encoded(None, new, manager, scope)
     }
 }
 
@@ -1985,7 +2015,10 @@ mod tests {
             &store,
             kind,
             Some("default"),
-            config_map("cfg-aaaaa"),
+            NewObject {
+                obj: config_map("cfg-aaaaa"),
+                managed_fields: Some(br#"[{"manager":"m"}]"#.as_slice()),
+            },
             Some("cfg-"),
             ttl,
             || suffixes.next().unwrap_or_default(),
@@ -1995,6 +2028,8 @@ mod tests {
         let created: Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(created["metadata"]["name"], "cfg-ccccc");
         assert!(created["metadata"]["resourceVersion"].is_string());
+        // Managed fields encoded apart are written into the object.
+        assert_eq!(created["metadata"]["managedFields"][0]["manager"], "m");
         let (kv, _) = store
             .get(&kind.key(Some("default"), "cfg-ccccc"))
             .await
@@ -2006,7 +2041,10 @@ mod tests {
             &store,
             kind,
             Some("default"),
-            config_map("cfg-aaaaa"),
+            NewObject {
+                obj: config_map("cfg-aaaaa"),
+                managed_fields: None,
+            },
             None,
             ttl,
             || "zzzzz".into(),
@@ -2019,7 +2057,10 @@ mod tests {
             &store,
             kind,
             Some("default"),
-            config_map("cfg-aaaaa"),
+            NewObject {
+                obj: config_map("cfg-aaaaa"),
+                managed_fields: None,
+            },
             Some("cfg-"),
             ttl,
             || {

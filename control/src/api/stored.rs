@@ -35,6 +35,16 @@ pub(crate) fn append_with_resource_version(out: &mut Vec<u8>, value: &[u8], revi
 /// object — the offset just after metadata's `{`, where [`splice_resource_version`] puts the revision back for
 /// the response without scanning the bytes again.
 pub(crate) fn encode_for_store(obj: &serde_json::Value) -> (Vec<u8>, Option<usize>) {
+    encode_for_store_with(obj, None)
+}
+
+/// [`encode_for_store`] of an object whose `metadata.managedFields` are held apart, already encoded
+/// (`managed_fields`, from [`super::fieldmanager::update_encoded`]): they are written in their place among
+/// metadata's members, as if they were in the object.
+pub(crate) fn encode_for_store_with(
+    obj: &serde_json::Value,
+    managed_fields: Option<&[u8]>,
+) -> (Vec<u8>, Option<usize>) {
     use serde_json::Value;
     let Value::Object(top) = obj else {
         return (serde_json::to_vec(obj).unwrap_or_default(), None);
@@ -53,14 +63,32 @@ pub(crate) fn encode_for_store(obj: &serde_json::Value) -> (Vec<u8>, Option<usiz
             ("metadata", Value::Object(meta)) => {
                 out.push(b'{');
                 at = Some(out.len());
-                let members = meta.iter().filter(|(k, _)| k.as_str() != "resourceVersion");
-                for (j, (k, v)) in members.enumerate() {
-                    if j > 0 {
+                let mut first = true;
+                let mut member = |out: &mut Vec<u8>, key: &str| {
+                    if !first {
                         out.push(b',');
                     }
-                    let _ = serde_json::to_writer(&mut out, k);
+                    first = false;
+                    let _ = serde_json::to_writer(&mut *out, key);
                     out.push(b':');
+                };
+                // Members are written in key order, as the map's own encoding has them.
+                let mut managed = managed_fields;
+                for (k, v) in meta {
+                    if k == "resourceVersion" || (managed.is_some() && k == "managedFields") {
+                        continue;
+                    }
+                    if let Some(json) = managed.filter(|_| k.as_str() > "managedFields") {
+                        member(&mut out, "managedFields");
+                        out.extend_from_slice(json);
+                        managed = None;
+                    }
+                    member(&mut out, k);
                     let _ = serde_json::to_writer(&mut out, v);
+                }
+                if let Some(json) = managed {
+                    member(&mut out, "managedFields");
+                    out.extend_from_slice(json);
                 }
                 out.push(b'}');
             }

@@ -169,6 +169,39 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// Appends this entry's JSON to `out`: the bytes `serde_json` writes for [`Entry::into_json`] (members in
+    /// key order), without building the tree.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        // Writing strings into a Vec cannot fail.
+        let string = |out: &mut Vec<u8>, key: &str, value: &str| {
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            let _ = serde_json::to_writer(&mut *out, value);
+            out.push(b',');
+        };
+        out.push(b'{');
+        string(out, "apiVersion", &self.api_version);
+        string(out, "fieldsType", "FieldsV1");
+        out.extend_from_slice(b"\"fieldsV1\":");
+        self.set.write_fields_v1(out);
+        out.push(b',');
+        string(out, "manager", &self.manager);
+        string(out, "operation", self.operation.as_str());
+        if let Some(sub) = &self.subresource {
+            string(out, "subresource", sub);
+        }
+        if let Some(t) = &self.time {
+            string(out, "time", t);
+        }
+        // Every member above ends with a comma; the last one's becomes the closing brace.
+        if let Some(last) = out.last_mut() {
+            *last = b'}';
+        }
+    }
+}
+
 fn decode_entries(list: &[Value]) -> Result<Vec<Entry>, String> {
     let mut out: Vec<Entry> = Vec::with_capacity(list.len());
     for e in list {
@@ -243,15 +276,7 @@ fn managed_fields(obj: &Value) -> Option<&Value> {
 
 /// Writes `entries` into `obj`, sorted as upstream's `sortEncodedManagedFields` (operation, time, manager).
 fn encode_entries(obj: &mut Value, mut entries: Vec<Entry>) {
-    entries.retain(|e| !e.set.is_empty());
-    entries.sort_by(|a, b| {
-        (a.operation, &a.time, &a.manager, &a.subresource).cmp(&(
-            b.operation,
-            &b.time,
-            &b.manager,
-            &b.subresource,
-        ))
-    });
+    order_entries(&mut entries);
     let m = objects::meta_mut(obj);
     if entries.is_empty() {
         m.remove("managedFields");
@@ -261,6 +286,38 @@ fn encode_entries(obj: &mut Value, mut entries: Vec<Entry>) {
             Value::Array(entries.into_iter().map(Entry::into_json).collect()),
         );
     }
+}
+
+/// Drops empty entries and puts the rest in upstream's order.
+fn order_entries(entries: &mut Vec<Entry>) {
+    entries.retain(|e| !e.set.is_empty());
+    entries.sort_by(|a, b| {
+        (a.operation, &a.time, &a.manager, &a.subresource).cmp(&(
+            b.operation,
+            &b.time,
+            &b.manager,
+            &b.subresource,
+        ))
+    });
+}
+
+/// The `metadata.managedFields` JSON of `entries` (in upstream's order), or `None` when none has fields: the
+/// bytes `serde_json` writes for what [`encode_entries`] puts in the object.
+fn entries_json(mut entries: Vec<Entry>) -> Option<Vec<u8>> {
+    order_entries(&mut entries);
+    if entries.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(1024);
+    out.push(b'[');
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        e.write_json(&mut out);
+    }
+    out.push(b']');
+    Some(out)
 }
 
 /// The object without what field management ignores: its managed fields.
@@ -500,6 +557,32 @@ fn is_reset(list: &[Value]) -> bool {
 /// be stored; its `managedFields` are rewritten. Never fails: on undecodable input the live entries are kept
 /// (Ref: `FieldManager.UpdateNoErrors`).
 pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope: Scope<'_>) {
+    let entries = updated_entries(live, new, manager, scope);
+    encode_entries(new, entries);
+}
+
+/// [`update`] for an object about to be encoded for storage: `new` is left without `metadata.managedFields`,
+/// and their JSON is returned instead (`None`: no manager owns anything), for
+/// [`crate::api::stored::encode_for_store`] to write in place. Spares building and freeing the `fieldsV1`
+/// trees — ~40 % of a new pod's JSON nodes.
+pub(crate) fn update_encoded(
+    live: Option<&Value>,
+    new: &mut Value,
+    manager: &str,
+    scope: Scope<'_>,
+) -> Option<Vec<u8>> {
+    // `updated_entries` took any requested managedFields out of `new`.
+    entries_json(updated_entries(live, new, manager, scope))
+}
+
+/// The managedFields entries after `manager` wrote `new` over `live`; takes any requested managedFields out of
+/// `new`.
+fn updated_entries(
+    live: Option<&Value>,
+    new: &mut Value,
+    manager: &str,
+    scope: Scope<'_>,
+) -> Vec<Entry> {
     let live_entries = || {
         live.and_then(managed_fields)
             .and_then(Value::as_array)
@@ -525,9 +608,7 @@ pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(manager, error = %e, "cannot compare objects; managed fields kept");
-            let kept = live_entries();
-            encode_entries(new, kept);
-            return;
+            return live_entries();
         }
     };
     let mut changed = cmp.added;
@@ -560,7 +641,7 @@ pub(crate) fn update(live: Option<&Value>, new: &mut Value, manager: &str, scope
         }
     }
     cap_update_managers(&mut entries);
-    encode_entries(new, entries);
+    entries
 }
 
 /// Merges the oldest Update entries into one `ancient-changes` entry until at most [`MAX_UPDATE_MANAGERS`]
@@ -1043,6 +1124,39 @@ mod pod_tests {
         update(Some(&live), &mut next, "kubectl-replace", POD_SCOPE);
         out.push(next);
         out
+    }
+
+    #[test]
+    fn managed_fields_encoded_apart_are_the_bytes_the_object_would_hold() {
+        use crate::api::stored::{encode_for_store, encode_for_store_with};
+        for obj in history() {
+            let list = obj["metadata"]["managedFields"]
+                .as_array()
+                .expect("entries");
+            let apart = entries_json(decode_entries(list).expect("decodes")).expect("entries");
+            assert_eq!(
+                apart,
+                serde_json::to_vec(&obj["metadata"]["managedFields"]).expect("encodes")
+            );
+            let mut without = obj.clone();
+            without["metadata"]
+                .as_object_mut()
+                .map(|m| m.remove("managedFields"));
+            assert_eq!(
+                encode_for_store_with(&without, Some(&apart)),
+                encode_for_store(&obj)
+            );
+        }
+        // A create through `update_encoded` leaves the object without managedFields and returns the entry.
+        let mut p = pod();
+        let apart = update_encoded(None, &mut p, "kubectl-create", POD_SCOPE).expect("entry");
+        assert!(p["metadata"].get("managedFields").is_none());
+        let entries: Value = serde_json::from_slice(&apart).expect("JSON");
+        assert_eq!(entries[0]["manager"], "kubectl-create");
+        assert_eq!(
+            entries[0]["fieldsV1"],
+            created()["metadata"]["managedFields"][0]["fieldsV1"]
+        );
     }
 
     #[test]

@@ -315,6 +315,29 @@ impl Set {
         m
     }
 
+    /// Appends the `FieldsV1` JSON of this set to `out`: the bytes `serde_json` writes for
+    /// [`Set::into_fields_v1`] (children are kept in key order, and `"."` sorts before every element), without
+    /// building that tree.
+    pub fn write_fields_v1(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        let mut first = true;
+        if self.member && !self.children.is_empty() {
+            out.extend_from_slice(b"\".\":{}");
+            first = false;
+        }
+        for (el, child) in &self.children {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, el);
+            out.push(b':');
+            child.write_fields_v1(out);
+        }
+        out.push(b'}');
+    }
+
     /// Parses `FieldsV1` JSON.
     pub fn from_fields_v1(v: &Value) -> Result<Set, String> {
         let Value::Object(m) = v else {
