@@ -153,7 +153,7 @@ pub(crate) fn prepare_update(
             }
         }
     }
-    let old_meta = meta(old).clone();
+    let old_meta = meta(old);
     let m = meta_mut(new);
     for f in [
         "uid",
@@ -630,7 +630,7 @@ fn validate_containers(
     causes: &mut Vec<Cause>,
     names: &mut Vec<String>,
 ) {
-    let items = list.and_then(Value::as_array).cloned().unwrap_or_default();
+    let items: &[Value] = list.and_then(Value::as_array).map_or(&[], Vec::as_slice);
     if required && items.is_empty() {
         causes.push(Cause::required(path));
     }
