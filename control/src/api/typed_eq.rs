@@ -262,57 +262,30 @@ impl<'a> Items<'a> {
     }
 }
 
-impl ser::SerializeSeq for Items<'_> {
-    type Ok = ();
-    type Error = Differs;
+/// The four sequence-like serde traits all feed [`Items`] the same way.
+macro_rules! items_serializer {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Items<'_> {
+            type Ok = ();
+            type Error = Differs;
 
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Differs> {
-        self.next(value)
-    }
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Differs> {
+                self.next(value)
+            }
 
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
+            fn end(self) -> Result<(), Differs> {
+                self.finish()
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Items<'_> {
-    type Ok = ();
-    type Error = Differs;
-
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Differs> {
-        self.next(value)
-    }
-
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleStruct for Items<'_> {
-    type Ok = ();
-    type Error = Differs;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Differs> {
-        self.next(value)
-    }
-
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleVariant for Items<'_> {
-    type Ok = ();
-    type Error = Differs;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Differs> {
-        self.next(value)
-    }
-
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
-}
+items_serializer!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 /// The members of an expected object, looked up by key. Every member must be produced exactly once: produced
 /// keys are distinct in every type the API decodes (struct fields, `BTreeMap`s), and a repeated key — which
@@ -367,41 +340,30 @@ impl ser::SerializeMap for Entries<'_> {
     }
 }
 
-impl ser::SerializeStruct for Entries<'_> {
-    type Ok = ();
-    type Error = Differs;
+/// Structs and struct variants name their members the same way.
+macro_rules! struct_serializer {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Entries<'_> {
+            type Ok = ();
+            type Error = Differs;
 
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Differs> {
-        let expected = self.map.get(key);
-        self.member(expected, value)
-    }
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), Differs> {
+                let expected = self.map.get(key);
+                self.member(expected, value)
+            }
 
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
+            fn end(self) -> Result<(), Differs> {
+                self.finish()
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeStructVariant for Entries<'_> {
-    type Ok = ();
-    type Error = Differs;
-
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Differs> {
-        let expected = self.map.get(key);
-        self.member(expected, value)
-    }
-
-    fn end(self) -> Result<(), Differs> {
-        self.finish()
-    }
-}
+struct_serializer!(SerializeStruct, SerializeStructVariant);
 
 /// Finds the member a map key names, with the key forms serde_json accepts (strings, and numbers, bools and
 /// chars written as strings); anything else is a key serde_json cannot encode, so `to_value` would fail.
@@ -415,6 +377,15 @@ impl<'a> KeyLookup<'a> {
     fn formatted(&self, key: impl std::fmt::Display) -> Result<Option<&'a Value>, Differs> {
         self.get(&key.to_string())
     }
+}
+
+/// Keys serde_json writes as their decimal (or `true`/`false`) text.
+macro_rules! formatted_keys {
+    ($($method:ident: $ty:ty),*) => {$(
+        fn $method(self, v: $ty) -> Result<Option<&'a Value>, Differs> {
+            self.formatted(v)
+        }
+    )*};
 }
 
 impl<'a> ser::Serializer for KeyLookup<'a> {
@@ -437,49 +408,9 @@ impl<'a> ser::Serializer for KeyLookup<'a> {
         self.get(v.encode_utf8(&mut buf))
     }
 
-    fn serialize_bool(self, v: bool) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_i8(self, v: i8) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_i16(self, v: i16) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_i32(self, v: i32) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_i64(self, v: i64) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_i128(self, v: i128) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_u8(self, v: u8) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_u16(self, v: u16) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_u32(self, v: u32) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_u64(self, v: u64) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
-
-    fn serialize_u128(self, v: u128) -> Result<Self::Ok, Differs> {
-        self.formatted(v)
-    }
+    formatted_keys!(serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
+        serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16, serialize_u32: u32,
+        serialize_u64: u64, serialize_u128: u128);
 
     fn serialize_unit_variant(
         self,
