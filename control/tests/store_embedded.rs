@@ -28,12 +28,11 @@ const CHILD_CHECKPOINTS_ENV: &str = "WINDLASS_STORE_CRASH_CHILD_CHECKPOINTS";
 fn checkpoints(schedule: &str) -> EmbeddedOptions {
     match schedule {
         "never" => EmbeddedOptions {
-            checkpoint_bytes: u64::MAX,
             checkpoint_interval: Duration::from_secs(3600),
             ..EmbeddedOptions::default()
         },
         "often" => EmbeddedOptions {
-            checkpoint_bytes: 16 << 10,
+            log_bytes: 16 << 10,
             checkpoint_interval: Duration::from_millis(5),
             ..EmbeddedOptions::default()
         },

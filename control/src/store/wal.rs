@@ -14,7 +14,9 @@
 //!
 //! The file is written with zeros once when created (not `fallocate`d, which leaves unwritten extents that the
 //! first write of each block converts — a journaled metadata change): later records overwrite allocated,
-//! written blocks, so `fdatasync` only has the data to flush.
+//! written blocks, so `fdatasync` only has the data to flush, never the file's size or extents. (On the
+//! development VM — ext4 without a journal — preallocating made no measurable difference in CPU or throughput;
+//! on a journaled file system each size-extending `fdatasync` would also commit the journal.)
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -277,7 +279,12 @@ impl Wal {
             if offset + RECORD_HEADER as u64 > self.capacity {
                 break;
             }
-            self.file.read_exact_at(&mut header, offset)?;
+            match self.file.read_exact_at(&mut header, offset) {
+                Ok(()) => {}
+                // A file shorter than its capacity (cut short by hand or by a full disk) ends the log there.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
             let field =
                 |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().unwrap_or([0; 8]));
             let crc = u32::from_le_bytes(header[0..4].try_into().unwrap_or([0; 4]));
@@ -293,8 +300,14 @@ impl Wal {
             }
             let Ok(len) = usize::try_from(len) else { break };
             payload.resize(len, 0);
-            self.file
-                .read_exact_at(&mut payload, offset + RECORD_HEADER as u64)?;
+            match self
+                .file
+                .read_exact_at(&mut payload, offset + RECORD_HEADER as u64)
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
             let mut hasher = crc32fast::Hasher::new();
             hasher.update(&header[8..]);
             hasher.update(&payload);
