@@ -1,5 +1,6 @@
 //! Store write benchmark: the same ~2 KB pod JSON put sequentially and concurrently into
-//! - the embedded store, through the `Store` trait;
+//! - the embedded store, through the `Store` trait, with its write-ahead log (the default) and without (every
+//!   batch a durable redb commit);
 //! - the etcd backend, through the `Store` trait (a create = one etcd txn);
 //! - etcd directly with `etcd-client` puts (the floor any etcd-backed API server pays), and with the same
 //!   create-if-absent txn the backend sends (to tell etcd's txn cost from the backend's own);
@@ -7,7 +8,8 @@
 //!
 //! all in the same run, against one etcd member started here (Debian's `etcd`, data in a temp dir on the same file
 //! system as the embedded store). Every measurement is repeated and reported as median (min–max) writes/s, plus
-//! the ratio of each median to raw etcd-client's.
+//! the ratio of each median to raw etcd-client's, and the median CPU per write of the store's process (the
+//! embedded store: this process, whose client side is a loop of calls; etcd: the etcd server).
 //!
 //! Run: `cargo bench -p windlass-control --bench store` (needs `etcd`, `etcdctl`; env `BENCH_N`, `BENCH_ROUNDS`,
 //! `BENCH_CONCURRENCY` override the sizes).
@@ -19,7 +21,7 @@ use std::time::Instant;
 use windlass_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use windlass_control::store::etcd::{EtcdConfig, EtcdStore};
 use windlass_control::store::Store;
-use windlass_tests::bench::{env_usize, Spread};
+use windlass_tests::bench::{cpu_seconds, env_usize, Spread};
 
 /// A pod as kube-apiserver would store it (JSON, ~2 KB).
 fn pod_json() -> Vec<u8> {
@@ -72,6 +74,7 @@ fn pod_json() -> Vec<u8> {
 #[derive(Clone, Copy)]
 enum Target {
     Embedded,
+    EmbeddedNoWal,
     EtcdBackend,
     RawEtcdClient,
     RawEtcdTxn,
@@ -79,6 +82,8 @@ enum Target {
 
 struct Ctx {
     embedded: Arc<EmbeddedStore>,
+    embedded_no_wal: Arc<EmbeddedStore>,
+    etcd_pid: u32,
     etcd_store: Arc<EtcdStore>,
     raw: etcd_client::Client,
     pod: Vec<u8>,
@@ -88,6 +93,12 @@ async fn put(ctx: &Ctx, target: Target, client: &mut etcd_client::KvClient, key:
     match target {
         Target::Embedded => {
             ctx.embedded
+                .create(&key, ctx.pod.clone())
+                .await
+                .expect("embedded create");
+        }
+        Target::EmbeddedNoWal => {
+            ctx.embedded_no_wal
                 .create(&key, ctx.pod.clone())
                 .await
                 .expect("embedded create");
@@ -118,8 +129,19 @@ async fn put(ctx: &Ctx, target: Target, client: &mut etcd_client::KvClient, key:
     }
 }
 
-/// `n` puts by `concurrency` tasks; returns writes/s.
-async fn run(ctx: &Arc<Ctx>, target: Target, round: &str, n: usize, concurrency: usize) -> f64 {
+/// `n` puts by `concurrency` tasks; returns writes/s and the store process's CPU µs per write.
+async fn run(
+    ctx: &Arc<Ctx>,
+    target: Target,
+    round: &str,
+    n: usize,
+    concurrency: usize,
+) -> (f64, f64) {
+    let pid = match target {
+        Target::Embedded | Target::EmbeddedNoWal => std::process::id(),
+        _ => ctx.etcd_pid,
+    };
+    let cpu = cpu_seconds(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
@@ -141,7 +163,10 @@ async fn run(ctx: &Arc<Ctx>, target: Target, round: &str, n: usize, concurrency:
     for t in tasks {
         t.await.expect("bench task");
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        (cpu_seconds(pid) - cpu) * 1e6 / n as f64,
+    )
 }
 
 fn etcdctl_loop(endpoint: &str, pod: &[u8], round: &str, n: usize) -> f64 {
@@ -178,8 +203,20 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ctx = Arc::new(Ctx {
         embedded: Arc::new(
-            EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("embedded store"),
+            EmbeddedStore::open(&dir.path().join("wal"), EmbeddedOptions::default())
+                .expect("embedded store"),
         ),
+        embedded_no_wal: Arc::new(
+            EmbeddedStore::open(
+                &dir.path().join("no-wal"),
+                EmbeddedOptions {
+                    write_ahead_log: false,
+                    ..EmbeddedOptions::default()
+                },
+            )
+            .expect("embedded store"),
+        ),
+        etcd_pid: cluster.members[0].pid().expect("etcd pid"),
         etcd_store: Arc::new(
             EtcdStore::connect(EtcdConfig::from_servers(&endpoint).expect("config"))
                 .await
@@ -197,6 +234,10 @@ async fn main() {
 
     let targets = [
         ("embedded store (Store trait)", Target::Embedded),
+        (
+            "embedded store without its log (Store trait)",
+            Target::EmbeddedNoWal,
+        ),
         ("etcd backend (Store trait)", Target::EtcdBackend),
         ("raw etcd-client put", Target::RawEtcdClient),
         ("raw etcd-client txn (create-if-absent)", Target::RawEtcdTxn),
@@ -204,22 +245,26 @@ async fn main() {
     let mut rows = Vec::new();
     for (mode, conc) in [("sequential", 1), ("concurrent", concurrency)] {
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         // Interleave the targets round by round, so drift (other load on the machine) hits all alike.
         for round in 0..rounds {
             for (t, (_, target)) in targets.iter().enumerate() {
                 let tag = format!("{mode}-{t}-{round}");
-                results[t].push(run(&ctx, *target, &tag, n, conc).await);
+                let (rate, cpu_us) = run(&ctx, *target, &tag, n, conc).await;
+                results[t].push(rate);
+                cpu[t].push(cpu_us);
             }
         }
-        let raw = Spread::of(results[2].clone()).median;
+        let raw = Spread::of(results[3].clone()).median;
         for (t, (name, _)) in targets.iter().enumerate() {
             let s = Spread::of(results[t].clone());
             rows.push(format!(
-                "| {mode} ({conc}) | {name} | {:.0} | {:.0}–{:.0} | {:.2}× |",
+                "| {mode} ({conc}) | {name} | {:.0} | {:.0}–{:.0} | {:.2}× | {:.0} |",
                 s.median,
                 s.min,
                 s.max,
-                s.median / raw
+                s.median / raw,
+                Spread::of(cpu[t].clone()).median
             ));
         }
         if mode == "sequential" {
@@ -234,7 +279,7 @@ async fn main() {
             }
             let s = Spread::of(v);
             rows.push(format!(
-                "| {mode} (1) | `etcdctl put` loop | {:.0} | {:.0}–{:.0} | {:.2}× |",
+                "| {mode} (1) | `etcdctl put` loop | {:.0} | {:.0}–{:.0} | {:.2}× | |",
                 s.median,
                 s.min,
                 s.max,
@@ -242,8 +287,10 @@ async fn main() {
             ));
         }
     }
-    println!("| mode (writers) | target | median writes/s | min–max | vs raw etcd-client |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| mode (writers) | target | median writes/s | min–max | vs raw etcd-client | store CPU µs/write |"
+    );
+    println!("|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

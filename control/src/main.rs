@@ -407,6 +407,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     history: args.watch_history,
                     history_bytes: args.watch_history_mib << 20,
                     cache_bytes: args.store_cache_mib << 20,
+                    ..EmbeddedOptions::default()
                 },
             },
         };

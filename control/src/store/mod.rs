@@ -23,6 +23,7 @@ use futures_util::Stream;
 pub mod embedded;
 pub mod etcd;
 pub mod snapshot;
+mod wal;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
