@@ -355,3 +355,98 @@ async fn a_failed_precondition_in_a_group_commit_fails_only_its_own_write() {
         .expect("list");
     assert_eq!(own.items.len(), 32);
 }
+
+/// Set in the child process of the failed-log-write test.
+const LOG_FAIL_CHILD_ENV: &str = "WINDLASS_STORE_LOG_FAIL_CHILD_DIR";
+
+/// In the child: makes the write-ahead log's `pwrite` fail for real (a file size limit below the log's next
+/// offset: EFBIG) and checks what callers see; prints `LOG-FAIL-CHILD-OK` at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_fail_child() {
+    let Ok(dir) = std::env::var(LOG_FAIL_CHILD_ENV) else {
+        return; // Only meaningful as the child of `a_failed_log_write_fails_its_batch_and_refuses_later_writes`.
+    };
+    let dir = Path::new(&dir);
+    let options = checkpoints("never");
+    let store = EmbeddedStore::open(dir, options.clone()).expect("open");
+    for i in 0..10 {
+        store
+            .create(&format!("/f/{i:03}"), b"acknowledged".to_vec())
+            .await
+            .expect("create before the limit");
+    }
+    let limit = |bytes: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct we pass; no memory is shared.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
+    };
+    // Writes past the limit fail with EFBIG instead of killing the process.
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // The log holds ~10 small records (< 2 KiB); some record below soon crosses 4 KiB.
+    limit(4096);
+    let mut failed_at = None;
+    for i in 10..200 {
+        if store
+            .create(&format!("/f/{i:03}"), b"acknowledged".to_vec())
+            .await
+            .is_err()
+        {
+            failed_at = Some(i);
+            break;
+        }
+    }
+    let failed_at = failed_at.expect("a log write past the file size limit fails");
+    limit(libc::RLIM_INFINITY);
+    // Even with the disk writable again, no write is accepted until a restart: whether the failed record
+    // reached the disk is unknown.
+    let refused = store.create("/f/after", b"x".to_vec()).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Backend(msg)) if msg.contains("restart")),
+        "{refused:?}"
+    );
+    // Reads still serve everything acknowledged, and nothing of the failed batch.
+    let listed = store.list("/f/", &Default::default()).await.expect("list");
+    assert_eq!(listed.items.len(), failed_at);
+    drop(store);
+    let store = EmbeddedStore::open(dir, options).expect("reopen");
+    let listed = store.list("/f/", &Default::default()).await.expect("list");
+    assert_eq!(
+        listed.items.len(),
+        failed_at,
+        "after a restart: every acknowledged write, and not the torn record of the failed one"
+    );
+    store
+        .create("/f/after-restart", b"x".to_vec())
+        .await
+        .expect("writes work again after a restart");
+    println!("\nLOG-FAIL-CHILD-OK");
+}
+
+/// A write to the log that fails (here EFBIG from a file size limit, standing in for EIO) fails its batch with
+/// nothing applied, and the store then refuses writes until restarted, as etcd does (see the module docs on
+/// fsyncgate); reads go on, and a restart recovers exactly the acknowledged writes.
+#[test]
+fn a_failed_log_write_fails_its_batch_and_refuses_later_writes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = std::env::current_exe().expect("test executable");
+    let out = Command::new(exe)
+        .args([
+            "--exact",
+            "log_fail_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(LOG_FAIL_CHILD_ENV, dir.path())
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("LOG-FAIL-CHILD-OK"),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
