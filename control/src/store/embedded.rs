@@ -639,18 +639,12 @@ impl Writer {
         record.clear();
         let mut results = Vec::with_capacity(batch.len());
         let (first, last) = {
-            let mut kv = txn
-                .open_table(KV)
-                .map_err(|e| backend("cannot open table in", path, e))?;
-            let mut meta = txn
-                .open_table(META)
-                .map_err(|e| backend("cannot open table in", path, e))?;
-            let mut expiry = txn
-                .open_table(EXPIRY)
-                .map_err(|e| backend("cannot open table in", path, e))?;
-            let mut by_time = txn
-                .open_table(EXPIRY_BY_TIME)
-                .map_err(|e| backend("cannot open table in", path, e))?;
+            let Tables {
+                mut kv,
+                mut meta,
+                mut expiry,
+                mut by_time,
+            } = Tables::open(&txn, path)?;
             let mut revision = meta
                 .get(META_REVISION)
                 .map_err(|e| backend("cannot read", path, e))?
@@ -698,12 +692,7 @@ impl Writer {
                     }
                     revision += 1;
                     if let Some(deadline) = expires_at_ms {
-                        expiry
-                            .insert(key, *deadline)
-                            .map_err(|e| backend("cannot write", path, e))?;
-                        by_time
-                            .insert(expiry_index_key(*deadline, key).as_str(), ())
-                            .map_err(|e| backend("cannot write", path, e))?;
+                        set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
                     }
                     results.push((Ok(Reply::Kv(new.clone())), Some(Event::Created(new))));
                     continue;
@@ -758,17 +747,7 @@ impl Writer {
                     (Op::Delete { .. }, Some(cur)) => {
                         revision += 1;
                         record.delete(key);
-                        kv.remove(key)
-                            .map_err(|e| backend("cannot delete from", path, e))?;
-                        let deadline = expiry
-                            .remove(key)
-                            .map_err(|e| backend("cannot delete from", path, e))?
-                            .map(|d| d.value());
-                        if let Some(deadline) = deadline {
-                            by_time
-                                .remove(expiry_index_key(deadline, key).as_str())
-                                .map_err(|e| backend("cannot delete from", path, e))?;
-                        }
+                        remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
                         (
                             Ok(Reply::Deleted(cur.clone(), revision)),
                             Some(Event::Deleted {
@@ -850,18 +829,12 @@ fn recover(
         .begin_write()
         .map_err(|e| backend("cannot write", path, e))?;
     let replayed = {
-        let mut kv = txn
-            .open_table(KV)
-            .map_err(|e| backend("cannot open table in", path, e))?;
-        let mut meta = txn
-            .open_table(META)
-            .map_err(|e| backend("cannot open table in", path, e))?;
-        let mut expiry = txn
-            .open_table(EXPIRY)
-            .map_err(|e| backend("cannot open table in", path, e))?;
-        let mut by_time = txn
-            .open_table(EXPIRY_BY_TIME)
-            .map_err(|e| backend("cannot open table in", path, e))?;
+        let Tables {
+            mut kv,
+            mut meta,
+            mut expiry,
+            mut by_time,
+        } = Tables::open(&txn, path)?;
         wal.replay(durable, |record| {
             for change in &record.changes {
                 match *change {
@@ -873,26 +846,11 @@ fn recover(
                         kv.insert(key, value)
                             .map_err(|e| backend("cannot write", path, e))?;
                         if let Some(deadline) = expires_at_ms {
-                            expiry
-                                .insert(key, deadline)
-                                .map_err(|e| backend("cannot write", path, e))?;
-                            by_time
-                                .insert(expiry_index_key(deadline, key).as_str(), ())
-                                .map_err(|e| backend("cannot write", path, e))?;
+                            set_expiry(&mut expiry, &mut by_time, key, deadline, path)?;
                         }
                     }
                     Change::Delete { key } => {
-                        kv.remove(key)
-                            .map_err(|e| backend("cannot delete from", path, e))?;
-                        let deadline = expiry
-                            .remove(key)
-                            .map_err(|e| backend("cannot delete from", path, e))?
-                            .map(|d| d.value());
-                        if let Some(deadline) = deadline {
-                            by_time
-                                .remove(expiry_index_key(deadline, key).as_str())
-                                .map_err(|e| backend("cannot delete from", path, e))?;
-                        }
+                        remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
                     }
                 }
             }
@@ -924,6 +882,65 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The store's tables, opened in one write transaction.
+struct Tables<'t> {
+    kv: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, i64>,
+    expiry: redb::Table<'t, &'static str, i64>,
+    by_time: redb::Table<'t, &'static str, ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction, path: &Path) -> Result<Self, StoreError> {
+        let open = |e| backend("cannot open table in", path, e);
+        Ok(Self {
+            kv: txn.open_table(KV).map_err(open)?,
+            meta: txn.open_table(META).map_err(open)?,
+            expiry: txn.open_table(EXPIRY).map_err(open)?,
+            by_time: txn.open_table(EXPIRY_BY_TIME).map_err(open)?,
+        })
+    }
+}
+
+/// Records `key`'s TTL deadline in both expiry tables.
+fn set_expiry(
+    expiry: &mut redb::Table<'_, &'static str, i64>,
+    by_time: &mut redb::Table<'_, &'static str, ()>,
+    key: &str,
+    deadline_ms: i64,
+    path: &Path,
+) -> Result<(), StoreError> {
+    expiry
+        .insert(key, deadline_ms)
+        .map_err(|e| backend("cannot write", path, e))?;
+    by_time
+        .insert(expiry_index_key(deadline_ms, key).as_str(), ())
+        .map_err(|e| backend("cannot write", path, e))?;
+    Ok(())
+}
+
+/// Deletes `key` and its TTL deadline, if it has one.
+fn remove_key(
+    kv: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    expiry: &mut redb::Table<'_, &'static str, i64>,
+    by_time: &mut redb::Table<'_, &'static str, ()>,
+    key: &str,
+    path: &Path,
+) -> Result<(), StoreError> {
+    kv.remove(key)
+        .map_err(|e| backend("cannot delete from", path, e))?;
+    let deadline = expiry
+        .remove(key)
+        .map_err(|e| backend("cannot delete from", path, e))?
+        .map(|d| d.value());
+    if let Some(deadline) = deadline {
+        by_time
+            .remove(expiry_index_key(deadline, key).as_str())
+            .map_err(|e| backend("cannot delete from", path, e))?;
+    }
+    Ok(())
 }
 
 fn expiry_index_key(deadline_ms: i64, key: &str) -> String {
@@ -1355,6 +1372,19 @@ mod tests {
         r.finish(first, last).to_vec()
     }
 
+    /// The log of the (closed) store in `dir`, opened to append records as a crashed run would have.
+    fn log_of(dir: &Path) -> Wal {
+        Wal::open(&dir.join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap()
+    }
+
+    /// Appends a record of one put: `key` created as `value` at `revision`.
+    fn append_put(wal: &mut Wal, revision: Revision, key: &str, value: &str) {
+        wal.append(&record(revision, revision, |r| {
+            r.put(key, None, &[], &stored(key, value, revision));
+        }))
+        .unwrap();
+    }
+
     async fn value(store: &EmbeddedStore, key: &str) -> Option<String> {
         let (kv, _) = store.get(key).await.unwrap();
         kv.map(|kv| String::from_utf8(kv.value).unwrap())
@@ -1364,7 +1394,7 @@ mod tests {
     async fn records_logged_after_the_last_checkpoint_are_replayed_on_open() {
         let dir = tempfile::tempdir().unwrap();
         closed_store_with(dir.path(), 2).await;
-        let mut wal = Wal::open(&dir.path().join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap();
+        let mut wal = log_of(dir.path());
         // As if the last run logged these and was killed before its next checkpoint.
         wal.append(&record(3, 4, |r| {
             r.put("/k/new", None, &[], &stored("/k/new", "n", 3));
@@ -1416,11 +1446,8 @@ mod tests {
     async fn a_torn_last_record_is_ignored_and_everything_before_it_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         closed_store_with(dir.path(), 1).await;
-        let mut wal = Wal::open(&dir.path().join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap();
-        wal.append(&record(2, 2, |r| {
-            r.put("/k/a", None, &[], &stored("/k/a", "a", 2));
-        }))
-        .unwrap();
+        let mut wal = log_of(dir.path());
+        append_put(&mut wal, 2, "/k/a", "a");
         let mut torn = record(3, 3, |r| {
             r.put("/k/b", None, &[], &stored("/k/b", "b", 3));
         });
@@ -1443,7 +1470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Revisions 1..=3 are durable in the B-tree.
         closed_store_with(dir.path(), 3).await;
-        let mut wal = Wal::open(&dir.path().join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap();
+        let mut wal = log_of(dir.path());
         // The log still holds a pass that ended with the checkpoint at revision 3: records that, replayed again,
         // would delete keys written since.
         for rev in 1..=3 {
@@ -1460,11 +1487,8 @@ mod tests {
     async fn a_log_whose_database_is_gone_is_not_replayed_onto_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         closed_store_with(dir.path(), 0).await;
-        let mut wal = Wal::open(&dir.path().join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap();
-        wal.append(&record(1, 1, |r| {
-            r.put("/k/ghost", None, &[], &stored("/k/ghost", "g", 1));
-        }))
-        .unwrap();
+        let mut wal = log_of(dir.path());
+        append_put(&mut wal, 1, "/k/ghost", "g");
         drop(wal);
         std::fs::remove_file(dir.path().join("store.redb")).unwrap();
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
@@ -1477,11 +1501,8 @@ mod tests {
     async fn a_store_opened_without_the_log_still_replays_the_one_left_behind_and_removes_it() {
         let dir = tempfile::tempdir().unwrap();
         closed_store_with(dir.path(), 1).await;
-        let mut wal = Wal::open(&dir.path().join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap();
-        wal.append(&record(2, 2, |r| {
-            r.put("/k/a", None, &[], &stored("/k/a", "a", 2));
-        }))
-        .unwrap();
+        let mut wal = log_of(dir.path());
+        append_put(&mut wal, 2, "/k/a", "a");
         drop(wal);
         let options = EmbeddedOptions {
             write_ahead_log: false,
