@@ -84,10 +84,7 @@ impl PluginExec for ProcessExec {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
-            path: plugin.to_path_buf(),
-            source,
-        })?;
+        let mut child = spawn_retrying_busy_text(&mut cmd, plugin, timeout).await?;
         let io_err = |source| ExecError::Io {
             path: plugin.to_path_buf(),
             source,
@@ -118,6 +115,47 @@ impl PluginExec for ProcessExec {
                 path: plugin.to_path_buf(),
                 timeout,
             }),
+        }
+    }
+}
+
+/// How often a spawn that met `ETXTBSY` is tried again, and the first pause (doubled each time).
+const BUSY_TEXT_RETRIES: u32 = 5;
+const BUSY_TEXT_FIRST_PAUSE: Duration = Duration::from_millis(20);
+
+/// Spawns `cmd`, trying again a few times when the kernel says the binary is still open for writing (`ETXTBSY`).
+///
+/// That happens when a plugin binary is being replaced while we start it, and, more often, when another thread of
+/// this process forked while it held the freshly written file open: the forked child keeps the write descriptor
+/// until its own exec closes it. The condition clears by itself within milliseconds, so libcni retries too
+/// (invoke.RawExec); every other spawn error is final. The pauses stay within the plugin's own timeout.
+async fn spawn_retrying_busy_text(
+    cmd: &mut tokio::process::Command,
+    plugin: &Path,
+    timeout: Duration,
+) -> Result<tokio::process::Child, ExecError> {
+    let give_up_at = tokio::time::Instant::now() + timeout;
+    let mut pause = BUSY_TEXT_FIRST_PAUSE;
+    let mut attempt = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return Ok(child),
+            Err(source)
+                if source.raw_os_error() == Some(libc::ETXTBSY)
+                    && attempt < BUSY_TEXT_RETRIES
+                    && tokio::time::Instant::now() + pause < give_up_at =>
+            {
+                tracing::debug!(plugin = %plugin.display(), attempt, "plugin binary busy, starting it again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            Err(source) => {
+                return Err(ExecError::Spawn {
+                    path: plugin.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -172,6 +210,43 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_plugin_still_open_for_writing_starts_once_the_writer_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = script(dir.path(), "echo started");
+        // A writer (an upgrade in progress, or a child forked by another thread) holds the binary open: exec fails
+        // with ETXTBSY until it lets go.
+        let writer = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let busy = std::process::Command::new(&p).output().unwrap_err();
+        assert_eq!(busy.raw_os_error(), Some(libc::ETXTBSY));
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(writer);
+        });
+        let out = ProcessExec::default()
+            .exec(&p, &[], b"", Duration::from_secs(10))
+            .await
+            .unwrap();
+        release.await.unwrap();
+        assert_eq!(out.code, Some(0));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "started");
+    }
+
+    #[tokio::test]
+    async fn a_plugin_that_stays_busy_fails_with_the_kernels_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = script(dir.path(), "true");
+        let _writer = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let err = ProcessExec::default()
+            .exec(&p, &[], b"", Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        match err {
+            ExecError::Spawn { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::ETXTBSY)),
+            other => panic!("expected a spawn error, got {other}"),
+        }
     }
 
     #[test]
