@@ -244,7 +244,9 @@ mod tests {
             .await
             .unwrap_err();
         match err {
-            ExecError::Spawn { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::ETXTBSY)),
+            ExecError::Spawn { source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ETXTBSY))
+            }
             other => panic!("expected a spawn error, got {other}"),
         }
     }
