@@ -1179,3 +1179,108 @@ fn a_node_may_write_only_its_own_node_lease_and_pods() {
         .status
         .success());
 }
+
+#[test]
+fn a_node_reads_only_the_secrets_and_config_maps_its_own_pods_use() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let kubeconfig = issue_kubeconfig(&cp, "system:node:n1", &["system:nodes"]);
+    let as_node = |args: &[&str]| {
+        cp.kubectl_cmd()
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    let refused = |out: &std::process::Output, why: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "allowed; wanted a refusal for {why}");
+        assert!(err.contains(why), "{err}");
+    };
+    for name in ["used", "theirs", "later"] {
+        cp.kubectl_ok(&["create", "secret", "generic", name, "--from-literal=k=v"]);
+        cp.kubectl_ok(&["create", "configmap", name, "--from-literal=k=v"]);
+    }
+    // A pod bound to n1 uses the secret through a volume and the configMap through envFrom; one bound to n2 uses
+    // the others.
+    let pod = |name: &str, node: &str, uses: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node,
+                "volumes": [{"name": "s", "secret": {"secretName": uses}}],
+                "containers": [{"name": "c", "image": "busybox",
+                    "envFrom": [{"configMapRef": {"name": uses}}]}]}})
+        .to_string()
+    };
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("p1", "n1", "used"));
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("p2", "n2", "theirs"));
+
+    for kind in ["secret", "configmap"] {
+        let out = as_node(&["get", kind, "used", "-o", "name"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        refused(
+            &as_node(&["get", kind, "theirs"]),
+            "no relationship found between node \"n1\" and this object",
+        );
+        refused(
+            &as_node(&["get", kind]),
+            "can only read individual resources of this type",
+        );
+        refused(
+            &as_node(&["get", kind, "-A"]),
+            "can only read individual resources of this type",
+        );
+        // A list narrowed to one name (what a kubelet's watch-based secret manager sends) is a read of that one.
+        let out = as_node(&[
+            "get",
+            kind,
+            "--field-selector",
+            "metadata.name=used",
+            "-o",
+            "name",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{kind}/used")
+        );
+        refused(
+            &as_node(&["get", kind, "--field-selector", "metadata.name=theirs"]),
+            "no relationship found",
+        );
+    }
+    refused(
+        &as_node(&["delete", "secret", "used"]),
+        "cannot delete resource \"secrets\"",
+    );
+
+    // A pod bound a moment ago opens its secret at once; deleting it closes it again.
+    refused(
+        &as_node(&["get", "secret", "later"]),
+        "no relationship found",
+    );
+    cp.kubectl_stdin_ok(&["create", "-f", "-"], &pod("p3", "n1", "later"));
+    let out = as_node(&["get", "secret", "later", "-o", "name"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.kubectl_ok(&["delete", "pod", "p3", "--grace-period=0", "--force"]);
+    wait_for(
+        "the deleted pod's secret to be refused to the node",
+        Duration::from_secs(10),
+        || (!as_node(&["get", "secret", "later"]).status.success()).then_some(()),
+    );
+    // The admin is not a node: it reads everything.
+    cp.kubectl_ok(&["get", "secret", "theirs"]);
+}

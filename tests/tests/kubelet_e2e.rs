@@ -249,7 +249,8 @@ fn config_map_reaches_the_container_as_env_and_as_a_volume() {
     if !require_privileged(TOOLS) {
         return;
     }
-    let lab = KubeletLab::start();
+    // With its own node's credentials: the API server lets it read only what its pods use.
+    let lab = KubeletLab::start_with_node_credentials();
     lab.apply(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: default\ndata:\n  greeting: hello\n",
     );
@@ -652,7 +653,8 @@ fn secret_reaches_the_container_from_memory_and_its_mount_goes_with_the_pod() {
     if !require_privileged(TOOLS) {
         return;
     }
-    let lab = KubeletLab::start();
+    // With its own node's credentials: the API server lets it read only what its pods use.
+    let lab = KubeletLab::start_with_node_credentials();
     lab.apply(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: default\nstringData:\n  password: s3cret\n",
     );

@@ -1,6 +1,7 @@
 //! In-memory caches of the objects the API server consults on every request: RBAC roles and bindings (for the
 //! authorizer), namespaces (for the "namespace exists and is not terminating" check on create) and service
-//! accounts (for service-account token authentication and the ServiceAccount admission plugin). Upstream's
+//! accounts (for service-account token authentication and the ServiceAccount admission plugin), and which bound
+//! pods use which secrets and configMaps (for the Node authorizer). Upstream's
 //! authorizer and admission plugins read these from informer caches, never from etcd per request (Ref:
 //! `plugin/pkg/auth/authorizer/rbac/rbac.go` built on `rbaclisters`, `plugin/pkg/admission/namespace/lifecycle`).
 //!
@@ -31,17 +32,32 @@ const WRITE_VISIBLE_WITHIN: Duration = Duration::from_secs(5);
 /// Pause before listing again after a failed list or a broken watch.
 const RELIST_BACKOFF: Duration = Duration::from_millis(200);
 
+/// What a cache keeps of one stored object.
+pub(crate) enum Projected<T> {
+    Keep(T),
+    /// Nothing the server needs (e.g. a pod not bound to a node): not cached.
+    Skip,
+    /// Not decodable: left out of the cache, with a warning.
+    Undecodable,
+}
+
+impl<T> From<Option<T>> for Projected<T> {
+    fn from(decoded: Option<T>) -> Self {
+        decoded.map_or(Projected::Undecodable, Projected::Keep)
+    }
+}
+
 /// Objects under one store key prefix, projected to what the server needs of them, keyed by store key.
 pub(crate) struct Cache<T> {
     prefix: String,
-    project: fn(&KeyValue) -> Option<T>,
+    project: fn(&KeyValue) -> Projected<T>,
     items: RwLock<BTreeMap<String, Arc<T>>>,
     /// The store revision the cache reflects: every write to the prefix up to it has been applied.
     applied: tokio::sync::watch::Sender<Revision>,
 }
 
 impl<T: Send + Sync + 'static> Cache<T> {
-    fn new(prefix: String, project: fn(&KeyValue) -> Option<T>) -> Arc<Self> {
+    fn new(prefix: String, project: fn(&KeyValue) -> Projected<T>) -> Arc<Self> {
         Arc::new(Self {
             prefix,
             project,
@@ -86,10 +102,13 @@ impl<T: Send + Sync + 'static> Cache<T> {
             Event::Created(kv) | Event::Updated { kv, .. } => {
                 let mut items = self.write();
                 match (self.project)(kv) {
-                    Some(v) => {
+                    Projected::Keep(v) => {
                         items.insert(kv.key.clone(), Arc::new(v));
                     }
-                    None => {
+                    Projected::Skip => {
+                        items.remove(&kv.key);
+                    }
+                    Projected::Undecodable => {
                         tracing::warn!(key = %kv.key, "cannot decode a stored object; left out of the cache");
                         items.remove(&kv.key);
                     }
@@ -111,7 +130,10 @@ impl<T: Send + Sync + 'static> Cache<T> {
         let items: BTreeMap<String, Arc<T>> = list
             .items
             .iter()
-            .filter_map(|kv| (self.project)(kv).map(|v| (kv.key.clone(), Arc::new(v))))
+            .filter_map(|kv| match (self.project)(kv) {
+                Projected::Keep(v) => Some((kv.key.clone(), Arc::new(v))),
+                Projected::Skip | Projected::Undecodable => None,
+            })
             .collect();
         *self.write() = items;
         self.applied
@@ -275,6 +297,9 @@ pub(crate) struct Caches {
     pub role_bindings: Arc<Cache<Binding>>,
     pub namespaces: Arc<Cache<NamespaceState>>,
     pub service_accounts: Arc<Cache<ServiceAccountState>>,
+    /// Bound pods that use secrets or configMaps, for the Node authorizer. Pod writes do not wait for it (every
+    /// pod write would pay for it); a lookup it cannot answer yet falls back to the store.
+    pub pod_refs: Arc<Cache<super::node_graph::PodRefs>>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -291,15 +316,24 @@ impl Caches {
     /// to sync before serving).
     pub async fn start(store: Arc<dyn Store>) -> Arc<Self> {
         const RBAC: &str = "rbac.authorization.k8s.io";
-        let cluster_roles = Cache::new(prefix_of(RBAC, "clusterroles"), project_rules);
-        let roles = Cache::new(prefix_of(RBAC, "roles"), project_rules);
-        let cluster_role_bindings =
-            Cache::new(prefix_of(RBAC, "clusterrolebindings"), project_binding);
-        let role_bindings = Cache::new(prefix_of(RBAC, "rolebindings"), project_binding);
-        let namespaces = Cache::new(prefix_of("", "namespaces"), project_namespace);
-        let service_accounts =
-            Cache::new(prefix_of("", "serviceaccounts"), project_service_account);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
+        let cluster_roles = Cache::new(prefix_of(RBAC, "clusterroles"), |kv| {
+            project_rules(kv).into()
+        });
+        let roles = Cache::new(prefix_of(RBAC, "roles"), |kv| project_rules(kv).into());
+        let cluster_role_bindings = Cache::new(prefix_of(RBAC, "clusterrolebindings"), |kv| {
+            project_binding(kv).into()
+        });
+        let role_bindings = Cache::new(prefix_of(RBAC, "rolebindings"), |kv| {
+            project_binding(kv).into()
+        });
+        let namespaces = Cache::new(prefix_of("", "namespaces"), |kv| {
+            project_namespace(kv).into()
+        });
+        let service_accounts = Cache::new(prefix_of("", "serviceaccounts"), |kv| {
+            project_service_account(kv).into()
+        });
+        let pod_refs = Cache::new(prefix_of("", "pods"), super::node_graph::project_pod_refs);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(7);
         let tasks = vec![
             tokio::spawn(cluster_roles.clone().run(store.clone(), tx.clone())).abort_handle(),
             tokio::spawn(roles.clone().run(store.clone(), tx.clone())).abort_handle(),
@@ -307,7 +341,8 @@ impl Caches {
                 .abort_handle(),
             tokio::spawn(role_bindings.clone().run(store.clone(), tx.clone())).abort_handle(),
             tokio::spawn(namespaces.clone().run(store.clone(), tx.clone())).abort_handle(),
-            tokio::spawn(service_accounts.clone().run(store, tx)).abort_handle(),
+            tokio::spawn(service_accounts.clone().run(store.clone(), tx.clone())).abort_handle(),
+            tokio::spawn(pod_refs.clone().run(store, tx)).abort_handle(),
         ];
         for _ in 0..tasks.len() {
             if rx.recv().await.is_none() {
@@ -321,6 +356,7 @@ impl Caches {
             role_bindings,
             namespaces,
             service_accounts,
+            pod_refs,
             tasks,
         })
     }

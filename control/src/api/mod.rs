@@ -26,6 +26,7 @@ mod fieldmanager;
 mod handlers;
 mod kubelet_proxy;
 mod mirror_pods;
+mod node_graph;
 mod node_tokens;
 mod objects;
 mod openapi;
@@ -459,6 +460,16 @@ fn attributes(ctx: &Ctx, path: &str) -> Result<rbac::Attributes, ApiError> {
         ("get", false) => "list",
         ("delete", false) => "deletecollection",
         (v, _) => v,
+    };
+    // A list or watch narrowed to one object by `metadata.name` is authorized as a request on that object, so
+    // RBAC `resourceNames` and the Node authorizer can allow it (Ref: RequestInfoFactory, for list and watch).
+    let name = match (name, verb) {
+        (None, "list" | "watch") => ctx
+            .query
+            .get("fieldSelector")
+            .and_then(selectors::exact_name)
+            .map(String::from),
+        (name, _) => name,
     };
     Ok(rbac::Attributes {
         verb: verb.to_string(),

@@ -185,8 +185,8 @@ pub(crate) fn node_of(user: &User) -> Option<&str> {
 /// NodeRestriction (Ref: `plugin/pkg/admission/noderestriction`): a kubelet may write only its own Node and
 /// Lease, and only pods bound to it: mirror pods it creates (see `mirror_pods`), statuses, deletions. Returns why
 /// a request is refused. Tokens only for its pods' service accounts, bound to its pods ([`super::node_tokens`]).
-/// Reads are left to RBAC here (upstream's Node authorizer also limits secrets and configmaps to those its pods
-/// use; not modelled).
+/// Secrets and configMaps it may read only one at a time, and only those its pods use (the Node authorizer's
+/// graph, [`super::node_graph`]); other reads are left to RBAC.
 pub(crate) async fn node_restriction(
     state: &State,
     user: &User,
@@ -198,6 +198,9 @@ pub(crate) async fn node_restriction(
     };
     if a.path.is_some() || !a.group.is_empty() && a.group != "coordination.k8s.io" {
         return Ok(None);
+    }
+    if a.group.is_empty() && matches!(a.resource.as_str(), "secrets" | "configmaps") {
+        return super::node_graph::refuse_read(state, node, a).await;
     }
     if matches!(a.verb.as_str(), "get" | "list" | "watch") {
         return Ok(None);

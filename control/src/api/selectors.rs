@@ -200,6 +200,18 @@ fn supported(kind: &str, field: &str) -> bool {
         }
 }
 
+/// The name a field selector requires exactly (`metadata.name=X` or `==X` among its terms), as upstream's
+/// `RequiresExactMatch("metadata.name")`; fields are not checked against the kind here.
+pub(crate) fn exact_name(selector: &str) -> Option<&str> {
+    split_top(selector).into_iter().find_map(|term| {
+        if term.contains("!=") {
+            return None;
+        }
+        let (field, value) = term.split_once("==").or_else(|| term.split_once('='))?;
+        (field.trim() == "metadata.name").then(|| value.trim())
+    })
+}
+
 impl FieldSelector {
     pub fn parse(s: &str, kind: &str) -> Result<Self, String> {
         let mut reqs = Vec::new();
@@ -258,6 +270,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn only_an_equality_on_metadata_name_names_the_object() {
+        assert_eq!(exact_name("metadata.name=s1"), Some("s1"));
+        assert_eq!(exact_name("metadata.name==s1"), Some("s1"));
+        assert_eq!(exact_name("type=Opaque,metadata.name=s1"), Some("s1"));
+        assert_eq!(exact_name("metadata.name!=s1"), None);
+        assert_eq!(exact_name("metadata.namespace=s1"), None);
+        assert_eq!(exact_name(""), None);
+    }
 
     #[test]
     fn label_selector_operators_match_as_upstream() {
