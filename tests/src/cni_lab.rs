@@ -3,7 +3,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
@@ -82,10 +81,25 @@ impl CniLab {
     }
 
     /// A shell-script plugin in our bin dir.
+    ///
+    /// The executable is written by a child process (`install`), never through a descriptor of this process: a
+    /// process forked by another test thread while we held one open would keep it until its own exec, and
+    /// starting the plugin in that window fails with ETXTBSY ("Text file busy").
     pub fn write_plugin(&self, name: &str, script: &str) -> io::Result<()> {
-        let path = self.bin_dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{script}\n"))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        let source = self.bin_dir.path().join(format!(".{name}.source"));
+        std::fs::write(&source, format!("#!/bin/sh\n{script}\n"))?;
+        let status = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(self.bin_dir.path().join(name))
+            .status()?;
+        std::fs::remove_file(&source)?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "install of plugin {name} failed: {status}"
+            )));
+        }
+        Ok(())
     }
 
     pub fn node_links(&self) -> Vec<String> {
