@@ -115,32 +115,16 @@ impl NodeSet {
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
-                KubeSourceError::Kubeconfig {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| KubeSourceError::Kubeconfig {
-                    path,
-                    message: e.to_string(),
-                })?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| KubeSourceError::NoConfig(e.to_string()))?,
-    };
-    // Named writes: the API server records the User-Agent product as the field manager of updates that name none
-    // (upstream's components all send one; kube-rs sends none by itself).
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!("windlass-cni/v", env!("CARGO_PKG_VERSION"))),
-    ));
-    Client::try_from(config).map_err(|e| KubeSourceError::Client(e.to_string()))
+    use windlass_kubeclient::ClientError;
+    windlass_kubeclient::client(kubeconfig.as_deref(), "windlass-cni")
+        .await
+        .map_err(|e| match e {
+            ClientError::Kubeconfig { path, message } => {
+                KubeSourceError::Kubeconfig { path, message }
+            }
+            ClientError::NoConfig(message) => KubeSourceError::NoConfig(message),
+            other => KubeSourceError::Client(other.to_string()),
+        })
 }
 
 async fn watch_nodes(client: Client, out: Sender<Vec<NodeNet>>) {

@@ -254,18 +254,7 @@ fn main() -> anyhow::Result<()> {
 /// the field manager of writes that name none (as upstream's `kube-controller-manager/v1.x` is); kube-rs sends no
 /// User-Agent by itself.
 async fn client_from(path: &Path, agent: &str) -> anyhow::Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)
-        .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .with_context(|| format!("invalid kubeconfig {}", path.display()))?;
-    let user_agent = format!("{agent}/v{}", env!("CARGO_PKG_VERSION"));
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_str(&user_agent).context("invalid user agent")?,
-    ));
-    kube::Client::try_from(config)
-        .with_context(|| format!("cannot build a client from {}", path.display()))
+    Ok(windlass_kubeclient::client(Some(path), agent).await?)
 }
 
 /// The cluster CA bundle for `kube-root-ca.crt`: `--root-ca-file`, else the kubeconfig's cluster CA (inline or

@@ -134,27 +134,9 @@ impl EventMapper {
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, SourceError> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
-                SourceError::Kube(format!("cannot read kubeconfig {}: {e}", path.display()))
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| SourceError::Kube(format!("bad kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| SourceError::Kube(format!("no API server configuration: {e}")))?,
-    };
-    // Named writes: the API server records the User-Agent product as the field manager of updates that name none
-    // (upstream's components all send one; kube-rs sends none by itself).
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!("windlass-proxy/v", env!("CARGO_PKG_VERSION"))),
-    ));
-    Client::try_from(config)
-        .map_err(|e| SourceError::Kube(format!("cannot build the API client: {e}")))
+    windlass_kubeclient::client(kubeconfig.as_deref(), "windlass-proxy")
+        .await
+        .map_err(|e| SourceError::Kube(e.to_string()))
 }
 
 impl ServiceSource for KubeSource {

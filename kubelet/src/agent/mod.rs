@@ -198,21 +198,15 @@ async fn watch_services(client: Client, writer: kube::runtime::reflector::store:
 }
 
 async fn client_from_kubeconfig(path: &Path) -> Result<Client, AgentError> {
-    let err = |message: String| AgentError::Kubeconfig {
-        path: path.to_path_buf(),
-        message,
-    };
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    windlass_kubeclient::client(Some(path), "windlass-kubelet")
         .await
-        .map_err(|e| err(e.to_string()))?;
-    // The API server records the User-Agent product as the field manager of writes that name none (upstream's
-    // kubelet sends `kubelet/v1.x ...`; kube-rs sends no User-Agent by itself).
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!("windlass-kubelet/v", env!("CARGO_PKG_VERSION"))),
-    ));
-    Client::try_from(config).map_err(AgentError::Client)
+        .map_err(|e| match e {
+            windlass_kubeclient::ClientError::Client(e) => AgentError::Client(e),
+            other => AgentError::Kubeconfig {
+                path: path.to_path_buf(),
+                message: other.to_string(),
+            },
+        })
 }
 
 /// Runs the kubelet until `shutdown` completes. Pods keep running after it returns (upstream behaviour: a
