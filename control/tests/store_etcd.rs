@@ -168,7 +168,7 @@ async fn writes_and_watches_continue_when_the_leader_is_killed() {
         assert!(event.revision() > last, "events in revision order");
         last = event.revision();
         assert_eq!(
-            event,
+            *event,
             Event::Created(kv.clone()),
             "the watch sees each write once, in order"
         );
@@ -222,6 +222,7 @@ async fn next_event(w: &mut windlass_control::store::WatchStream) -> Event {
         .await
         .expect("watch stalled")
         .expect("watch ended")
+        .map(|event| (*event).clone())
         .expect("watch event")
 }
 

@@ -98,6 +98,8 @@ pub(crate) struct State {
     pub sa_tokens: sa_token::TokenSigner,
     /// TLS towards kubelets (the API server's kubelet client certificate), for the proxied pod subresources.
     pub kubelet_tls: Arc<rustls::ClientConfig>,
+    /// Recent watch event lines, encoded once for all watchers.
+    pub watch_lines: watch::SharedLines,
 }
 
 /// Query parameters of a request (last value wins).

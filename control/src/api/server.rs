@@ -172,6 +172,7 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         caches,
         openapi: openapi::render(),
         alloc_lock: tokio::sync::Mutex::new(()),
+        watch_lines: Default::default(),
         tokens,
         audit,
         sa_tokens: super::sa_token::TokenSigner::load_or_create(

@@ -10,7 +10,8 @@
 //!   ADDED, one that stops matching is DELETED.
 //! - `timeoutSeconds` ends the body cleanly; `allowWatchBookmarks=true` adds periodic BOOKMARKs.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,6 +76,7 @@ pub(crate) async fn serve(
     let stream = state.store.watch(&prefix, start).await;
 
     let w = Watcher {
+        state: state.clone(),
         kind: t.kind,
         sel,
         table: ctx.wants_table(),
@@ -160,7 +162,70 @@ pub(crate) async fn serve(
     Ok(resp)
 }
 
+/// How many recent event lines [`SharedLines`] keeps, and how many bytes at most (a line over the byte bound is
+/// encoded per watcher, as before).
+const SHARED_LINES: usize = 64;
+const SHARED_LINE_BYTES: usize = 1 << 20;
+
+/// The encoded lines of recent events, shared by every JSON watcher: with a thousand watchers of pods, an event
+/// is encoded once and its buffer shared (reference-counted [`Bytes`]) instead of built a thousand times. A line
+/// is named by its revision, event type and key, which fix its bytes for all non-Table watchers.
+#[derive(Default)]
+pub(crate) struct SharedLines(Mutex<VecDeque<SharedLine>>);
+
+struct SharedLine {
+    revision: i64,
+    kind: &'static str,
+    key: String,
+    line: Bytes,
+}
+
+impl SharedLines {
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<SharedLine>> {
+        // Entries are pushed and popped whole: a panic elsewhere cannot leave one half-written.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get_or_encode(
+        &self,
+        revision: i64,
+        kind: &'static str,
+        key: &str,
+        encode: impl FnOnce() -> Result<Bytes, ApiError>,
+    ) -> Result<Bytes, ApiError> {
+        let found = self
+            .recent()
+            .iter()
+            .rev()
+            .find(|l| l.revision == revision && l.kind == kind && l.key == key)
+            .map(|l| l.line.clone());
+        if let Some(line) = found {
+            return Ok(line);
+        }
+        // Encoded outside the lock: watchers racing on a new event may each encode it once, no more.
+        let line = encode()?;
+        if line.len() <= SHARED_LINE_BYTES {
+            let mut recent = self.recent();
+            recent.push_back(SharedLine {
+                revision,
+                kind,
+                key: key.to_string(),
+                line: line.clone(),
+            });
+            let mut bytes: usize = recent.iter().map(|l| l.line.len()).sum();
+            while recent.len() > SHARED_LINES || bytes > SHARED_LINE_BYTES {
+                match recent.pop_front() {
+                    Some(old) => bytes -= old.line.len(),
+                    None => break,
+                }
+            }
+        }
+        Ok(line)
+    }
+}
+
 struct Watcher {
+    state: Arc<State>,
     kind: &'static ResourceKind,
     sel: Selection,
     table: bool,
@@ -251,7 +316,93 @@ impl Watcher {
                 ("DELETED", prev, *revision)
             }
         };
-        self.stored_line(kind, &kv.key, &kv.value, revision)
+        if self.table {
+            return self
+                .stored_line(kind, &kv.key, &kv.value, revision)
+                .map(Some);
+        }
+        self.state
+            .watch_lines
+            .get_or_encode(revision, kind, &kv.key, || {
+                self.stored_line(kind, &kv.key, &kv.value, revision)
+            })
             .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn line(text: &str) -> Result<Bytes, ApiError> {
+        Ok(Bytes::from(text.to_string()))
+    }
+
+    #[test]
+    fn an_event_line_is_encoded_once_and_shared_by_later_watchers() {
+        let lines = SharedLines::default();
+        let first = lines
+            .get_or_encode(7, "ADDED", "/registry/pods/ns/a", || line("a7"))
+            .unwrap();
+        let again = lines
+            .get_or_encode(7, "ADDED", "/registry/pods/ns/a", || {
+                panic!("encoded twice")
+            })
+            .unwrap();
+        assert_eq!(again, "a7");
+        assert_eq!(
+            again.as_ptr(),
+            first.as_ptr(),
+            "the same buffer, not a copy"
+        );
+        // Another type, revision or key is another line.
+        for (rev, kind, key, text) in [
+            (7, "DELETED", "/registry/pods/ns/a", "d7"),
+            (8, "ADDED", "/registry/pods/ns/a", "a8"),
+            (7, "ADDED", "/registry/pods/ns/b", "b7"),
+        ] {
+            assert_eq!(
+                lines.get_or_encode(rev, kind, key, || line(text)).unwrap(),
+                text
+            );
+        }
+    }
+
+    #[test]
+    fn the_shared_lines_stay_within_their_count_and_bytes() {
+        let lines = SharedLines::default();
+        for rev in 0..(SHARED_LINES as i64 * 2) {
+            lines
+                .get_or_encode(rev, "ADDED", "k", || line("x"))
+                .unwrap();
+        }
+        assert_eq!(lines.recent().len(), SHARED_LINES);
+        assert_eq!(
+            lines.recent().front().map(|l| l.revision),
+            Some(SHARED_LINES as i64)
+        );
+        let big = "y".repeat(SHARED_LINE_BYTES / 2 + 1);
+        lines
+            .get_or_encode(1000, "ADDED", "k", || line(&big))
+            .unwrap();
+        lines
+            .get_or_encode(1001, "ADDED", "k", || line(&big))
+            .unwrap();
+        let held: usize = lines.recent().iter().map(|l| l.line.len()).sum();
+        assert!(held <= SHARED_LINE_BYTES, "{held} bytes held");
+        // A line over the bound is answered but not kept.
+        let huge = "z".repeat(SHARED_LINE_BYTES + 1);
+        let answered = lines
+            .get_or_encode(1002, "ADDED", "k", || line(&huge))
+            .unwrap();
+        assert_eq!(answered.len(), huge.len());
+        assert!(lines.recent().iter().all(|l| l.revision != 1002));
+        // An encoding error reaches the watcher and is not kept.
+        assert!(lines
+            .get_or_encode(1003, "ADDED", "k", || Err(ApiError::internal("broken")))
+            .is_err());
+        assert!(lines.recent().iter().all(|l| l.revision != 1003));
     }
 }

@@ -22,6 +22,7 @@ async fn next(stream: &mut WatchStream) -> Result<Event, StoreError> {
         .await
         .unwrap_or_else(|_| panic!("watch produced nothing in {WAIT:?} (deadlocked?)"))
         .unwrap_or_else(|| panic!("watch ended unexpectedly"))
+        .map(|event| (*event).clone())
 }
 
 /// Create stamps revisions; a second create of the same key fails and changes nothing.

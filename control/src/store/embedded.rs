@@ -1286,14 +1286,14 @@ struct WatchState {
     done: bool,
 }
 
-async fn next_event(mut st: WatchState) -> Option<(Result<Event, StoreError>, WatchState)> {
+async fn next_event(mut st: WatchState) -> Option<(Result<Arc<Event>, StoreError>, WatchState)> {
     if st.done {
         return None;
     }
     loop {
         if let Some(event) = st.backlog.pop_front() {
             st.next = event.revision() + 1;
-            return Some((Ok((*event).clone()), st));
+            return Some((Ok(event), st));
         }
         match st.rx.recv().await {
             Ok(event) => {
@@ -1302,7 +1302,7 @@ async fn next_event(mut st: WatchState) -> Option<(Result<Event, StoreError>, Wa
                 }
                 st.next = event.revision() + 1;
                 if event.key().starts_with(st.prefix.as_str()) {
-                    return Some((Ok((*event).clone()), st));
+                    return Some((Ok(event), st));
                 }
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {

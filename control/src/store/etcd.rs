@@ -914,10 +914,12 @@ fn to_event(ev: &etcd_client::Event) -> Result<Event, StoreError> {
     })
 }
 
-async fn next_event(mut st: WatchState) -> Option<(Result<Event, StoreError>, WatchState)> {
+async fn next_event(
+    mut st: WatchState,
+) -> Option<(Result<std::sync::Arc<Event>, StoreError>, WatchState)> {
     loop {
         if let Some(event) = st.buffer.pop_front() {
-            return Some((Ok(event), st));
+            return Some((Ok(std::sync::Arc::new(event)), st));
         }
         if st.done {
             return None;

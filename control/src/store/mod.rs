@@ -109,7 +109,9 @@ impl Event {
 
 /// A stream of watch events in revision order. It ends with an `Err` (and then nothing) when the watch cannot go
 /// on, e.g. [`StoreError::Compacted`] when this watcher fell so far behind that the history it needs is gone.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
+/// The events of a watch, in revision order. Each event is shared: every watcher of a key gets the same
+/// allocation (the embedded store publishes one per write), so a watch costs no copy of the object per watcher.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Arc<Event>, StoreError>> + Send>>;
 
 /// `items` in consecutive chunks of at most `chunk` (at least 1), without copying them.
 pub(crate) fn into_chunks<T>(mut items: Vec<T>, chunk: usize) -> impl Iterator<Item = Vec<T>> {
