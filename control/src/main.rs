@@ -126,6 +126,14 @@ struct ServeArgs {
     /// on a node that stopped heartbeating before eviction).
     #[arg(long, default_value_t = 300)]
     default_unreachable_toleration_seconds: u32,
+    /// Terminated (Succeeded/Failed) pods that may exist before the pod garbage collector deletes the oldest;
+    /// 0 disables that check.
+    #[arg(long, default_value_t = 12500)]
+    terminated_pod_gc_threshold: usize,
+    /// How long the node a pod is bound to must be missing before the pod garbage collector deletes the pod
+    /// (Windlass-only: upstream fixes this at 40 s).
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pod_gc_orphan_quarantine: Duration,
     /// Run the scheduler and controllers only while holding the leader Lease (several processes can share
     /// one etcd).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -314,6 +322,8 @@ async fn manager_options(
         pod_eviction_timeout: Duration::from_secs(
             args.default_unreachable_toleration_seconds.into(),
         ),
+        terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
+        pod_gc_orphan_quarantine: args.pod_gc_orphan_quarantine,
         root_ca: root_ca(args, controller_kubeconfig)?,
     };
     anyhow::ensure!(

@@ -613,3 +613,72 @@ fn a_deployments_pods_on_a_silent_node_are_replaced_on_another_node() {
     );
     assert_eq!(ready, "Unknown");
 }
+
+#[test]
+fn pods_of_a_deleted_node_and_terminated_pods_past_the_threshold_are_garbage_collected() {
+    if !require_privileged(&["kubectl"]) {
+        return;
+    }
+    let cp = ControlPlane::start_with(|_| {
+        [
+            "--pod-gc-orphan-quarantine=1s",
+            "--terminated-pod-gc-threshold=2",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let ns = namespace(&cp);
+    let p = unique_name("gc");
+    let (doomed, kept) = (format!("{p}-doomed"), format!("{p}-kept"));
+    apply(&cp, &node(&doomed, "8", "", ""));
+    apply(&cp, &node(&kept, "8", "", ""));
+    let pod = |name: &str, node: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: c, image: busybox}}]
+"
+        )
+    };
+    cp.kubectl_stdin_ok(&["apply", "-n", &ns, "-f", "-"], &pod("orphan", &doomed));
+    cp.kubectl_stdin_ok(&["apply", "-n", &ns, "-f", "-"], &pod("running", &kept));
+    // Four finished pods, oldest first (same-second timestamps are ordered by name).
+    for name in ["done-1", "done-2", "done-3", "done-4"] {
+        cp.kubectl_stdin_ok(&["apply", "-n", &ns, "-f", "-"], &pod(name, &kept));
+        cp.kubectl_ok(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            &ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Succeeded"}}"#,
+        ]);
+    }
+    let pods = || {
+        let mut names: Vec<String> = jsonpath(
+            &cp,
+            &["get", "pods", "-n", &ns],
+            "{range .items[*]}{.metadata.name} {end}",
+        )
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+        names.sort();
+        names
+    };
+    // Only two terminated pods may stay: the two oldest go; the node's other pods are its own business.
+    wait_for("the oldest terminated pods to go", WAIT, || {
+        (pods() == ["done-3", "done-4", "orphan", "running"]).then_some(())
+    });
+    // With its node gone (past the 1 s quarantine), the orphan is deleted; the other node's pods stay.
+    cp.kubectl_ok(&["delete", "node", &doomed]);
+    wait_for("the deleted node's pod to be collected", WAIT, || {
+        (pods() == ["done-3", "done-4", "running"]).then_some(())
+    });
+}

@@ -23,6 +23,7 @@ mod leader;
 mod manager;
 mod nodeipam;
 mod nodelifecycle;
+mod podgc;
 mod root_ca_publisher;
 mod serviceaccount;
 mod watch;
@@ -53,6 +54,12 @@ pub struct ControllersConfig {
     /// (`--default-unreachable-toleration-seconds`; the API server gives new pods that toleration, this covers
     /// pods created without it, like upstream's old `--pod-eviction-timeout`).
     pub pod_eviction_timeout: Duration,
+    /// `--terminated-pod-gc-threshold`: how many terminated pods may exist before the pod garbage collector
+    /// deletes the oldest (0 disables that check).
+    pub terminated_pod_gc_threshold: usize,
+    /// `--pod-gc-orphan-quarantine`: how long a node its pods name must be missing before the pod garbage
+    /// collector deletes them (upstream's fixed `quarantineTime`).
+    pub pod_gc_orphan_quarantine: Duration,
     /// The cluster CA bundle (PEM) the root-ca-cert-publisher puts in every namespace: `--root-ca-file`, else the
     /// CA of the controllers' kubeconfig, as kube-controller-manager does. `None`: that controller does nothing.
     pub root_ca: Option<String>,
@@ -66,6 +73,8 @@ impl Default for ControllersConfig {
             node_monitor_period: Duration::from_secs(5),
             node_monitor_grace_period: Duration::from_secs(40),
             pod_eviction_timeout: Duration::from_secs(300),
+            terminated_pod_gc_threshold: 12500,
+            pod_gc_orphan_quarantine: Duration::from_secs(40),
             root_ca: None,
         }
     }
@@ -132,6 +141,10 @@ pub const CONTROLLERS: &[ControllerEntry] = &[
     ControllerEntry {
         name: "nodelifecycle",
         start: nodelifecycle::start,
+    },
+    ControllerEntry {
+        name: "podgc",
+        start: podgc::start,
     },
     ControllerEntry {
         name: "endpoints",
