@@ -1063,9 +1063,65 @@ fn a_node_may_write_only_its_own_node_lease_and_pods() {
         serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
             .to_string()
     };
+    // NodeRestriction: a node may not give itself labels that steer workloads to it.
+    let mut claiming: serde_json::Value = serde_json::from_str(&node("n1")).expect("node");
+    claiming["metadata"]["labels"] = serde_json::json!({
+        "kubernetes.io/hostname": "n1", "node-role.kubernetes.io/control-plane": ""});
+    let out = as_node(&["create", "-f", "-"], Some(&claiming.to_string()));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "is not allowed to set the following labels: node-role.kubernetes.io/control-plane"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = as_node(&["create", "-f", "-"], Some(&node("n1")));
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for label in [
+        "node-restriction.kubernetes.io/pool=gpu",
+        "node-role.kubernetes.io/control-plane=",
+    ] {
+        let out = as_node(&["label", "node", "n1", label], None);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is not allowed to modify labels"),
+            "{label}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = as_node(&["label", "node", "n1", "node.kubernetes.io/ok=1"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["taint", "node", "n1", "dedicated=me:NoSchedule"], None);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not allowed to modify taints"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The admin labels and taints nodes; the node may then leave those alone, but not remove them.
+    cp.kubectl_ok(&[
+        "label",
+        "node",
+        "n1",
+        "node-restriction.kubernetes.io/pool=gpu",
+    ]);
+    let out = as_node(
+        &[
+            "label",
+            "node",
+            "n1",
+            "node-restriction.kubernetes.io/pool-",
+        ],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not allowed to modify labels"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -825,9 +825,27 @@ async fn store_new(
     }
 }
 
+/// NodeRestriction for a kubelet writing its own Node (labels and taints, [`rbac::refuse_node_self_write`]); other
+/// users, kinds and subresources pass.
+fn admit_node_write(
+    ctx: &Ctx,
+    t: &Target,
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<(), ApiError> {
+    if t.kind.kind != "Node" || t.subresource.is_some() {
+        return Ok(());
+    }
+    match super::rbac::refuse_node_self_write(&ctx.user, old, new) {
+        Some(why) => Err(ApiError::forbidden(why)),
+        None => Ok(()),
+    }
+}
+
 async fn create(state: &State, ctx: &Ctx, t: &Target) -> Result<Response<Body>, ApiError> {
     let validation = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     let obj = body_object(ctx, t.kind)?;
+    admit_node_write(ctx, t, None, &obj)?;
     let manager = manager_of(ctx, "CreateOptions")?;
     let fields = Fields::Update {
         manager: &manager,
@@ -1141,7 +1159,10 @@ async fn update(
         },
         validation,
         dry_run(ctx),
-        |_| Ok(body.clone()),
+        |cur| {
+            admit_node_write(ctx, t, Some(cur), &body)?;
+            Ok(body.clone())
+        },
     )
     .await?;
     Ok(with_warnings(json_response(200, &obj), &warnings))
@@ -1163,6 +1184,7 @@ async fn create_at_url(
             name_of(&obj)
         )));
     }
+    admit_node_write(ctx, t, None, &obj)?;
     let (json, warnings) = create_object(
         state,
         t.kind,
@@ -1349,6 +1371,7 @@ async fn patch(
                 Some(rv) => meta_mut(&mut new).insert("resourceVersion".into(), json!(rv)),
                 None => meta_mut(&mut new).remove("resourceVersion"),
             };
+            admit_node_write(ctx, t, Some(cur), &new)?;
             Ok(new)
         },
     )

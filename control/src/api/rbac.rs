@@ -10,6 +10,7 @@
 //! (covering the kinds this server serves). Bindings and roles come from the API server's cache (`cache.rs`), kept
 //! current by the store's watch, as upstream's authorizer reads them from informers.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::rbac::v1::{PolicyRule, RoleRef, Subject};
@@ -283,6 +284,98 @@ pub(crate) async fn node_restriction(
     }
 }
 
+/// Labels a kubelet may set on its own Node (Ref: `k8s.io/kubelet/pkg/apis` `IsKubeletLabel`): these, and any
+/// under the `kubelet.kubernetes.io` and `node.kubernetes.io` namespaces.
+const KUBELET_LABELS: &[&str] = &[
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "failure-domain.beta.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+];
+
+fn label_namespace(label: &str) -> &str {
+    label.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+fn within(ns: &str, domain: &str) -> bool {
+    ns == domain || ns.strip_suffix(domain).is_some_and(|p| p.ends_with('.'))
+}
+
+/// Whether a node may not set, change or remove this label on itself (Ref: NodeRestriction
+/// `getForbiddenLabels`): `node-restriction.kubernetes.io/` ones (how admins mark nodes for workloads a node must
+/// not claim, e.g. `node-role.kubernetes.io/...` selectors), and every other `kubernetes.io` / `k8s.io` label but
+/// the kubelet's own.
+pub(crate) fn forbidden_node_label(label: &str) -> bool {
+    let ns = label_namespace(label);
+    if ns == "node-restriction.kubernetes.io" {
+        return true;
+    }
+    if KUBELET_LABELS.contains(&label)
+        || within(ns, "kubelet.kubernetes.io")
+        || within(ns, "node.kubernetes.io")
+    {
+        return false;
+    }
+    within(ns, "kubernetes.io") || within(ns, "k8s.io")
+}
+
+/// NodeRestriction for a node writing its own Node object (`old` is `None` on create): it may not set, change
+/// or remove the labels [`forbidden_node_label`] names, nor change its taints after registration (a node that
+/// could would attract any workload; the node lifecycle controller owns those taints). Returns why not.
+pub(crate) fn refuse_node_self_write(
+    user: &User,
+    old: Option<&Value>,
+    new: &Value,
+) -> Option<String> {
+    let node = node_of(user)?;
+    let labels = |o: &Value| -> BTreeMap<String, String> {
+        o.pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let new_labels = labels(new);
+    let old_labels = old.map(labels).unwrap_or_default();
+    let changed: BTreeSet<&String> = new_labels
+        .iter()
+        .filter(|(k, v)| old_labels.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .chain(old_labels.keys().filter(|k| !new_labels.contains_key(*k)))
+        .filter(|k| forbidden_node_label(k))
+        .collect();
+    if !changed.is_empty() {
+        let list = changed
+            .into_iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Some(match old {
+            None => format!("node \"{node}\" is not allowed to set the following labels: {list}"),
+            Some(_) => format!("node \"{node}\" is not allowed to modify labels: {list}"),
+        });
+    }
+    let taints = |o: &Value| o.pointer("/spec/taints").cloned().unwrap_or(Value::Null);
+    let none = |t: &Value| t.is_null() || t.as_array().is_some_and(Vec::is_empty);
+    if let Some(old) = old {
+        let (was, is) = (taints(old), taints(new));
+        if was != is && !(none(&was) && none(&is)) {
+            return Some(format!("node \"{node}\" is not allowed to modify taints"));
+        }
+    }
+    None
+}
+
 const READ: [&str; 3] = ["get", "list", "watch"];
 const WRITE: [&str; 7] = [
     "create",
@@ -501,6 +594,67 @@ pub(crate) fn bootstrap_objects() -> Vec<(&'static str, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node_user(name: &str) -> User {
+        User {
+            name: format!("system:node:{name}"),
+            groups: vec!["system:nodes".into()],
+        }
+    }
+
+    #[test]
+    fn a_node_keeps_to_the_kubelet_labels_as_upstream_node_restriction() {
+        for allowed in [
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+            "kubelet.kubernetes.io/anything",
+            "feature.node.kubernetes.io/cpu",
+            "example.com/team",
+            "app",
+        ] {
+            assert!(!forbidden_node_label(allowed), "{allowed}");
+        }
+        for forbidden in [
+            "node-restriction.kubernetes.io/pool",
+            "node-role.kubernetes.io/control-plane",
+            "kubernetes.io/role",
+            "x.k8s.io/y",
+        ] {
+            assert!(forbidden_node_label(forbidden), "{forbidden}");
+        }
+        // Suffix matching is by domain, not by string.
+        assert!(!forbidden_node_label("notkubernetes.io/x"));
+    }
+
+    #[test]
+    fn a_node_may_keep_but_not_change_restricted_labels_or_its_taints() {
+        let n1 = node_user("n1");
+        let old = json!({"metadata": {"labels": {"node-restriction.kubernetes.io/pool": "gpu", "a": "1"}},
+            "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]}});
+        let mut same = old.clone();
+        same["metadata"]["labels"]["a"] = json!("2");
+        assert_eq!(refuse_node_self_write(&n1, Some(&old), &same), None);
+        let mut dropped = old.clone();
+        dropped["metadata"]["labels"] = json!({"a": "1"});
+        assert!(refuse_node_self_write(&n1, Some(&old), &dropped)
+            .is_some_and(|w| w.contains("modify labels: node-restriction.kubernetes.io/pool")));
+        let mut untainted = old.clone();
+        untainted["spec"]["taints"] = json!([]);
+        assert!(refuse_node_self_write(&n1, Some(&old), &untainted)
+            .is_some_and(|w| w.contains("modify taints")));
+        // Registering with taints (--register-with-taints) is allowed; other users are not restricted here.
+        assert_eq!(
+            refuse_node_self_write(&n1, None, &old).map(|w| w.contains("set the following labels")),
+            Some(true)
+        );
+        let plain = json!({"metadata": {"labels": {"kubernetes.io/hostname": "n1"}}, "spec": {"taints": [{"key": "k"}]}});
+        assert_eq!(refuse_node_self_write(&n1, None, &plain), None);
+        let admin = User {
+            name: "admin".into(),
+            groups: vec!["system:masters".into()],
+        };
+        assert_eq!(refuse_node_self_write(&admin, Some(&old), &dropped), None);
+    }
 
     fn attrs(
         verb: &str,
