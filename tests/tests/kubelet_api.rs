@@ -84,6 +84,31 @@ fn issue_kubeconfig(cp: &ControlPlane, user: &str, groups: &[&str]) -> PathBuf {
     out
 }
 
+/// kubectl with `kubeconfig` instead of the admin's, `stdin` (if any) written to it.
+fn kubectl_as(
+    cp: &ControlPlane,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    let mut c = cp.kubectl_cmd();
+    c.env("KUBECONFIG", kubeconfig).args(args);
+    let Some(text) = stdin else {
+        return c.output().expect("kubectl");
+    };
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("kubectl")
+}
+
 /// One node: a sandbox root under `layout::sandboxes_dir(root)`, the kubelet API server on loopback, and the API
 /// server it asks.
 struct Node {
@@ -1040,25 +1065,7 @@ fn a_node_may_write_only_its_own_node_lease_and_pods() {
     }
     let cp = ControlPlane::start();
     let kubeconfig = issue_kubeconfig(&cp, "system:node:n1", &["system:nodes"]);
-    let as_node = |args: &[&str], stdin: Option<&str>| {
-        let mut c = cp.kubectl_cmd();
-        c.env("KUBECONFIG", &kubeconfig).args(args);
-        if let Some(text) = stdin {
-            c.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().expect("kubectl");
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())
-                .expect("write");
-            child.wait_with_output().expect("kubectl")
-        } else {
-            c.output().expect("kubectl")
-        }
-    };
+    let as_node = |args: &[&str], stdin: Option<&str>| kubectl_as(&cp, &kubeconfig, args, stdin);
     let node = |name: &str| {
         serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
             .to_string()
@@ -1243,13 +1250,7 @@ fn a_node_reads_only_the_secrets_and_config_maps_its_own_pods_use() {
     }
     let cp = ControlPlane::start();
     let kubeconfig = issue_kubeconfig(&cp, "system:node:n1", &["system:nodes"]);
-    let as_node = |args: &[&str]| {
-        cp.kubectl_cmd()
-            .env("KUBECONFIG", &kubeconfig)
-            .args(args)
-            .output()
-            .expect("kubectl")
-    };
+    let as_node = |args: &[&str]| kubectl_as(&cp, &kubeconfig, args, None);
     let refused = |out: &std::process::Output, why: &str| {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "allowed; wanted a refusal for {why}");

@@ -31,7 +31,8 @@ pub(crate) enum Referenced {
 }
 
 impl Referenced {
-    fn of_resource(resource: &str) -> Option<Self> {
+    /// The kind a core-group request on `resource` reads, if it is one of the graph's.
+    pub(crate) fn of_resource(resource: &str) -> Option<Self> {
         match resource {
             "secrets" => Some(Self::Secret),
             "configmaps" => Some(Self::ConfigMap),
@@ -268,19 +269,14 @@ async fn node_uses(
         .any(|kv| matches!(project_pod_refs(kv), Projected::Keep(r) if r.uses(node, what, name))))
 }
 
-/// The Node authorizer's answer for a node's request on secrets or configMaps: `None` when allowed (or not such
-/// a request), else why not.
+/// The Node authorizer's answer for a node's core-group request on `what` (secrets or configMaps): `None` when
+/// allowed, else why not.
 pub(crate) async fn refuse_read(
     state: &State,
     node: &str,
+    what: Referenced,
     a: &Attributes,
 ) -> Result<Option<String>, StoreError> {
-    let Some(what) = Referenced::of_resource(&a.resource) else {
-        return Ok(None);
-    };
-    if !a.group.is_empty() || a.path.is_some() {
-        return Ok(None);
-    }
     let refuse = |why: String| Ok(Some(format!("node \"{node}\" is not allowed to {why}")));
     if !matches!(a.verb.as_str(), "get" | "list" | "watch") || a.subresource.is_some() {
         return refuse(format!(

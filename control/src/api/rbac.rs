@@ -200,8 +200,11 @@ pub(crate) async fn node_restriction(
     if a.path.is_some() || !a.group.is_empty() && a.group != "coordination.k8s.io" {
         return Ok(None);
     }
-    if a.group.is_empty() && matches!(a.resource.as_str(), "secrets" | "configmaps") {
-        return super::node_graph::refuse_read(state, node, a).await;
+    if let (true, Some(what)) = (
+        a.group.is_empty(),
+        super::node_graph::Referenced::of_resource(&a.resource),
+    ) {
+        return super::node_graph::refuse_read(state, node, what, a).await;
     }
     if matches!(a.verb.as_str(), "get" | "list" | "watch") {
         return Ok(None);

@@ -80,6 +80,14 @@ impl Default for ControllersConfig {
     }
 }
 
+/// Now in RFC 3339 with second precision, as `metav1.Time` serialises (condition and event timestamps).
+pub(crate) fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap_or(jiff::Timestamp::now())
+        .to_string()
+}
+
 /// Why a controller stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::watch::{self, Tasks};
-use super::{Context, ControllerError, ControllerFuture};
+use super::{now_rfc3339, Context, ControllerError, ControllerFuture};
 use crate::scheduler::{tolerates, TAINT_NOT_READY, TAINT_UNREACHABLE};
 
 const NAME: &str = "nodelifecycle";
@@ -209,13 +209,6 @@ fn heartbeat_marker(node: &Node, lease: Option<&Lease>) -> String {
         .map(|t| t.0.to_string())
         .unwrap_or_default();
     format!("{renew}|{hb}")
-}
-
-fn now_rfc3339() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .unwrap_or(jiff::Timestamp::now())
-        .to_string()
 }
 
 struct Monitor {

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::watch::{self, is_status, Tasks};
-use super::{Context, ControllerError, ControllerFuture};
+use super::{now_rfc3339, Context, ControllerError, ControllerFuture};
 
 const NAME: &str = "podgc";
 /// How often the collector looks even without a change (upstream's `gcCheckPeriod`).
@@ -142,7 +142,6 @@ impl Collector {
         }
         let ns = pod.namespace().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &ns);
-        let now = jiff::Timestamp::now().to_string();
         let mut conditions: Vec<serde_json::Value> = pod
             .status
             .as_ref()
@@ -159,7 +158,7 @@ impl Collector {
             "status": "True",
             "reason": "DeletionByPodGC",
             "message": "PodGC: node no longer exists",
-            "lastTransitionTime": now,
+            "lastTransitionTime": now_rfc3339(),
         }));
         let patch = json!({"status": {"phase": "Failed", "conditions": conditions}});
         match api
