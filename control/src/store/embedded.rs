@@ -4,29 +4,32 @@
 //! then the new root with a checksum) survive kill -9 and power loss, and an unclean shutdown rolls back to the
 //! last durable commit. That gives us torn-write detection and snapshots of the whole B-tree for free.
 //!
-//! Why a write-ahead log too (etcd's split: a WAL for durability, the B-tree committed in the background): a
+//! Why a write-ahead log too (etcd's split: a WAL for durability, the B-tree written in the background): a
 //! durable redb commit per batch was a third of the API server's CPU per pod create — it writes every touched
 //! 4 KiB page (a ~2.8 KB pod fills a leaf of its own; branch and table-root pages are rewritten by every batch),
 //! frees the previous versions and syncs. So each batch is now
-//! 1. applied in a redb write transaction as before (preconditions, inserts, revision bump, expiry tables);
+//! 1. checked against the current state (preconditions, revisions): the pending writes, else the B-tree;
 //! 2. appended as ONE log record (every resulting key and stored value or delete, TTL deadlines, the batch's
 //!    revision range; CRC32) to the log file, which is `fdatasync`'d;
-//! 3. committed to redb with `Durability::None`: visible to readers at once, its pages stay in redb's buffer;
+//! 3. added to the **pending writes** — an in-memory, persistent (cheaply cloned) ordered map holding the latest
+//!    write of each key since the last checkpoint — which readers see over a redb snapshot (see `View`);
 //! 4. published to watchers and acknowledged — never before the `fdatasync` holding it returned.
 //!
-//! A checkpoint — a durable redb commit, after which the log restarts at offset 0 — happens when the next record
-//! would not fit in the log ([`EmbeddedOptions::log_bytes`]) or the last checkpoint is
-//! [`EmbeddedOptions::checkpoint_interval`] old (the batch at hand is then committed durably instead of logged),
-//! when the writer is idle with a non-empty log, and when the store is dropped (a clean shutdown leaves nothing
-//! to replay). Pages that several batches rewrote (branches, the revision counter, the expiry tables) reach the
-//! file once per checkpoint instead of once per batch (earlier only when redb's cache needs the room).
+//! A checkpoint puts the pending writes into the B-tree in key order in ONE durable redb commit, after which the
+//! log restarts at offset 0 and the pending writes are dropped. It happens when the next record would not fit in
+//! the log ([`EmbeddedOptions::log_bytes`]) or the last checkpoint is [`EmbeddedOptions::checkpoint_interval`]
+//! old (the batch at hand then goes into that commit instead of the log), when the writer is idle with a
+//! non-empty log, and when the store is dropped (a clean shutdown leaves nothing to replay). Between
+//! checkpoints redb is not written at all, so every page — a pod's leaf, the branches above it, the revision
+//! counter, the expiry tables — is written once per checkpoint however many batches changed it. (Before the
+//! pending writes, each batch was a non-durable redb commit: each rewrote its branch pages copy-on-write, and
+//! redb wrote those copies out whenever its 8 MiB cache filled.) TTL deadlines of keys written since the last
+//! checkpoint reach the expiry tables with it (`Deadline`); the expiry scan leaves those keys alone until then.
 //!
-//! Measured (store benchmark, ~2 KB pods, same run, this 2-CPU VM): 12 concurrent writers 21.7k writes/s and
-//! 32 µs of CPU per write with the log, 12.1k/s and 55 µs with a durable redb commit per batch; one writer
-//! 3.7k/s (170 µs) vs 2.1k/s (270 µs). Through the API server the writer thread's CPU per pod create fell less
-//! (~49 → ~42 µs, median of 5 runs of scripts/api-rss.sh): there redb still writes most pages out between
-//! checkpoints, when its 8 MiB cache fills.
-//!
+//! Measured (scripts/api-rss.sh, 10k pod creates through the API server, alternated builds): server CPU per
+//! create 97 / 120 / 108 µs with the pending writes against 114 / 141 / 118 µs with a non-durable commit per
+//! batch; peak RSS 62 MiB against 52 MiB (the pending writes hold up to a log's worth of values).
+
 //! Recovery on [`EmbeddedStore::open`]: redb rolls back to its last durable commit (revision R in `meta`); the
 //! log's records are replayed from offset 0 while they continue the revision chain (R+1, then each record's last
 //! revision + 1), stopping at the first torn record (short, bad CRC) or stale one (an earlier pass's records,
@@ -67,7 +70,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
 use super::wal::{Change, RecordBuf, Wal};
@@ -160,6 +163,35 @@ struct Shared {
     history_bytes: usize,
     history_bytes_limit: usize,
     tx: broadcast::Sender<Arc<Event>>,
+    /// The writes logged since the last checkpoint, which the B-tree does not hold yet (see [`Pending`]);
+    /// replaced by the writer after each batch and emptied by each checkpoint, after its commit.
+    pending: PendingWrites,
+}
+
+/// Writes logged since the last checkpoint, by key (the latest write of each key), not yet in the B-tree. Readers
+/// see them over a B-tree snapshot; the checkpoint puts them into the B-tree in key order in one durable commit.
+/// A persistent map: a reader's copy is a reference count, and the writer's next batch shares every unchanged node.
+type PendingWrites = imbl::OrdMap<String, Pending>;
+
+/// The latest write of a key since the last checkpoint.
+#[derive(Clone, Debug)]
+enum Pending {
+    /// The stored bytes (revision header, then the value), and what the checkpoint does with the key's TTL.
+    Put {
+        stored: Arc<[u8]>,
+        deadline: Deadline,
+    },
+    Deleted,
+}
+
+/// What a checkpoint does with the TTL of a key written since the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    /// An update of a key the B-tree holds: its deadline (if any) stays.
+    Keep,
+    /// The key was created since the last checkpoint (perhaps after a delete): any older deadline goes, and this
+    /// one (if any) is set.
+    Reset(Option<i64>),
 }
 
 enum Op {
@@ -304,6 +336,7 @@ impl EmbeddedStore {
             history_bytes: 0,
             history_bytes_limit: options.history_bytes,
             tx,
+            pending: PendingWrites::new(),
         }));
         let db = Arc::new(db);
         let (writer, rx) = std_mpsc::channel();
@@ -317,6 +350,9 @@ impl EmbeddedStore {
                 checkpoint_interval: options.checkpoint_interval,
                 last_checkpoint: Instant::now(),
                 failed: None,
+                pending: PendingWrites::new(),
+                revision,
+                tree: None,
             };
             std::thread::Builder::new()
                 .name("store-writer".into())
@@ -347,20 +383,11 @@ impl EmbeddedStore {
         &self,
         mut each: impl FnMut(KeyValue) -> Result<(), StoreError>,
     ) -> Result<Revision, StoreError> {
-        let path = &self.path;
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("cannot read", path, e))?;
-        let revision = read_revision(&txn, path)?;
-        let kv = txn
-            .open_table(KV)
-            .map_err(|e| backend("cannot open table in", path, e))?;
-        for entry in kv.iter().map_err(|e| backend("cannot read", path, e))? {
-            let (k, v) = entry.map_err(|e| backend("cannot read", path, e))?;
-            each(decode(k.value(), v.value())?)?;
-        }
-        Ok(revision)
+        let view = View::take(&self.db, &self.shared, &self.path)?;
+        view.scan(&self.path, Bound::Unbounded, "", |kv| {
+            each(kv).map(|()| true)
+        })?;
+        Ok(view.revision)
     }
 
     /// Creates the store in `dir` holding exactly `items`, with their revisions, at store `revision` (a restored
@@ -425,13 +452,126 @@ impl EmbeddedStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, &Path) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(View, &Path) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
+        let shared = self.shared.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || f(&db, &path))
+        tokio::task::spawn_blocking(move || f(View::take(&db, &shared, &path)?, &path))
             .await
             .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+    }
+}
+
+/// What a read sees: the pending writes over a B-tree snapshot, and the store revision of that state.
+struct View {
+    pending: PendingWrites,
+    revision: Revision,
+    txn: redb::ReadTransaction,
+}
+
+impl View {
+    fn take(db: &Database, shared: &Mutex<Shared>, path: &Path) -> Result<Self, StoreError> {
+        // Both under the lock: the writer empties `pending` only after the checkpoint that put those writes into
+        // the B-tree committed, so a snapshot taken with them never lacks them, nor holds a later checkpoint's.
+        let sh = lock(shared);
+        let txn = db
+            .begin_read()
+            .map_err(|e| backend("cannot read", path, e))?;
+        let pending = sh.pending.clone();
+        let published = sh.revision;
+        drop(sh);
+        // A batch committed as a checkpoint is in the B-tree a moment before it is published.
+        let revision = published.max(read_revision(&txn, path)?);
+        Ok(Self {
+            pending,
+            revision,
+            txn,
+        })
+    }
+
+    fn get(&self, key: &str, path: &Path) -> Result<Option<KeyValue>, StoreError> {
+        match self.pending.get(key) {
+            Some(Pending::Put { stored, .. }) => decode(key, stored).map(Some),
+            Some(Pending::Deleted) => Ok(None),
+            None => {
+                let kv = self
+                    .txn
+                    .open_table(KV)
+                    .map_err(|e| backend("cannot open table in", path, e))?;
+                match kv.get(key).map_err(|e| backend("cannot read", path, e))? {
+                    Some(raw) => decode(key, raw.value()).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Calls `each` with every key from `start` on that begins with `prefix`, in key order (the pending writes
+    /// merged over the B-tree); stops when `each` returns `false`.
+    fn scan(
+        &self,
+        path: &Path,
+        start: Bound<&str>,
+        prefix: &str,
+        mut each: impl FnMut(KeyValue) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let table = self
+            .txn
+            .open_table(KV)
+            .map_err(|e| backend("cannot open table in", path, e))?;
+        let mut tree = table
+            .range::<&str>((start, Bound::Unbounded))
+            .map_err(|e| backend("cannot read", path, e))?;
+        let mut next_in_tree = || -> Result<Option<KeyValue>, StoreError> {
+            match tree.next() {
+                Some(entry) => {
+                    let (k, v) = entry.map_err(|e| backend("cannot read", path, e))?;
+                    decode(k.value(), v.value()).map(Some)
+                }
+                None => Ok(None),
+            }
+        };
+        let mut pending = self.pending.range::<_, str>((start, Bound::Unbounded));
+        let mut in_tree = next_in_tree()?;
+        let mut in_pending = pending.next();
+        loop {
+            let from_pending = match (&in_tree, &in_pending) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => None,
+                (None, Some(p)) => Some(*p),
+                (Some(t), Some(p)) => (p.0.as_str() <= t.key.as_str()).then_some(*p),
+            };
+            let item = match from_pending {
+                Some((key, write)) => {
+                    if !key.starts_with(prefix) {
+                        return Ok(());
+                    }
+                    // A pending write replaces the B-tree's value of its key.
+                    if in_tree.as_ref().is_some_and(|t| t.key == *key) {
+                        in_tree = next_in_tree()?;
+                    }
+                    in_pending = pending.next();
+                    match write {
+                        Pending::Put { stored, .. } => Some(decode(key, stored)?),
+                        Pending::Deleted => None,
+                    }
+                }
+                None => {
+                    let item = in_tree.take();
+                    if item.as_ref().is_some_and(|t| !t.key.starts_with(prefix)) {
+                        return Ok(());
+                    }
+                    in_tree = next_in_tree()?;
+                    item
+                }
+            };
+            if let Some(kv) = item {
+                if !each(kv)? {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -474,6 +614,13 @@ struct Writer {
     last_checkpoint: Instant,
     /// Why writes are refused: a write to the log, or a commit after one, failed (see the module docs).
     failed: Option<String>,
+    /// With the log: the writes logged since the last checkpoint (what readers get in [`Shared::pending`]).
+    pending: PendingWrites,
+    /// The store's revision: the last write's.
+    revision: Revision,
+    /// With the log: the B-tree as of the last checkpoint, for lookups under `pending` (dropped while a
+    /// checkpoint commits, so redb can reuse the pages it frees).
+    tree: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
 }
 
 impl Writer {
@@ -495,16 +642,18 @@ impl Writer {
                 }
                 self.apply(batch);
             } else if self.checkpoint_due(0) {
-                // Idle: make the log's records durable in the B-tree, so a restart has little to replay.
-                self.checkpoint();
+                // Idle: put the logged writes into the B-tree, so a restart has little to replay.
+                let _ = self.checkpoint();
             }
             if Instant::now() >= next_expiry_check && self.failed.is_none() {
                 next_expiry_check = Instant::now() + EXPIRY_CHECK;
                 match expired_keys(&self.db, &self.path, now_ms()) {
                     Ok(keys) if !keys.is_empty() => {
-                        tracing::debug!(count = keys.len(), "deleting keys whose TTL ran out");
-                        let batch = keys
+                        let batch: Vec<_> = keys
                             .into_iter()
+                            // The expiry tables change at checkpoints: a key written since the last one (deleted,
+                            // or created again with another deadline) is left to the deadline it has now.
+                            .filter(|key| !self.pending.contains_key(key))
                             .map(|key| WriteRequest {
                                 op: Op::Delete {
                                     key,
@@ -514,7 +663,10 @@ impl Writer {
                                 reply: oneshot::channel().0,
                             })
                             .collect();
-                        self.apply(batch);
+                        if !batch.is_empty() {
+                            tracing::debug!(count = batch.len(), "deleting keys whose TTL ran out");
+                            self.apply(batch);
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot scan for expired keys"),
@@ -522,8 +674,8 @@ impl Writer {
             }
         }
         // A clean shutdown leaves nothing to replay.
-        if self.wal.as_ref().is_some_and(|w| w.offset() > 0) {
-            self.checkpoint();
+        if self.wal.as_ref().is_some_and(|w| w.offset() > 0) && self.failed.is_none() {
+            let _ = self.checkpoint();
         }
     }
 
@@ -539,34 +691,71 @@ impl Writer {
             || self.last_checkpoint.elapsed() >= self.checkpoint_interval
     }
 
-    /// A durable commit with no changes of its own (redb then writes every page of the non-durable commits
-    /// before it), after which the log restarts.
-    fn checkpoint(&mut self) {
+    /// Puts the pending writes into the B-tree, in key order, in one durable commit; then the log restarts and
+    /// readers stop looking at those writes (only after the commit: a reader's B-tree snapshot from before it
+    /// still needs them). A failure refuses every later write.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
         let started = Instant::now();
-        let result = self
-            .db
-            .begin_write()
-            .map_err(|e| backend("cannot write", &self.path, e))
-            .and_then(|txn| {
-                txn.commit()
-                    .map_err(|e| backend("cannot commit to", &self.path, e))
-            });
-        match result {
-            Ok(()) => self.checkpointed(started),
-            Err(e) => self.fail(&e),
+        self.tree = None;
+        let written = self.write_pending();
+        if let Err(e) = written {
+            self.fail(&e);
+            return Err(e);
         }
-    }
-
-    fn checkpointed(&mut self, started: Instant) {
+        let count = self.pending.len();
         if let Some(wal) = self.wal.as_mut() {
             tracing::debug!(
                 log_bytes = wal.offset(),
+                keys = count,
                 took_us = started.elapsed().as_micros() as u64,
                 "checkpoint"
             );
             wal.restart();
         }
         self.last_checkpoint = Instant::now();
+        self.pending = PendingWrites::new();
+        lock(&self.shared).pending = PendingWrites::new();
+        match open_tree(&self.db, &self.path) {
+            Ok(tree) => self.tree = Some(tree),
+            Err(e) => tracing::warn!(error = %e, "cannot reopen the B-tree after a checkpoint"),
+        }
+        Ok(())
+    }
+
+    /// The durable commit of a checkpoint.
+    fn write_pending(&self) -> Result<(), StoreError> {
+        let path = self.path.as_path();
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| backend("cannot write", path, e))?;
+        {
+            let Tables {
+                mut kv,
+                mut meta,
+                mut expiry,
+                mut by_time,
+            } = Tables::open(&txn, path)?;
+            for (key, write) in self.pending.iter() {
+                match write {
+                    Pending::Put { stored, deadline } => {
+                        kv.insert(key.as_str(), &stored[..])
+                            .map_err(|e| backend("cannot write", path, e))?;
+                        if let Deadline::Reset(deadline) = deadline {
+                            remove_expiry(&mut expiry, &mut by_time, key, path)?;
+                            if let Some(deadline) = deadline {
+                                set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
+                            }
+                        }
+                    }
+                    Pending::Deleted => remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?,
+                }
+            }
+            meta.insert(META_REVISION, self.revision)
+                .map_err(|e| backend("cannot write", path, e))?;
+        }
+        txn.commit()
+            .map_err(|e| backend("cannot commit to", path, e))
     }
 
     /// From now on every write fails: after a failed `fdatasync` the kernel may have dropped the dirty pages and
@@ -583,13 +772,18 @@ impl Writer {
     fn apply(&mut self, batch: Vec<WriteRequest>) {
         let outcome = match &self.failed {
             Some(why) => Err(StoreError::Backend(why.clone())),
+            None if self.wal.is_some() => self.log_batch(&batch),
             None => self.commit_batch(&batch),
         };
         match outcome {
             Ok(mut results) => {
-                // Publish before replying, so a writer that then watches from its own revision sees its event.
+                // Publish before replying, so a writer that then watches from its own revision sees its event,
+                // and a reader that then reads sees its write.
                 {
                     let mut sh = lock(&self.shared);
+                    if self.wal.is_some() {
+                        sh.pending = self.pending.clone();
+                    }
                     for (_, event) in results.iter_mut() {
                         if let Some(event) = event.take() {
                             let event = Arc::new(event);
@@ -626,17 +820,176 @@ impl Writer {
         }
     }
 
-    /// Applies a batch in one transaction and makes it durable: appended to the log (then a non-durable redb
-    /// commit), or as a checkpoint (a durable redb commit) when one is due. Per-request failures (exists,
-    /// conflict, not found) are results; an `Err` means nothing in the batch was written.
+    /// The current value of `key` for a batch being built on `pending`: its pending write, else the B-tree's.
+    fn current(&self, pending: &PendingWrites, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        match pending.get(key) {
+            Some(Pending::Put { stored, .. }) => decode(key, stored).map(Some),
+            Some(Pending::Deleted) => Ok(None),
+            None => {
+                let tree = match &self.tree {
+                    Some(tree) => tree,
+                    None => return Err(backend("cannot read", &self.path, "no B-tree snapshot")),
+                };
+                match tree
+                    .get(key)
+                    .map_err(|e| backend("cannot read", &self.path, e))?
+                {
+                    Some(raw) => decode(key, raw.value()).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// With the log: checks a batch against the pending writes and the B-tree, appends its changes as one log
+    /// record (`fdatasync`'d), then makes them pending writes — or, when a checkpoint is due, puts them into the
+    /// B-tree with the other pending writes in one durable commit instead of logging them. The B-tree is not
+    /// touched between checkpoints, so each of its pages is written once per checkpoint however many batches
+    /// changed it. Per-request failures (exists, conflict, not found) are results; an `Err` means nothing in the
+    /// batch was written.
+    fn log_batch(&mut self, batch: &[WriteRequest]) -> Result<Vec<OpResult>, StoreError> {
+        if self.tree.is_none() {
+            self.tree = Some(open_tree(&self.db, &self.path)?);
+        }
+        let mut pending = self.pending.clone();
+        self.record.clear();
+        let mut results = Vec::with_capacity(batch.len());
+        let first = self.revision + 1;
+        let mut revision = self.revision;
+        for req in batch {
+            let key = match &req.op {
+                Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
+            };
+            let current = self.current(&pending, key)?;
+            let result = match (&req.op, current) {
+                (Op::Create { .. }, Some(_)) => {
+                    (Err(StoreError::AlreadyExists { key: key.clone() }), None)
+                }
+                (
+                    Op::Create {
+                        value,
+                        expires_at_ms,
+                        ..
+                    },
+                    None,
+                ) => {
+                    revision += 1;
+                    let new = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: revision,
+                        mod_revision: revision,
+                        version: 1,
+                    };
+                    let stored = self.record.put(key, *expires_at_ms, &header(&new), value);
+                    pending.insert(
+                        key.clone(),
+                        Pending::Put {
+                            stored: Arc::from(&self.record.bytes()[stored]),
+                            deadline: Deadline::Reset(*expires_at_ms),
+                        },
+                    );
+                    (Ok(Reply::Kv(new.clone())), Some(Event::Created(new)))
+                }
+                (Op::Update { .. } | Op::Delete { .. }, None) => {
+                    (Err(StoreError::NotFound { key: key.clone() }), None)
+                }
+                (Op::Update { expected, .. }, Some(cur))
+                | (
+                    Op::Delete {
+                        expected: Some(expected),
+                        ..
+                    },
+                    Some(cur),
+                ) if cur.mod_revision != *expected => (
+                    Err(StoreError::Conflict {
+                        key: key.clone(),
+                        expected: *expected,
+                        current: Box::new(cur),
+                    }),
+                    None,
+                ),
+                (Op::Update { value, .. }, Some(cur)) => {
+                    revision += 1;
+                    let new = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: cur.create_revision,
+                        mod_revision: revision,
+                        version: cur.version + 1,
+                    };
+                    // An update keeps the key's TTL deadline, so the log records none (replay leaves the expiry
+                    // tables as they are), and a key created since the last checkpoint keeps the one it got.
+                    let deadline = match pending.get(key) {
+                        Some(Pending::Put { deadline, .. }) => *deadline,
+                        _ => Deadline::Keep,
+                    };
+                    let stored = self.record.put(key, None, &header(&new), value);
+                    pending.insert(
+                        key.clone(),
+                        Pending::Put {
+                            stored: Arc::from(&self.record.bytes()[stored]),
+                            deadline,
+                        },
+                    );
+                    (
+                        Ok(Reply::Kv(new.clone())),
+                        Some(Event::Updated { prev: cur, kv: new }),
+                    )
+                }
+                (Op::Delete { .. }, Some(cur)) => {
+                    revision += 1;
+                    self.record.delete(key);
+                    pending.insert(key.clone(), Pending::Deleted);
+                    (
+                        Ok(Reply::Deleted(cur.clone(), revision)),
+                        Some(Event::Deleted {
+                            prev: cur,
+                            revision,
+                        }),
+                    )
+                }
+            };
+            results.push(result);
+        }
+        if revision < first {
+            // Nothing changed (every request failed its precondition): nothing to make durable.
+            return Ok(results);
+        }
+        let record_len = self.record.finish(first, revision).len() as u64;
+        if self.checkpoint_due(record_len) {
+            // This batch goes into the checkpoint: one durable commit holds it and everything logged before it.
+            let before = std::mem::replace(&mut self.pending, pending);
+            let previous = std::mem::replace(&mut self.revision, revision);
+            if let Err(e) = self.checkpoint() {
+                self.pending = before;
+                self.revision = previous;
+                return Err(e);
+            }
+            return Ok(results);
+        }
+        let Some(wal) = self.wal.as_mut() else {
+            return Err(StoreError::Backend("the write-ahead log is gone".into()));
+        };
+        if let Err(e) = wal.append(self.record.bytes()) {
+            // The batch's pending writes are dropped with `pending`.
+            let e = backend("cannot write", wal.path(), e);
+            self.fail(&e);
+            return Err(e);
+        }
+        self.pending = pending;
+        self.revision = revision;
+        Ok(results)
+    }
+
+    /// Without the log: applies a batch in one durable redb transaction. Per-request failures (exists, conflict,
+    /// not found) are results; an `Err` means nothing in the batch was written.
     fn commit_batch(&mut self, batch: &[WriteRequest]) -> Result<Vec<OpResult>, StoreError> {
         let path = self.path.as_path();
-        let mut txn = self
+        let txn = self
             .db
             .begin_write()
             .map_err(|e| backend("cannot write", path, e))?;
-        let record = &mut self.record;
-        record.clear();
         let mut results = Vec::with_capacity(batch.len());
         let (first, last) = {
             let Tables {
@@ -645,11 +998,7 @@ impl Writer {
                 mut expiry,
                 mut by_time,
             } = Tables::open(&txn, path)?;
-            let mut revision = meta
-                .get(META_REVISION)
-                .map_err(|e| backend("cannot read", path, e))?
-                .map(|v| v.value())
-                .unwrap_or(0);
+            let mut revision = self.revision;
             let first = revision + 1;
             for req in batch {
                 let key = match &req.op {
@@ -657,53 +1006,40 @@ impl Writer {
                         key.as_str()
                     }
                 };
-                if let Op::Create {
-                    value,
-                    expires_at_ms,
-                    ..
-                } = &req.op
-                {
-                    // One B-tree walk for the usual create of a new key: insert, and put the old value back in
-                    // the rare case the key existed (all inside this uncommitted transaction).
-                    let new = KeyValue {
-                        key: key.to_string(),
-                        value: value.clone(),
-                        create_revision: revision + 1,
-                        mod_revision: revision + 1,
-                        version: 1,
-                    };
-                    let mark = record.mark();
-                    let stored = record.put(key, *expires_at_ms, &header(&new), value);
-                    let replaced = kv
-                        .insert(key, &record.bytes()[stored])
-                        .map_err(|e| backend("cannot write", path, e))?
-                        .map(|old| old.value().to_vec());
-                    if let Some(old) = replaced {
-                        record.truncate(mark);
-                        kv.insert(key, old.as_slice())
-                            .map_err(|e| backend("cannot write", path, e))?;
-                        results.push((
-                            Err(StoreError::AlreadyExists {
-                                key: key.to_string(),
-                            }),
-                            None,
-                        ));
-                        continue;
-                    }
-                    revision += 1;
-                    if let Some(deadline) = expires_at_ms {
-                        set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
-                    }
-                    results.push((Ok(Reply::Kv(new.clone())), Some(Event::Created(new))));
-                    continue;
-                }
                 let current = match kv.get(key).map_err(|e| backend("cannot read", path, e))? {
                     Some(raw) => Some(decode(key, raw.value())?),
                     None => None,
                 };
                 let result = match (&req.op, current) {
-                    // Handled above.
-                    (Op::Create { .. }, _) => continue,
+                    (Op::Create { .. }, Some(_)) => (
+                        Err(StoreError::AlreadyExists {
+                            key: key.to_string(),
+                        }),
+                        None,
+                    ),
+                    (
+                        Op::Create {
+                            value,
+                            expires_at_ms,
+                            ..
+                        },
+                        None,
+                    ) => {
+                        revision += 1;
+                        let new = KeyValue {
+                            key: key.to_string(),
+                            value: value.clone(),
+                            create_revision: revision,
+                            mod_revision: revision,
+                            version: 1,
+                        };
+                        kv.insert(key, encode(&new).as_slice())
+                            .map_err(|e| backend("cannot write", path, e))?;
+                        if let Some(deadline) = expires_at_ms {
+                            set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
+                        }
+                        (Ok(Reply::Kv(new.clone())), Some(Event::Created(new)))
+                    }
                     (Op::Update { .. } | Op::Delete { .. }, None) => (
                         Err(StoreError::NotFound {
                             key: key.to_string(),
@@ -734,10 +1070,8 @@ impl Writer {
                             mod_revision: revision,
                             version: cur.version + 1,
                         };
-                        // An update keeps the key's TTL deadline (it stays in the expiry tables), so the log
-                        // records none: replay leaves those tables as they are.
-                        let stored = record.put(key, None, &header(&new), value);
-                        kv.insert(key, &record.bytes()[stored])
+                        // An update keeps the key's TTL deadline (it stays in the expiry tables).
+                        kv.insert(key, encode(&new).as_slice())
                             .map_err(|e| backend("cannot write", path, e))?;
                         (
                             Ok(Reply::Kv(new.clone())),
@@ -746,7 +1080,6 @@ impl Writer {
                     }
                     (Op::Delete { .. }, Some(cur)) => {
                         revision += 1;
-                        record.delete(key);
                         remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
                         (
                             Ok(Reply::Deleted(cur.clone(), revision)),
@@ -766,55 +1099,26 @@ impl Writer {
             (first, revision)
         };
         if last < first {
-            // Nothing changed (every request failed its precondition): nothing to make durable.
             txn.abort()
                 .map_err(|e| backend("cannot abort a transaction in", path, e))?;
             return Ok(results);
         }
-        if self.wal.is_none() {
-            txn.commit()
-                .map_err(|e| backend("cannot commit to", path, e))?;
-            return Ok(results);
-        }
-        let record_len = self.record.finish(first, last).len() as u64;
-        if self.checkpoint_due(record_len) {
-            // This batch is the checkpoint: one durable commit holds it and everything logged before it.
-            let started = Instant::now();
-            match txn.commit() {
-                Ok(()) => self.checkpointed(started),
-                Err(e) => {
-                    let e = backend("cannot commit to", path, e);
-                    self.fail(&e);
-                    return Err(e);
-                }
-            }
-            return Ok(results);
-        }
-        let Some(wal) = self.wal.as_mut() else {
-            return Err(StoreError::Backend("the write-ahead log is gone".into()));
-        };
-        if let Err(e) = wal.append(self.record.bytes()) {
-            // Dropping `txn` rolls the batch back.
-            let e = backend("cannot write", wal.path(), e);
-            self.fail(&e);
-            return Err(e);
-        }
-        // Durable in the log now, so redb need not sync: its commit is visible to readers at once and its pages
-        // reach the file at the next checkpoint (or earlier, when its cache needs the room).
-        let committed = txn
-            .set_durability(Durability::None)
-            .map_err(|e| backend("cannot commit to", path, e))
-            .and_then(|()| {
-                txn.commit()
-                    .map_err(|e| backend("cannot commit to", path, e))
-            });
-        if let Err(e) = committed {
-            // The log holds the batch but the B-tree does not: a later record would break the chain.
-            self.fail(&e);
-            return Err(e);
-        }
+        txn.commit()
+            .map_err(|e| backend("cannot commit to", path, e))?;
+        self.revision = last;
         Ok(results)
     }
+}
+
+/// The B-tree's `kv` table in a fresh read transaction (the state of the last commit).
+fn open_tree(
+    db: &Database,
+    path: &Path,
+) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+    db.begin_read()
+        .map_err(|e| backend("cannot read", path, e))?
+        .open_table(KV)
+        .map_err(|e| backend("cannot open table in", path, e))
 }
 
 /// Replays the log's records after revision `durable` (what redb's last durable commit holds) in one durable
@@ -931,6 +1235,16 @@ fn remove_key(
 ) -> Result<(), StoreError> {
     kv.remove(key)
         .map_err(|e| backend("cannot delete from", path, e))?;
+    remove_expiry(expiry, by_time, key, path)
+}
+
+/// Removes `key`'s TTL deadline from both expiry tables, if it has one.
+fn remove_expiry(
+    expiry: &mut redb::Table<'_, &'static str, i64>,
+    by_time: &mut redb::Table<'_, &'static str, ()>,
+    key: &str,
+    path: &Path,
+) -> Result<(), StoreError> {
     let deadline = expiry
         .remove(key)
         .map_err(|e| backend("cannot delete from", path, e))?
@@ -997,64 +1311,34 @@ impl Store for EmbeddedStore {
 
     async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Revision), StoreError> {
         let key = key.to_string();
-        self.read(move |db, path| {
-            let txn = db
-                .begin_read()
-                .map_err(|e| backend("cannot read", path, e))?;
-            let revision = read_revision(&txn, path)?;
-            let kv = txn
-                .open_table(KV)
-                .map_err(|e| backend("cannot open table in", path, e))?;
-            let found = match kv
-                .get(key.as_str())
-                .map_err(|e| backend("cannot read", path, e))?
-            {
-                Some(raw) => Some(decode(&key, raw.value())?),
-                None => None,
-            };
-            Ok((found, revision))
-        })
-        .await
+        self.read(move |view, path| Ok((view.get(&key, path)?, view.revision)))
+            .await
     }
 
     async fn list(&self, prefix: &str, options: &ListOptions) -> Result<ListResult, StoreError> {
         let prefix = prefix.to_string();
         let options = options.clone();
-        self.read(move |db, path| {
-            let txn = db
-                .begin_read()
-                .map_err(|e| backend("cannot read", path, e))?;
-            let revision = read_revision(&txn, path)?;
-            let kv = txn
-                .open_table(KV)
-                .map_err(|e| backend("cannot open table in", path, e))?;
+        self.read(move |view, path| {
             let start = match options.start_after.as_deref() {
                 Some(after) if after >= prefix.as_str() => Bound::Excluded(after),
                 _ => Bound::Included(prefix.as_str()),
             };
-            let range = kv
-                .range::<&str>((start, Bound::Unbounded))
-                .map_err(|e| backend("cannot read", path, e))?;
             let limit = options.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
             let mut items = Vec::new();
             let mut more = false;
-            for entry in range {
-                let (k, v) = entry.map_err(|e| backend("cannot read", path, e))?;
-                let k = k.value();
-                if !k.starts_with(prefix.as_str()) {
-                    break;
-                }
+            view.scan(path, start, &prefix, |kv| {
                 if items.len() == limit {
                     // Counting the rest would read every later key for each page (quadratic over a paginated
                     // list of 10k pods), so a page only says that more follow; `remainingItemCount` is optional.
                     more = true;
-                    break;
+                    return Ok(false);
                 }
-                items.push(decode(k, v.value())?);
-            }
+                items.push(kv);
+                Ok(true)
+            })?;
             Ok(ListResult {
                 items,
-                revision,
+                revision: view.revision,
                 more,
                 remaining: (!more).then_some(0),
             })
@@ -1063,73 +1347,42 @@ impl Store for EmbeddedStore {
     }
 
     async fn list_chunked(&self, prefix: &str, chunk: usize) -> Result<ChunkedList, StoreError> {
-        // One read transaction (a redb snapshot) serves every chunk, so the list is consistent however slowly
-        // the client reads it; the bounded channel keeps at most two chunks in memory.
+        // One view (a redb snapshot and the pending writes of its time) serves every chunk, so the list is
+        // consistent however slowly the client reads it; the bounded channel keeps at most two chunks in memory.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<KeyValue>, StoreError>>(1);
         let (opened_tx, opened_rx) = oneshot::channel();
         let db = self.db.clone();
+        let shared = self.shared.clone();
         let path = self.path.clone();
         let prefix = prefix.to_string();
         let chunk = chunk.max(1);
         tokio::task::spawn_blocking(move || {
-            let open = || {
-                let txn = db
-                    .begin_read()
-                    .map_err(|e| backend("cannot read", &path, e))?;
-                let revision = read_revision(&txn, &path)?;
-                let table = txn
-                    .open_table(KV)
-                    .map_err(|e| backend("cannot open table in", &path, e))?;
-                Ok::<_, StoreError>((revision, table))
-            };
-            let table = match open() {
-                Ok((revision, table)) => {
-                    if opened_tx.send(Ok(revision)).is_err() {
+            let view = match View::take(&db, &shared, &path) {
+                Ok(view) => {
+                    if opened_tx.send(Ok(view.revision)).is_err() {
                         return;
                     }
-                    table
+                    view
                 }
                 Err(e) => {
                     let _ = opened_tx.send(Err(e));
                     return;
                 }
             };
-            let range =
-                match table.range::<&str>((Bound::Included(prefix.as_str()), Bound::Unbounded)) {
-                    Ok(range) => range,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(backend("cannot read", &path, e)));
-                        return;
-                    }
-                };
             let mut items = Vec::with_capacity(chunk);
-            for entry in range {
-                let kv = entry
-                    .map_err(|e| backend("cannot read", &path, e))
-                    .and_then(|(k, v)| {
-                        let k = k.value();
-                        if k.starts_with(prefix.as_str()) {
-                            decode(k, v.value()).map(Some)
-                        } else {
-                            Ok(None)
-                        }
-                    });
-                match kv {
-                    Ok(Some(kv)) => items.push(kv),
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                }
+            let scanned = view.scan(&path, Bound::Included(prefix.as_str()), &prefix, |kv| {
+                items.push(kv);
                 // A closed channel: the client went away.
-                if items.len() >= chunk && tx.blocking_send(Ok(std::mem::take(&mut items))).is_err()
-                {
-                    return;
+                Ok(items.len() < chunk || tx.blocking_send(Ok(std::mem::take(&mut items))).is_ok())
+            });
+            match scanned {
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
                 }
-            }
-            if !items.is_empty() {
-                let _ = tx.blocking_send(Ok(items));
+                Ok(()) if !items.is_empty() => {
+                    let _ = tx.blocking_send(Ok(items));
+                }
+                Ok(()) => {}
             }
         });
         let revision = opened_rx
@@ -1536,5 +1789,168 @@ mod tests {
             store.get("/k/big").await.unwrap().0.unwrap().value.len(),
             10_000
         );
+    }
+
+    /// Options under which only a full log or a close makes a checkpoint, so writes stay pending.
+    fn no_timed_checkpoints() -> EmbeddedOptions {
+        EmbeddedOptions {
+            checkpoint_interval: Duration::from_secs(3600),
+            ..EmbeddedOptions::default()
+        }
+    }
+
+    fn keys(items: &[KeyValue]) -> Vec<&str> {
+        items.iter().map(|kv| kv.key.as_str()).collect()
+    }
+
+    async fn list_keys(
+        store: &EmbeddedStore,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<String>, bool) {
+        let options = ListOptions {
+            limit: Some(limit),
+            start_after: after.map(String::from),
+        };
+        let page = store.list(prefix, &options).await.unwrap();
+        (
+            keys(&page.items).into_iter().map(String::from).collect(),
+            page.more,
+        )
+    }
+
+    /// Polls `done` every 20 ms for at most `secs` seconds.
+    async fn eventually(secs: u64, mut done: impl AsyncFnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if done().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn writes_since_the_last_checkpoint_are_read_over_the_b_tree_and_kept_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        closed_store_with(dir.path(), 5).await;
+        let store = EmbeddedStore::open(dir.path(), no_timed_checkpoints()).unwrap();
+        store.delete("/k/1", None).await.unwrap();
+        store.update("/k/3", 4, b"new3".to_vec()).await.unwrap();
+        store.create("/k/25", b"v25".to_vec()).await.unwrap();
+        store.create("/l/0", b"l0".to_vec()).await.unwrap();
+        assert_eq!(
+            lock(&store.shared).pending.len(),
+            4,
+            "the writes are pending, not in the B-tree"
+        );
+
+        assert_eq!(
+            value(&store, "/k/1").await,
+            None,
+            "a pending delete hides the B-tree's value"
+        );
+        let (k3, revision) = store.get("/k/3").await.unwrap();
+        let k3 = k3.unwrap();
+        assert_eq!(
+            (
+                k3.value.as_slice(),
+                k3.create_revision,
+                k3.mod_revision,
+                k3.version
+            ),
+            (&b"new3"[..], 4, 7, 2)
+        );
+        assert_eq!(revision, 9);
+        let all = store.list("/k/", &ListOptions::default()).await.unwrap();
+        assert_eq!(keys(&all.items), ["/k/0", "/k/2", "/k/25", "/k/3", "/k/4"]);
+        assert_eq!((all.revision, all.more), (9, false));
+        // Pages that start and end on either side of pending writes.
+        assert_eq!(
+            list_keys(&store, "/k/", None, 2).await,
+            (vec!["/k/0".into(), "/k/2".into()], true)
+        );
+        assert_eq!(
+            list_keys(&store, "/k/", Some("/k/2"), 2).await,
+            (vec!["/k/25".into(), "/k/3".into()], true)
+        );
+        assert_eq!(
+            list_keys(&store, "/k/", Some("/k/3"), 2).await,
+            (vec!["/k/4".into()], false)
+        );
+        let chunked = store.list_chunked("/k/", 2).await.unwrap();
+        assert_eq!(chunked.revision, 9);
+        let chunks: Vec<Vec<KeyValue>> = futures_util::StreamExt::collect::<Vec<_>>(chunked.chunks)
+            .await
+            .into_iter()
+            .map(|c| c.unwrap())
+            .collect();
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(keys(&chunks.concat()), keys(&all.items));
+        let mut exported = Vec::new();
+        let exported_at = store.export(|kv| {
+            exported.push(kv.key);
+            Ok(())
+        });
+        assert_eq!(exported_at.unwrap(), 9);
+        assert_eq!(exported, ["/k/0", "/k/2", "/k/25", "/k/3", "/k/4", "/l/0"]);
+        drop(store);
+
+        // Closing put them into the B-tree: the same state after a reopen, with nothing left to replay.
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+        assert_eq!(store.recovered(), None);
+        assert_eq!(store.revision().await.unwrap(), 9);
+        let all = store.list("/k/", &ListOptions::default()).await.unwrap();
+        assert_eq!(keys(&all.items), ["/k/0", "/k/2", "/k/25", "/k/3", "/k/4"]);
+        assert_eq!(value(&store, "/k/3").await.as_deref(), Some("new3"));
+    }
+
+    #[tokio::test]
+    async fn a_key_deleted_and_created_again_without_a_ttl_does_not_expire_at_its_old_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(300);
+        {
+            let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+            store
+                .create_with_ttl("/e/again", b"first".to_vec(), ttl)
+                .await
+                .unwrap();
+            store
+                .create_with_ttl("/e/expires", b"x".to_vec(), ttl)
+                .await
+                .unwrap();
+        }
+        // Both deadlines are in the B-tree's expiry tables now; the new "/e/again" stays pending.
+        let store = EmbeddedStore::open(dir.path(), no_timed_checkpoints()).unwrap();
+        let (kv, _) = store.get("/e/again").await.unwrap();
+        store
+            .delete("/e/again", Some(kv.unwrap().mod_revision))
+            .await
+            .unwrap();
+        store.create("/e/again", b"second".to_vec()).await.unwrap();
+        assert!(
+            eventually(10, async || value(&store, "/e/expires").await.is_none()).await,
+            "the other key expired"
+        );
+        assert_eq!(
+            value(&store, "/e/again").await.as_deref(),
+            Some("second"),
+            "pending: not expired"
+        );
+        drop(store);
+
+        // Checkpointed with the old deadline removed: a later expiry scan (seen deleting a fresh key) keeps it.
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+        store
+            .create_with_ttl("/e/fresh", b"x".to_vec(), Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(
+            eventually(10, async || value(&store, "/e/fresh").await.is_none()).await,
+            "a key with a TTL past expired"
+        );
+        assert_eq!(value(&store, "/e/again").await.as_deref(), Some("second"));
     }
 }

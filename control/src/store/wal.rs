@@ -87,16 +87,6 @@ impl RecordBuf {
         self.buf.resize(RECORD_HEADER, 0);
     }
 
-    /// Where the next change starts, to [`Self::truncate`] back to.
-    pub(crate) fn mark(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Drops every change appended since `mark`.
-    pub(crate) fn truncate(&mut self, mark: usize) {
-        self.buf.truncate(mark.max(RECORD_HEADER));
-    }
-
     /// Appends a put of `key` whose stored bytes are `header` followed by `value`; returns where those stored
     /// bytes are in [`Self::bytes`], so the caller inserts the same bytes into the B-tree without another copy.
     pub(crate) fn put(
@@ -375,9 +365,6 @@ mod tests {
         let range = r.put("/a", None, b"HDR", b"one");
         assert_eq!(&r.bytes()[range], b"HDRone");
         r.put("/b", Some(1234), b"", b"two");
-        let mark = r.mark();
-        r.put("/dropped", None, b"", b"x");
-        r.truncate(mark);
         r.delete("/c");
         wal.append(r.finish(5, 7)).unwrap();
         let mut seen = Vec::new();
