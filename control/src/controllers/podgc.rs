@@ -233,7 +233,19 @@ impl Collector {
         for pod in unscheduled_terminating(pods) {
             self.delete(&pod, "UnscheduledTerminating").await?;
         }
-        for pod in terminated_over(pods, self.ctx.config.terminated_pod_gc_threshold) {
+        // Pods deleted already (an orphan marked Failed a moment ago, whose deletion the cache has not seen yet)
+        // are gone: counting them would delete a pod below the threshold.
+        let remaining: Vec<Arc<Pod>> = pods
+            .iter()
+            .filter(|p| {
+                !p.metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| self.deleted.contains(u))
+            })
+            .cloned()
+            .collect();
+        for pod in terminated_over(&remaining, self.ctx.config.terminated_pod_gc_threshold) {
             self.delete(&pod, "TerminatedPodThreshold").await?;
         }
         Ok(next)
