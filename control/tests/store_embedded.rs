@@ -17,6 +17,27 @@ async fn fresh() -> (Arc<EmbeddedStore>, tempfile::TempDir) {
 
 windlass_control::store_conformance_tests!(fresh());
 
+async fn fresh_with(options: EmbeddedOptions) -> (Arc<EmbeddedStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(dir.path(), options).expect("open store");
+    (Arc::new(store), dir)
+}
+
+/// The suite with a checkpoint every few batches: reads merge the writes pending since the last checkpoint over a
+/// B-tree that checkpoints change under them.
+mod frequent_checkpoints {
+    windlass_control::store_conformance_tests!(super::fresh_with(super::checkpoints("often")));
+}
+
+/// The suite without the write-ahead log: a durable redb commit per batch.
+mod without_the_log {
+    use windlass_control::store::embedded::EmbeddedOptions;
+    windlass_control::store_conformance_tests!(super::fresh_with(EmbeddedOptions {
+        write_ahead_log: false,
+        ..EmbeddedOptions::default()
+    }));
+}
+
 /// Set in the child process of the kill -9 tests: the directory to write to.
 const CHILD_DIR_ENV: &str = "WINDLASS_STORE_CRASH_CHILD_DIR";
 /// Set in the child process of the kill -9 tests: how often the store checkpoints (see [`checkpoints`]).

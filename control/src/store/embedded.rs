@@ -894,27 +894,19 @@ impl Writer {
                 Op::Create { .. } if !self.exists(&pending, key) => None,
                 _ => self.current(&pending, key)?,
             };
-            let result = match (&req.op, current) {
-                (Op::Create { .. }, Some(_)) => {
-                    (Err(StoreError::AlreadyExists { key: key.clone() }), None)
+            let (reply, event) = match decide(&req.op, key, current, revision + 1) {
+                Ok(done) => done,
+                Err(e) => {
+                    results.push((Err(e), None));
+                    continue;
                 }
-                (
-                    Op::Create {
-                        value,
-                        expires_at_ms,
-                        ..
-                    },
-                    None,
-                ) => {
-                    revision += 1;
-                    let new = KeyValue {
-                        key: key.clone(),
-                        value: value.clone(),
-                        create_revision: revision,
-                        mod_revision: revision,
-                        version: 1,
-                    };
-                    let stored = self.record.put(key, *expires_at_ms, &header(&new), value);
+            };
+            revision += 1;
+            match (&req.op, &event) {
+                (Op::Create { expires_at_ms, .. }, Event::Created(new)) => {
+                    let stored = self
+                        .record
+                        .put(key, *expires_at_ms, &header(new), &new.value);
                     pending.insert(
                         key.clone(),
                         Pending::Put {
@@ -922,42 +914,15 @@ impl Writer {
                             deadline: Deadline::Reset(*expires_at_ms),
                         },
                     );
-                    (Ok(Reply::Kv(new.clone())), Some(Event::Created(new)))
                 }
-                (Op::Update { .. } | Op::Delete { .. }, None) => {
-                    (Err(StoreError::NotFound { key: key.clone() }), None)
-                }
-                (Op::Update { expected, .. }, Some(cur))
-                | (
-                    Op::Delete {
-                        expected: Some(expected),
-                        ..
-                    },
-                    Some(cur),
-                ) if cur.mod_revision != *expected => (
-                    Err(StoreError::Conflict {
-                        key: key.clone(),
-                        expected: *expected,
-                        current: Box::new(cur),
-                    }),
-                    None,
-                ),
-                (Op::Update { value, .. }, Some(cur)) => {
-                    revision += 1;
-                    let new = KeyValue {
-                        key: key.clone(),
-                        value: value.clone(),
-                        create_revision: cur.create_revision,
-                        mod_revision: revision,
-                        version: cur.version + 1,
-                    };
+                (_, Event::Updated { kv: new, .. }) => {
                     // An update keeps the key's TTL deadline, so the log records none (replay leaves the expiry
                     // tables as they are), and a key created since the last checkpoint keeps the one it got.
                     let deadline = match pending.get(key) {
                         Some(Pending::Put { deadline, .. }) => *deadline,
                         _ => Deadline::Keep,
                     };
-                    let stored = self.record.put(key, None, &header(&new), value);
+                    let stored = self.record.put(key, None, &header(new), &new.value);
                     pending.insert(
                         key.clone(),
                         Pending::Put {
@@ -965,25 +930,13 @@ impl Writer {
                             deadline,
                         },
                     );
-                    (
-                        Ok(Reply::Kv(new.clone())),
-                        Some(Event::Updated { prev: cur, kv: new }),
-                    )
                 }
-                (Op::Delete { .. }, Some(cur)) => {
-                    revision += 1;
+                _ => {
                     self.record.delete(key);
                     pending.insert(key.clone(), Pending::Deleted);
-                    (
-                        Ok(Reply::Deleted(cur.clone(), revision)),
-                        Some(Event::Deleted {
-                            prev: cur,
-                            revision,
-                        }),
-                    )
                 }
-            };
-            results.push(result);
+            }
+            results.push((Ok(reply), Some(event)));
         }
         if revision < first {
             // Nothing changed (every request failed its precondition): nothing to make durable.
@@ -1043,87 +996,30 @@ impl Writer {
                     Some(raw) => Some(decode(key, raw.value())?),
                     None => None,
                 };
-                let result = match (&req.op, current) {
-                    (Op::Create { .. }, Some(_)) => (
-                        Err(StoreError::AlreadyExists {
-                            key: key.to_string(),
-                        }),
-                        None,
-                    ),
-                    (
-                        Op::Create {
-                            value,
-                            expires_at_ms,
-                            ..
-                        },
-                        None,
-                    ) => {
-                        revision += 1;
-                        let new = KeyValue {
-                            key: key.to_string(),
-                            value: value.clone(),
-                            create_revision: revision,
-                            mod_revision: revision,
-                            version: 1,
-                        };
-                        kv.insert(key, encode(&new).as_slice())
+                let (reply, event) = match decide(&req.op, key, current, revision + 1) {
+                    Ok(done) => done,
+                    Err(e) => {
+                        results.push((Err(e), None));
+                        continue;
+                    }
+                };
+                revision += 1;
+                match (&req.op, &event) {
+                    (Op::Create { expires_at_ms, .. }, Event::Created(new)) => {
+                        kv.insert(key, encode(new).as_slice())
                             .map_err(|e| backend("cannot write", path, e))?;
                         if let Some(deadline) = expires_at_ms {
                             set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
                         }
-                        (Ok(Reply::Kv(new.clone())), Some(Event::Created(new)))
                     }
-                    (Op::Update { .. } | Op::Delete { .. }, None) => (
-                        Err(StoreError::NotFound {
-                            key: key.to_string(),
-                        }),
-                        None,
-                    ),
-                    (Op::Update { expected, .. }, Some(cur))
-                    | (
-                        Op::Delete {
-                            expected: Some(expected),
-                            ..
-                        },
-                        Some(cur),
-                    ) if cur.mod_revision != *expected => (
-                        Err(StoreError::Conflict {
-                            key: key.to_string(),
-                            expected: *expected,
-                            current: Box::new(cur),
-                        }),
-                        None,
-                    ),
-                    (Op::Update { value, .. }, Some(cur)) => {
-                        revision += 1;
-                        let new = KeyValue {
-                            key: key.to_string(),
-                            value: value.clone(),
-                            create_revision: cur.create_revision,
-                            mod_revision: revision,
-                            version: cur.version + 1,
-                        };
-                        // An update keeps the key's TTL deadline (it stays in the expiry tables).
-                        kv.insert(key, encode(&new).as_slice())
+                    // An update keeps the key's TTL deadline (it stays in the expiry tables).
+                    (_, Event::Updated { kv: new, .. }) => {
+                        kv.insert(key, encode(new).as_slice())
                             .map_err(|e| backend("cannot write", path, e))?;
-                        (
-                            Ok(Reply::Kv(new.clone())),
-                            Some(Event::Updated { prev: cur, kv: new }),
-                        )
                     }
-                    (Op::Delete { .. }, Some(cur)) => {
-                        revision += 1;
-                        remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
-                        (
-                            Ok(Reply::Deleted(cur.clone(), revision)),
-                            Some(Event::Deleted {
-                                prev: cur,
-                                revision,
-                            }),
-                        )
-                    }
-                };
-                results.push(result);
+                    _ => remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?,
+                }
+                results.push((Ok(reply), Some(event)));
             }
             if revision >= first {
                 meta.insert(META_REVISION, revision)
@@ -1140,6 +1036,66 @@ impl Writer {
             .map_err(|e| backend("cannot commit to", path, e))?;
         self.revision = last;
         Ok(results)
+    }
+}
+
+/// What `op` does to `key`, whose current value is `current`, as the write of `revision`: the reply and the watch
+/// event; or why it fails (the key exists, is missing, or has another mod revision).
+fn decide(
+    op: &Op,
+    key: &str,
+    current: Option<KeyValue>,
+    revision: Revision,
+) -> Result<(Reply, Event), StoreError> {
+    match (op, current) {
+        (Op::Create { .. }, Some(_)) => Err(StoreError::AlreadyExists {
+            key: key.to_string(),
+        }),
+        (Op::Create { value, .. }, None) => {
+            let new = KeyValue {
+                key: key.to_string(),
+                value: value.clone(),
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+            };
+            Ok((Reply::Kv(new.clone()), Event::Created(new)))
+        }
+        (Op::Update { .. } | Op::Delete { .. }, None) => Err(StoreError::NotFound {
+            key: key.to_string(),
+        }),
+        (Op::Update { expected, .. }, Some(cur))
+        | (
+            Op::Delete {
+                expected: Some(expected),
+                ..
+            },
+            Some(cur),
+        ) if cur.mod_revision != *expected => Err(StoreError::Conflict {
+            key: key.to_string(),
+            expected: *expected,
+            current: Box::new(cur),
+        }),
+        (Op::Update { value, .. }, Some(cur)) => {
+            let new = KeyValue {
+                key: key.to_string(),
+                value: value.clone(),
+                create_revision: cur.create_revision,
+                mod_revision: revision,
+                version: cur.version + 1,
+            };
+            Ok((
+                Reply::Kv(new.clone()),
+                Event::Updated { prev: cur, kv: new },
+            ))
+        }
+        (Op::Delete { .. }, Some(cur)) => Ok((
+            Reply::Deleted(cur.clone(), revision),
+            Event::Deleted {
+                prev: cur,
+                revision,
+            },
+        )),
     }
 }
 
