@@ -29,7 +29,7 @@
 //! Measured (scripts/api-rss.sh, 10k pod creates through the API server, alternated builds): server CPU per
 //! create 97 / 120 / 108 µs with the pending writes against 114 / 141 / 118 µs with a non-durable commit per
 //! batch; peak RSS 62 MiB against 52 MiB (the pending writes hold up to a log's worth of values).
-
+//!
 //! Recovery on [`EmbeddedStore::open`]: redb rolls back to its last durable commit (revision R in `meta`); the
 //! log's records are replayed from offset 0 while they continue the revision chain (R+1, then each record's last
 //! revision + 1), stopping at the first torn record (short, bad CRC) or stale one (an earlier pass's records,
@@ -210,6 +210,14 @@ enum Op {
         key: String,
         expected: Option<Revision>,
     },
+}
+
+impl Op {
+    fn key(&self) -> &str {
+        match self {
+            Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
+        }
+    }
 }
 
 enum Reply {
@@ -885,9 +893,7 @@ impl Writer {
         let first = self.revision + 1;
         let mut revision = self.revision;
         for req in batch {
-            let key = match &req.op {
-                Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
-            };
+            let key = req.op.key();
             let current = match &req.op {
                 // A create only needs to know that the key is free, which the key index tells without reading
                 // the key's B-tree leaf (most of them are not in redb's cache).
@@ -908,7 +914,7 @@ impl Writer {
                         .record
                         .put(key, *expires_at_ms, &header(new), &new.value);
                     pending.insert(
-                        key.clone(),
+                        key.to_string(),
                         Pending::Put {
                             stored: Arc::from(&self.record.bytes()[stored]),
                             deadline: Deadline::Reset(*expires_at_ms),
@@ -924,7 +930,7 @@ impl Writer {
                     };
                     let stored = self.record.put(key, None, &header(new), &new.value);
                     pending.insert(
-                        key.clone(),
+                        key.to_string(),
                         Pending::Put {
                             stored: Arc::from(&self.record.bytes()[stored]),
                             deadline,
@@ -933,7 +939,7 @@ impl Writer {
                 }
                 _ => {
                     self.record.delete(key);
-                    pending.insert(key.clone(), Pending::Deleted);
+                    pending.insert(key.to_string(), Pending::Deleted);
                 }
             }
             results.push((Ok(reply), Some(event)));
@@ -987,11 +993,7 @@ impl Writer {
             let mut revision = self.revision;
             let first = revision + 1;
             for req in batch {
-                let key = match &req.op {
-                    Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => {
-                        key.as_str()
-                    }
-                };
+                let key = req.op.key();
                 let current = match kv.get(key).map_err(|e| backend("cannot read", path, e))? {
                     Some(raw) => Some(decode(key, raw.value())?),
                     None => None,
