@@ -15,26 +15,33 @@
 //!    write of each key since the last checkpoint — which readers see over a redb snapshot (see `View`);
 //! 4. published to watchers and acknowledged — never before the `fdatasync` holding it returned.
 //!
-//! A checkpoint puts the pending writes into the B-tree in key order in ONE durable redb commit, after which the
-//! log restarts at offset 0 and the pending writes are dropped. It happens when the next record would not fit in
-//! the log ([`EmbeddedOptions::log_bytes`]) or the last checkpoint is [`EmbeddedOptions::checkpoint_interval`]
-//! old (the batch at hand then goes into that commit instead of the log), when the writer is idle with a
-//! non-empty log, and when the store is dropped (a clean shutdown leaves nothing to replay). Between
-//! checkpoints redb is not written at all, so every page — a pod's leaf, the branches above it, the revision
-//! counter, the expiry tables — is written once per checkpoint however many batches changed it. (Before the
-//! pending writes, each batch was a non-durable redb commit: each rewrote its branch pages copy-on-write, and
-//! redb wrote those copies out whenever its 8 MiB cache filled.) TTL deadlines of keys written since the last
-//! checkpoint reach the expiry tables with it (`Deadline`); the expiry scan leaves those keys alone until then.
+//! A checkpoint puts the pending writes into the B-tree in key order in ONE durable redb commit, after which its
+//! log restarts at offset 0 and those pending writes are dropped. There are two log files: when the one taking
+//! records is full ([`EmbeddedOptions::log_bytes`]) or the last checkpoint is
+//! [`EmbeddedOptions::checkpoint_interval`] old, it and the writes pending so far (exactly its records' writes) go
+//! to a checkpoint thread, and the writer goes on logging batches to the other file — so a checkpoint (tens of ms
+//! under load) no longer stalls every write. Readers keep seeing those writes in the pending writes until the
+//! commit is done; then the writer drops those not written again since. If the second log fills before the
+//! checkpoint is done, the writer waits for it. The writer checkpoints on its own thread (the batch at hand going
+//! into that commit) when a batch does not fit in an empty log, when writes trickle in (an empty log and the
+//! interval passed), when it is idle with records logged, and when the store is dropped (a clean shutdown leaves
+//! nothing to replay). Between checkpoints redb is not written at all, so every page — a pod's leaf, the branches
+//! above it, the revision counter, the expiry tables — is written once per checkpoint however many batches
+//! changed it. (Before the pending writes, each batch was a non-durable redb commit: each rewrote its branch pages
+//! copy-on-write, and redb wrote those copies out whenever its 8 MiB cache filled.) TTL deadlines of keys written
+//! since the last checkpoint reach the expiry tables with it (`Deadline`); the expiry scan leaves those keys alone
+//! until then.
 //!
 //! Measured (scripts/api-rss.sh, 10k pod creates through the API server, alternated builds): server CPU per
 //! create 97 / 120 / 108 µs with the pending writes against 114 / 141 / 118 µs with a non-durable commit per
 //! batch; peak RSS 62 MiB against 52 MiB (the pending writes hold up to a log's worth of values).
 //!
 //! Recovery on [`EmbeddedStore::open`]: redb rolls back to its last durable commit (revision R in `meta`); the
-//! log's records are replayed from offset 0 while they continue the revision chain (R+1, then each record's last
+//! logs' records are replayed from offset 0 while they continue the revision chain (R+1, then each record's last
 //! revision + 1), stopping at the first torn record (short, bad CRC) or stale one (an earlier pass's records,
-//! left after the log restarted, carry revisions ≤ R); then one durable commit, and the log starts afresh. Replay
-//! writes the recorded values as they are, so replaying a record twice changes nothing. The log file
+//! left after the log restarted, carry revisions ≤ R); the chain goes on in the other log if its first record
+//! continues it (a crash while a checkpoint was in flight); then one durable commit, and the logs start afresh.
+//! Replay writes the recorded values as they are, so replaying a record twice changes nothing. Each log file
 //! (`wal.rs`) is written with zeros once (8 MiB by default) so records overwrite allocated blocks and `fdatasync`
 //! need not journal size changes. A log without its database (deleted by hand) or left beside a restored backup
 //! is discarded, never replayed onto another store.
@@ -92,7 +99,8 @@ const MAX_BATCH: usize = 512;
 /// Bytes of the header before a value: create revision, mod revision, version (little-endian i64 each).
 const HEADER: usize = 24;
 /// The write-ahead log's file name, next to `store.redb`.
-const WAL_FILE: &str = "store.wal";
+/// The two log files. Records go to one while the other's records are being checkpointed (see the module docs).
+const WAL_FILES: [&str; 2] = ["store.wal", "store.2.wal"];
 
 /// Options of the embedded store.
 #[derive(Clone, Debug)]
@@ -114,6 +122,9 @@ pub struct EmbeddedOptions {
     pub log_bytes: u64,
     /// ... or when the last checkpoint is this old.
     pub checkpoint_interval: Duration,
+    /// Unit tests only: each checkpoint thread waits this long before writing, to hold a checkpoint in flight.
+    #[cfg(test)]
+    pub(crate) checkpoint_pause: Duration,
 }
 
 impl Default for EmbeddedOptions {
@@ -125,6 +136,8 @@ impl Default for EmbeddedOptions {
             write_ahead_log: true,
             log_bytes: DEFAULT_LOG_BYTES,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            #[cfg(test)]
+            checkpoint_pause: Duration::ZERO,
         }
     }
 }
@@ -267,12 +280,12 @@ fn decode(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `dir` (files `dir/store.redb` and `dir/store.wal`), replaying
+    /// Opens (creating if needed) the store in `dir` (files `store.redb`, `store.wal` and `store.2.wal`), replaying
     /// the write-ahead log's records that the B-tree's last durable commit does not hold.
     pub fn open(dir: &Path, options: EmbeddedOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend("cannot create", dir, e))?;
         let path = dir.join("store.redb");
-        let wal_path = dir.join(WAL_FILE);
+        let wal_paths = WAL_FILES.map(|f| dir.join(f));
         // A log without its database (a store deleted by hand, a restore in progress) belongs to another store:
         // replaying it onto a new database would invent writes.
         let new_database = !path.exists();
@@ -306,35 +319,33 @@ impl EmbeddedStore {
                 .map_err(|e| backend("cannot commit to", &path, e))?;
             revision
         };
-        if new_database && !options.write_ahead_log && wal_path.exists() {
-            std::fs::remove_file(&wal_path)
-                .and_then(|()| std::fs::File::open(dir)?.sync_all())
-                .map_err(|e| backend("cannot remove", &wal_path, e))?;
+        if new_database && !options.write_ahead_log {
+            remove_logs(dir)?;
         }
-        // A log left by a run with the log on holds acknowledged writes even if this run does without one.
-        let mut wal = if options.write_ahead_log || wal_path.exists() {
-            Some(
-                Wal::open(&wal_path, options.log_bytes, new_database)
-                    .map_err(|e| backend("cannot open", &wal_path, e))?,
-            )
-        } else {
-            None
-        };
-        let recovered = match &wal {
-            Some(wal) => recover(&db, &path, wal, durable)?,
-            None => None,
-        };
-        let revision = recovered.map_or(durable, |(_, last)| last);
-        if let Some(log) = wal.as_mut() {
-            log.restart();
-        }
-        if !options.write_ahead_log {
-            if let Some(log) = wal.take() {
-                // Replayed and committed durably above: nothing in it is needed any more.
-                std::fs::remove_file(log.path())
-                    .map_err(|e| backend("cannot remove", log.path(), e))?;
+        // Logs left by a run with the log on hold acknowledged writes even if this run does without one.
+        let mut logs = Vec::new();
+        for wal_path in &wal_paths {
+            if options.write_ahead_log || wal_path.exists() {
+                logs.push(
+                    Wal::open(wal_path, options.log_bytes, new_database)
+                        .map_err(|e| backend("cannot open", wal_path, e))?,
+                );
             }
         }
+        let recovered = recover(&db, &path, &logs, durable)?;
+        let revision = recovered.map_or(durable, |(_, last)| last);
+        for log in &mut logs {
+            log.restart();
+        }
+        let (wal, spare) = if options.write_ahead_log {
+            let mut logs = logs.into_iter();
+            (logs.next(), logs.next())
+        } else {
+            // Replayed and committed durably above: nothing in them is needed any more.
+            drop(logs);
+            remove_logs(dir)?;
+            (None, None)
+        };
         let (tx, _) = broadcast::channel(options.history.max(16));
         let shared = Arc::new(Mutex::new(Shared {
             revision,
@@ -359,8 +370,12 @@ impl EmbeddedStore {
                 path: path.clone(),
                 shared: shared.clone(),
                 wal,
+                spare,
+                in_flight: None,
                 record: RecordBuf::default(),
                 checkpoint_interval: options.checkpoint_interval,
+                #[cfg(test)]
+                checkpoint_pause: options.checkpoint_pause,
                 last_checkpoint: Instant::now(),
                 failed: None,
                 pending: PendingWrites::new(),
@@ -435,13 +450,8 @@ impl EmbeddedStore {
             txn.commit()
                 .map_err(|e| backend("cannot commit to", &tmp, e))?;
             drop(db);
-            // A log left in `dir` belongs to an earlier store: replayed onto this one it would invent writes.
-            let wal = dir.join(WAL_FILE);
-            if wal.exists() {
-                std::fs::remove_file(&wal)
-                    .and_then(|()| std::fs::File::open(dir)?.sync_all())
-                    .map_err(|e| backend("cannot remove", &wal, e))?;
-            }
+            // Logs left in `dir` belong to an earlier store: replayed onto this one they would invent writes.
+            remove_logs(dir)?;
             std::fs::rename(&tmp, &path).map_err(|e| backend("cannot rename", &tmp, e))?;
             // Make the rename durable too.
             std::fs::File::open(dir)
@@ -620,31 +630,54 @@ struct Writer {
     db: Arc<Database>,
     path: PathBuf,
     shared: Arc<Mutex<Shared>>,
-    /// `None`: every batch is a durable redb commit.
+    /// The log taking records. `None`: every batch is a durable redb commit.
     wal: Option<Wal>,
+    /// The other log, restarted and free, while no checkpoint is in flight.
+    spare: Option<Wal>,
+    /// The checkpoint being written by its own thread, if any.
+    in_flight: Option<InFlight>,
     /// The record of the batch being applied (reused).
     record: RecordBuf,
     checkpoint_interval: Duration,
+    #[cfg(test)]
+    checkpoint_pause: Duration,
     last_checkpoint: Instant,
     /// Why writes are refused: a write to the log, or a commit after one, failed (see the module docs).
     failed: Option<String>,
-    /// With the log: the writes logged since the last checkpoint (what readers get in [`Shared::pending`]).
+    /// With the log: the writes logged since the last finished checkpoint, including those an in-flight one is
+    /// writing (what readers get in [`Shared::pending`]).
     pending: PendingWrites,
     /// The store's revision: the last write's.
     revision: Revision,
-    /// With the log: the B-tree as of the last checkpoint, for lookups under `pending` (dropped while a
-    /// checkpoint commits, so redb can reuse the pages it frees).
+    /// With the log: the B-tree as of the last finished checkpoint, for lookups under `pending` (dropped while a
+    /// checkpoint commits on the writer thread, so redb can reuse the pages it frees).
     tree: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
     /// With the log: every key the B-tree holds as of the last checkpoint (as etcd keeps its key index in memory;
     /// ~70 bytes a key), so a create checks that its key is free without a B-tree read.
     tree_keys: HashSet<String>,
 }
 
+/// A checkpoint written by its own thread while the writer logs new batches to the other log.
+struct InFlight {
+    /// The full log whose records the checkpoint holds; restarted (the next spare) once it committed.
+    log: Wal,
+    /// The pending writes it puts into the B-tree: those of `log`'s records.
+    writes: PendingWrites,
+    thread: JoinHandle<Result<(), StoreError>>,
+}
+
 impl Writer {
     fn run(&mut self, rx: std_mpsc::Receiver<WriteRequest>) {
         let mut next_expiry_check = Instant::now();
         loop {
-            let first = match rx.recv_timeout(EXPIRY_CHECK) {
+            // A finished checkpoint is taken in promptly: until then its writes stay pending in memory.
+            let wait = if self.in_flight.is_some() {
+                Duration::from_millis(20)
+            } else {
+                EXPIRY_CHECK
+            };
+            self.take_finished_checkpoint(false);
+            let first = match rx.recv_timeout(wait) {
                 Ok(req) => Some(req),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
@@ -662,6 +695,7 @@ impl Writer {
                 // Idle: put the logged writes into the B-tree, so a restart has little to replay.
                 let _ = self.checkpoint();
             }
+            self.take_finished_checkpoint(false);
             if Instant::now() >= next_expiry_check && self.failed.is_none() {
                 next_expiry_check = Instant::now() + EXPIRY_CHECK;
                 match expired_keys(&self.db, &self.path, now_ms()) {
@@ -691,30 +725,157 @@ impl Writer {
             }
         }
         // A clean shutdown leaves nothing to replay.
+        self.take_finished_checkpoint(true);
         if self.wal.as_ref().is_some_and(|w| w.offset() > 0) && self.failed.is_none() {
             let _ = self.checkpoint();
         }
     }
 
-    /// Whether the log should restart before (or instead of) appending `record_len` more bytes. With an empty
-    /// log and the interval passed (writes trickling in), the batch is simply committed durably: logging it
-    /// would cost its own sync plus the idle checkpoint after it.
+    /// Whether the writer thread should checkpoint itself, with the batch of `record_len` bytes at hand (0: idle)
+    /// going into that commit instead of a log: when the log is empty and the interval passed (writes trickling
+    /// in: logging the batch would cost its own sync plus a checkpoint after it), when a record does not fit even
+    /// in an empty log, and when idle with a non-empty log and the interval passed. (A full log otherwise is
+    /// handed to a checkpoint thread: [`Self::rotate_due`].)
     fn checkpoint_due(&self, record_len: u64) -> bool {
         let Some(wal) = &self.wal else { return false };
         if self.failed.is_some() || (wal.offset() == 0 && record_len == 0) {
             return false;
         }
-        wal.offset() + record_len > wal.capacity()
-            || self.last_checkpoint.elapsed() >= self.checkpoint_interval
+        let interval_passed = self.last_checkpoint.elapsed() >= self.checkpoint_interval;
+        record_len > wal.capacity()
+            || (interval_passed
+                && (record_len == 0 || (wal.offset() == 0 && self.in_flight.is_none())))
+    }
+
+    /// Whether the log should go to a checkpoint thread before `record_len` more bytes are appended: it is full,
+    /// or the interval passed with records in it and no checkpoint in flight.
+    fn rotate_due(&self, record_len: u64) -> bool {
+        let Some(wal) = &self.wal else { return false };
+        wal.offset() > 0
+            && (wal.offset() + record_len > wal.capacity()
+                || (self.in_flight.is_none()
+                    && self.last_checkpoint.elapsed() >= self.checkpoint_interval))
+    }
+
+    /// Hands the log and the writes pending so far (exactly its records' writes: the previous checkpoint
+    /// finished before it) to a checkpoint thread, and continues in the spare log. With a checkpoint still in
+    /// flight (both logs hold records) this first waits for it, and returns its writes (see
+    /// [`Self::take_finished_checkpoint`]).
+    fn rotate(&mut self) -> Result<Option<PendingWrites>, StoreError> {
+        let finished = if self.in_flight.is_some() {
+            self.take_finished_checkpoint(true)
+        } else {
+            None
+        };
+        if let Some(why) = &self.failed {
+            return Err(StoreError::Backend(why.clone()));
+        }
+        let (Some(log), Some(spare)) = (self.wal.take(), self.spare.take()) else {
+            return Err(StoreError::Backend("the write-ahead log is gone".into()));
+        };
+        self.wal = Some(spare);
+        let writes = self.pending.clone();
+        let (db, path, revision) = (self.db.clone(), self.path.clone(), self.revision);
+        #[cfg(test)]
+        let pause = self.checkpoint_pause;
+        let thread = {
+            let writes = writes.clone();
+            std::thread::Builder::new()
+                .name("store-checkpoint".into())
+                .spawn(move || {
+                    #[cfg(test)]
+                    std::thread::sleep(pause);
+                    let started = Instant::now();
+                    let written = write_pending(&db, &path, &writes, revision);
+                    tracing::debug!(
+                        keys = writes.len(),
+                        took_us = started.elapsed().as_micros() as u64,
+                        "checkpoint"
+                    );
+                    written
+                })
+        };
+        match thread {
+            Ok(thread) => {
+                self.in_flight = Some(InFlight {
+                    log,
+                    writes,
+                    thread,
+                });
+                self.last_checkpoint = Instant::now();
+                Ok(finished)
+            }
+            Err(e) => {
+                // Nothing changed on disk: go on in the same log, which is full, so the next batch retries.
+                self.spare = self.wal.replace(log);
+                Err(backend(
+                    "cannot start a checkpoint thread for",
+                    &self.path,
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Takes in the in-flight checkpoint if it finished (or, with `wait`, once it finished): its log restarts as
+    /// the spare, and its writes leave the pending writes unless written again since — after the commit, so a
+    /// reader's B-tree snapshot from before it still finds them. Returns those writes, for a batch being built
+    /// on a copy of the pending writes ([`forget_written`]). A failed checkpoint refuses every later write.
+    fn take_finished_checkpoint(&mut self, wait: bool) -> Option<PendingWrites> {
+        if !self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| wait || f.thread.is_finished())
+        {
+            return None;
+        }
+        let InFlight {
+            mut log,
+            writes,
+            thread,
+        } = self.in_flight.take()?;
+        let written = thread
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Backend("the checkpoint thread panicked".into())));
+        if let Err(e) = written {
+            self.fail(&e);
+            return None;
+        }
+        log.restart();
+        self.spare = Some(log);
+        forget_written(&mut self.pending, &writes);
+        for (key, write) in writes.iter() {
+            match write {
+                Pending::Put { .. } => {
+                    self.tree_keys.insert(key.clone());
+                }
+                Pending::Deleted => {
+                    self.tree_keys.remove(key.as_str());
+                }
+            }
+        }
+        lock(&self.shared).pending = self.pending.clone();
+        match open_tree(&self.db, &self.path) {
+            Ok(tree) => self.tree = Some(tree),
+            Err(e) => {
+                self.tree = None;
+                tracing::warn!(error = %e, "cannot reopen the B-tree after a checkpoint");
+            }
+        }
+        Some(writes)
     }
 
     /// Puts the pending writes into the B-tree, in key order, in one durable commit; then the log restarts and
     /// readers stop looking at those writes (only after the commit: a reader's B-tree snapshot from before it
     /// still needs them). A failure refuses every later write.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.take_finished_checkpoint(true);
+        if let Some(why) = &self.failed {
+            return Err(StoreError::Backend(why.clone()));
+        }
         let started = Instant::now();
         self.tree = None;
-        let written = self.write_pending();
+        let written = write_pending(&self.db, &self.path, &self.pending, self.revision);
         if let Err(e) = written {
             self.fail(&e);
             return Err(e);
@@ -747,42 +908,6 @@ impl Writer {
             Err(e) => tracing::warn!(error = %e, "cannot reopen the B-tree after a checkpoint"),
         }
         Ok(())
-    }
-
-    /// The durable commit of a checkpoint.
-    fn write_pending(&self) -> Result<(), StoreError> {
-        let path = self.path.as_path();
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| backend("cannot write", path, e))?;
-        {
-            let Tables {
-                mut kv,
-                mut meta,
-                mut expiry,
-                mut by_time,
-            } = Tables::open(&txn, path)?;
-            for (key, write) in self.pending.iter() {
-                match write {
-                    Pending::Put { stored, deadline } => {
-                        kv.insert(key.as_str(), &stored[..])
-                            .map_err(|e| backend("cannot write", path, e))?;
-                        if let Deadline::Reset(deadline) = deadline {
-                            remove_expiry(&mut expiry, &mut by_time, key, path)?;
-                            if let Some(deadline) = deadline {
-                                set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
-                            }
-                        }
-                    }
-                    Pending::Deleted => remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?,
-                }
-            }
-            meta.insert(META_REVISION, self.revision)
-                .map_err(|e| backend("cannot write", path, e))?;
-        }
-        txn.commit()
-            .map_err(|e| backend("cannot commit to", path, e))
     }
 
     /// From now on every write fails: after a failed `fdatasync` the kernel may have dropped the dirty pages and
@@ -960,6 +1085,12 @@ impl Writer {
             }
             return Ok(results);
         }
+        if self.rotate_due(record_len) {
+            // The batch's pending writes are dropped with `pending` on failure.
+            if let Some(written) = self.rotate()? {
+                forget_written(&mut pending, &written);
+            }
+        }
         let Some(wal) = self.wal.as_mut() else {
             return Err(StoreError::Backend("the write-ahead log is gone".into()));
         };
@@ -1041,6 +1172,62 @@ impl Writer {
     }
 }
 
+/// Removes from `pending` the writes a finished checkpoint put into the B-tree (`written`), except those made
+/// again since (a new value is a new allocation; a delete again is still a delete, which the B-tree now holds).
+fn forget_written(pending: &mut PendingWrites, written: &PendingWrites) {
+    for (key, write) in written.iter() {
+        let unchanged = match (pending.get(key), write) {
+            (Some(Pending::Put { stored: now, .. }), Pending::Put { stored, .. }) => {
+                Arc::ptr_eq(now, stored)
+            }
+            (Some(Pending::Deleted), Pending::Deleted) => true,
+            _ => false,
+        };
+        if unchanged {
+            pending.remove(key);
+        }
+    }
+}
+
+/// The durable commit of a checkpoint: `pending` into the B-tree in key order, and the store revision.
+fn write_pending(
+    db: &Database,
+    path: &Path,
+    pending: &PendingWrites,
+    revision: Revision,
+) -> Result<(), StoreError> {
+    let txn = db
+        .begin_write()
+        .map_err(|e| backend("cannot write", path, e))?;
+    {
+        let Tables {
+            mut kv,
+            mut meta,
+            mut expiry,
+            mut by_time,
+        } = Tables::open(&txn, path)?;
+        for (key, write) in pending.iter() {
+            match write {
+                Pending::Put { stored, deadline } => {
+                    kv.insert(key.as_str(), &stored[..])
+                        .map_err(|e| backend("cannot write", path, e))?;
+                    if let Deadline::Reset(deadline) = deadline {
+                        remove_expiry(&mut expiry, &mut by_time, key, path)?;
+                        if let Some(deadline) = deadline {
+                            set_expiry(&mut expiry, &mut by_time, key, *deadline, path)?;
+                        }
+                    }
+                }
+                Pending::Deleted => remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?,
+            }
+        }
+        meta.insert(META_REVISION, revision)
+            .map_err(|e| backend("cannot write", path, e))?;
+    }
+    txn.commit()
+        .map_err(|e| backend("cannot commit to", path, e))
+}
+
 /// What `op` does to `key`, whose current value is `current`, as the write of `revision`: the reply and the watch
 /// event; or why it fails (the key exists, is missing, or has another mod revision).
 fn decide(
@@ -1101,6 +1288,19 @@ fn decide(
     }
 }
 
+/// Removes the log files from `dir` (and makes that durable).
+fn remove_logs(dir: &Path) -> Result<(), StoreError> {
+    for name in WAL_FILES {
+        let wal = dir.join(name);
+        if wal.exists() {
+            std::fs::remove_file(&wal)
+                .and_then(|()| std::fs::File::open(dir)?.sync_all())
+                .map_err(|e| backend("cannot remove", &wal, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every key in the B-tree.
 fn all_keys(db: &Database, path: &Path) -> Result<HashSet<String>, StoreError> {
     let kv = open_tree(db, path)?;
@@ -1123,14 +1323,18 @@ fn open_tree(
         .map_err(|e| backend("cannot open table in", path, e))
 }
 
-/// Replays the log's records after revision `durable` (what redb's last durable commit holds) in one durable
-/// commit; returns the revisions replayed.
+/// Replays the logs' records after revision `durable` (what redb's last durable commit holds) in one durable
+/// commit; returns the revisions replayed. The chain may run through both logs (one was being checkpointed while
+/// the other took new records), in either file order: each pass replays whichever log continues the chain.
 fn recover(
     db: &Database,
     path: &Path,
-    wal: &Wal,
+    logs: &[Wal],
     durable: Revision,
 ) -> Result<Option<(Revision, Revision)>, StoreError> {
+    if logs.is_empty() {
+        return Ok(None);
+    }
     let txn = db
         .begin_write()
         .map_err(|e| backend("cannot write", path, e))?;
@@ -1141,30 +1345,55 @@ fn recover(
             mut expiry,
             mut by_time,
         } = Tables::open(&txn, path)?;
-        wal.replay(durable, |record| {
-            for change in &record.changes {
-                match *change {
-                    Change::Put {
-                        key,
-                        value,
-                        expires_at_ms,
-                    } => {
-                        kv.insert(key, value)
-                            .map_err(|e| backend("cannot write", path, e))?;
-                        if let Some(deadline) = expires_at_ms {
-                            set_expiry(&mut expiry, &mut by_time, key, deadline, path)?;
+        let mut replay_log = |wal: &Wal, after: Revision| {
+            wal.replay(after, |record| {
+                for change in &record.changes {
+                    match *change {
+                        Change::Put {
+                            key,
+                            value,
+                            expires_at_ms,
+                        } => {
+                            kv.insert(key, value)
+                                .map_err(|e| backend("cannot write", path, e))?;
+                            if let Some(deadline) = expires_at_ms {
+                                set_expiry(&mut expiry, &mut by_time, key, deadline, path)?;
+                            }
+                        }
+                        Change::Delete { key } => {
+                            remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
                         }
                     }
-                    Change::Delete { key } => {
-                        remove_key(&mut kv, &mut expiry, &mut by_time, key, path)?;
-                    }
+                }
+                meta.insert(META_REVISION, record.last)
+                    .map_err(|e| backend("cannot write", path, e))?;
+                Ok::<(), StoreError>(())
+            })
+            .map_err(|e| backend("cannot read", wal.path(), e))?
+        };
+        let mut count = 0;
+        let mut last = durable;
+        let mut replayed = vec![false; logs.len()];
+        // Each pass either replays one more log or ends the chain.
+        for _ in 0..logs.len() {
+            let mut progressed = false;
+            for (i, wal) in logs.iter().enumerate() {
+                if replayed[i] {
+                    continue;
+                }
+                let (records, to) = replay_log(wal, last)?;
+                if records > 0 {
+                    replayed[i] = true;
+                    count += records;
+                    last = to;
+                    progressed = true;
                 }
             }
-            meta.insert(META_REVISION, record.last)
-                .map_err(|e| backend("cannot write", path, e))?;
-            Ok::<(), StoreError>(())
-        })
-        .map_err(|e| backend("cannot read", wal.path(), e))??
+            if !progressed {
+                break;
+            }
+        }
+        (count, last)
     };
     let (count, last) = replayed;
     if count == 0 {
@@ -1627,9 +1856,14 @@ mod tests {
         r.finish(first, last).to_vec()
     }
 
-    /// The log of the (closed) store in `dir`, opened to append records as a crashed run would have.
+    /// The first log of the (closed) store in `dir`, opened to append records as a crashed run would have.
     fn log_of(dir: &Path) -> Wal {
-        Wal::open(&dir.join(WAL_FILE), DEFAULT_LOG_BYTES, false).unwrap()
+        second_log_of(dir, 0)
+    }
+
+    /// Log `n` (0 or 1) of the (closed) store in `dir`.
+    fn second_log_of(dir: &Path, n: usize) -> Wal {
+        Wal::open(&dir.join(WAL_FILES[n]), DEFAULT_LOG_BYTES, false).unwrap()
     }
 
     /// Appends a record of one put: `key` created as `value` at `revision`.
@@ -1695,6 +1929,55 @@ mod tests {
         assert_eq!(store.recovered(), None);
         assert_eq!(store.revision().await.unwrap(), 8);
         assert_eq!(value(&store, "/k/0").await.as_deref(), Some("updated"));
+    }
+
+    /// A crash while a checkpoint thread was writing one log's records and new batches went to the other: the
+    /// chain runs through both logs, whichever file holds its start.
+    #[tokio::test]
+    async fn records_in_both_logs_are_replayed_in_revision_order() {
+        for first in [0, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            closed_store_with(dir.path(), 1).await;
+            let mut older = second_log_of(dir.path(), first);
+            let mut newer = second_log_of(dir.path(), 1 - first);
+            append_put(&mut older, 2, "/k/a", "a");
+            older
+                .append(&record(3, 3, |r| {
+                    r.put("/k/0", None, &[], &stored_version("/k/0", "x", 1, 3, 2));
+                }))
+                .unwrap();
+            newer
+                .append(&record(4, 4, |r| {
+                    r.put("/k/0", None, &[], &stored_version("/k/0", "y", 1, 4, 3));
+                }))
+                .unwrap();
+            append_put(&mut newer, 5, "/k/b", "b");
+            drop((older, newer));
+
+            let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+            assert_eq!(store.recovered(), Some((2, 5)), "first log {first}");
+            assert_eq!(value(&store, "/k/a").await.as_deref(), Some("a"));
+            assert_eq!(value(&store, "/k/b").await.as_deref(), Some("b"));
+            // The newer log's update wins: replayed after the older one's.
+            assert_eq!(value(&store, "/k/0").await.as_deref(), Some("y"));
+            assert_eq!(store.create("/k/c", vec![]).await.unwrap().mod_revision, 6);
+        }
+    }
+
+    /// The second log's records after a gap in the chain (a batch that was never made durable) are not replayed.
+    #[tokio::test]
+    async fn records_after_a_gap_in_the_chain_are_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        closed_store_with(dir.path(), 1).await;
+        let mut wal = log_of(dir.path());
+        append_put(&mut wal, 2, "/k/a", "a");
+        let mut other = second_log_of(dir.path(), 1);
+        append_put(&mut other, 4, "/k/b", "b");
+        drop((wal, other));
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+        assert_eq!(store.recovered(), Some((2, 2)));
+        assert_eq!(value(&store, "/k/b").await, None);
+        assert_eq!(store.revision().await.unwrap(), 2);
     }
 
     #[tokio::test]
@@ -1766,7 +2049,9 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), options.clone()).unwrap();
         assert_eq!(store.recovered(), Some((2, 2)));
         assert_eq!(value(&store, "/k/a").await.as_deref(), Some("a"));
-        assert!(!dir.path().join(WAL_FILE).exists());
+        for name in WAL_FILES {
+            assert!(!dir.path().join(name).exists());
+        }
         assert_eq!(store.create("/k/b", vec![]).await.unwrap().mod_revision, 3);
         drop(store);
         let store = EmbeddedStore::open(dir.path(), options).unwrap();
@@ -1791,6 +2076,79 @@ mod tests {
             store.get("/k/big").await.unwrap().0.unwrap().value.len(),
             10_000
         );
+    }
+
+    /// A full log goes to a checkpoint thread: batches after it are logged to the other log and acknowledged
+    /// while that checkpoint is still writing, reads see every write throughout, and once both logs are full the
+    /// writer waits for the checkpoint instead of overwriting records it still needs.
+    #[tokio::test]
+    async fn batches_are_logged_to_the_other_log_while_a_checkpoint_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let pause = Duration::from_millis(1500);
+        let options = EmbeddedOptions {
+            log_bytes: 8 << 10,
+            checkpoint_pause: pause,
+            ..no_timed_checkpoints()
+        };
+        let store = EmbeddedStore::open(dir.path(), options.clone()).unwrap();
+        let kilobyte = vec![b'v'; 1000];
+        // Seven ~1 KB records fill the first log; the eighth starts the checkpoint of the first seven.
+        for i in 0..8 {
+            store
+                .create(&format!("/k/{i}"), kilobyte.clone())
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        for i in 8..12 {
+            store
+                .create(&format!("/k/{i}"), kilobyte.clone())
+                .await
+                .unwrap();
+        }
+        store.update("/k/0", 1, b"changed".to_vec()).await.unwrap();
+        store.delete("/k/1", None).await.unwrap();
+        assert!(
+            started.elapsed() < pause / 2,
+            "writes waited {:?} for the checkpoint in flight",
+            started.elapsed()
+        );
+        assert!(store.shared.lock().unwrap().pending.contains_key("/k/2"));
+        let listed = all_keys_under(&store, "/k/").await;
+        assert_eq!(listed.len(), 11, "{listed:?}");
+        assert_eq!(value(&store, "/k/0").await.as_deref(), Some("changed"));
+        // The second log fills too: the writer waits for the first checkpoint, then hands over the second log.
+        for i in 12..20 {
+            store
+                .create(&format!("/k/{i}"), kilobyte.clone())
+                .await
+                .unwrap();
+        }
+        assert!(started.elapsed() >= pause / 2);
+        // The first checkpoint's writes left the pending writes (they are in the B-tree); later ones did not.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.shared.lock().unwrap().pending.contains_key("/k/2") {
+            assert!(
+                Instant::now() < deadline,
+                "the first checkpoint never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.shared.lock().unwrap().pending.contains_key("/k/0"));
+        assert_eq!(all_keys_under(&store, "/k/").await.len(), 19);
+        assert_eq!(value(&store, "/k/0").await.as_deref(), Some("changed"));
+        assert_eq!(value(&store, "/k/1").await, None);
+        // Kill-free restart: everything is there, nothing replayed twice.
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), options).unwrap();
+        assert_eq!(all_keys_under(&store, "/k/").await.len(), 19);
+        assert_eq!(value(&store, "/k/0").await.as_deref(), Some("changed"));
+        assert_eq!(store.revision().await.unwrap(), 22);
+    }
+
+    async fn all_keys_under(store: &EmbeddedStore, prefix: &str) -> Vec<String> {
+        let page = store.list(prefix, &ListOptions::default()).await.unwrap();
+        keys(&page.items).into_iter().map(String::from).collect()
     }
 
     /// Options under which only a full log or a close makes a checkpoint, so writes stay pending.
