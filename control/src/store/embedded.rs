@@ -770,10 +770,12 @@ impl Writer {
         if let Some(why) = &self.failed {
             return Err(StoreError::Backend(why.clone()));
         }
-        let (Some(log), Some(spare)) = (self.wal.take(), self.spare.take()) else {
-            return Err(StoreError::Backend("the write-ahead log is gone".into()));
+        let gone = || StoreError::Backend("the write-ahead log is gone".into());
+        let spare = self.spare.take().ok_or_else(gone)?;
+        let Some(log) = self.wal.replace(spare) else {
+            self.spare = self.wal.take();
+            return Err(gone());
         };
-        self.wal = Some(spare);
         let writes = self.pending.clone();
         let (db, path, revision) = (self.db.clone(), self.path.clone(), self.revision);
         #[cfg(test)]
