@@ -22,7 +22,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
-use windlass_tests::bench::{cpu_seconds, env_usize, machine_idle_seconds, rss_mib, Spread};
+use windlass_tests::bench::{
+    cpu_seconds, env_usize, machine_idle_seconds, rss_mib, settle, Spread,
+};
 use windlass_tests::{free_port, wait_for, ChildGuard};
 
 /// A realistic pod as a user submits it (the server adds defaults, uid, timestamps).
@@ -227,24 +229,6 @@ async fn raw_puts(
         .for_each(|_| async {})
         .await;
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-/// Waits until the processes `pids` are done with deferred work: at least 1.5 s (the embedded store checkpoints
-/// within ~1.5 s of its last write when idle), then until they use under 3 ms of CPU in 250 ms; at most 6 s.
-async fn settle(pids: impl Iterator<Item = u32>) {
-    let pids: Vec<u32> = pids.collect();
-    let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut before = used();
-    while started.elapsed() < Duration::from_secs(6) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = used();
-        if now - before < 0.003 {
-            return;
-        }
-        before = now;
-    }
 }
 
 async fn create_namespace(client: &Client, name: &str) {

@@ -141,6 +141,26 @@ fn proc_stat_seconds(pid: u32, a: usize, b: usize) -> f64 {
     (ticks(a) + ticks(b)) / hz.max(1.0)
 }
 
+/// Waits until the processes `pids` are done with work deferred past a benchmark round (the embedded store's idle
+/// checkpoint, etcd's backend commit), so it does not run in the next target's round: at least 1.5 s (the embedded
+/// store checkpoints within ~1.5 s of its last write when idle), then until they use under 3 ms of CPU in 250 ms;
+/// at most 6 s.
+pub async fn settle(pids: impl Iterator<Item = u32>) {
+    let pids: Vec<u32> = pids.collect();
+    let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut before = used();
+    while started.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = used();
+        if now - before < 0.003 {
+            return;
+        }
+        before = now;
+    }
+}
+
 /// Seconds the whole machine has spent idle (all CPUs, `/proc/stat` idle + iowait) so far.
 pub fn machine_idle_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
