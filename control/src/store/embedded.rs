@@ -1860,11 +1860,11 @@ mod tests {
 
     /// The first log of the (closed) store in `dir`, opened to append records as a crashed run would have.
     fn log_of(dir: &Path) -> Wal {
-        second_log_of(dir, 0)
+        nth_log_of(dir, 0)
     }
 
     /// Log `n` (0 or 1) of the (closed) store in `dir`.
-    fn second_log_of(dir: &Path, n: usize) -> Wal {
+    fn nth_log_of(dir: &Path, n: usize) -> Wal {
         Wal::open(&dir.join(WAL_FILES[n]), DEFAULT_LOG_BYTES, false).unwrap()
     }
 
@@ -1940,8 +1940,8 @@ mod tests {
         for first in [0, 1] {
             let dir = tempfile::tempdir().unwrap();
             closed_store_with(dir.path(), 1).await;
-            let mut older = second_log_of(dir.path(), first);
-            let mut newer = second_log_of(dir.path(), 1 - first);
+            let mut older = nth_log_of(dir.path(), first);
+            let mut newer = nth_log_of(dir.path(), 1 - first);
             append_put(&mut older, 2, "/k/a", "a");
             older
                 .append(&record(3, 3, |r| {
@@ -1973,7 +1973,7 @@ mod tests {
         closed_store_with(dir.path(), 1).await;
         let mut wal = log_of(dir.path());
         append_put(&mut wal, 2, "/k/a", "a");
-        let mut other = second_log_of(dir.path(), 1);
+        let mut other = nth_log_of(dir.path(), 1);
         append_put(&mut other, 4, "/k/b", "b");
         drop((wal, other));
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
