@@ -142,13 +142,13 @@ impl Default for EmbeddedOptions {
     }
 }
 
-/// The log's size, so a checkpoint every 8 MiB of log (~2800 pods of ~2.8 KB; ~0.6 s of pod creates through the
-/// API server at full speed here). Measured over 10k pod creates through the API server (scripts/api-rss.sh):
-/// the writer thread's CPU per create was 46 / 41 / 38 µs with a log of 2 / 4 / 8 MiB, and one checkpoint
-/// stalled the writer ~15 / ~18 / ~22 ms (median) — redb already wrote most pages out when its cache filled,
-/// so a checkpoint is mostly one sync plus the pages since. In the store benchmark (12 writers) 2, 8 and 32 MiB
-/// were within noise (40, 40, 50 µs per write). 8 MiB: most of the CPU gain, a stall of tens of ms under full
-/// load, 8 MiB of disk, and little to replay after a crash.
+/// Each log's size, so a checkpoint every 8 MiB of log (~2800 pods of ~2.8 KB; ~0.3 s of pod creates through the
+/// API server at full speed here). Measured over 10k pod creates through the API server (scripts/api-rss.sh),
+/// when the writer thread still made checkpoints itself: its CPU per create was 46 / 41 / 38 µs with a log of
+/// 2 / 4 / 8 MiB, and one checkpoint stalled the writer ~15 / ~18 / ~22 ms (median); a checkpoint thread now
+/// takes that stall. In the store benchmark (12 writers) 2, 8 and 32 MiB were within noise (40, 40, 50 µs per
+/// write). 8 MiB: most of the CPU gain, 2 × 8 MiB of disk, up to 16 MiB of pending values in memory while a
+/// checkpoint is in flight, and little to replay after a crash.
 const DEFAULT_LOG_BYTES: u64 = 8 << 20;
 /// Checkpoint at least every second when writes trickle in (a durable commit of a few batches costs ~1-2 ms), so
 /// redb's freed pages are reclaimed and a restart has little to replay.
