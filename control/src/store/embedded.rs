@@ -2086,7 +2086,7 @@ mod tests {
     #[tokio::test]
     async fn batches_are_logged_to_the_other_log_while_a_checkpoint_is_in_flight() {
         let dir = tempfile::tempdir().unwrap();
-        let pause = Duration::from_millis(1500);
+        let pause = Duration::from_secs(3);
         let options = EmbeddedOptions {
             log_bytes: 8 << 10,
             checkpoint_pause: pause,
