@@ -695,7 +695,6 @@ impl Writer {
                 // Idle: put the logged writes into the B-tree, so a restart has little to replay.
                 let _ = self.checkpoint();
             }
-            self.take_finished_checkpoint(false);
             if Instant::now() >= next_expiry_check && self.failed.is_none() {
                 next_expiry_check = Instant::now() + EXPIRY_CHECK;
                 match expired_keys(&self.db, &self.path, now_ms()) {
@@ -762,11 +761,7 @@ impl Writer {
     /// flight (both logs hold records) this first waits for it, and returns its writes (see
     /// [`Self::take_finished_checkpoint`]).
     fn rotate(&mut self) -> Result<Option<PendingWrites>, StoreError> {
-        let finished = if self.in_flight.is_some() {
-            self.take_finished_checkpoint(true)
-        } else {
-            None
-        };
+        let finished = self.take_finished_checkpoint(true);
         if let Some(why) = &self.failed {
             return Err(StoreError::Backend(why.clone()));
         }
@@ -845,8 +840,15 @@ impl Writer {
         }
         log.restart();
         self.spare = Some(log);
-        forget_written(&mut self.pending, &writes);
-        for (key, write) in writes.iter() {
+        self.committed(&writes);
+        Some(writes)
+    }
+
+    /// After a checkpoint committed `written`: they leave the pending writes (unless written again since) and
+    /// readers' copy of them, the key index takes their keys, and lookups use the new B-tree.
+    fn committed(&mut self, written: &PendingWrites) {
+        forget_written(&mut self.pending, written);
+        for (key, write) in written.iter() {
             match write {
                 Pending::Put { .. } => {
                     self.tree_keys.insert(key.clone());
@@ -864,7 +866,6 @@ impl Writer {
                 tracing::warn!(error = %e, "cannot reopen the B-tree after a checkpoint");
             }
         }
-        Some(writes)
     }
 
     /// Puts the pending writes into the B-tree, in key order, in one durable commit; then the log restarts and
@@ -893,22 +894,8 @@ impl Writer {
             wal.restart();
         }
         self.last_checkpoint = Instant::now();
-        for (key, write) in self.pending.iter() {
-            match write {
-                Pending::Put { .. } => {
-                    self.tree_keys.insert(key.clone());
-                }
-                Pending::Deleted => {
-                    self.tree_keys.remove(key.as_str());
-                }
-            }
-        }
-        self.pending = PendingWrites::new();
-        lock(&self.shared).pending = PendingWrites::new();
-        match open_tree(&self.db, &self.path) {
-            Ok(tree) => self.tree = Some(tree),
-            Err(e) => tracing::warn!(error = %e, "cannot reopen the B-tree after a checkpoint"),
-        }
+        let written = std::mem::take(&mut self.pending);
+        self.committed(&written);
         Ok(())
     }
 
