@@ -3,8 +3,9 @@
 set -euo pipefail
 
 PACKAGES=(
-  # build (make: jemalloc, the API server's allocator, builds with it)
-  protobuf-compiler pkg-config gcc make
+  # build (make: jemalloc, the API server's allocator, builds with it; libprotobuf-dev: the well-known .proto
+  # files etcd-client's protos import, only a Recommends of protobuf-compiler)
+  protobuf-compiler libprotobuf-dev pkg-config gcc make
   # runtime tests and peers
   busybox-static runc crun umoci skopeo docker-registry podman openssl
   # networking tests and peers
