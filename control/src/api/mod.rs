@@ -21,6 +21,7 @@ use crate::store::Store;
 mod auth;
 mod bootstrap;
 mod cache;
+mod coalesce;
 mod discovery;
 mod fieldmanager;
 mod handlers;

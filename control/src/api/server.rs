@@ -198,7 +198,9 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         let acceptor = acceptor.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
+            // TLS records go out through one buffer per connection, flushed once per scheduling round
+            // ([`super::coalesce`]), not one socket write per response.
+            let tls = match acceptor.accept(super::coalesce::Coalescing::new(tcp)).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
