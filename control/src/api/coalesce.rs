@@ -10,6 +10,11 @@
 //! new data yields once (the task re-queues itself behind the tasks already ready) before writing the buffer,
 //! so the responses finished meanwhile go out in the same write. An idle server pays one extra poll per flush;
 //! a write never waits for anything but the tasks that were already runnable.
+//!
+//! Only HTTP/2 connections gather ([`Coalescing::gather`], once ALPN has chosen the protocol): many streams
+//! share them. An HTTP/1.1 connection carries one request at a time, so it would only pay the yield, and its
+//! upgraded streams (exec, attach, port-forward) are copied by code that may drop the connection after an
+//! error without a last flush: their bytes must reach the socket as they are written, as on a plain socket.
 
 use std::io;
 use std::pin::Pin;
@@ -29,16 +34,25 @@ pub(crate) struct Coalescing<T> {
     written: usize,
     /// Whether this flush already yielded once.
     yielded: bool,
+    /// Whether writes are gathered; until then (and after) they go straight to `inner`.
+    gathering: bool,
 }
 
 impl<T> Coalescing<T> {
+    /// A stream that writes straight through until [`Coalescing::gather`] turns gathering on.
     pub(crate) fn new(inner: T) -> Self {
         Self {
             inner,
             buf: Vec::new(),
             written: 0,
             yielded: false,
+            gathering: false,
         }
+    }
+
+    /// Turns gathering writes on or off; bytes already gathered are written before any later write.
+    pub(crate) fn gather(&mut self, on: bool) {
+        self.gathering = on;
     }
 }
 
@@ -74,6 +88,18 @@ impl<T: AsyncWrite + Unpin> Coalescing<T> {
         }
         self.poll_drain(cx)
     }
+
+    /// Whether a write goes straight to `inner`: not gathering, and (then) nothing gathered is left before it.
+    fn poll_passes_through(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.gathering {
+            return Poll::Ready(Ok(false));
+        }
+        match self.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(true)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Coalescing<T> {
@@ -93,6 +119,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        match this.poll_passes_through(cx) {
+            Poll::Ready(Ok(true)) => return Pin::new(&mut this.inner).poll_write(cx, data),
+            Poll::Ready(Ok(false)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
         match this.poll_room(cx) {
             Poll::Ready(Ok(())) => {
                 this.buf.extend_from_slice(data);
@@ -109,6 +141,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        match this.poll_passes_through(cx) {
+            Poll::Ready(Ok(true)) => {
+                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+            }
+            Poll::Ready(Ok(false)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
         match this.poll_room(cx) {
             Poll::Ready(Ok(())) => {
                 let mut n = 0;
@@ -124,12 +164,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.gathering || self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.written < this.buf.len() && !this.yielded {
+        if this.gathering && this.written < this.buf.len() && !this.yielded {
             // Woken while running, a tokio task goes to the back of its worker's queue (not the LIFO slot).
             this.yielded = true;
             cx.waker().wake_by_ref();
@@ -188,6 +228,7 @@ mod tests {
     #[tokio::test]
     async fn writes_until_a_flush_reach_the_socket_as_one_write() {
         let mut conn = Coalescing::new(Recorder::default());
+        conn.gather(true);
         conn.write_all(b"HEADERS").await.expect("write");
         conn.write_all(b"DATA").await.expect("write");
         assert!(
@@ -204,6 +245,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_flush_yields_once_then_writes() {
         let mut conn = Coalescing::new(Recorder::default());
+        conn.gather(true);
         conn.write_all(b"response").await.expect("write");
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -222,6 +264,7 @@ mod tests {
             blocked: true,
             ..Default::default()
         });
+        conn.gather(true);
         let chunk = vec![7u8; HIGH_WATER];
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -244,10 +287,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_gathering_each_write_reaches_the_socket_at_once() {
+        let mut conn = Coalescing::new(Recorder::default());
+        conn.write_all(b"handshake").await.expect("write");
+        assert_eq!(conn.inner.writes, vec![b"handshake".to_vec()]);
+        conn.gather(true);
+        conn.write_all(b"gathered").await.expect("write");
+        assert_eq!(conn.inner.writes.len(), 1);
+        // Turned off again (an upgraded stream): what was gathered goes first, then the new bytes, unbuffered.
+        conn.gather(false);
+        conn.write_all(b"direct").await.expect("write");
+        assert_eq!(
+            conn.inner.writes,
+            vec![
+                b"handshake".to_vec(),
+                b"gathered".to_vec(),
+                b"direct".to_vec()
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn bytes_pass_through_both_ways_over_a_real_stream() {
         let (a, b) = tokio::io::duplex(64);
         let mut a = Coalescing::new(a);
         let mut b = Coalescing::new(b);
+        a.gather(true);
+        b.gather(true);
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
         let writer = tokio::spawn(async move {

@@ -198,15 +198,17 @@ pub async fn serve(config: ApiConfig, store: Arc<dyn Store>) -> Result<(), Serve
         let acceptor = acceptor.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            // TLS records go out through one buffer per connection, flushed once per scheduling round
-            // ([`super::coalesce`]), not one socket write per response.
-            let tls = match acceptor.accept(super::coalesce::Coalescing::new(tcp)).await {
+            let mut tls = match acceptor.accept(super::coalesce::Coalescing::new(tcp)).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
             };
+            // An HTTP/2 connection's TLS records go out through one buffer, written once per scheduling round
+            // ([`super::coalesce`]), not one socket write per response.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            tls.get_mut().0.gather(h2);
             let user = tls
                 .get_ref()
                 .1
